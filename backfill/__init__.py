@@ -1,0 +1,81 @@
+"""backfill: batched, resumable online data migrations for PostgreSQL.
+
+Change the data of a live table in many short transactions instead of one UPDATE that locks every row for minutes,
+with a checkpoint in a control table so a crash, a deploy or a cron boundary never loses or repeats work::
+
+    import backfill
+
+    spec = backfill.BackfillSpec(
+        name="events_fill_kind",
+        table="events",
+        values={"kind": "coalesce(payload->>'kind', 'unknown')"},
+        where="kind IS NULL",
+    )
+    report = backfill.run_backfill("postgresql://app@db/app", spec, max_runtime=600)
+    print(report.outcome, report.rows_updated)
+"""
+
+from __future__ import annotations
+
+from backfill.api import (
+    cancel_backfill,
+    get_backfill,
+    get_slices,
+    init_control_tables,
+    list_backfills,
+    pause_backfill,
+    plan_backfill,
+    register_backfill,
+    resume_backfill,
+    retry_backfill,
+    run_backfill,
+)
+from backfill.errors import (
+    BackfillError,
+    ConnectError,
+    ControlTablesMissingError,
+    PlanError,
+    SpecError,
+    SpecMismatchError,
+    StateTransitionError,
+    UnknownBackfillError,
+)
+from backfill.executor import BackfillFailedError, RunReport, RunSettings
+from backfill.policies import FixedSleep, RetryPolicy, RunContext
+from backfill.spec import DEFAULT_BATCH_SIZE, BackfillSpec
+from backfill.state import RunOutcome, RunState
+from backfill.store import BackfillRecord, SliceRecord
+
+__all__ = [
+    "BackfillSpec",
+    "DEFAULT_BATCH_SIZE",
+    "RunSettings",
+    "RunReport",
+    "RunOutcome",
+    "RunState",
+    "RunContext",
+    "RetryPolicy",
+    "FixedSleep",
+    "BackfillRecord",
+    "SliceRecord",
+    "init_control_tables",
+    "register_backfill",
+    "run_backfill",
+    "plan_backfill",
+    "get_backfill",
+    "get_slices",
+    "list_backfills",
+    "pause_backfill",
+    "resume_backfill",
+    "cancel_backfill",
+    "retry_backfill",
+    "BackfillError",
+    "BackfillFailedError",
+    "ConnectError",
+    "ControlTablesMissingError",
+    "PlanError",
+    "SpecError",
+    "SpecMismatchError",
+    "StateTransitionError",
+    "UnknownBackfillError",
+]

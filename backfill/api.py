@@ -1,0 +1,174 @@
+"""The Python API: one plain function per thing an operator does. The CLI and the Alembic ops call these."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from backfill.connect import Bind, Database
+from backfill.executor import Executor, RunReport, RunSettings
+from backfill.plan import Plan, resolve
+from backfill.spec import BackfillSpec
+from backfill.store import BackfillRecord, PostgresStore, SliceRecord
+
+__all__ = [
+    "init_control_tables",
+    "register_backfill",
+    "run_backfill",
+    "get_backfill",
+    "get_slices",
+    "list_backfills",
+    "plan_backfill",
+    "pause_backfill",
+    "resume_backfill",
+    "cancel_backfill",
+    "retry_backfill",
+]
+
+DEFAULT_CONTROL_SCHEMA = "public"
+
+
+@contextlib.contextmanager
+def open_store(
+    bind: Bind, control_schema: str = DEFAULT_CONTROL_SCHEMA, application_name: str = "backfill"
+) -> Iterator[PostgresStore]:
+    """A :class:`PostgresStore` on a connection of its own, closed on exit."""
+    store = PostgresStore(Database.from_bind(bind, application_name), control_schema)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def init_control_tables(bind: Bind, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> None:
+    """Create the control tables in ``control_schema`` if they do not exist. Idempotent; access is revoked from
+    PUBLIC.
+
+    Raises:
+        ConnectError: the database cannot be reached.
+    """
+    with open_store(bind, control_schema) as store:
+        store.init()
+
+
+def plan_backfill(bind: Bind, spec: BackfillSpec) -> Plan:
+    """Check ``spec`` against the database and resolve its schema and key, writing nothing.
+
+    Raises:
+        PlanError: unknown table or column, no usable key, an expression or filter PostgreSQL rejects.
+    """
+    database = Database.from_bind(bind)
+    with database.connect() as conn:
+        return resolve(conn, spec)
+
+
+def register_backfill(
+    bind: Bind, spec: BackfillSpec, *, force: bool = False, control_schema: str = DEFAULT_CONTROL_SCHEMA
+) -> BackfillRecord:
+    """Check ``spec`` and store it (state ``pending``) so any process can run it later; a no-op if the same spec
+    is already registered under its name. Creates the control tables if needed.
+
+    Raises:
+        PlanError: the spec does not fit the database (nothing is written).
+        SpecMismatchError: the name holds a different spec and ``force`` is false.
+    """
+    with open_store(bind, control_schema) as store:
+        plan = resolve(store.conn, spec)
+        store.init()
+        return store.register(plan, force=force)
+
+
+def run_backfill(
+    bind: Bind,
+    backfill: BackfillSpec | str,
+    *,
+    max_runtime: float | None = None,
+    max_batches: int | None = None,
+    settings: RunSettings | None = None,
+    force: bool = False,
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
+    should_stop: Callable[[], bool] | None = None,
+) -> RunReport:
+    """Run a backfill from its checkpoint until it finishes or a budget ends the run.
+
+    Args:
+        bind: the database (URL, SQLAlchemy URL, Engine or Connection). Batches run on connections of their own,
+            never inside the caller's transaction.
+        backfill: a spec (registered first, or checked against the registered one), or the name of a registered
+            backfill (its stored spec is used: no application code is needed to resume it).
+        max_runtime: seconds after which no new batch starts.
+        max_batches: batches after which the run stops.
+        settings: batch size, timeouts, throttles and retry policy for this run.
+        force: replace a different stored spec of the same name.
+        control_schema: where the control tables live.
+        should_stop: polled between batches; True stops the run after the current batch.
+
+    Returns:
+        A :class:`RunReport`; its ``outcome`` says whether the backfill finished, has work left, is paused, is held
+        by another runner, failed (the error is stored) or is cancelled.
+
+    Raises:
+        PlanError, SpecMismatchError, UnknownBackfillError, ConnectError: before any batch runs.
+    """
+    settings = settings or RunSettings()
+    with open_store(bind, control_schema, settings.application_name) as store:
+        if isinstance(backfill, BackfillSpec):
+            plan = resolve(store.conn, backfill)
+            store.init()
+            name = store.register(plan, force=force).name
+        else:
+            record = store.get(backfill)
+            name = record.name
+            plan = resolve(store.conn, record.spec)
+        executor = Executor(store, plan, name, settings, should_stop=should_stop)
+        return executor.run(max_runtime=max_runtime, max_batches=max_batches)
+
+
+def get_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> BackfillRecord:
+    """The backfill ``name`` with its progress. Raises :class:`UnknownBackfillError` if there is none."""
+    with open_store(bind, control_schema) as store:
+        return store.get(name)
+
+
+def get_slices(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> list[SliceRecord]:
+    """The key ranges of backfill ``name`` with their checkpoints (empty before its first run)."""
+    with open_store(bind, control_schema) as store:
+        return store.slices(store.get(name).id)
+
+
+def list_backfills(bind: Bind, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> list[BackfillRecord]:
+    """Every registered backfill, oldest first."""
+    with open_store(bind, control_schema) as store:
+        return store.list()
+
+
+def _transition(bind: Bind, name: str, action: str, control_schema: str) -> BackfillRecord:
+    with open_store(bind, control_schema) as store:
+        return store.transition(name, action)
+
+
+def pause_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> BackfillRecord:
+    """Pause: a runner working on it stops after its current batch; ``run`` leaves it alone until resumed.
+
+    Raises:
+        UnknownBackfillError, StateTransitionError: no such backfill, or it is not pending or running.
+    """
+    return _transition(bind, name, "pause", control_schema)
+
+
+def resume_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> BackfillRecord:
+    """Undo a pause; the next ``run`` continues from the checkpoint. Raises :class:`StateTransitionError` unless
+    the backfill is paused."""
+    return _transition(bind, name, "resume", control_schema)
+
+
+def cancel_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> BackfillRecord:
+    """Stop a backfill for good (rows already updated stay updated). Raises :class:`StateTransitionError` if it
+    has already succeeded or been cancelled."""
+    return _transition(bind, name, "cancel", control_schema)
+
+
+def retry_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> BackfillRecord:
+    """Put a failed backfill back to pending; the next ``run`` continues from its checkpoint. Raises
+    :class:`StateTransitionError` unless the backfill failed."""
+    return _transition(bind, name, "retry", control_schema)

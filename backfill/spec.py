@@ -1,0 +1,129 @@
+"""What a backfill is: a named, serialisable description of the change, stored whole in the control table.
+
+A spec carries no connection and no code, so any later process (the CLI, a cron job, another machine) can resume a
+backfill that an Alembic migration started, from the control table alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from backfill.errors import SpecError
+
+__all__ = ["BackfillSpec", "DEFAULT_BATCH_SIZE"]
+
+#: Rows per batch unless the spec or the run says otherwise. 10,000 keeps a batch near 100 ms on modest hardware.
+DEFAULT_BATCH_SIZE = 10_000
+
+_MAX_NAME = 200
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class BackfillSpec:
+    """A backfill: set ``values`` on every row of ``table`` matching ``where``, walking ``key`` in batches.
+
+    Args:
+        name: unique name of the backfill; the control table's handle on it.
+        table: the target table, optionally schema-qualified (``"app.events"``).
+        values: column name -> SQL expression evaluated per row (e.g. ``{"total": "price * qty"}``).
+            Expressions are SQL written by the migration's author and run as they are.
+        where: optional SQL filter; rows not matching it are skipped (their key range is still walked).
+        key: columns to walk, in order; defaults to the primary key. Needs a btree index leading with them.
+        batch_size: key range per batch, counted in rows of the table.
+        schema: the table's schema; defaults to the one in ``table`` or the search path.
+
+    Raises:
+        SpecError: a field is malformed.
+    """
+
+    name: str
+    table: str
+    values: Mapping[str, str]
+    where: str | None = None
+    key: tuple[str, ...] | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    schema: str | None = None
+    _frozen_values: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        name = _text(self.name, "backfill name")
+        if len(name) > _MAX_NAME:
+            raise SpecError(f"backfill name is longer than {_MAX_NAME} characters")
+        table, schema = _text(self.table, "table"), self.schema
+        if schema is None and "." in table:
+            schema, table = table.split(".", 1)
+        if schema is not None:
+            _text(schema, "schema")
+        if not isinstance(self.values, Mapping) or not self.values:
+            raise SpecError("values must map at least one column to an SQL expression")
+        values = {_text(c, "column name"): _text(e, f"expression for column {c!r}") for c, e in self.values.items()}
+        key = self.key
+        if key is not None:
+            key = (key,) if isinstance(key, str) else tuple(key)
+            if not key:
+                raise SpecError("key must name at least one column")
+            for column in key:
+                _text(column, "key column")
+            if len(set(key)) != len(key):
+                raise SpecError(f"key names a column twice: {', '.join(key)}")
+        if self.where is not None:
+            _text(self.where, "where")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise SpecError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        object.__setattr__(self, "table", table)
+        object.__setattr__(self, "schema", schema)
+        object.__setattr__(self, "values", values)
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "_frozen_values", tuple(values.items()))
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.schema, self.table, self._frozen_values, self.where, self.key))
+
+    @property
+    def qualified_table(self) -> str:
+        """``schema.table`` for messages (not for SQL: statements quote each part)."""
+        return f"{self.schema}.{self.table}" if self.schema else self.table
+
+    def with_changes(self, **changes: Any) -> BackfillSpec:
+        """A copy with some fields replaced (and validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "schema": self.schema,
+            "table": self.table,
+            "values": dict(self.values),
+            "where": self.where,
+            "key": list(self.key) if self.key is not None else None,
+            "batch_size": self.batch_size,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BackfillSpec:
+        key: Iterable[str] | None = data.get("key")
+        return cls(
+            name=data["name"],
+            table=data["table"],
+            values=data["values"],
+            where=data.get("where"),
+            key=tuple(key) if key is not None else None,
+            batch_size=int(data.get("batch_size", DEFAULT_BATCH_SIZE)),
+            schema=data.get("schema"),
+        )
+
+    def fingerprint(self) -> str:
+        """A digest of what the backfill does to the data. Batch size is left out: it may be tuned on resume."""
+        what = {k: v for k, v in self.to_dict().items() if k not in ("name", "batch_size")}
+        what["values"] = sorted(self.values.items())
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]

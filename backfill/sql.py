@@ -1,0 +1,348 @@
+"""Every SQL statement ``backfill`` runs, composed with :mod:`psycopg.sql`: identifiers quoted, values bound.
+
+Three families: catalog look-ups (plan), the control tables (store), and the batch statements on the target table.
+The only text that is not composed from identifiers is what the spec's author wrote on purpose (SET expressions and
+the filter) and type names read back from the catalog (``format_type``, which quotes them itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import sql
+
+__all__ = ["Target", "ControlTables", "CONTROL_VERSION"]
+
+#: Version of the control tables' layout; stored in ``backfill_meta`` so later releases can migrate it.
+CONTROL_VERSION = 1
+
+
+def _fragment(text: str) -> sql.SQL:
+    # The author's SQL goes into statements with placeholders: a literal % must not read as one. (So every
+    # statement holding a fragment is executed with a parameter sequence, if only an empty one.)
+    return sql.SQL(text.replace("%", "%%"))
+
+
+# --- catalog -----------------------------------------------------------------------------------------------------
+
+#: The relation a (schema, table) pair names, or NULL; with schema NULL, the search path decides.
+FIND_TABLE = sql.SQL(
+    """
+    SELECT c.oid::bigint, n.nspname, c.relname, c.relkind::text, c.reltuples::bigint
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = CASE WHEN %(schema)s::text IS NULL THEN pg_catalog.to_regclass(pg_catalog.quote_ident(%(table)s))
+                        ELSE pg_catalog.to_regclass(pg_catalog.quote_ident(%(schema)s) || '.'
+                                                     || pg_catalog.quote_ident(%(table)s)) END
+    """
+)
+
+#: Columns of a relation: name, type name (quoted by PostgreSQL), NOT NULL, generated or identity-always.
+TABLE_COLUMNS = sql.SQL(
+    """
+    SELECT a.attname, pg_catalog.format_type(a.atttypid, NULL), a.attnotnull,
+           a.attgenerated <> '' OR a.attidentity = 'a'
+      FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+     ORDER BY a.attnum
+    """
+)
+
+#: The primary key's columns, in index order.
+PRIMARY_KEY = sql.SQL(
+    """
+    SELECT a.attname
+      FROM pg_catalog.pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = %s AND i.indisprimary
+     ORDER BY k.ord
+    """
+)
+
+#: Column lists of the valid, non-partial btree indexes of a relation (expression columns show as NULL).
+BTREE_INDEXES = sql.SQL(
+    """
+    SELECT array_agg(a.attname ORDER BY k.ord)
+      FROM pg_catalog.pg_index i
+      JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+      JOIN pg_catalog.pg_am am ON am.oid = ic.relam AND am.amname = 'btree'
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = %s AND i.indisvalid AND i.indpred IS NULL
+     GROUP BY i.indexrelid
+    """
+)
+
+SERVER_VERSION = sql.SQL("SELECT current_setting('server_version_num')::int")
+
+
+# --- the target table --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """The batch statements for one resolved table, key and set of expressions."""
+
+    schema: str
+    table: str
+    key: tuple[str, ...]
+    key_types: tuple[str, ...]
+    values: tuple[tuple[str, str], ...]
+    where: str | None
+
+    @property
+    def relation(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.table)
+
+    def _key_row(self) -> sql.Composable:
+        cols = [sql.Identifier(c) for c in self.key]
+        return cols[0] if len(cols) == 1 else sql.SQL("({})").format(sql.SQL(", ").join(cols))
+
+    def _key_params(self) -> sql.Composable:
+        casts = [sql.SQL("CAST(%s AS {})").format(sql.SQL(t)) for t in self.key_types]
+        return casts[0] if len(casts) == 1 else sql.SQL("({})").format(sql.SQL(", ").join(casts))
+
+    def _order(self, direction: str = "") -> sql.Composable:
+        # Qualified on purpose: a bare ORDER BY "id" would sort by the output column "id"::text, as text.
+        return sql.SQL(", ").join(
+            sql.SQL("{}{}").format(sql.Identifier(self.schema, self.table, c), sql.SQL(direction)) for c in self.key
+        )
+
+    def _key_text(self) -> sql.Composable:
+        # Keys travel as PostgreSQL's own text form (exact for every type, floats included since PG 12) and are
+        # cast back to the column type on the way in, so a checkpoint stored as JSON round-trips any key type.
+        return sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in self.key)
+
+    def _range(self, has_lower: bool) -> sql.Composable:
+        upper = sql.SQL("{} <= {}").format(self._key_row(), self._key_params())
+        if not has_lower:
+            return upper
+        return sql.SQL("{} > {} AND {}").format(self._key_row(), self._key_params(), upper)
+
+    def max_key(self) -> sql.Composed:
+        """The largest key: where the run's range ends (rows inserted later are not the backfill's job)."""
+        return sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
+            self._key_text(), self.relation, self._order(" DESC")
+        )
+
+    def lookahead(self, has_lower: bool) -> sql.Composed:
+        """The key ``n`` rows ahead (params: [lower...], upper..., offset): an index-only walk of n index entries.
+
+        Deciding the batch's upper key first and then updating a closed key range keeps both statements on the
+        key's index; an ``UPDATE ... WHERE id IN (SELECT ... LIMIT n)`` is often planned as a hash join over a
+        sequential scan of the whole table.
+        """
+        return sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {} OFFSET %s LIMIT 1").format(
+            self._key_text(), self.relation, self._range(has_lower), self._order()
+        )
+
+    def update(self, has_lower: bool) -> sql.Composed:
+        """Apply the expressions to one closed key range (params: [lower...], upper...)."""
+        assignments = sql.SQL(", ").join(
+            sql.SQL("{} = ({})").format(sql.Identifier(col), _fragment(expr)) for col, expr in self.values
+        )
+        condition = self._range(has_lower)
+        if self.where:
+            condition = sql.SQL("{} AND ({})").format(condition, _fragment(self.where))
+        return sql.SQL("UPDATE {} SET {} WHERE {}").format(self.relation, assignments, condition)
+
+    def check_expression(self, column: str, expression: str) -> sql.Composed:
+        """Parse, resolve and type-check one SET expression without touching a row."""
+        return sql.SQL("EXPLAIN UPDATE {} SET {} = ({}) WHERE false").format(
+            self.relation, sql.Identifier(column), _fragment(expression)
+        )
+
+    def check_where(self) -> sql.Composed:
+        """Parse, resolve and type-check the filter without reading a row."""
+        return sql.SQL("EXPLAIN SELECT 1 FROM {} WHERE ({})").format(self.relation, _fragment(self.where or "true"))
+
+
+# --- the control tables ------------------------------------------------------------------------------------------
+
+_STATES = "'pending', 'running', 'paused', 'succeeded', 'failed', 'cancelled'"
+
+
+@dataclass(frozen=True)
+class ControlTables:
+    """Statements on the control tables in one schema."""
+
+    schema: str
+
+    def _t(self, name: str) -> sql.Identifier:
+        return sql.Identifier(self.schema, name)
+
+    @property
+    def backfills(self) -> sql.Identifier:
+        return self._t("backfills")
+
+    @property
+    def slices(self) -> sql.Identifier:
+        return self._t("backfill_slices")
+
+    @property
+    def meta(self) -> sql.Identifier:
+        return self._t("backfill_meta")
+
+    def create(self) -> list[sql.Composed]:
+        """Idempotent DDL for version 1, run in one transaction under an advisory lock (see the store)."""
+        f = {"schema": sql.Identifier(self.schema), "b": self.backfills, "s": self.slices, "m": self.meta}
+        statements = [
+            "CREATE SCHEMA IF NOT EXISTS {schema}",
+            """CREATE TABLE IF NOT EXISTS {m} (
+                 singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+                 version integer NOT NULL)""",
+            """CREATE TABLE IF NOT EXISTS {b} (
+                 id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                 name text NOT NULL UNIQUE,
+                 spec jsonb NOT NULL,
+                 fingerprint text NOT NULL,
+                 state text NOT NULL DEFAULT 'pending' CHECK (state IN (""" + _STATES + """)),
+                 upper_bound jsonb,
+                 estimated_rows bigint,
+                 last_error text,
+                 created_at timestamptz NOT NULL DEFAULT now(),
+                 started_at timestamptz,
+                 updated_at timestamptz NOT NULL DEFAULT now(),
+                 finished_at timestamptz)""",
+            """CREATE TABLE IF NOT EXISTS {s} (
+                 backfill_id bigint NOT NULL REFERENCES {b} (id) ON DELETE CASCADE,
+                 slice integer NOT NULL,
+                 lower_bound jsonb,
+                 upper_bound jsonb NOT NULL,
+                 checkpoint jsonb,
+                 done boolean NOT NULL DEFAULT false,
+                 rows_updated bigint NOT NULL DEFAULT 0,
+                 batches bigint NOT NULL DEFAULT 0,
+                 owner text,
+                 heartbeat_at timestamptz,
+                 updated_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (backfill_id, slice))""",
+            "INSERT INTO {m} (version) VALUES (" + str(CONTROL_VERSION) + ") ON CONFLICT DO NOTHING",
+            "REVOKE ALL ON {m}, {b}, {s} FROM PUBLIC",
+        ]
+        return [sql.SQL(s).format(**f) for s in statements]
+
+    def init_lock(self) -> sql.Composed:
+        """Serialises concurrent ``init`` calls: CREATE ... IF NOT EXISTS alone races on the catalog."""
+        return sql.SQL("SELECT pg_advisory_xact_lock(hashtextextended({}, 0))").format(
+            sql.Literal(f"backfill:init:{self.schema}")
+        )
+
+    def exists(self) -> sql.SQL:
+        """Whether the control tables exist (checked before reading them, so a missing one is no error)."""
+        return sql.SQL("SELECT to_regclass(pg_catalog.quote_ident(%s) || '.backfill_meta') IS NOT NULL")
+
+    def version(self) -> sql.Composed:
+        return sql.SQL("SELECT version FROM {}").format(self.meta)
+
+    _COLUMNS = (
+        "b.id, b.name, b.spec, b.fingerprint, b.state, b.upper_bound, b.estimated_rows, b.last_error, "
+        "b.created_at, b.started_at, b.updated_at, b.finished_at"
+    )
+
+    def select(self, *, one: bool, lock: bool = False) -> sql.Composed:
+        query = "SELECT " + self._COLUMNS + " FROM {b} b"
+        query += " WHERE b.name = %s" if one else " ORDER BY b.created_at, b.id"
+        if lock:
+            query += " FOR UPDATE"
+        return sql.SQL(query).format(b=self.backfills)
+
+    def insert(self) -> sql.Composed:
+        return sql.SQL(
+            "INSERT INTO {} (name, spec, fingerprint) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id"
+        ).format(self.backfills)
+
+    def replace_spec(self) -> sql.Composed:
+        return sql.SQL("UPDATE {} SET spec = %s, fingerprint = %s, updated_at = now() WHERE id = %s").format(
+            self.backfills
+        )
+
+    def set_state(self) -> sql.Composed:
+        """(state, last_error, id): finished_at is stamped on entering a terminal or failed state."""
+        return sql.SQL(
+            """UPDATE {} SET state = %s, last_error = %s, updated_at = now(),
+                      finished_at = CASE WHEN %s THEN now() END
+                WHERE id = %s"""
+        ).format(self.backfills)
+
+    def start(self) -> sql.Composed:
+        """(upper_bound, estimated_rows, id): fix the run's key range on its first start."""
+        return sql.SQL(
+            """UPDATE {} SET state = 'running', upper_bound = coalesce(upper_bound, %s),
+                      estimated_rows = coalesce(estimated_rows, %s),
+                      started_at = coalesce(started_at, now()), updated_at = now()
+                WHERE id = %s"""
+        ).format(self.backfills)
+
+    def insert_slice(self) -> sql.Composed:
+        return sql.SQL(
+            "INSERT INTO {} (backfill_id, slice, lower_bound, upper_bound, checkpoint) VALUES (%s, %s, %s, %s, %s)"
+        ).format(self.slices)
+
+    def select_slices(self) -> sql.Composed:
+        return sql.SQL(
+            """SELECT slice, lower_bound, upper_bound, checkpoint, done, rows_updated, batches, owner, heartbeat_at
+                 FROM {} WHERE backfill_id = %s ORDER BY slice"""
+        ).format(self.slices)
+
+    def slice_totals(self) -> sql.Composed:
+        """Per backfill id: rows updated, batches, and the freshest heartbeat, summed over its slices."""
+        return sql.SQL(
+            """SELECT backfill_id, sum(rows_updated)::bigint, sum(batches)::bigint, max(heartbeat_at),
+                      string_agg(DISTINCT owner, ', ')
+                 FROM {} GROUP BY backfill_id"""
+        ).format(self.slices)
+
+    def lock_slice(self) -> sql.Composed:
+        """(backfill_id, slice): the batch's first statement. The row lock serialises any two runners that ever
+        reach the same slice, and the checkpoint is read under it, so a batch always starts where the last
+        committed one ended, whatever the runner believes."""
+        return sql.SQL(
+            """SELECT b.state, s.checkpoint, s.upper_bound, s.done
+                 FROM {s} s JOIN {b} b ON b.id = s.backfill_id
+                WHERE s.backfill_id = %s AND s.slice = %s
+                  FOR UPDATE OF s"""
+        ).format(s=self.slices, b=self.backfills)
+
+    def checkpoint(self) -> sql.Composed:
+        """(checkpoint, done, rows, owner, backfill_id, slice): written in the batch's own transaction."""
+        return sql.SQL(
+            """UPDATE {} SET checkpoint = %s, done = %s, rows_updated = rows_updated + %s, batches = batches + 1,
+                      owner = %s, heartbeat_at = now(), updated_at = now()
+                WHERE backfill_id = %s AND slice = %s"""
+        ).format(self.slices)
+
+    def finish_if_done(self) -> sql.Composed:
+        """(id, id): mark the backfill succeeded once no slice is left; in the last batch's transaction."""
+        return sql.SQL(
+            """UPDATE {b} SET state = 'succeeded', finished_at = now(), updated_at = now(), last_error = NULL
+                WHERE id = %s AND state = 'running'
+                  AND NOT EXISTS (SELECT 1 FROM {s} WHERE backfill_id = %s AND NOT done)"""
+        ).format(b=self.backfills, s=self.slices)
+
+    def release_slice(self) -> sql.Composed:
+        return sql.SQL("UPDATE {} SET owner = NULL WHERE backfill_id = %s AND slice = %s AND owner = %s").format(
+            self.slices
+        )
+
+    def try_lock(self) -> sql.Composed:
+        """(backfill_id, slice): a session advisory lock per slice. It dies with the runner's connection, so a
+        runner whose process died never blocks the backfill; a live one keeps others out."""
+        return sql.SQL("SELECT pg_try_advisory_lock(hashtextextended({} || %s::text || ':' || %s::text, 0))").format(
+            sql.Literal(f"backfill:{self.schema}:")
+        )
+
+    def unlock(self) -> sql.Composed:
+        return sql.SQL("SELECT pg_advisory_unlock(hashtextextended({} || %s::text || ':' || %s::text, 0))").format(
+            sql.Literal(f"backfill:{self.schema}:")
+        )
+
+
+SET_TIMEOUTS = sql.SQL(
+    "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)"
+)
+
+
+def explain(statement: sql.Composable) -> sql.Composed:
+    """EXPLAIN of a composed statement (used by ``plan`` and by the tests that check batch plans)."""
+    return sql.SQL("EXPLAIN {}").format(statement)

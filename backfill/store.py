@@ -1,0 +1,405 @@
+"""The store: the only code that reads or writes the control tables, and the one that runs a batch's transaction.
+
+A batch is one short transaction on the runner's own connection: lock the slice's control row and read its
+checkpoint, find the key ``batch_size`` rows ahead, update that closed key range, write the new checkpoint. Because
+the checkpoint is read and written inside the same transaction as the update, a crash at any instant neither repeats
+a committed batch nor skips one, and two runners that somehow reach the same slice simply take turns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+from psycopg import sql as pgsql
+from psycopg.types.json import Jsonb
+
+from backfill import sql
+from backfill.connect import Database
+from backfill.errors import (
+    ControlTablesMissingError,
+    SpecMismatchError,
+    StateTransitionError,
+    UnknownBackfillError,
+)
+from backfill.plan import Plan
+from backfill.spec import BackfillSpec
+from backfill.state import TRANSITIONS, RunState
+
+__all__ = [
+    "BackfillRecord",
+    "SliceRecord",
+    "BatchRequest",
+    "BatchResult",
+    "LockLostError",
+    "Store",
+    "PostgresStore",
+]
+
+Key = list[str]
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    """One key range of a backfill, with its own checkpoint (a backfill has one slice unless split)."""
+
+    slice: int
+    lower_bound: Key | None  #: exclusive; None = from the first key
+    upper_bound: Key  #: inclusive, fixed when the run started
+    checkpoint: Key | None  #: last key processed; None = nothing yet
+    done: bool
+    rows_updated: int
+    batches: int
+    owner: str | None
+    heartbeat_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class BackfillRecord:
+    """A backfill as stored in the control table, with its slices' counters summed."""
+
+    id: int
+    name: str
+    spec: BackfillSpec
+    fingerprint: str
+    state: RunState
+    upper_bound: Key | None
+    estimated_rows: int | None
+    last_error: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    updated_at: dt.datetime
+    finished_at: dt.datetime | None
+    rows_updated: int = 0
+    batches: int = 0
+    heartbeat_at: dt.datetime | None = None
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """What one batch should do: which slice, how many rows of key range, with which timeouts."""
+
+    backfill_id: int
+    slice: int
+    batch_size: int
+    owner: str
+    lock_timeout: float
+    statement_timeout: float
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one batch transaction did. ``applied`` is False when it found the backfill not running (paused,
+    cancelled) or the slice already done, and changed nothing."""
+
+    state: RunState
+    applied: bool
+    rows: int = 0
+    checkpoint: Key | None = None
+    slice_done: bool = False
+    finished: bool = False
+
+
+class LockLostError(Exception):
+    """Internal: the runner's connection broke and another runner took the slice before it reconnected."""
+
+
+class Store(Protocol):
+    """What the executor needs from a store. :class:`PostgresStore` is the real one; ``backfill.testing`` has an
+    in-memory one so the loop's logic is tested without a database."""
+
+    def get(self, name: str) -> BackfillRecord: ...
+
+    def try_claim(self, backfill_id: int, slice: int) -> bool: ...
+
+    def release(self, backfill_id: int, slice: int, owner: str) -> None: ...
+
+    def start(self, record: BackfillRecord, plan: Plan | None) -> list[SliceRecord]: ...
+
+    def run_batch(self, plan: Plan | None, request: BatchRequest) -> BatchResult: ...
+
+    def fail(self, backfill_id: int, error: str) -> None: ...
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(int(seconds * 1000), 1)}ms"
+
+
+@functools.lru_cache(maxsize=64)
+def _batch_statements(target: sql.Target, has_lower: bool) -> tuple[pgsql.Composed, pgsql.Composed]:
+    # Composed once per target and range shape, not once per batch.
+    return target.lookahead(has_lower), target.update(has_lower)
+
+
+class PostgresStore:
+    """The control tables in one schema, reached through one connection of the runner's own.
+
+    The connection is opened lazily, reopened after it breaks, and holds the advisory locks of the slices this
+    runner claimed (re-taken after a reconnect, or :class:`LockLostError`).
+    """
+
+    def __init__(self, database: Database, schema: str = "public") -> None:
+        self.database = database
+        self.tables = sql.ControlTables(schema)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._claims: set[tuple[int, int]] = set()
+
+    # --- connection ------------------------------------------------------------------------------------------
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        if self._conn is not None and self._conn.closed:
+            self._conn = None
+        if self._conn is None:
+            self._conn = self.database.connect()
+            lost = [claim for claim in self._claims if not self._lock(*claim)]
+            if lost:
+                self._claims.difference_update(lost)
+                raise LockLostError(f"another runner took slice {lost[0][1]} while this one reconnected")
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def close(self) -> None:
+        self._drop()
+        self._claims.clear()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- control tables --------------------------------------------------------------------------------------
+
+    def init(self) -> None:
+        """Create the control tables if they do not exist (idempotent, safe to race)."""
+        conn = self.conn
+        with conn.transaction():
+            conn.execute(self.tables.init_lock())
+            for statement in self.tables.create():
+                conn.execute(statement)
+        self._check_version()
+
+    def _check_version(self) -> None:
+        exists = self.conn.execute(self.tables.exists(), (self.tables.schema,)).fetchone()
+        if not exists or not exists[0]:
+            raise ControlTablesMissingError(
+                f"no backfill control tables in schema {self.tables.schema!r}: run `backfill init` first"
+            )
+        row = self.conn.execute(self.tables.version()).fetchone()
+        if row is None or row[0] > sql.CONTROL_VERSION:
+            raise ControlTablesMissingError(
+                f"the control tables in schema {self.tables.schema!r} are version {row[0] if row else '?'}, "
+                f"newer than this release of backfill understands ({sql.CONTROL_VERSION}): upgrade backfill"
+            )
+
+    def ensure_ready(self) -> None:
+        """Raise :class:`ControlTablesMissingError` unless the control tables exist in a version we understand."""
+        self._check_version()
+
+    def _record(self, row: Sequence[Any], totals: dict[int, tuple[Any, ...]]) -> BackfillRecord:
+        rows, batches, heartbeat, owner = totals.get(row[0], (0, 0, None, None))
+        return BackfillRecord(
+            id=row[0], name=row[1], spec=BackfillSpec.from_dict(row[2]), fingerprint=row[3],
+            state=RunState(row[4]), upper_bound=row[5], estimated_rows=row[6], last_error=row[7],
+            created_at=row[8], started_at=row[9], updated_at=row[10], finished_at=row[11],
+            rows_updated=rows or 0, batches=batches or 0, heartbeat_at=heartbeat, owner=owner,
+        )
+
+    def _totals(self) -> dict[int, tuple[Any, ...]]:
+        return {row[0]: tuple(row[1:]) for row in self.conn.execute(self.tables.slice_totals())}
+
+    def get(self, name: str) -> BackfillRecord:
+        """The backfill called ``name``.
+
+        Raises:
+            UnknownBackfillError: there is none.
+        """
+        self._check_version()
+        row = self.conn.execute(self.tables.select(one=True), (name,)).fetchone()
+        if row is None:
+            raise UnknownBackfillError(f"no backfill named {name!r}")
+        return self._record(row, self._totals())
+
+    def list(self) -> list[BackfillRecord]:
+        self._check_version()
+        totals = self._totals()
+        return [self._record(row, totals) for row in self.conn.execute(self.tables.select(one=False))]
+
+    def slices(self, backfill_id: int) -> list[SliceRecord]:
+        return [SliceRecord(*row) for row in self.conn.execute(self.tables.select_slices(), (backfill_id,))]
+
+    def register(self, plan: Plan, *, force: bool = False) -> BackfillRecord:
+        """Store a resolved spec under its name, or check it against the one already stored.
+
+        Raises:
+            SpecMismatchError: the name holds a different spec (and ``force`` is false, or the table or key
+                changed after the backfill started, so its checkpoint cannot carry over).
+        """
+        spec, fingerprint = plan.spec, plan.spec.fingerprint()
+        conn = self.conn
+        with conn.transaction():
+            inserted = conn.execute(self.tables.insert(), (spec.name, Jsonb(spec.to_dict()), fingerprint)).fetchone()
+            if inserted is None:
+                row = conn.execute(self.tables.select(one=True, lock=True), (spec.name,)).fetchone()
+                assert row is not None
+                old = self._record(row, {})
+                if old.fingerprint != fingerprint:
+                    if not force:
+                        raise SpecMismatchError(_mismatch(old.spec, spec))
+                    same_walk = (old.spec.schema, old.spec.table, old.spec.key) == (spec.schema, spec.table, spec.key)
+                    if old.started_at is not None and not same_walk:
+                        raise SpecMismatchError(
+                            f"backfill {spec.name!r} has started on {old.spec.qualified_table} by key "
+                            f"({', '.join(old.spec.key or ())}); its checkpoint cannot carry over to a different "
+                            "table or key: register the new spec under a new name"
+                        )
+                if old.fingerprint != fingerprint or old.spec.batch_size != spec.batch_size:
+                    conn.execute(self.tables.replace_spec(), (Jsonb(spec.to_dict()), fingerprint, old.id))
+        return self.get(spec.name)
+
+    def transition(self, name: str, action: str) -> BackfillRecord:
+        """Apply an operator action (``pause``, ``resume``, ``cancel``, ``retry``) to the backfill ``name``.
+
+        Raises:
+            UnknownBackfillError: there is no such backfill.
+            StateTransitionError: the action makes no sense in the backfill's current state.
+        """
+        self._check_version()
+        sources, target = TRANSITIONS[action]
+        conn = self.conn
+        with conn.transaction():
+            row = conn.execute(self.tables.select(one=True, lock=True), (name,)).fetchone()
+            if row is None:
+                raise UnknownBackfillError(f"no backfill named {name!r}")
+            current = RunState(row[4])
+            if current not in sources:
+                raise StateTransitionError(f"cannot {action} backfill {name!r}: it is {current.value}")
+            if action == "resume" and row[9] is None:
+                target = RunState.PENDING  # never started: no key range fixed yet
+            error = row[7] if action == "cancel" else None
+            conn.execute(self.tables.set_state(), (target.value, error, target.terminal, row[0]))
+        return self.get(name)
+
+    # --- runner side -----------------------------------------------------------------------------------------
+
+    def _lock(self, backfill_id: int, slice: int) -> bool:
+        assert self._conn is not None
+        row = self._conn.execute(self.tables.try_lock(), (backfill_id, slice)).fetchone()
+        return bool(row and row[0])
+
+    def try_claim(self, backfill_id: int, slice: int) -> bool:
+        """Take the slice's advisory lock on this store's connection; False if another live runner holds it."""
+        self.conn  # noqa: B018 -- connects (and re-takes existing claims) first
+        if not self._lock(backfill_id, slice):
+            return False
+        self._claims.add((backfill_id, slice))
+        return True
+
+    def release(self, backfill_id: int, slice: int, owner: str) -> None:
+        if (backfill_id, slice) not in self._claims:
+            return
+        self._claims.discard((backfill_id, slice))
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            return
+        self._conn.execute(self.tables.release_slice(), (backfill_id, slice, owner))
+        self._conn.execute(self.tables.unlock(), (backfill_id, slice))
+
+    def start(self, record: BackfillRecord, plan: Plan | None) -> list[SliceRecord]:
+        """Fix the key range on the first start (one slice up to the current largest key) and mark the backfill
+        running; later starts return the slices as they are. An empty table succeeds at once."""
+        assert plan is not None
+        conn = self.conn
+        with conn.transaction():
+            # The row lock makes two runners starting at once agree on one set of slices.
+            row = conn.execute(self.tables.select(one=True, lock=True), (record.name,)).fetchone()
+            assert row is not None
+            state = RunState(row[4])
+            if not state.runnable:
+                return self.slices(record.id)
+            existing = self.slices(record.id)
+            if existing:
+                if state is RunState.PENDING:
+                    conn.execute(self.tables.start(), (None, None, record.id))
+                return existing
+            conn.execute(sql.SET_TIMEOUTS, ("5s", "60s"))
+            top = conn.execute(plan.target.max_key()).fetchone()
+            if top is None:
+                conn.execute(self.tables.set_state(), (RunState.SUCCEEDED.value, None, True, record.id))
+                return []
+            upper = Jsonb(list(top))
+            conn.execute(self.tables.start(), (upper, plan.estimated_rows, record.id))
+            conn.execute(self.tables.insert_slice(), (record.id, 0, None, upper, None))
+        return self.slices(record.id)
+
+    def run_batch(self, plan: Plan | None, request: BatchRequest) -> BatchResult:
+        """Run one batch in one transaction (see the module docstring). Database errors propagate after the
+        transaction has rolled back; a broken connection is dropped so the next call reconnects."""
+        assert plan is not None
+        tables = self.tables
+        conn = self.conn
+        try:
+            with conn.transaction():
+                conn.execute(sql.SET_TIMEOUTS, (_ms(request.lock_timeout), _ms(request.statement_timeout)))
+                found = conn.execute(tables.lock_slice(), (request.backfill_id, request.slice)).fetchone()
+                assert found is not None, "slice vanished"
+                state, checkpoint, upper, done = RunState(found[0]), found[1], found[2], found[3]
+                if state is not RunState.RUNNING or done:
+                    return BatchResult(state=state, applied=False, slice_done=done)
+                lookahead, update = _batch_statements(plan.target, checkpoint is not None)
+                lower = list(checkpoint or [])
+                ahead = conn.execute(lookahead, [*lower, *upper, request.batch_size - 1]).fetchone()
+                end = list(ahead) if ahead is not None else upper
+                rows = conn.execute(update, [*lower, *end]).rowcount
+                slice_done = end == upper
+                conn.execute(
+                    tables.checkpoint(),
+                    (Jsonb(end), slice_done, rows, request.owner, request.backfill_id, request.slice),
+                )
+                finished = slice_done and conn.execute(
+                    tables.finish_if_done(), (request.backfill_id, request.backfill_id)
+                ).rowcount == 1
+        except psycopg.Error:
+            if conn.broken or conn.closed:
+                self._drop()
+            raise
+        return BatchResult(
+            state=RunState.SUCCEEDED if finished else state, applied=True, rows=rows, checkpoint=end,
+            slice_done=slice_done, finished=finished,
+        )
+
+    def fail(self, backfill_id: int, error: str) -> None:
+        """Mark the backfill failed with ``error`` (after the failing batch rolled back)."""
+        statement = self.tables.set_state()
+        params = (RunState.FAILED.value, error[:4000], True, backfill_id)
+        try:
+            self.conn.execute(statement, params)
+        except psycopg.OperationalError:
+            self._drop()  # the failing batch may have taken the connection with it: one more try on a new one
+            self.conn.execute(statement, params)
+
+
+def _mismatch(old: BackfillSpec, new: BackfillSpec) -> str:
+    changed = [
+        field for field, a, b in (
+            ("table", old.qualified_table, new.qualified_table),
+            ("values", dict(old.values), dict(new.values)),
+            ("where", old.where, new.where),
+            ("key", old.key, new.key),
+        ) if a != b
+    ]
+    return (
+        f"backfill {new.name!r} already exists with a different spec ({', '.join(changed)} changed): "
+        "use a new name, or force=True (CLI: --force) to replace the stored spec"
+    )
