@@ -139,7 +139,7 @@ def get_slices(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTROL_S
 def list_backfills(bind: Bind, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> list[BackfillRecord]:
     """Every registered backfill, oldest first."""
     with open_store(bind, control_schema) as store:
-        return store.list()
+        return store.list_all()
 
 
 def _transition(bind: Bind, name: str, action: str, control_schema: str) -> BackfillRecord:

@@ -61,8 +61,9 @@ class Database:
         if url.get_backend_name() not in ("postgresql", "postgres"):
             raise ConnectError(f"backfill needs PostgreSQL, got a {url.get_backend_name()} URL")
         url = url.set(drivername="postgresql")
-        return cls(url.render_as_string(hide_password=False), url.render_as_string(hide_password=True),
-                   application_name)
+        return cls(
+            url.render_as_string(hide_password=False), url.render_as_string(hide_password=True), application_name
+        )
 
     def with_application_name(self, name: str) -> Database:
         return Database(self.conninfo, self.display, name)
@@ -75,8 +76,11 @@ class Database:
         """
         try:
             conn = psycopg.connect(
-                self.conninfo, autocommit=True, application_name=self.application_name,
-                connect_timeout=10, **kwargs,
+                self.conninfo,
+                autocommit=True,
+                application_name=self.application_name,
+                connect_timeout=10,
+                **kwargs,
             )
         except psycopg.Error as exc:
             reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__

@@ -9,6 +9,7 @@ unprivileged system user.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pwd
 import shutil
@@ -18,7 +19,6 @@ import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-import importlib.util
 from pathlib import Path
 
 from backfill.errors import BackfillError
@@ -93,8 +93,14 @@ class EmbeddedServer:
         try:
             server._prepare()
             server._run(
-                str(server.bindir / "initdb"), "-D", str(server.datadir), "-U", "postgres",
-                "--auth=trust", "--encoding=UTF8", "--no-sync",
+                str(server.bindir / "initdb"),
+                "-D",
+                str(server.datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
             )
         except BaseException:
             server.destroy()
@@ -139,7 +145,13 @@ class EmbeddedServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["LC_ALL"] = "C"
         result = subprocess.run(  # noqa: S603
-            argv, cwd=self.root, env=env, capture_output=True, text=True, check=False, **kwargs  # type: ignore[call-overload]
+            argv,
+            cwd=self.root,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            **kwargs,  # type: ignore[call-overload]
         )
         if result.returncode != 0:
             detail = (result.stderr or result.stdout).strip().splitlines()[-5:]
@@ -150,8 +162,17 @@ class EmbeddedServer:
         options += [f"-c {k}={v}" for k, v in self.settings.items()]
         try:
             self._run(
-                str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile),
-                "-w", "-t", "60", "-o", " ".join(options), "start",
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.datadir),
+                "-l",
+                str(self.logfile),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                " ".join(options),
+                "start",
             )
         except EmbeddedServerError as exc:
             tail = self.logfile.read_text(errors="replace").strip().splitlines()[-3:] if self.logfile.exists() else []

@@ -11,14 +11,23 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 import tenacity
 
 from backfill.errors import BackfillError
 from backfill.plan import Plan
-from backfill.policies import BatchSizer, ErrorKind, FixedSize, RetryPolicy, RunContext, Throttle, no_throttle
+from backfill.policies import (
+    BatchSizer,
+    ErrorKind,
+    FixedSize,
+    FixedSleep,
+    RetryPolicy,
+    RunContext,
+    Throttle,
+    no_throttle,
+)
 from backfill.state import RunOutcome, RunState
 from backfill.store import BatchRequest, BatchResult, LockLostError, SliceRecord, Store
 
@@ -36,22 +45,46 @@ class RunSettings:
     """How a runner runs batches. Everything here may change between runs without touching the stored spec.
 
     Args:
-        batch_size: rows of key range per batch; defaults to the spec's.
+        batch_size: rows of key range per batch to start with; defaults to the spec's.
         lock_timeout: seconds a batch may wait for a row or table lock before it is retried.
         statement_timeout: seconds one statement of a batch may run before the batch is retried smaller.
-        throttle: seconds to wait before each batch (see :mod:`backfill.policies`).
-        sizer: the next batch's size.
-        retry: which errors are retried and for how long.
+        sleep_between: seconds to wait between batches.
+        max_rows_per_second: cap on the update rate, averaged over the run.
+        target_batch_seconds: adaptive sizing aims each batch at this duration; None keeps the size fixed.
+        min_batch_size, max_batch_size: bounds for adaptive sizing.
+        max_replica_lag_bytes, max_replica_lag_seconds: wait while a replica is further behind than this
+            (read from ``pg_stat_replication`` on the primary); None disables the check.
+        wait_for_vacuum: wait while autovacuum works on the target table.
+        health_check_sql: a query of the user's; wait while it returns true.
+        max_retry_seconds: how long one batch may keep failing transiently before the run gives up.
+        throttle, sizer, retry: explicit policies; when given they replace the ones built from the fields above.
         application_name: shown in ``pg_stat_activity`` for the runner's connection.
     """
 
     batch_size: int | None = None
     lock_timeout: float = 2.0
     statement_timeout: float = 30.0
-    throttle: Throttle = no_throttle
-    sizer: BatchSizer = field(default_factory=FixedSize)
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    sleep_between: float = 0.0
+    max_rows_per_second: float | None = None
+    target_batch_seconds: float | None = None
+    min_batch_size: int = 100
+    max_batch_size: int = 100_000
+    max_replica_lag_bytes: int | None = None
+    max_replica_lag_seconds: float | None = None
+    wait_for_vacuum: bool = False
+    health_check_sql: str | None = None
+    max_retry_seconds: float = 900.0
+    throttle: Throttle | None = None
+    sizer: BatchSizer | None = None
+    retry: RetryPolicy | None = None
     application_name: str = "backfill"
+
+    def policies(self) -> tuple[Throttle, BatchSizer, RetryPolicy]:
+        """The throttle, sizer and retry policy this run uses."""
+        throttle = self.throttle or (FixedSleep(self.sleep_between) if self.sleep_between > 0 else no_throttle)
+        sizer = self.sizer or FixedSize()
+        retry = self.retry or RetryPolicy(budget_seconds=self.max_retry_seconds)
+        return throttle, sizer, retry
 
 
 @dataclass(frozen=True)
@@ -126,6 +159,7 @@ class Executor:
         self.clock = clock
         self.sleep = sleep
         self.should_stop = should_stop or (lambda: False)
+        self.throttle, self.sizer, self.retry = self.settings.policies()
         self.log = log.bind(backfill=name)
 
     def run(self, *, max_runtime: float | None = None, max_batches: int | None = None) -> RunReport:
@@ -142,8 +176,13 @@ class Executor:
             return self._report(ctx, _EARLY[record.state], record.state, error=record.last_error)
 
         slices = self.store.start(record, self.plan)
-        self.log.info("run_started", table=record.spec.qualified_table, batch_size=batch_size,
-                      max_runtime=max_runtime, max_batches=max_batches)
+        self.log.info(
+            "run_started",
+            table=record.spec.qualified_table,
+            batch_size=batch_size,
+            max_runtime=max_runtime,
+            max_batches=max_batches,
+        )
         busy = 0
         for piece in slices:
             if piece.done:
@@ -154,7 +193,7 @@ class Executor:
             try:
                 ended = self._work(ctx, record.id, piece, max_runtime, max_batches)
             except LockLostError as exc:
-                ended = (RunOutcome.BUSY, None, str(exc))
+                ended = (RunOutcome.BUSY, RunState.RUNNING, str(exc))
             finally:
                 self.store.release(record.id, piece.slice, self.owner)
             if ended is not None:
@@ -162,21 +201,29 @@ class Executor:
         state = self.store.get(self.name).state
         if state is RunState.SUCCEEDED:
             return self._report(ctx, RunOutcome.FINISHED, state)
-        return self._report(ctx, RunOutcome.BUSY if busy else RunOutcome.WORK_LEFT, state,
-                            reason="another runner holds the backfill" if busy else None)
+        return self._report(
+            ctx,
+            RunOutcome.BUSY if busy else RunOutcome.WORK_LEFT,
+            state,
+            reason="another runner holds the backfill" if busy else None,
+        )
 
     def _work(
-        self, ctx: RunContext, backfill_id: int, piece: SliceRecord, max_runtime: float | None,
+        self,
+        ctx: RunContext,
+        backfill_id: int,
+        piece: SliceRecord,
+        max_runtime: float | None,
         max_batches: int | None,
     ) -> tuple[RunOutcome, RunState, str | None] | None:
         """Batches on one slice; returns how the run ends, or None when the slice is done and others may follow."""
         while True:
             stop = self._budget_spent(ctx, max_runtime, max_batches)
             if stop is None:
-                stop = self._wait(ctx, self.settings.throttle(ctx), max_runtime)
+                stop = self._wait(ctx, self.throttle(ctx), max_runtime)
             if stop is not None:
                 return RunOutcome.WORK_LEFT, RunState.RUNNING, stop
-            ctx.batch_size = max(1, self.settings.sizer(ctx))
+            ctx.batch_size = max(1, self.sizer(ctx))
             started = self.clock()
             try:
                 result = self._batch_with_retry(ctx, backfill_id, piece.slice)
@@ -200,8 +247,14 @@ class Executor:
                 return outcome or RunOutcome.WORK_LEFT, result.state, f"backfill is {result.state.value}"
             seconds = self.clock() - started
             ctx.record_batch(result.rows, seconds)
-            self.log.info("batch_committed", slice=piece.slice, rows=result.rows, batch_size=ctx.batch_size,
-                          ms=round(seconds * 1000, 1), checkpoint=result.checkpoint)
+            self.log.info(
+                "batch_committed",
+                slice=piece.slice,
+                rows=result.rows,
+                batch_size=ctx.batch_size,
+                ms=round(seconds * 1000, 1),
+                checkpoint=result.checkpoint,
+            )
             if result.finished:
                 self.log.info("backfill_succeeded")
                 return RunOutcome.FINISHED, RunState.SUCCEEDED, None
@@ -232,7 +285,7 @@ class Executor:
         return None
 
     def _batch_with_retry(self, ctx: RunContext, backfill_id: int, slice_no: int) -> BatchResult:
-        policy = self.settings.retry
+        policy = self.retry
         first_try = self.clock()
 
         def out_of_budget(state: tenacity.RetryCallState) -> bool:
@@ -247,19 +300,30 @@ class Executor:
             if kind is ErrorKind.TOO_BIG:
                 ctx.batch_size = max(policy.min_batch_size, ctx.batch_size // 2)
             ctx.attempt = state.attempt_number
-            self.log.warning("batch_retry", reason=kind.value, error=_describe(exc), attempt=state.attempt_number,
-                             wait_s=round(state.upcoming_sleep, 3), batch_size=ctx.batch_size)
+            self.log.warning(
+                "batch_retry",
+                reason=kind.value,
+                error=_describe(exc),
+                attempt=state.attempt_number,
+                wait_s=round(state.upcoming_sleep, 3),
+                batch_size=ctx.batch_size,
+            )
 
         def attempt() -> BatchResult:
-            request = BatchRequest(backfill_id, slice_no, ctx.batch_size, self.owner,
-                                   self.settings.lock_timeout, self.settings.statement_timeout)
+            request = BatchRequest(
+                backfill_id,
+                slice_no,
+                ctx.batch_size,
+                self.owner,
+                self.settings.lock_timeout,
+                self.settings.statement_timeout,
+            )
             return self.store.run_batch(self.plan, request)
 
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(
-                lambda e: not isinstance(e, LockLostError) and policy.is_retryable(e)
-            ),
-            wait=tenacity.wait_exponential_jitter(initial=policy.initial_wait, max=policy.max_wait),
+            retry=tenacity.retry_if_exception(lambda e: not isinstance(e, LockLostError) and policy.is_retryable(e)),
+            wait=tenacity.wait_exponential(multiplier=policy.initial_wait, max=policy.max_wait)
+            + tenacity.wait_random(0, policy.initial_wait),
             stop=out_of_budget,
             sleep=self.sleep,
             before_sleep=before_sleep,
@@ -268,17 +332,35 @@ class Executor:
         return retrying(attempt)
 
     def _report(
-        self, ctx: RunContext, outcome: RunOutcome, state: RunState, reason: str | None = None,
+        self,
+        ctx: RunContext,
+        outcome: RunOutcome,
+        state: RunState,
+        reason: str | None = None,
         error: str | None = None,
     ) -> RunReport:
         if outcome is RunOutcome.FAILED and error is None:
             error, reason = reason, None
         report = RunReport(
-            name=self.name, outcome=outcome, state=state, rows_updated=ctx.rows, batches=ctx.batches,
-            seconds=ctx.elapsed, longest_batch_seconds=ctx.longest_batch_seconds, reason=reason, error=error,
+            name=self.name,
+            outcome=outcome,
+            state=state,
+            rows_updated=ctx.rows,
+            batches=ctx.batches,
+            seconds=ctx.elapsed,
+            longest_batch_seconds=ctx.longest_batch_seconds,
+            reason=reason,
+            error=error,
         )
-        self.log.info("run_finished", outcome=outcome.value, state=state.value, rows=ctx.rows,
-                      batches=ctx.batches, seconds=round(ctx.elapsed, 3), reason=reason)
+        self.log.info(
+            "run_finished",
+            outcome=outcome.value,
+            state=state.value,
+            rows=ctx.rows,
+            batches=ctx.batches,
+            seconds=round(ctx.elapsed, 3),
+            reason=reason,
+        )
         return report
 
 

@@ -185,7 +185,13 @@ class ControlTables:
 
     def create(self) -> list[sql.Composed]:
         """Idempotent DDL for version 1, run in one transaction under an advisory lock (see the store)."""
-        f = {"schema": sql.Identifier(self.schema), "b": self.backfills, "s": self.slices, "m": self.meta}
+        f = {
+            "schema": sql.Identifier(self.schema),
+            "b": self.backfills,
+            "s": self.slices,
+            "m": self.meta,
+            "version": sql.Literal(CONTROL_VERSION),
+        }
         statements = [
             "CREATE SCHEMA IF NOT EXISTS {schema}",
             """CREATE TABLE IF NOT EXISTS {m} (
@@ -196,7 +202,9 @@ class ControlTables:
                  name text NOT NULL UNIQUE,
                  spec jsonb NOT NULL,
                  fingerprint text NOT NULL,
-                 state text NOT NULL DEFAULT 'pending' CHECK (state IN (""" + _STATES + """)),
+                 state text NOT NULL DEFAULT 'pending' CHECK (state IN ("""
+            + _STATES
+            + """)),
                  upper_bound jsonb,
                  estimated_rows bigint,
                  last_error text,
@@ -217,7 +225,7 @@ class ControlTables:
                  heartbeat_at timestamptz,
                  updated_at timestamptz NOT NULL DEFAULT now(),
                  PRIMARY KEY (backfill_id, slice))""",
-            "INSERT INTO {m} (version) VALUES (" + str(CONTROL_VERSION) + ") ON CONFLICT DO NOTHING",
+            "INSERT INTO {m} (version) VALUES ({version}) ON CONFLICT DO NOTHING",
             "REVOKE ALL ON {m}, {b}, {s} FROM PUBLIC",
         ]
         return [sql.SQL(s).format(**f) for s in statements]
@@ -241,11 +249,11 @@ class ControlTables:
     )
 
     def select(self, *, one: bool, lock: bool = False) -> sql.Composed:
-        query = "SELECT " + self._COLUMNS + " FROM {b} b"
-        query += " WHERE b.name = %s" if one else " ORDER BY b.created_at, b.id"
+        parts: list[sql.Composable] = [sql.SQL("SELECT {} FROM {} b").format(sql.SQL(self._COLUMNS), self.backfills)]
+        parts.append(sql.SQL("WHERE b.name = %s") if one else sql.SQL("ORDER BY b.created_at, b.id"))
         if lock:
-            query += " FOR UPDATE"
-        return sql.SQL(query).format(b=self.backfills)
+            parts.append(sql.SQL("FOR UPDATE"))
+        return sql.SQL(" ").join(parts)
 
     def insert(self) -> sql.Composed:
         return sql.SQL(
@@ -338,9 +346,7 @@ class ControlTables:
         )
 
 
-SET_TIMEOUTS = sql.SQL(
-    "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)"
-)
+SET_TIMEOUTS = sql.SQL("SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)")
 
 
 def explain(statement: sql.Composable) -> sql.Composed:

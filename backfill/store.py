@@ -211,10 +211,22 @@ class PostgresStore:
     def _record(self, row: Sequence[Any], totals: dict[int, tuple[Any, ...]]) -> BackfillRecord:
         rows, batches, heartbeat, owner = totals.get(row[0], (0, 0, None, None))
         return BackfillRecord(
-            id=row[0], name=row[1], spec=BackfillSpec.from_dict(row[2]), fingerprint=row[3],
-            state=RunState(row[4]), upper_bound=row[5], estimated_rows=row[6], last_error=row[7],
-            created_at=row[8], started_at=row[9], updated_at=row[10], finished_at=row[11],
-            rows_updated=rows or 0, batches=batches or 0, heartbeat_at=heartbeat, owner=owner,
+            id=row[0],
+            name=row[1],
+            spec=BackfillSpec.from_dict(row[2]),
+            fingerprint=row[3],
+            state=RunState(row[4]),
+            upper_bound=row[5],
+            estimated_rows=row[6],
+            last_error=row[7],
+            created_at=row[8],
+            started_at=row[9],
+            updated_at=row[10],
+            finished_at=row[11],
+            rows_updated=rows or 0,
+            batches=batches or 0,
+            heartbeat_at=heartbeat,
+            owner=owner,
         )
 
     def _totals(self) -> dict[int, tuple[Any, ...]]:
@@ -232,7 +244,7 @@ class PostgresStore:
             raise UnknownBackfillError(f"no backfill named {name!r}")
         return self._record(row, self._totals())
 
-    def list(self) -> list[BackfillRecord]:
+    def list_all(self) -> list[BackfillRecord]:
         self._check_version()
         totals = self._totals()
         return [self._record(row, totals) for row in self.conn.execute(self.tables.select(one=False))]
@@ -367,16 +379,21 @@ class PostgresStore:
                     tables.checkpoint(),
                     (Jsonb(end), slice_done, rows, request.owner, request.backfill_id, request.slice),
                 )
-                finished = slice_done and conn.execute(
-                    tables.finish_if_done(), (request.backfill_id, request.backfill_id)
-                ).rowcount == 1
+                finished = (
+                    slice_done
+                    and conn.execute(tables.finish_if_done(), (request.backfill_id, request.backfill_id)).rowcount == 1
+                )
         except psycopg.Error:
             if conn.broken or conn.closed:
                 self._drop()
             raise
         return BatchResult(
-            state=RunState.SUCCEEDED if finished else state, applied=True, rows=rows, checkpoint=end,
-            slice_done=slice_done, finished=finished,
+            state=RunState.SUCCEEDED if finished else state,
+            applied=True,
+            rows=rows,
+            checkpoint=end,
+            slice_done=slice_done,
+            finished=finished,
         )
 
     def fail(self, backfill_id: int, error: str) -> None:
@@ -392,12 +409,14 @@ class PostgresStore:
 
 def _mismatch(old: BackfillSpec, new: BackfillSpec) -> str:
     changed = [
-        field for field, a, b in (
+        field
+        for field, a, b in (
             ("table", old.qualified_table, new.qualified_table),
             ("values", dict(old.values), dict(new.values)),
             ("where", old.where, new.where),
             ("key", old.key, new.key),
-        ) if a != b
+        )
+        if a != b
     ]
     return (
         f"backfill {new.name!r} already exists with a different spec ({', '.join(changed)} changed): "
