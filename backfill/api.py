@@ -8,7 +8,9 @@ from collections.abc import Callable, Iterator
 from backfill.connect import Bind, Database
 from backfill.executor import Executor, RunReport, RunSettings
 from backfill.plan import Plan, resolve
+from backfill.preview import BatchPreview, preview_next_batch
 from backfill.spec import BackfillSpec
+from backfill.status import BackfillStatus
 from backfill.store import BackfillRecord, PostgresStore, SliceRecord
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "resume_backfill",
     "cancel_backfill",
     "retry_backfill",
+    "backfill_status",
+    "preview_backfill",
 ]
 
 DEFAULT_CONTROL_SCHEMA = "public"
@@ -172,3 +176,33 @@ def retry_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTR
     """Put a failed backfill back to pending; the next ``run`` continues from its checkpoint. Raises
     :class:`StateTransitionError` unless the backfill failed."""
     return _transition(bind, name, "retry", control_schema)
+
+
+def backfill_status(
+    bind: Bind, name: str | None = None, *, control_schema: str = DEFAULT_CONTROL_SCHEMA
+) -> list[BackfillStatus]:
+    """Progress of backfill ``name``, or of every backfill (oldest first), with slices, rate and ETA.
+
+    Raises:
+        UnknownBackfillError: ``name`` is given and no backfill has it.
+        ControlTablesMissingError: the control tables do not exist.
+    """
+    with open_store(bind, control_schema) as store:
+        records = [store.get(name)] if name is not None else store.list_all()
+        return [BackfillStatus(record, tuple(store.slices(record.id))) for record in records]
+
+
+def preview_backfill(
+    bind: Bind, name: str, *, batch_size: int | None = None, control_schema: str = DEFAULT_CONTROL_SCHEMA
+) -> BatchPreview:
+    """A dry run of the next batch of backfill ``name``: its SQL with values, its EXPLAIN, and the planner's
+    estimate of the rows and batches left. Writes nothing.
+
+    Raises:
+        UnknownBackfillError, PlanError: no such backfill, or its spec no longer fits the table.
+    """
+    with open_store(bind, control_schema) as store:
+        record = store.get(name)
+        plan = resolve(store.conn, record.spec)
+        size = batch_size or record.spec.batch_size
+        return preview_next_batch(store.conn, plan, record.name, record.state, store.slices(record.id), size)

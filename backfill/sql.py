@@ -156,6 +156,14 @@ class Target:
         """Parse, resolve and type-check the filter without reading a row."""
         return sql.SQL("EXPLAIN SELECT 1 FROM {} WHERE ({})").format(self.relation, _fragment(self.where or "true"))
 
+    def estimate_range(self, has_lower: bool, *, filtered: bool) -> sql.Composed:
+        """The planner's row estimate for a key range (params: [lower...], upper...), optionally with the filter:
+        a plan in JSON, no row read, so it is cheap on any table size (used by ``backfill plan``)."""
+        condition = self._range(has_lower)
+        if filtered and self.where:
+            condition = sql.SQL("{} AND ({})").format(condition, _fragment(self.where))
+        return sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {} WHERE {}").format(self.relation, condition)
+
 
 # --- the control tables ------------------------------------------------------------------------------------------
 
