@@ -41,7 +41,7 @@ class BatchPreview:
     batches_left: int
 
 
-def _estimate(conn: psycopg.Connection[Any], statement: psycopg.sql.Composable, params: list[str]) -> int:
+def _estimate(conn: psycopg.Connection[Any], statement: psycopg.sql.Composed, params: list[str]) -> int:
     row = conn.execute(statement, params).fetchone()
     assert row is not None
     return int(row[0][0]["Plan"]["Plan Rows"])
