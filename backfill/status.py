@@ -38,6 +38,12 @@ class BackfillStatus:
         return self.record.heartbeat_at or (self.record.updated_at if self.record.started_at else None)
 
     @property
+    def updated_at(self) -> dt.datetime:
+        """The last change: of the backfill's state, or of a slice's checkpoint (the last batch)."""
+        beat = self.record.heartbeat_at
+        return max(self.record.updated_at, beat) if beat is not None else self.record.updated_at
+
+    @property
     def percent(self) -> float | None:
         """Rows updated as a share of the planner's estimate of the table's rows (100 once succeeded)."""
         if self.record.state is RunState.SUCCEEDED:
@@ -78,7 +84,7 @@ class BackfillStatus:
             "checkpoint": self.checkpoint,
             "last_error": record.last_error,
             "started_at": _iso(record.started_at),
-            "updated_at": _iso(record.updated_at),
+            "updated_at": _iso(self.updated_at),
             "finished_at": _iso(record.finished_at),
             "created_at": _iso(record.created_at),
             "percent": round(percent, 2) if percent is not None else None,
