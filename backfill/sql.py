@@ -356,6 +356,14 @@ class ControlTables:
 
 SET_TIMEOUTS = sql.SQL("SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)")
 
+#: A batch transaction's settings: (lock_timeout, statement_timeout, synchronous_commit). Committing a batch
+#: asynchronously is safe here: a server crash can only lose the newest transactions whole, and each carries its
+#: own checkpoint, so the lost batches are simply run again. It saves a WAL flush per batch.
+BATCH_SETTINGS = sql.SQL(
+    "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true), "
+    "set_config('synchronous_commit', %s, true)"
+)
+
 
 def explain(statement: sql.Composable) -> sql.Composed:
     """EXPLAIN of a composed statement (used by ``plan`` and by the tests that check batch plans)."""

@@ -363,7 +363,9 @@ class PostgresStore:
         conn = self.conn
         try:
             with conn.transaction():
-                conn.execute(sql.SET_TIMEOUTS, (_ms(request.lock_timeout), _ms(request.statement_timeout)))
+                conn.execute(
+                    sql.BATCH_SETTINGS, (_ms(request.lock_timeout), _ms(request.statement_timeout), "off")
+                )
                 found = conn.execute(tables.lock_slice(), (request.backfill_id, request.slice)).fetchone()
                 assert found is not None, "slice vanished"
                 state, checkpoint, upper, done = RunState(found[0]), found[1], found[2], found[3]

@@ -1,0 +1,109 @@
+"""Throughput of the batched backfill against one plain UPDATE of the whole table, on fresh copies of the same data.
+
+    uv run python benchmarks/bench_throughput.py                 # 1,000,000 rows on a throwaway embedded server
+    uv run python benchmarks/bench_throughput.py --rows 200000 --repeat 3 --url postgresql://...
+
+Prints rows/s of each, their ratio (target >= 0.9 with batches of 10,000) and the longest batch (target < 250 ms).
+Each round times the plain UPDATE and the backfill back to back in one process, alternating which goes first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import statistics
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import structlog
+
+import backfill
+from backfill.embedded import embedded_server
+
+EXPRESSION = "upper(payload)"
+
+
+def fill(conn: psycopg.Connection[Any], table: str, rows: int) -> None:
+    conn.execute(f"DROP TABLE IF EXISTS {table}")
+    conn.execute(
+        f"CREATE TABLE {table} (id bigint PRIMARY KEY, payload text NOT NULL, created_at timestamptz, kind text)"
+    )
+    conn.execute(
+        f"INSERT INTO {table} (id, payload, created_at) "
+        "SELECT g, md5(g::text), now() - g * interval '1 second' FROM generate_series(1, %s) g",
+        (rows,),
+    )
+    conn.execute(f"VACUUM ANALYZE {table}")
+    conn.execute("CHECKPOINT")
+
+
+def plain_update(conn: psycopg.Connection[Any], table: str) -> float:
+    conn.execute("CHECKPOINT")  # neither contender pays for the other's dirty buffers
+    started = time.perf_counter()
+    conn.execute(f"UPDATE {table} SET kind = {EXPRESSION}")
+    return time.perf_counter() - started
+
+
+def batched(url: str, table: str, name: str) -> tuple[float, backfill.RunReport]:
+    spec = backfill.BackfillSpec(name, table, {"kind": EXPRESSION})
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+    started = time.perf_counter()
+    report = backfill.run_backfill(url, spec)
+    elapsed = time.perf_counter() - started
+    if not report.finished:
+        raise SystemExit(f"backfill did not finish: {report}")
+    return elapsed, report
+
+
+@contextlib.contextmanager
+def database(url: str | None) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    with embedded_server() as server:
+        yield server.url
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=1, help="rounds; the median ratio is reported")
+    parser.add_argument("--url", help="an existing PostgreSQL (default: a throwaway embedded server)")
+    args = parser.parse_args()
+    # A script is an application: it may configure logging. Per-batch events would drown the figures.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+    with database(args.url) as url, psycopg.connect(url, autocommit=True) as conn:
+        version = conn.execute("SHOW server_version").fetchone()
+        server = version[0] if version else "?"
+        print(f"PostgreSQL {server}, {args.rows:,} rows, batch size {backfill.DEFAULT_BATCH_SIZE:,}")
+        ratios = []
+        for round_no in range(args.repeat):
+            fill(conn, "bench_plain", args.rows)
+            fill(conn, "bench_batched", args.rows)
+            name = f"bench_{round_no}_{time.time_ns()}"
+            if round_no % 2 == 0:
+                plain_s = plain_update(conn, "bench_plain")
+                batched_s, report = batched(url, "bench_batched", name)
+            else:
+                batched_s, report = batched(url, "bench_batched", name)
+                plain_s = plain_update(conn, "bench_plain")
+            assert conn.execute("SELECT count(*) FROM bench_batched WHERE kind IS NULL").fetchone() == (0,)
+            ratio = plain_s / batched_s
+            ratios.append(ratio)
+            print(
+                f"round {round_no + 1}: plain UPDATE {args.rows / plain_s:,.0f} rows/s ({plain_s:.2f} s) | "
+                f"backfill {args.rows / batched_s:,.0f} rows/s ({batched_s:.2f} s, {report.batches} batches, "
+                f"longest batch {report.longest_batch_seconds * 1000:.0f} ms) | ratio {ratio:.2f}"
+            )
+        conn.execute("DROP TABLE IF EXISTS bench_plain, bench_batched")
+        conn.execute("DROP TABLE IF EXISTS backfill_slices, backfills, backfill_meta")
+        print(f"median ratio backfill/plain: {statistics.median(ratios):.2f} (target >= 0.90)")
+
+
+if __name__ == "__main__":
+    main()
