@@ -579,7 +579,7 @@ def demo(obj: CliContext, rows: int, writers: int) -> None:
     from backfill.demo import run_demo  # imported late: --help and the other commands never load it
 
     url = None if obj.url_from_env else obj.url
-    click.get_current_context().exit(run_demo(url, rows=rows, writers=writers, progress=obj.progress))
+    click.get_current_context().exit(run_demo(url, rows=rows, writers=writers, progress=obj.progress, echo=click.echo))
 
 
 def main() -> None:
