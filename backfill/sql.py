@@ -146,6 +146,13 @@ class Target:
             condition = sql.SQL("{} AND ({})").format(condition, _fragment(self.where))
         return sql.SQL("UPDATE {} SET {} WHERE {}").format(self.relation, assignments, condition)
 
+    def sample_keys(self, has_lower: bool) -> sql.Composed:
+        """Sorted keys of a random sample of the table's pages within a key range (params: percent, [lower...],
+        upper...): split points for a range too large to walk, read from a small fraction of the table."""
+        return sql.SQL("SELECT {} FROM {} TABLESAMPLE SYSTEM (%s) WHERE {} ORDER BY {}").format(
+            self._key_text(), self.relation, self._range(has_lower), self._order()
+        )
+
     def check_expression(self, column: str, expression: str) -> sql.Composed:
         """Parse, resolve and type-check one SET expression without touching a row."""
         return sql.SQL("EXPLAIN UPDATE {} SET {} = ({}) WHERE false").format(
@@ -335,6 +342,26 @@ class ControlTables:
                 WHERE id = %s AND state = 'running'
                   AND NOT EXISTS (SELECT 1 FROM {s} WHERE backfill_id = %s AND NOT done)"""
         ).format(b=self.backfills, s=self.slices)
+
+    def lock_backfill(self) -> sql.Composed:
+        """(id): serialises changes to a backfill's set of slices (slice numbers are taken under this lock)."""
+        return sql.SQL("SELECT id FROM {} WHERE id = %s FOR UPDATE").format(self.backfills)
+
+    def next_slice(self) -> sql.Composed:
+        return sql.SQL("SELECT coalesce(max(slice), -1) + 1 FROM {} WHERE backfill_id = %s").format(self.slices)
+
+    def lock_slice_for_split(self) -> sql.Composed:
+        """(backfill_id, slice): the slice's checkpoint and bounds, locked, to split off the rest of its range."""
+        return sql.SQL(
+            """SELECT checkpoint, lower_bound, upper_bound, done FROM {}
+                WHERE backfill_id = %s AND slice = %s FOR UPDATE"""
+        ).format(self.slices)
+
+    def shrink_slice(self) -> sql.Composed:
+        """(upper_bound, backfill_id, slice): the slice now ends earlier; new slices take the rest."""
+        return sql.SQL(
+            "UPDATE {} SET upper_bound = %s, updated_at = now() WHERE backfill_id = %s AND slice = %s"
+        ).format(self.slices)
 
     def release_slice(self) -> sql.Composed:
         return sql.SQL("UPDATE {} SET owner = NULL WHERE backfill_id = %s AND slice = %s AND owner = %s").format(

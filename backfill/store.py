@@ -117,7 +117,7 @@ class Store(Protocol):
 
     def try_claim(self, backfill_id: int, slice: int) -> bool: ...
 
-    def release(self, backfill_id: int, slice: int, owner: str) -> None: ...
+    def release(self, backfill_id: int, slice: int, owner: str | None = None) -> None: ...
 
     def start(self, record: BackfillRecord, plan: Plan | None) -> list[SliceRecord]: ...
 
@@ -319,7 +319,7 @@ class PostgresStore:
         self._claims.add((backfill_id, slice))
         return True
 
-    def release(self, backfill_id: int, slice: int, owner: str) -> None:
+    def release(self, backfill_id: int, slice: int, owner: str | None = None) -> None:
         if (backfill_id, slice) not in self._claims:
             return
         self._claims.discard((backfill_id, slice))
@@ -355,6 +355,43 @@ class PostgresStore:
             conn.execute(self.tables.insert_slice(), (record.id, 0, None, upper, None))
         return self.slices(record.id)
 
+    def split(self, plan: Plan, backfill_id: int, parts: int) -> int:
+        """Split unfinished slices that no runner holds until there are ``parts`` unfinished slices (or no more
+        split points), each cut at keys that give its pieces equal numbers of rows. Returns how many unfinished
+        slices there are now. Slices held by live runners are left alone: only a slice's holder may change it."""
+        pieces = [piece for piece in self.slices(backfill_id) if not piece.done]
+        if not pieces or len(pieces) >= parts:
+            return len(pieces)
+        free = [piece for piece in pieces if self.try_claim(backfill_id, piece.slice)]
+        try:
+            extra = parts - len(pieces)
+            for i, piece in enumerate(free):
+                cut = 1 + extra // len(free) + (1 if i < extra % len(free) else 0)
+                if cut > 1:
+                    self._split_one(plan.target, backfill_id, piece.slice, cut)
+        finally:
+            for piece in free:
+                self.release(backfill_id, piece.slice)
+        return sum(1 for piece in self.slices(backfill_id) if not piece.done)
+
+    def _split_one(self, target: sql.Target, backfill_id: int, slice_no: int, parts: int) -> None:
+        conn = self.conn
+        with conn.transaction():
+            conn.execute(sql.SET_TIMEOUTS, ("5s", "300s"))
+            conn.execute(self.tables.lock_backfill(), (backfill_id,))
+            found = conn.execute(self.tables.lock_slice_for_split(), (backfill_id, slice_no)).fetchone()
+            if found is None or found[3]:
+                return
+            checkpoint, lower, upper = found[0], found[1], found[2]
+            points = _split_points(conn, target, checkpoint if checkpoint is not None else lower, upper, parts)
+            if not points:
+                return
+            first = conn.execute(self.tables.next_slice(), (backfill_id,)).fetchone()
+            assert first is not None
+            conn.execute(self.tables.shrink_slice(), (Jsonb(points[0]), backfill_id, slice_no))
+            for number, (low, high) in enumerate(zip(points, [*points[1:], upper], strict=True), start=first[0]):
+                conn.execute(self.tables.insert_slice(), (backfill_id, number, Jsonb(low), Jsonb(high), Jsonb(low)))
+
     def run_batch(self, plan: Plan | None, request: BatchRequest) -> BatchResult:
         """Run one batch in one transaction (see the module docstring). Database errors propagate after the
         transaction has rolled back; a broken connection is dropped so the next call reconnects."""
@@ -363,9 +400,7 @@ class PostgresStore:
         conn = self.conn
         try:
             with conn.transaction():
-                conn.execute(
-                    sql.BATCH_SETTINGS, (_ms(request.lock_timeout), _ms(request.statement_timeout), "off")
-                )
+                conn.execute(sql.BATCH_SETTINGS, (_ms(request.lock_timeout), _ms(request.statement_timeout), "off"))
                 found = conn.execute(tables.lock_slice(), (request.backfill_id, request.slice)).fetchone()
                 assert found is not None, "slice vanished"
                 state, checkpoint, upper, done = RunState(found[0]), found[1], found[2], found[3]
@@ -407,6 +442,40 @@ class PostgresStore:
         except psycopg.OperationalError:
             self._drop()  # the failing batch may have taken the connection with it: one more try on a new one
             self.conn.execute(statement, params)
+
+
+#: Up to this many rows, split points come from walking the key's index; beyond, from a sample of the table's pages.
+_WALK_LIMIT = 2_000_000
+#: Sampled keys per piece when sampling: enough for even pieces, a tiny fraction of a large table.
+_SAMPLE_PER_PIECE = 5_000
+
+
+def _split_points(
+    conn: psycopg.Connection[Any], target: sql.Target, start: Key | None, upper: Key, parts: int
+) -> list[Key]:
+    """Up to ``parts - 1`` keys inside (start, upper] cutting it into pieces of about equal row counts."""
+    lower = list(start or [])
+    plan = conn.execute(target.estimate_range(start is not None, filtered=False), [*lower, *upper]).fetchone()
+    estimate = int(plan[0][0]["Plan"]["Plan Rows"]) if plan else 0
+    points: list[Key] = []
+    if estimate <= _WALK_LIMIT:
+        # Exact row counts from the index: parts - 1 look-aheads of estimate/parts entries each.
+        step, cursor = max(1, estimate // parts), start
+        lookahead = {has: target.lookahead(has) for has in (False, True)}
+        for _ in range(parts - 1):
+            row = conn.execute(lookahead[cursor is not None], [*(cursor or []), *upper, step - 1]).fetchone()
+            if row is None or list(row) == upper:
+                break
+            cursor = list(row)
+            points.append(cursor)
+        return points
+    percent = min(100.0, 100.0 * _SAMPLE_PER_PIECE * parts / estimate)
+    keys = [list(row) for row in conn.execute(target.sample_keys(start is not None), [percent, *lower, *upper])]
+    for j in range(1, parts):
+        key = keys[len(keys) * j // parts] if keys else None
+        if key is not None and key != upper and (not points or key != points[-1]):
+            points.append(key)
+    return points
 
 
 def _mismatch(old: BackfillSpec, new: BackfillSpec) -> str:
