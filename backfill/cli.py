@@ -162,7 +162,7 @@ def _show_traceback(ctx: click.Context) -> None:
         traceback.print_exc(file=sys.stderr)
 
 
-@click.group(cls=BackfillGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="backfill", cls=BackfillGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--url",
     envvar="DATABASE_URL",

@@ -1,0 +1,76 @@
+"""The demo end to end on a small table, on the test server through --url; and it never touches what it did not
+create."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from typing import Any
+
+import psycopg
+import structlog
+from click.testing import CliRunner
+
+from backfill.cli import EXIT_OK, EXIT_USAGE, cli
+from backfill.demo import DEMO_SCHEMA
+
+
+def _schema_exists(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (DEMO_SCHEMA,)).fetchone()
+    return bool(row and row[0])
+
+
+def _number(report: str, label: str) -> tuple[float, float]:
+    """The two measured columns of one report row."""
+    match = re.search(rf"^\s+{re.escape(label)}\s+([\d,.]+)\s+([\d,.]+)$", report, re.MULTILINE)
+    assert match, f"no row {label!r} in:\n{report}"
+    first, second = (float(group.replace(",", "")) for group in match.groups())
+    return first, second
+
+
+def test_the_demo_changes_every_row_under_load_reports_both_ways_and_cleans_up(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    result = subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "backfill.cli", "--url", db_url, "demo", "--rows", "20000"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        check=False,
+    )
+
+    assert EXIT_OK == result.returncode, result.stdout + result.stderr
+    report = result.stdout
+    changed_online, changed_plain = _number(report, "rows changed")
+    assert changed_online >= 20_000  # plus the rows the application inserted before the backfill began
+    assert 20_000 == changed_plain
+    online_writes, plain_writes = _number(report, "app writes done")
+    assert online_writes > 0 and plain_writes > 0
+    stall_online, stall_plain = _number(report, "app longest stall, ms")
+    assert stall_online > 0 and stall_plain > 0
+    assert (0, 0) == _number(report, "app errors")
+    assert "NULLs left in events.kind: 0;" in report
+    assert re.search(r"longest write stall was [\d,]+ ms during the online change", report)
+    assert "batch_committed" in result.stderr  # the backfill's progress, as JSON lines off a terminal
+    assert not _schema_exists(conn)
+
+
+def test_the_demo_refuses_a_schema_it_did_not_create_and_leaves_it_alone(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    conn.execute(f"CREATE SCHEMA {DEMO_SCHEMA}")
+    conn.execute(f"CREATE TABLE {DEMO_SCHEMA}.precious (id int)")
+
+    try:
+        result = CliRunner().invoke(cli, ["--url", db_url, "demo", "--rows", "100"], catch_exceptions=False)
+    finally:
+        structlog.reset_defaults()
+
+    assert EXIT_USAGE == result.exit_code
+    assert f"schema '{DEMO_SCHEMA}' already exists" in result.stderr
+    assert 1 == len(result.stderr.strip().splitlines())
+    assert conn.execute(f"SELECT to_regclass('{DEMO_SCHEMA}.precious') IS NOT NULL").fetchone() == (True,)
