@@ -1,0 +1,300 @@
+"""What the ``op.`` helpers do, online (on the migration's connection) and offline (``alembic upgrade --sql``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy
+from alembic.operations import Operations
+from sqlalchemy.dialects.postgresql.base import PGDialect
+from sqlalchemy.sql.elements import ClauseElement
+
+from backfill import api, constraints, ddl
+from backfill.alembic.ops import (
+    AddNotNullConstraintOp,
+    BackfillOp,
+    DropNotNullConstraintOp,
+    EnsureBackfillFinishedOp,
+    SQLText,
+    ValidateNotNullConstraintOp,
+    _NotNullOp,
+)
+from backfill.connect import Database
+from backfill.errors import BackfillError, ControlTablesMissingError, UnknownBackfillError
+from backfill.executor import RunReport
+from backfill.spec import BackfillSpec
+from backfill.state import RunOutcome, RunState
+from backfill.store import BackfillRecord
+
+if TYPE_CHECKING:
+    # Only for annotations: this module is imported while Alembic itself is still being imported (the plugin
+    # entry point), when alembic.runtime.migration is not complete yet.
+    from alembic.runtime.migration import MigrationContext
+
+__all__ = ["MigrationContextError", "BackfillNotFinishedError", "SQLAlchemySession"]
+
+
+class MigrationContextError(BackfillError):
+    """Raised when an op cannot run in this migration: the database is not PostgreSQL, or env.py runs the
+    migrations inside a transaction of its own, which the op would have to commit."""
+
+
+class BackfillNotFinishedError(BackfillError):
+    """Raised by ``op.ensure_backfill_finished`` when the backfill has not finished and is not finished inline; the
+    message names its progress and the CLI command that finishes it."""
+
+
+# --- the migration's connection ------------------------------------------------------------------------------------
+
+
+def _context(operations: Operations, what: str) -> MigrationContext:
+    ctx = operations.get_context()
+    if ctx.dialect.name != "postgresql":
+        raise MigrationContextError(f"op.{what} needs PostgreSQL; this migration runs on {ctx.dialect.name}")
+    return ctx
+
+
+@contextlib.contextmanager
+def _outside_transaction(ctx: MigrationContext, what: str) -> Iterator[sqlalchemy.Connection]:
+    """Commit what the migration did so far and yield its connection in autocommit mode.
+
+    Work on other connections (the backfill's batches) must not wait for the migration's uncommitted DDL: that
+    would wait forever, since the migration waits for the work.
+    """
+    if getattr(ctx, "_in_external_transaction", False):
+        raise MigrationContextError(
+            f"op.{what} must commit the migration's work so far, but env.py runs the migrations inside a "
+            "transaction of its own (connection.begin() around context.run_migrations()); let Alembic manage "
+            "the transaction (context.begin_transaction()) instead"
+        )
+    with ctx.autocommit_block():
+        assert ctx.connection is not None
+        yield ctx.connection
+
+
+def _output(ctx: MigrationContext, text: str) -> None:
+    ctx.impl.static_output(text.strip() + ctx.impl.command_terminator)
+
+
+class SQLAlchemySession:
+    """A :class:`backfill.constraints.DDLSession` on Alembic's connection while it is in autocommit mode: each
+    step gets an explicit transaction of its own, so ``SET LOCAL`` ends with it."""
+
+    def __init__(self, connection: sqlalchemy.Connection) -> None:
+        self.connection = connection.execution_options(no_parameters=True)
+
+    def _psycopg(self) -> Any:
+        dbapi = self.connection.connection.dbapi_connection
+        return dbapi if hasattr(dbapi, "add_notice_handler") else None
+
+    def fetchall(self, statement: constraints.Query, params: constraints.Params = ()) -> list[tuple[Any, ...]]:
+        text = ddl.render(statement)
+        if params:
+            result = self.connection.exec_driver_sql(text, params)
+        else:
+            result = self.connection.exec_driver_sql(text)
+        return [tuple(row) for row in result]
+
+    def run(self, statements: Sequence[constraints.Query], *, capture_notices: bool = False) -> list[str]:
+        seen: list[str] = []
+        raw = self._psycopg() if capture_notices else None
+
+        def handler(diag: Any) -> None:
+            seen.append(diag.message_primary or "")
+
+        if raw is not None:
+            raw.add_notice_handler(handler)
+        try:
+            self.connection.exec_driver_sql("BEGIN")
+            try:
+                for statement in statements:
+                    self.connection.exec_driver_sql(ddl.render(statement))
+            except BaseException:
+                self.connection.exec_driver_sql("ROLLBACK")
+                raise
+            self.connection.exec_driver_sql("COMMIT")
+        finally:
+            if raw is not None:
+                raw.remove_notice_handler(handler)
+        return seen
+
+
+# --- op.backfill -------------------------------------------------------------------------------------------------
+
+
+def _sql_text(value: SQLText) -> str:
+    if isinstance(value, ClauseElement):
+        dialect = PGDialect()  # type: ignore[no-untyped-call]
+        return str(value.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+    return value
+
+
+def _spec(operation: BackfillOp) -> BackfillSpec:
+    key = operation.key
+    return BackfillSpec(
+        name=operation.name,
+        table=operation.table,
+        values={column: _sql_text(expression) for column, expression in operation.values.items()},
+        where=_sql_text(operation.where) if operation.where is not None else None,
+        key=(key,) if isinstance(key, str) else key,
+        batch_size=operation.batch_size,
+        schema=operation.schema,
+    )
+
+
+@Operations.implementation_for(BackfillOp)
+def backfill(operations: Operations, operation: BackfillOp) -> RunReport | None:
+    ctx = _context(operations, "backfill")
+    spec = _spec(operation)
+    if ctx.as_sql:
+        _render_backfill(ctx, spec, operation)
+        return None
+    with _outside_transaction(ctx, "backfill") as connection:
+        if operation.defer:
+            api.register_backfill(connection, spec, force=operation.force, control_schema=operation.control_schema)
+            return None
+        report = api.run_backfill(
+            connection,
+            spec,
+            settings=operation.settings,
+            force=operation.force,
+            control_schema=operation.control_schema,
+        )
+    return _finished(report, Database.from_bind(connection), operation.control_schema)
+
+
+def _render_backfill(ctx: MigrationContext, spec: BackfillSpec, operation: BackfillOp) -> None:
+    if spec.key is None:
+        raise MigrationContextError(
+            f"op.backfill({spec.name!r}) in offline mode (--sql) cannot read the primary key of {spec.table}: "
+            "pass key= (e.g. key='id')"
+        )
+    settings = operation.settings
+    script = ddl.batched_script(
+        name=spec.name,
+        schema=spec.schema or "public",
+        table=spec.table,
+        key=spec.key,
+        values=tuple(spec.values.items()),
+        where=spec.where,
+        batch_size=spec.batch_size,
+        lock_timeout=settings.lock_timeout if settings else 2.0,
+    )
+    with _outside_transaction(ctx, "backfill"):
+        note = " (defer=True: run here inline; cut it out to run it separately)" if operation.defer else ""
+        ctx.impl.static_output(f"-- backfill {spec.name}: {spec.batch_size} rows per transaction{note}")
+        _output(ctx, ddl.render(script))
+
+
+def _finished(report: RunReport, database: Database, control_schema: str) -> RunReport:
+    report.raise_for_outcome()
+    if report.outcome is not RunOutcome.FINISHED:
+        raise BackfillNotFinishedError(
+            f"backfill {report.name!r} did not finish ({report.outcome.value}: "
+            f"{report.reason or report.state.value}); "
+            + _how_to_finish(report.name, report.state, database, control_schema)
+        )
+    return report
+
+
+def _how_to_finish(name: str, state: RunState, database: Database, control_schema: str) -> str:
+    schema = f" --control-schema {control_schema}" if control_schema != api.DEFAULT_CONTROL_SCHEMA else ""
+    run = f"backfill{schema} run {name}"
+    if state is RunState.FAILED:
+        command = f"backfill{schema} retry {name} && {run}"
+    elif state is RunState.PAUSED:
+        command = f"backfill{schema} resume {name} && {run}"
+    elif state is RunState.CANCELLED:
+        return "it was cancelled: register a new backfill under another name"
+    else:
+        command = run
+    return f"finish it with `{command}` (--url / DATABASE_URL: {database.display}), then run the upgrade again"
+
+
+# --- op.ensure_backfill_finished ---------------------------------------------------------------------------------
+
+
+@Operations.implementation_for(EnsureBackfillFinishedOp)
+def ensure_backfill_finished(operations: Operations, operation: EnsureBackfillFinishedOp) -> BackfillRecord | None:
+    ctx = _context(operations, "ensure_backfill_finished")
+    if ctx.as_sql:
+        _output(ctx, ddl.render(ddl.finished_gate(operation.name, operation.control_schema)))
+        return None
+    assert ctx.connection is not None
+    database = Database.from_bind(ctx.connection)
+    name, schema = operation.name, operation.control_schema
+    try:
+        record = api.get_backfill(database, name, control_schema=schema)
+    except (UnknownBackfillError, ControlTablesMissingError):
+        raise BackfillNotFinishedError(
+            f"no backfill named {name!r} on {database.display}: the revision that registers it (op.backfill) "
+            "has not run on this database"
+        ) from None
+    if record.state is RunState.SUCCEEDED:
+        return record
+    if not operation.finish or record.state not in (RunState.PENDING, RunState.RUNNING):
+        raise BackfillNotFinishedError(
+            f"backfill {name!r} is {record.state.value}: {_progress(record)}"
+            + (f"; last error: {record.last_error}" if record.last_error else "")
+            + f"; {_how_to_finish(name, record.state, database, schema)}"
+        )
+    with _outside_transaction(ctx, "ensure_backfill_finished"):
+        report = api.run_backfill(database, name, settings=operation.settings, control_schema=schema)
+    _finished(report, database, schema)
+    return api.get_backfill(database, name, control_schema=schema)
+
+
+def _progress(record: BackfillRecord) -> str:
+    done = f"{record.rows_updated:,} rows updated in {record.batches:,} batches"
+    if record.estimated_rows:
+        percent = min(100.0, 100.0 * record.rows_updated / record.estimated_rows)
+        done += f" (~{percent:.0f}% of ~{record.estimated_rows:,} rows)"
+    return done
+
+
+# --- the NOT NULL ops --------------------------------------------------------------------------------------------
+
+
+def _not_null(operations: Operations, operation: _NotNullOp, what: str, existing: str) -> None:
+    ctx = _context(operations, what)
+    if ctx.as_sql:
+        state = constraints.offline_state(operation.table, operation.column, schema=operation.schema, existing=existing)
+        lines = constraints.render_steps(_plan(what, state, operation), operation.lock_timeout)
+        # Outside the migration's transaction, as online: each statement commits on its own, so the instant
+        # ACCESS EXCLUSIVE steps do not keep their lock through the validating scan.
+        with _outside_transaction(ctx, what):
+            for line in lines:
+                _output(ctx, line)
+        return
+    retry = constraints.LockRetry(lock_timeout=operation.lock_timeout, budget_seconds=operation.lock_retry_seconds)
+    with _outside_transaction(ctx, what) as connection:
+        session = SQLAlchemySession(connection)
+        state = constraints.read_state(
+            session, operation.table, operation.column, schema=operation.schema, name=operation.name
+        )
+        constraints.apply_steps(session, _plan(what, state, operation), retry)
+
+
+def _plan(what: str, state: constraints.ColumnState, operation: _NotNullOp) -> constraints.NotNullPlan:
+    if what == "add_not_null_constraint":
+        return constraints.plan_add(state, operation.name, validate=operation.validate)
+    if what == "validate_not_null_constraint":
+        return constraints.plan_validate(state, operation.name)
+    return constraints.plan_drop(state, operation.name)
+
+
+@Operations.implementation_for(AddNotNullConstraintOp)
+def add_not_null_constraint(operations: Operations, operation: AddNotNullConstraintOp) -> None:
+    _not_null(operations, operation, "add_not_null_constraint", "nothing")
+
+
+@Operations.implementation_for(ValidateNotNullConstraintOp)
+def validate_not_null_constraint(operations: Operations, operation: ValidateNotNullConstraintOp) -> None:
+    _not_null(operations, operation, "validate_not_null_constraint", "invalid")
+
+
+@Operations.implementation_for(DropNotNullConstraintOp)
+def drop_not_null_constraint(operations: Operations, operation: DropNotNullConstraintOp) -> None:
+    _not_null(operations, operation, "drop_not_null_constraint", "any")

@@ -1,0 +1,581 @@
+"""NOT NULL on a live table without an ACCESS EXCLUSIVE table scan, as plain functions and as a step planner.
+
+``ALTER TABLE ... ALTER COLUMN ... SET NOT NULL`` scans the whole table while it holds ACCESS EXCLUSIVE: every read
+and write of the application waits for the scan. Instead:
+
+* PostgreSQL 18+: ``ADD CONSTRAINT name NOT NULL col NOT VALID`` (an instant), then ``VALIDATE CONSTRAINT`` (the
+  scan, under SHARE UPDATE EXCLUSIVE, which blocks neither reads nor writes).
+* PostgreSQL 12-17: ``ADD CONSTRAINT name CHECK (col IS NOT NULL) NOT VALID``, ``VALIDATE CONSTRAINT``, then
+  ``SET NOT NULL``, which skips its scan because the valid CHECK proves there is no NULL, then drop the CHECK.
+
+Every step is its own statement in its own transaction. Steps that need ACCESS EXCLUSIVE run with a short
+``lock_timeout`` and are retried with backoff: queued behind a long query, a waiting ALTER TABLE would otherwise
+block every later reader and writer of the table for as long as it waits.
+
+The steps are planned from the catalog (:func:`plan_add`, :func:`plan_validate`, :func:`plan_drop`), so a change
+that died between two steps resumes where it stopped. One plan is run three ways: by :func:`apply_steps` on a
+connection of our own (the plain functions below), on Alembic's connection (``backfill.alembic``), or rendered as
+SQL for ``alembic upgrade --sql``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+import structlog
+import tenacity
+from psycopg import sql
+
+from backfill import ddl
+from backfill import sql as statements
+from backfill.connect import Bind, Database
+from backfill.errors import BackfillError
+
+__all__ = [
+    "ConstraintError",
+    "NullValuesError",
+    "LockUnavailableError",
+    "LockRetry",
+    "Step",
+    "StepResult",
+    "ColumnState",
+    "NotNullPlan",
+    "DDLSession",
+    "PsycopgSession",
+    "read_state",
+    "offline_state",
+    "plan_add",
+    "plan_validate",
+    "plan_drop",
+    "apply_steps",
+    "render_steps",
+    "add_not_null_constraint",
+    "validate_not_null_constraint",
+    "drop_not_null_constraint",
+]
+
+log = structlog.get_logger("backfill")
+
+#: First PostgreSQL release with NOT VALID not-null constraints.
+PG18 = 180_000
+
+Params = Sequence[Any] | Mapping[str, Any]
+#: A statement psycopg can run.
+Query = sql.SQL | sql.Composed
+
+_LOCK_SQLSTATES = frozenset({"55P03", "40P01"})  # lock_not_available, deadlock_detected
+_VIOLATION_SQLSTATES = frozenset({"23502", "23514"})  # not_null_violation (PG18), check_violation
+
+
+class ConstraintError(BackfillError):
+    """Raised when a NOT NULL change cannot be made: unknown table or column, nothing to validate, or an op used
+    where it cannot run (not PostgreSQL, or inside a transaction it may not commit)."""
+
+
+class NullValuesError(ConstraintError):
+    """Raised when the column still has NULLs, so the constraint cannot be validated. Anything the failing call
+    added is dropped again; ``null_rows`` says how many rows are NULL."""
+
+    def __init__(self, message: str, *, table: str, column: str, null_rows: int) -> None:
+        super().__init__(message)
+        self.table = table
+        self.column = column
+        self.null_rows = null_rows
+
+
+class LockUnavailableError(ConstraintError):
+    """Raised when a step that needs ACCESS EXCLUSIVE could not get it within the retry budget (some long
+    transaction keeps the table locked). Nothing is left waiting; the steps done so far stay done."""
+
+
+@dataclass(frozen=True)
+class LockRetry:
+    """How steps that need ACCESS EXCLUSIVE wait for it.
+
+    Args:
+        lock_timeout: seconds one attempt may wait for the lock; also the longest time the application's queries
+            can queue behind the waiting step.
+        budget_seconds: how long to keep trying before :class:`LockUnavailableError`.
+        initial_wait, max_wait: exponential backoff between attempts (with jitter).
+        sleep, clock: injected time, so tests count waits instead of sleeping.
+    """
+
+    lock_timeout: float = 2.0
+    budget_seconds: float = 300.0
+    initial_wait: float = 0.5
+    max_wait: float = 15.0
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+
+
+@dataclass(frozen=True)
+class Step:
+    """One statement of a NOT NULL change."""
+
+    #: ``add``, ``validate``, ``set_not_null``, ``drop_check`` or ``drop_not_null``
+    action: str
+    statement: sql.Composed
+    #: needs ACCESS EXCLUSIVE: runs with a short lock_timeout and is retried
+    exclusive: bool
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """A step that ran: how many attempts it took, and for ``set_not_null`` whether the server reported that the
+    valid CHECK proved the column has no NULL (so it skipped the scan); None when that could not be observed."""
+
+    action: str
+    sql: str
+    attempts: int
+    seconds: float
+    proved_by_check: bool | None = None
+
+
+@dataclass(frozen=True)
+class ColumnState:
+    """What the catalog says about a column's NOT NULL-ness. ``server_version`` is None offline."""
+
+    schema: str | None
+    table: str
+    column: str
+    not_null: bool
+    #: the column's not-null constraint (PostgreSQL 18+): (name, validated)
+    not_null_constraint: tuple[str, bool] | None
+    #: the CHECK of the PostgreSQL 12-17 path, by its name: validated?
+    check: bool | None
+    server_version: int | None
+    oid: int | None = None
+
+    @property
+    def relation(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.table) if self.schema else sql.Identifier(self.table)
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.table}" if self.schema else self.table
+
+    @property
+    def native(self) -> bool:
+        """Whether the server has NOT VALID not-null constraints; offline we take the CHECK path, which works on
+        every version from 12 on."""
+        return self.server_version is not None and self.server_version >= PG18
+
+
+@dataclass(frozen=True)
+class NotNullPlan:
+    """The steps left for one change, and the name of the constraint this plan itself adds (if any): the one to
+    drop again when validation finds NULLs."""
+
+    state: ColumnState
+    steps: tuple[Step, ...]
+    adds: str | None = None
+    validates: bool = False
+
+
+class DDLSession(Protocol):
+    """Where steps run: a connection outside any transaction of the caller's. Each call is one transaction."""
+
+    def fetchall(self, statement: Query, params: Params = ()) -> list[tuple[Any, ...]]: ...
+
+    def run(self, statements: Sequence[Query], *, capture_notices: bool = False) -> list[str]:
+        """Run ``statements`` in one transaction and return the server notices seen if asked to."""
+        ...
+
+
+class PsycopgSession:
+    """A :class:`DDLSession` on an autocommit psycopg connection."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+
+    def fetchall(self, statement: Query, params: Params = ()) -> list[tuple[Any, ...]]:
+        return list(self.conn.execute(statement, params).fetchall())
+
+    def run(self, statements: Sequence[Query], *, capture_notices: bool = False) -> list[str]:
+        seen: list[str] = []
+
+        def handler(diag: psycopg.errors.Diagnostic) -> None:
+            seen.append(diag.message_primary or "")
+
+        if capture_notices:
+            self.conn.add_notice_handler(handler)
+        try:
+            with self.conn.transaction():
+                for statement in statements:
+                    self.conn.execute(statement)
+        finally:
+            if capture_notices:
+                self.conn.remove_notice_handler(handler)
+        return seen
+
+
+# --- reading the catalog -------------------------------------------------------------------------------------------
+
+
+def read_state(session: DDLSession, table: str, column: str, *, schema: str | None, name: str | None) -> ColumnState:
+    """The column's state, read from the catalog.
+
+    Raises:
+        ConstraintError: the table or column does not exist.
+    """
+    if schema is None and "." in table:
+        schema, table = table.split(".", 1)
+    shown = f"{schema}.{table}" if schema else table
+    found = session.fetchall(statements.FIND_TABLE, {"schema": schema, "table": table})
+    if not found:
+        raise ConstraintError(f"table {shown} does not exist")
+    oid, schema, table, relkind, _ = found[0]
+    if relkind not in ("r", "p"):
+        raise ConstraintError(f"{schema}.{table} is not a table")
+    attribute = session.fetchall(ddl.COLUMN, (oid, column))
+    if not attribute:
+        raise ConstraintError(f"column {column!r} does not exist in table {schema}.{table}")
+    attnum, attnotnull = attribute[0]
+    check = ddl.check_name(table, column, name)
+    not_null_constraint: tuple[str, bool] | None = None
+    check_valid: bool | None = None
+    for conname, contype, validated in session.fetchall(ddl.CONSTRAINTS, (oid, attnum, check)):
+        if contype == "n":
+            not_null_constraint = (conname, bool(validated))
+        else:
+            check_valid = bool(validated)
+    version = session.fetchall(statements.SERVER_VERSION)[0][0]
+    return ColumnState(
+        schema=schema,
+        table=table,
+        column=column,
+        not_null=bool(attnotnull),
+        not_null_constraint=not_null_constraint,
+        check=check_valid,
+        server_version=int(version),
+        oid=int(oid),
+    )
+
+
+def offline_state(table: str, column: str, *, schema: str | None, existing: str) -> ColumnState:
+    """The state assumed when rendering SQL without a database: ``existing`` is ``nothing`` (before an add),
+    ``invalid`` (a NOT VALID CHECK from an earlier add with validate=False) or ``any`` (before a drop: a CHECK
+    may be left and the column may be NOT NULL; both drops render, the CHECK's with IF EXISTS)."""
+    if schema is None and "." in table:
+        schema, table = table.split(".", 1)
+    return ColumnState(
+        schema=schema,
+        table=table,
+        column=column,
+        not_null=existing == "any",
+        not_null_constraint=None,
+        check=False if existing in ("invalid", "any") else None,
+        server_version=None,
+    )
+
+
+# --- planning --------------------------------------------------------------------------------------------------
+
+
+def _check_path(state: ColumnState, name: str | None, *, validate: bool) -> NotNullPlan:
+    rel, col = state.relation, state.column
+    check = ddl.check_name(state.table, col, name)
+    steps: list[Step] = []
+    adds = None
+    if state.not_null:
+        # SET NOT NULL is done; only a CHECK left behind by a run that died before dropping it remains.
+        if state.check is not None:
+            steps.append(Step("drop_check", ddl.drop_constraint(rel, check), True))
+        return NotNullPlan(state, tuple(steps))
+    if state.check is None:
+        steps.append(Step("add", ddl.add_check_not_valid(rel, check, col), True))
+        adds = check
+    if not validate:
+        return NotNullPlan(state, tuple(steps), adds)
+    if not state.check:
+        steps.append(Step("validate", ddl.validate_constraint(rel, check), False))
+    steps.append(Step("set_not_null", ddl.set_not_null(rel, col), True))
+    steps.append(Step("drop_check", ddl.drop_constraint(rel, check), True))
+    return NotNullPlan(state, tuple(steps), adds, validates=not state.check)
+
+
+def plan_add(state: ColumnState, name: str | None = None, *, validate: bool = True) -> NotNullPlan:
+    """The steps that make the column NOT NULL (or only add the NOT VALID constraint when ``validate`` is false)."""
+    if not state.native or state.check is not None:
+        # A CHECK of ours on PostgreSQL 18 means an earlier run (or an offline script) took the CHECK path:
+        # finish that one rather than start a second constraint.
+        return _check_path(state, name, validate=validate)
+    rel, col = state.relation, state.column
+    steps: list[Step] = []
+    adds = None
+    if state.not_null_constraint is None:
+        constraint = ddl.not_null_name(state.table, col, name)
+        steps.append(Step("add", ddl.add_not_null_not_valid(rel, constraint, col), True))
+        adds, validated = constraint, False
+    else:
+        constraint, validated = state.not_null_constraint
+    if validate and not validated:
+        steps.append(Step("validate", ddl.validate_constraint(rel, constraint), False))
+    return NotNullPlan(state, tuple(steps), adds, validates=validate and not validated)
+
+
+def plan_validate(state: ColumnState, name: str | None = None) -> NotNullPlan:
+    """The steps that finish a change started with ``validate=False``.
+
+    Raises:
+        ConstraintError: the column has no NOT VALID constraint to validate and is not NOT NULL already.
+    """
+    nothing = state.check is None and (state.not_null_constraint is None if state.native else not state.not_null)
+    if nothing:
+        raise ConstraintError(
+            f"column {state.column!r} of {state.qualified} has no NOT VALID not-null constraint to validate: "
+            "run add_not_null_constraint first"
+        )
+    return plan_add(state, name, validate=True)
+
+
+def plan_drop(state: ColumnState, name: str | None = None) -> NotNullPlan:
+    """The steps that make the column nullable again (both paths, any stage)."""
+    steps: list[Step] = []
+    if state.check is not None:
+        check = ddl.check_name(state.table, state.column, name)
+        steps.append(Step("drop_check", ddl.drop_constraint(state.relation, check, if_exists=True), True))
+    if state.not_null:
+        steps.append(Step("drop_not_null", ddl.drop_not_null(state.relation, state.column), True))
+    return NotNullPlan(state, tuple(steps))
+
+
+# --- running ---------------------------------------------------------------------------------------------------
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a psycopg error, also when SQLAlchemy wrapped it (``.orig``)."""
+    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if code:
+            return str(code)
+    return None
+
+
+def _run_exclusive(session: DDLSession, step: Step, retry: LockRetry, *, capture: bool) -> tuple[list[str], int]:
+    started = retry.clock()
+    attempts = 0
+    body: list[Query] = [ddl.set_lock_timeout(retry.lock_timeout, local=True)]
+    if capture:
+        body.append(ddl.SHOW_PROOF)
+    body.append(step.statement)
+
+    def attempt() -> list[str]:
+        nonlocal attempts
+        attempts += 1
+        return session.run(body, capture_notices=capture)
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        log.warning(
+            "ddl_lock_retry",
+            action=step.action,
+            attempt=state.attempt_number,
+            wait_s=round(state.upcoming_sleep, 3),
+            lock_timeout_s=retry.lock_timeout,
+        )
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(lambda exc: sqlstate(exc) in _LOCK_SQLSTATES),
+        wait=tenacity.wait_exponential(multiplier=retry.initial_wait, max=retry.max_wait)
+        + tenacity.wait_random(0, retry.initial_wait / 2),
+        stop=lambda state: retry.clock() - started >= retry.budget_seconds,
+        sleep=retry.sleep,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    try:
+        return retrying(attempt), attempts
+    except Exception as exc:
+        if sqlstate(exc) in _LOCK_SQLSTATES:
+            raise LockUnavailableError(
+                f"could not lock the table for {step.action} ({ddl.render(step.statement)}) within "
+                f"{retry.budget_seconds:g}s ({attempts} attempts of {retry.lock_timeout:g}s): a long transaction "
+                "holds a lock on it (see pg_stat_activity); run the change again later"
+            ) from None
+        raise
+
+
+def apply_steps(session: DDLSession, plan: NotNullPlan, retry: LockRetry | None = None) -> list[StepResult]:
+    """Run a plan's steps in order, each in its own transaction.
+
+    Raises:
+        NullValuesError: validation found NULLs; a constraint this plan added is dropped again first.
+        LockUnavailableError: an ACCESS EXCLUSIVE step did not get its lock within the retry budget.
+    """
+    retry = retry or LockRetry()
+    state = plan.state
+    results: list[StepResult] = []
+    for step in plan.steps:
+        started = time.monotonic()
+        text = ddl.render(step.statement)
+        capture = step.action == "set_not_null"
+        try:
+            if step.exclusive:
+                notices, attempts = _run_exclusive(session, step, retry, capture=capture)
+            else:
+                notices, attempts = session.run([step.statement]), 1
+        except Exception as exc:
+            if step.action == "validate" and sqlstate(exc) in _VIOLATION_SQLSTATES:
+                raise _nulls_found(session, plan, retry) from None
+            raise
+        proved = any("sufficient to prove" in n for n in notices) if capture and notices else None
+        result = StepResult(step.action, text, attempts, time.monotonic() - started, proved)
+        results.append(result)
+        log.info(
+            "ddl_step",
+            table=state.qualified,
+            column=state.column,
+            action=step.action,
+            attempts=attempts,
+            ms=round(result.seconds * 1000, 1),
+            proved_by_check=proved,
+        )
+    return results
+
+
+def _nulls_found(session: DDLSession, plan: NotNullPlan, retry: LockRetry) -> NullValuesError:
+    state = plan.state
+    nulls = int(session.fetchall(ddl.count_nulls(state.relation, state.column))[0][0])
+    if plan.adds is not None:
+        # Leave nothing half-applied: the NOT VALID constraint added by this very call goes again.
+        undo = Step("drop_check", ddl.drop_constraint(state.relation, plan.adds, if_exists=True), True)
+        _run_exclusive(session, undo, retry, capture=False)
+        left = "the constraint added by this call was dropped again, nothing changed"
+    else:
+        left = "the NOT VALID constraint stays (new rows are checked)"
+    log.error("not_null_violated", table=state.qualified, column=state.column, null_rows=nulls)
+    return NullValuesError(
+        f"cannot make {state.qualified}.{state.column} NOT NULL: {nulls} row(s) have {state.column} NULL; "
+        f"backfill them first ({left})",
+        table=state.qualified,
+        column=state.column,
+        null_rows=nulls,
+    )
+
+
+def render_steps(plan: NotNullPlan, lock_timeout: float) -> list[str]:
+    """The plan as SQL for an offline script: each ACCESS EXCLUSIVE step after its ``SET lock_timeout``, the scan
+    without one (it blocks nobody), ``RESET lock_timeout`` at the end. Meant to run outside a transaction block."""
+    out: list[str] = []
+    current: bool | None = None
+    for step in plan.steps:
+        if step.exclusive and current is not True:
+            out.append(ddl.render(ddl.set_lock_timeout(lock_timeout, local=False)))
+        elif not step.exclusive and current is True:
+            out.append(ddl.render(ddl.reset_lock_timeout()))
+        current = step.exclusive
+        out.append(ddl.render(step.statement))
+    if current:
+        out.append(ddl.render(ddl.reset_lock_timeout()))
+    return out
+
+
+# --- the plain functions -----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _session(bind: Bind) -> Iterator[PsycopgSession]:
+    with Database.from_bind(bind, "backfill-ddl").connect() as conn:
+        yield PsycopgSession(conn)
+
+
+def _retry(lock_timeout: float, retry_seconds: float, sleep: Callable[[float], None]) -> LockRetry:
+    return LockRetry(lock_timeout=lock_timeout, budget_seconds=retry_seconds, sleep=sleep)
+
+
+def add_not_null_constraint(
+    bind: Bind,
+    table: str,
+    column: str,
+    *,
+    schema: str | None = None,
+    name: str | None = None,
+    validate: bool = True,
+    lock_timeout: float = 2.0,
+    retry_seconds: float = 300.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[StepResult]:
+    """Make ``column`` NOT NULL without an ACCESS EXCLUSIVE table scan (see the module docstring for the steps).
+
+    Idempotent: what is already done (read from the catalog) is skipped, so a call that died between two steps
+    can simply be repeated. Runs on a connection of its own: do not call it while your own transaction holds
+    locks on the table.
+
+    Args:
+        bind: the database (URL, SQLAlchemy URL, Engine or Connection: only its URL is used).
+        table: the table, optionally ``schema.table``.
+        column: the column.
+        schema: the table's schema; defaults to the search path.
+        name: the constraint's name (PostgreSQL 18+), or the temporary CHECK's (12-17).
+        validate: False stops after the NOT VALID constraint (new rows are checked at once; existing rows are
+            checked later by :func:`validate_not_null_constraint`).
+        lock_timeout: seconds each ACCESS EXCLUSIVE attempt may wait for its lock.
+        retry_seconds: how long to keep retrying such a step.
+        sleep: injected for tests.
+
+    Returns:
+        The steps that ran (empty if the column was already NOT NULL).
+
+    Raises:
+        ConstraintError: no such table or column.
+        NullValuesError: the column still has NULLs (names how many); nothing this call added is left behind.
+        LockUnavailableError: a lock could not be taken within ``retry_seconds``.
+    """
+    with _session(bind) as session:
+        state = read_state(session, table, column, schema=schema, name=name)
+        plan = plan_add(state, name, validate=validate)
+        return apply_steps(session, plan, _retry(lock_timeout, retry_seconds, sleep))
+
+
+def validate_not_null_constraint(
+    bind: Bind,
+    table: str,
+    column: str,
+    *,
+    schema: str | None = None,
+    name: str | None = None,
+    lock_timeout: float = 2.0,
+    retry_seconds: float = 300.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[StepResult]:
+    """Finish what ``add_not_null_constraint(..., validate=False)`` started: validate the constraint (a scan that
+    blocks nobody) and, on PostgreSQL 12-17, SET NOT NULL and drop the CHECK. Arguments as for
+    :func:`add_not_null_constraint`.
+
+    Raises:
+        ConstraintError: there is no NOT VALID constraint to validate.
+        NullValuesError: the column still has NULLs; the NOT VALID constraint stays.
+        LockUnavailableError: a lock could not be taken within ``retry_seconds``.
+    """
+    with _session(bind) as session:
+        state = read_state(session, table, column, schema=schema, name=name)
+        return apply_steps(session, plan_validate(state, name), _retry(lock_timeout, retry_seconds, sleep))
+
+
+def drop_not_null_constraint(
+    bind: Bind,
+    table: str,
+    column: str,
+    *,
+    schema: str | None = None,
+    name: str | None = None,
+    lock_timeout: float = 2.0,
+    retry_seconds: float = 300.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[StepResult]:
+    """Make ``column`` nullable again, whatever stage a NOT NULL change reached (for downgrades). Each statement
+    takes ACCESS EXCLUSIVE for an instant, with the same lock timeout and retries. Arguments as for
+    :func:`add_not_null_constraint`.
+
+    Raises:
+        ConstraintError: no such table or column.
+        LockUnavailableError: a lock could not be taken within ``retry_seconds``.
+    """
+    with _session(bind) as session:
+        state = read_state(session, table, column, schema=schema, name=name)
+        return apply_steps(session, plan_drop(state, name), _retry(lock_timeout, retry_seconds, sleep))
