@@ -119,11 +119,6 @@ class Progress:
         stream.flush()
         self._line_shown = not final
 
-    def _clear(self) -> None:
-        if self._line_shown:
-            sys.stderr.write("\r\x1b[K")
-            self._line_shown = False
-
     def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> Any:
         event = event_dict.get("event")
         mine = self.name is not None and event_dict.get("backfill") == self.name
@@ -141,11 +136,9 @@ class Progress:
             event_dict["rows_per_second"] = round(rate, 1) if rate is not None else None
             event_dict["eta_s"] = round(eta, 1) if eta is not None else None
             return event_dict
-        if self.live:
-            if mine and event == "run_finished" and self._line_shown:
-                self._draw(self.line(), final=True)
-            else:
-                self._clear()
+        if self.live and self._line_shown:
+            # Any other event ends the live line where it stands, so the last progress stays on screen above it.
+            self._draw(self.line(), final=True)
         return event_dict
 
 

@@ -199,9 +199,10 @@ def test_live_progress_replaces_batch_events_with_one_redrawn_line(monkeypatch: 
         with pytest.raises(structlog.DropEvent):
             for processor in processor_chain:
                 processor(None, "info", {"event": "batch_committed", "backfill": "fill", "rows": 100})
-    passed = progress(None, "info", {"event": "run_finished", "backfill": "fill"})
+    passed = progress(None, "info", {"event": "backfill_succeeded", "backfill": "fill"})
+    progress(None, "info", {"event": "run_finished", "backfill": "fill"})
 
     output = stream.getvalue()
     assert 4 == output.count("\r\x1b[K")  # three redraws and the final line
     assert output.endswith("300/~300 rows 100 rows/s ETA 0.0s\n")
-    assert "run_finished" == passed["event"]
+    assert "backfill_succeeded" == passed["event"]
