@@ -17,8 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import sqlalchemy
+import sqlalchemy.pool
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
+from backfill import alembic as alembic_ops  # op.backfill and op.add_not_null_constraint, typed
 from backfill import api
 from backfill.appsim import AppSimulator, AppStats
 from backfill.connect import Database
@@ -26,7 +32,6 @@ from backfill.embedded import embedded_server
 from backfill.errors import BackfillError
 from backfill.executor import RunReport, RunSettings
 from backfill.progress import Progress
-from backfill.spec import BackfillSpec
 from backfill.state import RunOutcome
 
 __all__ = ["DEMO_SCHEMA", "DemoReport", "run_demo"]
@@ -62,7 +67,8 @@ class DemoReport:
     plain_update_seconds: float
     plain_not_null_seconds: float
     plain_app: AppStats
-    not_null_method: str
+    #: the column is NOT NULL at the end, and no NULL is left
+    not_null: bool
     nulls_left: int
 
 
@@ -131,38 +137,40 @@ def _add_nullable_column(conn: psycopg.Connection[Any], table: str) -> None:
             time.sleep(0.2 * (attempt + 1))
 
 
-def _not_null_without_scan(url: str) -> str:
-    """Phase 3, through the library's own helper (no ACCESS EXCLUSIVE table scan). Returns how it was done."""
+def _sqlalchemy_url(database: Database) -> sqlalchemy.URL:
+    """The same server as a SQLAlchemy URL on psycopg 3, whatever form the user gave (URL or key=value)."""
+    params = {key: str(value) for key, value in conninfo_to_dict(database.conninfo).items()}
+    port = params.pop("port", None)
+    return sqlalchemy.URL.create(
+        "postgresql+psycopg",
+        username=params.pop("user", None),
+        password=params.pop("password", None),
+        host=params.pop("host", None),
+        port=int(port) if port else None,
+        database=params.pop("dbname", None),
+        query=params,
+    )
+
+
+@contextlib.contextmanager
+def _migration(database: Database) -> Iterator[Operations]:
+    """Alembic's ``op`` on a migration context of our own, as inside a revision's upgrade()."""
+    engine = sqlalchemy.create_engine(_sqlalchemy_url(database), poolclass=sqlalchemy.pool.NullPool)
     try:
-        from backfill.constraints import add_not_null_constraint
-    except ImportError:  # TEMPORARY until backfill.constraints lands
-        return _not_null_fallback(url)
-    add_not_null_constraint(url, TABLE, COLUMN, schema=DEMO_SCHEMA)
-    return "NOT NULL validated without an exclusive scan (backfill.constraints.add_not_null_constraint)"
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection)
+            with context.begin_transaction():
+                yield Operations(context)
+    finally:
+        engine.dispose()
 
 
-def _not_null_fallback(url: str) -> str:
-    from backfill import ddl
-
-    relation = _relation(TABLE)
-    with Database.from_bind(url).connect() as conn:
-        major = int(str(conn.execute("SHOW server_version_num").fetchone()[0])) // 10000  # type: ignore[index]
-        if major >= 18:
-            name = ddl.not_null_name(TABLE, COLUMN)
-            steps = [ddl.add_not_null_not_valid(relation, name, COLUMN), ddl.validate_constraint(relation, name)]
-        else:
-            name = ddl.check_name(TABLE, COLUMN)
-            steps = [
-                ddl.add_check_not_valid(relation, name, COLUMN),
-                ddl.validate_constraint(relation, name),
-                ddl.set_not_null(relation, COLUMN),
-                ddl.drop_constraint(relation, name),
-            ]
-        for step in steps:
-            with conn.transaction():
-                conn.execute(ddl.set_lock_timeout(2.0, local=True))
-                conn.execute(step)
-    return "NOT NULL validated without an exclusive scan"
+def _is_not_null(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute(
+        "SELECT a.attnotnull FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attname = %s",
+        (f'"{DEMO_SCHEMA}"."{TABLE}"', COLUMN),
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def _simulator(url: str, table: str, rows: int, writers: int, conn: psycopg.Connection[Any]) -> AppSimulator:
@@ -208,30 +216,41 @@ def _demo(url: str, rows: int, writers: int, progress: Progress | None, echo: Ec
 
         # --- the online change, while the application writes ---------------------------------------------------
         change_started = time.perf_counter()
-        with _simulator(url, TABLE, rows, writers, conn) as app:
+        with _simulator(url, TABLE, rows, writers, conn) as app, _migration(database) as op:
             app.wait_until_writing()
-            _timed(echo, "phase 1: added nullable column kind (new rows get a default)")(
-                lambda: _add_nullable_column(conn, TABLE)
+
+            def phase1() -> None:
+                # A short lock_timeout: an ALTER waiting for its lock would queue the application behind it.
+                op.execute("SET LOCAL lock_timeout = '5s'")
+                op.add_column(TABLE, sqlalchemy.Column(COLUMN, sqlalchemy.Text(), nullable=True), schema=DEMO_SCHEMA)
+                op.alter_column(TABLE, COLUMN, server_default="unknown", schema=DEMO_SCHEMA)
+                # defer=True: only register it (this commits phase 1); the runner below does the work.
+                alembic_ops.backfill(
+                    BACKFILL_NAME,
+                    TABLE,
+                    {COLUMN: EXPRESSION},
+                    where=f"{COLUMN} IS NULL",
+                    schema=DEMO_SCHEMA,
+                    defer=True,
+                    control_schema=DEMO_SCHEMA,
+                    operations=op,
+                )
+
+            _timed(echo, "phase 1: op.add_column(kind, nullable), default for new rows; op.backfill(defer=True)")(
+                phase1
             )
-            spec = BackfillSpec(
-                BACKFILL_NAME, f"{DEMO_SCHEMA}.{TABLE}", {COLUMN: EXPRESSION}, where=f"{COLUMN} IS NULL"
-            )
-            record = api.register_backfill(database, spec, control_schema=DEMO_SCHEMA)
-            echo(f"phase 2: backfilling kind in batches of {record.spec.batch_size:,} rows")
+            record = api.get_backfill(database, BACKFILL_NAME, control_schema=DEMO_SCHEMA)
+            echo(f"phase 2: backfill run, batches of {record.spec.batch_size:,} rows")
             if progress is not None:
-                progress.begin(BACKFILL_NAME, 0, api.plan_backfill(database, spec).estimated_rows)
+                progress.begin(BACKFILL_NAME, 0, api.plan_backfill(database, record.spec).estimated_rows)
             report = api.run_backfill(database, BACKFILL_NAME, control_schema=DEMO_SCHEMA, settings=RunSettings())
             if report.outcome is not RunOutcome.FINISHED:
                 why = report.error or report.reason
                 raise DemoError(f"the backfill did not finish: {report.outcome.value} ({why})")
             echo(f"phase 2: {report.rows_updated:,} rows in {report.batches:,} batches ({report.seconds:.1f} s)")
-            method = ""
-
-            def phase3() -> None:
-                nonlocal method
-                method = _not_null_without_scan(url)
-
-            _timed(echo, "phase 3: kind is NOT NULL, without a table scan under an exclusive lock")(phase3)
+            _timed(echo, "phase 3: op.add_not_null_constraint(kind): validated without an exclusive table scan")(
+                lambda: alembic_ops.add_not_null_constraint(TABLE, COLUMN, schema=DEMO_SCHEMA, operations=op)
+            )
         change_seconds = time.perf_counter() - change_started
         change_app = app.stats
         assert change_app is not None
@@ -239,6 +258,7 @@ def _demo(url: str, rows: int, writers: int, progress: Progress | None, echo: Ec
             sql.SQL("SELECT count(*) FROM {} WHERE {} IS NULL").format(_relation(TABLE), sql.Identifier(COLUMN))
         ).fetchone()
         nulls_left = int(nulls[0]) if nulls else -1
+        not_null = _is_not_null(conn)
 
         # --- the same change as one statement, same application load -------------------------------------------
         echo("for comparison: the same change as one plain UPDATE on the copy, same application load")
@@ -270,7 +290,7 @@ def _demo(url: str, rows: int, writers: int, progress: Progress | None, echo: Ec
             plain_update_seconds=update_seconds,
             plain_not_null_seconds=not_null_seconds,
             plain_app=plain_app.stats,
-            not_null_method=method,
+            not_null=not_null,
             nulls_left=nulls_left,
         )
 
@@ -301,7 +321,7 @@ def format_report(report: DemoReport) -> str:
     )
     if online.max_stall_ms > 0 and plain.max_stall_ms > online.max_stall_ms:
         verdict += f" ({plain.max_stall_ms / online.max_stall_ms:,.0f}x longer.)"
-    checks = f"NULLs left in {TABLE}.{COLUMN}: {report.nulls_left:,}; {report.not_null_method}."
+    checks = f"NULLs left in {TABLE}.{COLUMN}: {report.nulls_left:,}; NOT NULL: {'yes' if report.not_null else 'NO'}."
     header = f"backfill demo: {report.rows:,} rows, PostgreSQL {report.server_version}, {report.writers} app writers"
     return "\n".join([header, *lines, verdict, checks])
 
@@ -330,4 +350,4 @@ def run_demo(
         report = _demo(url, rows, writers, progress, echo)
     echo("")
     echo(format_report(report))
-    return 0 if report.nulls_left == 0 else 1
+    return 0 if report.nulls_left == 0 and report.not_null else 1
