@@ -18,6 +18,7 @@ with a checkpoint in a control table so a crash, a deploy or a cron boundary nev
 from __future__ import annotations
 
 from backfill.api import (
+    backfill_status,
     cancel_backfill,
     get_backfill,
     get_slices,
@@ -25,6 +26,7 @@ from backfill.api import (
     list_backfills,
     pause_backfill,
     plan_backfill,
+    preview_backfill,
     register_backfill,
     resume_backfill,
     retry_backfill,
@@ -42,8 +44,10 @@ from backfill.errors import (
 )
 from backfill.executor import BackfillFailedError, RunReport, RunSettings
 from backfill.policies import FixedSleep, RetryPolicy, RunContext
+from backfill.preview import BatchPreview
 from backfill.spec import DEFAULT_BATCH_SIZE, BackfillSpec
 from backfill.state import RunOutcome, RunState
+from backfill.status import BackfillStatus
 from backfill.store import BackfillRecord, SliceRecord
 
 __all__ = [
@@ -69,6 +73,10 @@ __all__ = [
     "resume_backfill",
     "cancel_backfill",
     "retry_backfill",
+    "backfill_status",
+    "preview_backfill",
+    "BackfillStatus",
+    "BatchPreview",
     "BackfillError",
     "BackfillFailedError",
     "ConnectError",
