@@ -16,9 +16,15 @@ from typing import Any
 
 import psycopg
 import pytest
+import sqlalchemy
+import sqlalchemy.pool
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+from sqlalchemy.engine import make_url
 
 import backfill
 from backfill import BackfillSpec, RunState
+from backfill import alembic as alembic_ops
 from backfill.cli import EXIT_OK, EXIT_USAGE, EXIT_WORK_LEFT
 
 ROWS = 2_000
@@ -264,3 +270,30 @@ def test_bad_input_from_a_process_is_one_line_exit_2_no_traceback_nothing_writte
     assert "expression for column 'n' of public.items is not valid" in results[0].stderr
     row = conn.execute("SELECT to_regclass('public.backfills')").fetchone()
     assert (None,) == row  # nothing written, not even the control tables
+
+
+def test_run_all_finishes_a_backfill_an_alembic_migration_deferred_without_its_code(
+    conn: psycopg.Connection[Any], db_url: str, tmp_path: Path
+) -> None:
+    _items(conn)
+    engine = sqlalchemy.create_engine(
+        make_url(db_url).set(drivername="postgresql+psycopg"), poolclass=sqlalchemy.pool.NullPool
+    )
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection)
+        with context.begin_transaction():
+            alembic_ops.backfill("inc", "items", {"n": "n + 1"}, batch_size=300, defer=True,
+                                 operations=Operations(context))  # fmt: skip
+    engine.dispose()
+    deferred = backfill.get_backfill(db_url, "inc")
+
+    # A bare directory: no migration scripts, no application code, only the control table.
+    result = subprocess.run(  # noqa: S603
+        command(db_url, "run", "--all"), capture_output=True, text=True, timeout=120, env=_env(), cwd=tmp_path,
+        check=False,
+    )  # fmt: skip
+
+    assert (RunState.PENDING, 0) == (deferred.state, deferred.rows_updated)
+    assert EXIT_OK == result.returncode, result.stderr
+    assert {1: ROWS} == _counts(conn)
+    assert RunState.SUCCEEDED is backfill.get_backfill(db_url, "inc").state
