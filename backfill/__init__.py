@@ -32,6 +32,14 @@ from backfill.api import (
     retry_backfill,
     run_backfill,
 )
+from backfill.constraints import (
+    ConstraintError,
+    LockUnavailableError,
+    NullValuesError,
+    add_not_null_constraint,
+    drop_not_null_constraint,
+    validate_not_null_constraint,
+)
 from backfill.errors import (
     BackfillError,
     ConnectError,
@@ -77,6 +85,12 @@ __all__ = [
     "preview_backfill",
     "BackfillStatus",
     "BatchPreview",
+    "add_not_null_constraint",
+    "validate_not_null_constraint",
+    "drop_not_null_constraint",
+    "ConstraintError",
+    "NullValuesError",
+    "LockUnavailableError",
     "BackfillError",
     "BackfillFailedError",
     "ConnectError",
