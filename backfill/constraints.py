@@ -357,10 +357,13 @@ def sqlstate(exc: BaseException) -> str | None:
     return None
 
 
-def _run_exclusive(session: DDLSession, step: Step, retry: LockRetry, *, capture: bool) -> tuple[list[str], int]:
+def _run_step(session: DDLSession, step: Step, retry: LockRetry, *, capture: bool) -> tuple[list[str], int]:
+    """One step in its own transaction, retried on lock timeouts and deadlocks. Only ACCESS EXCLUSIVE steps get the
+    short lock_timeout: the validating scan's SHARE UPDATE EXCLUSIVE blocks no reader or writer while it waits,
+    so it keeps the session's setting (and is retried only if that setting times it out)."""
     started = retry.clock()
     attempts = 0
-    body: list[Query] = [ddl.set_lock_timeout(retry.lock_timeout, local=True)]
+    body: list[Query] = [ddl.set_lock_timeout(retry.lock_timeout, local=True)] if step.exclusive else []
     if capture:
         body.append(ddl.SHOW_PROOF)
     body.append(step.statement)
@@ -415,10 +418,7 @@ def apply_steps(session: DDLSession, plan: NotNullPlan, retry: LockRetry | None 
         text = ddl.render(step.statement)
         capture = step.action == "set_not_null"
         try:
-            if step.exclusive:
-                notices, attempts = _run_exclusive(session, step, retry, capture=capture)
-            else:
-                notices, attempts = session.run([step.statement]), 1
+            notices, attempts = _run_step(session, step, retry, capture=capture)
         except Exception as exc:
             if step.action == "validate" and sqlstate(exc) in _VIOLATION_SQLSTATES:
                 raise _nulls_found(session, plan, retry) from None
@@ -444,7 +444,7 @@ def _nulls_found(session: DDLSession, plan: NotNullPlan, retry: LockRetry) -> Nu
     if plan.adds is not None:
         # Leave nothing half-applied: the NOT VALID constraint added by this very call goes again.
         undo = Step("drop_check", ddl.drop_constraint(state.relation, plan.adds, if_exists=True), True)
-        _run_exclusive(session, undo, retry, capture=False)
+        _run_step(session, undo, retry, capture=False)
         left = "the constraint added by this call was dropped again, nothing changed"
     else:
         left = "the NOT VALID constraint stays (new rows are checked)"

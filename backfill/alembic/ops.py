@@ -119,7 +119,8 @@ class BackfillOp(MigrateOperation):
         :return: the run's :class:`backfill.RunReport`; None when deferred or offline.
 
         In offline mode (``alembic upgrade --sql``) the backfill renders as a ``DO`` block that runs the same
-        batches, committing each one, outside a transaction block.
+        batches, committing each one, outside a transaction block (psql's default autocommit). Offline, ``key`` is
+        required and an unqualified table is taken to be in schema ``public``.
         """
         report: RunReport | None = operations.invoke(
             cls(
