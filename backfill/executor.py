@@ -1,11 +1,15 @@
 """The executor loop: claim a slice, run batches until it is done or a budget, a pause or a stop ends the run.
 
-The loop knows nothing of SQL (the store runs each batch), of click or of Alembic. Time is injected (``clock``,
-``sleep``) so unit tests drive the real loop against an in-memory store in milliseconds.
+Between batches the throttle decides whether to wait (and says why); the sizer picks the next batch's size; each
+batch runs under the retry policy, which rides out lock timeouts, deadlocks, lost connections and server restarts
+and shrinks a batch that hit statement_timeout. The loop knows nothing of SQL (the store runs each batch, the health
+probes read the statistics views), of click or of Alembic. Time is injected (``clock``, ``sleep``) so unit tests
+drive the real loop against an in-memory store in milliseconds.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -13,52 +17,84 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import psycopg
 import structlog
 import tenacity
 
-from backfill.errors import BackfillError
+from backfill.errors import BackfillError, ConnectError
+from backfill.health import PostgresHealth
 from backfill.plan import Plan
 from backfill.policies import (
+    AdaptiveSize,
     BatchSizer,
+    CustomCheck,
     ErrorKind,
     FixedSize,
     FixedSleep,
+    HealthProbes,
+    LockWaiters,
+    Longest,
+    LongTransactions,
+    MaxRowsPerSecond,
+    ReplicaLag,
     RetryPolicy,
     RunContext,
     Throttle,
+    VacuumRunning,
     no_throttle,
 )
+from backfill.spec import DEFAULT_BATCH_SIZE
 from backfill.state import RunOutcome, RunState
-from backfill.store import BatchRequest, BatchResult, LockLostError, SliceRecord, Store
+from backfill.store import BatchRequest, BatchResult, LockLostError, PostgresStore, SliceRecord, Store
 
-__all__ = ["RunSettings", "RunReport", "Executor", "BackfillFailedError"]
+__all__ = ["RunSettings", "RunReport", "Executor", "BackfillFailedError", "SettingsError"]
 
 log = structlog.get_logger("backfill")
+
+#: Waits and retry backoffs are slept in steps this long, so a stop request or a pause cuts them short.
+_WAIT_STEP = 0.5
 
 
 class BackfillFailedError(BackfillError):
     """Raised by :meth:`RunReport.raise_for_outcome` when a run ended with the backfill failed or cancelled."""
 
 
+class SettingsError(BackfillError, ValueError):
+    """Raised when :class:`RunSettings` are given a value that makes no sense (a negative timeout, min > max...)."""
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """How a runner runs batches. Everything here may change between runs without touching the stored spec.
 
+    The defaults are meant for a production primary: batches sized to about 100 ms, a pause while a replica lags
+    more than 64 MiB or 10 s or while vacuum works on the table, and a retry budget of 15 minutes per batch.
+
     Args:
-        batch_size: rows of key range per batch to start with; defaults to the spec's.
-        lock_timeout: seconds a batch may wait for a row or table lock before it is retried.
-        statement_timeout: seconds one statement of a batch may run before the batch is retried smaller.
-        sleep_between: seconds to wait between batches.
-        max_rows_per_second: cap on the update rate, averaged over the run.
+        batch_size: rows of key range per batch. Setting it pins the size (no adaptive sizing); so does a spec
+            whose ``batch_size`` is not the default 10,000. Otherwise batches start at the spec's size and adapt.
+        lock_timeout: seconds a batch may wait for a row or table lock before it is rolled back and retried.
+        statement_timeout: seconds one statement of a batch may run before the batch is retried at half the size.
+        sleep_between: seconds to leave between the end of a batch and the start of the next.
+        max_rows_per_second: cap on the update rate, paced batch by batch; None for no cap.
         target_batch_seconds: adaptive sizing aims each batch at this duration; None keeps the size fixed.
         min_batch_size, max_batch_size: bounds for adaptive sizing.
         max_replica_lag_bytes, max_replica_lag_seconds: wait while a replica is further behind than this
-            (read from ``pg_stat_replication`` on the primary); None disables the check.
-        wait_for_vacuum: wait while autovacuum works on the target table.
+            (read from ``pg_stat_replication`` on the primary); None disables that measure.
+        wait_for_vacuum: wait while a vacuum (usually autovacuum) works on the target table.
         health_check_sql: a query of the user's; wait while it returns true.
-        max_retry_seconds: how long one batch may keep failing transiently before the run gives up.
+        max_transaction_age: wait while another session's transaction older than this many seconds holds back
+            the xmin horizon (vacuum cannot clean up behind it); None disables the check.
+        wait_for_lock_waiters: wait while other sessions queue for a lock on the target table (e.g. a DDL).
+        health_check_interval: seconds between two health probes while the database is healthy; while a throttle
+            waits it probes again at this interval until the condition clears.
+        max_retry_seconds: how long one batch may keep failing transiently before the run gives up and marks the
+            backfill failed (``retry`` resumes it from the checkpoint).
         throttle, sizer, retry: explicit policies; when given they replace the ones built from the fields above.
         application_name: shown in ``pg_stat_activity`` for the runner's connection.
+
+    Raises:
+        SettingsError: a value is out of range.
     """
 
     batch_size: int | None = None
@@ -66,25 +102,103 @@ class RunSettings:
     statement_timeout: float = 30.0
     sleep_between: float = 0.0
     max_rows_per_second: float | None = None
-    target_batch_seconds: float | None = None
+    target_batch_seconds: float | None = 0.1
     min_batch_size: int = 100
     max_batch_size: int = 100_000
-    max_replica_lag_bytes: int | None = None
-    max_replica_lag_seconds: float | None = None
-    wait_for_vacuum: bool = False
+    max_replica_lag_bytes: int | None = 64 * 1024 * 1024
+    max_replica_lag_seconds: float | None = 10.0
+    wait_for_vacuum: bool = True
     health_check_sql: str | None = None
+    max_transaction_age: float | None = None
+    wait_for_lock_waiters: bool = False
+    health_check_interval: float = 1.0
     max_retry_seconds: float = 900.0
     throttle: Throttle | None = None
     sizer: BatchSizer | None = None
     retry: RetryPolicy | None = None
     application_name: str = "backfill"
 
-    def policies(self) -> tuple[Throttle, BatchSizer, RetryPolicy]:
-        """The throttle, sizer and retry policy this run uses."""
-        throttle = self.throttle or (FixedSleep(self.sleep_between) if self.sleep_between > 0 else no_throttle)
-        sizer = self.sizer or FixedSize()
-        retry = self.retry or RetryPolicy(budget_seconds=self.max_retry_seconds)
-        return throttle, sizer, retry
+    def __post_init__(self) -> None:
+        positive = {
+            "lock_timeout": self.lock_timeout,
+            "statement_timeout": self.statement_timeout,
+            "max_rows_per_second": self.max_rows_per_second,
+            "target_batch_seconds": self.target_batch_seconds,
+            "health_check_interval": self.health_check_interval,
+            "max_replica_lag_seconds": self.max_replica_lag_seconds,
+            "max_transaction_age": self.max_transaction_age,
+            "batch_size": self.batch_size,
+            "min_batch_size": self.min_batch_size,
+            "max_batch_size": self.max_batch_size,
+        }
+        for name, value in positive.items():
+            if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise SettingsError(f"{name} must be a positive number, got {value!r}")
+        for name, value in (("sleep_between", self.sleep_between), ("max_retry_seconds", self.max_retry_seconds)):
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise SettingsError(f"{name} must be a number >= 0, got {value!r}")
+        if self.max_replica_lag_bytes is not None and self.max_replica_lag_bytes < 0:
+            raise SettingsError(f"max_replica_lag_bytes must be >= 0, got {self.max_replica_lag_bytes!r}")
+        if self.min_batch_size > self.max_batch_size:
+            raise SettingsError(
+                f"min_batch_size ({self.min_batch_size}) is larger than max_batch_size ({self.max_batch_size})"
+            )
+        if self.health_check_sql is not None and not self.health_check_sql.strip():
+            raise SettingsError("health_check_sql is empty")
+
+    def pins_batch_size(self, spec_batch_size: int) -> bool:
+        """Whether batches keep one size: the run or the spec chose it (like pt-online-schema-change's explicit
+        ``--chunk-size``), or adaptive sizing is off."""
+        return self.target_batch_seconds is None or self.batch_size is not None or spec_batch_size != DEFAULT_BATCH_SIZE
+
+    def policies(
+        self, health: HealthProbes | None = None, *, spec_batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> tuple[Throttle, BatchSizer, RetryPolicy]:
+        """The throttle, sizer and retry policy this run uses.
+
+        Args:
+            health: where the database throttles read replica lag, vacuums, etc.; without it (an in-memory store)
+                only the time-based throttles apply.
+            spec_batch_size: the spec's batch size (see :meth:`pins_batch_size`).
+        """
+        retry = self.retry or RetryPolicy(budget_seconds=self.max_retry_seconds, min_batch_size=self.min_batch_size)
+        if self.sizer is not None:
+            sizer: BatchSizer = self.sizer
+        elif self.pins_batch_size(spec_batch_size):
+            sizer = FixedSize()
+        else:
+            assert self.target_batch_seconds is not None
+            sizer = AdaptiveSize(self.target_batch_seconds, self.min_batch_size, self.max_batch_size)
+        return self.throttle or self._throttle(health), sizer, retry
+
+    def _throttle(self, health: HealthProbes | None) -> Throttle:
+        throttles: list[Throttle] = []
+        if self.sleep_between > 0:
+            throttles.append(FixedSleep(self.sleep_between))
+        if self.max_rows_per_second is not None:
+            throttles.append(MaxRowsPerSecond(self.max_rows_per_second))
+        if health is not None:
+            every = {"every": self.health_check_interval, "poll": self.health_check_interval}
+            if self.max_replica_lag_bytes is not None or self.max_replica_lag_seconds is not None:
+                throttles.append(
+                    ReplicaLag(
+                        health.replica_lag,
+                        max_bytes=self.max_replica_lag_bytes,
+                        max_seconds=self.max_replica_lag_seconds,
+                        **every,
+                    )
+                )
+            if self.wait_for_vacuum:
+                throttles.append(VacuumRunning(health.vacuums, **every))
+            if self.max_transaction_age is not None:
+                throttles.append(LongTransactions(health.oldest_transaction, self.max_transaction_age, **every))
+            if self.wait_for_lock_waiters:
+                throttles.append(LockWaiters(health.lock_waiters, **every))
+            if self.health_check_sql is not None:
+                throttles.append(CustomCheck(health.custom_check, self.health_check_sql, **every))
+        if not throttles:
+            return no_throttle
+        return throttles[0] if len(throttles) == 1 else Longest(*throttles)
 
 
 @dataclass(frozen=True)
@@ -103,6 +217,9 @@ class RunReport:
     #: why the run stopped early ("max_batches", "max_runtime", "stop requested", "lock lost") or failed
     reason: str | None = None
     error: str | None = None
+    #: retried batch attempts and seconds spent waiting on throttles during this run
+    retries: int = 0
+    throttled_seconds: float = 0.0
 
     @property
     def finished(self) -> bool:
@@ -127,6 +244,14 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+class _StopRequested(Exception):
+    """Internal: ``should_stop`` turned true while the runner waited to retry a batch."""
+
+
+class _HealthCheckFailed(Exception):
+    """Internal: a health probe failed with an error retrying cannot fix (e.g. the user's query is invalid)."""
+
+
 class Executor:
     """Runs one backfill's batches through a :class:`~backfill.store.Store`.
 
@@ -137,6 +262,8 @@ class Executor:
         settings: batch size, timeouts and policies.
         clock, sleep: injected time.
         should_stop: polled between batches and during waits; True ends the run after the current batch.
+        health: the database probes the throttles read; by default those of a :class:`PostgresStore`'s own
+            connection. Without any (an in-memory store), only the time-based throttles apply.
     """
 
     def __init__(
@@ -150,6 +277,7 @@ class Executor:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         should_stop: Callable[[], bool] | None = None,
+        health: HealthProbes | None = None,
     ) -> None:
         self.store = store
         self.plan = plan
@@ -159,8 +287,16 @@ class Executor:
         self.clock = clock
         self.sleep = sleep
         self.should_stop = should_stop or (lambda: False)
-        self.throttle, self.sizer, self.retry = self.settings.policies()
+        if health is None and isinstance(store, PostgresStore) and plan is not None:
+            # Probes share the runner's connection: between batches it is idle, and no second session is opened.
+            postgres = store
+            health = PostgresHealth(lambda: postgres.conn, plan.target.schema, plan.target.table)
+        self.health = health
+        spec_batch_size = plan.spec.batch_size if plan is not None else DEFAULT_BATCH_SIZE
+        self.throttle, self.sizer, self.retry = self.settings.policies(health, spec_batch_size=spec_batch_size)
         self.log = log.bind(backfill=name)
+        self._retries = 0
+        self._throttled = 0.0
 
     def run(self, *, max_runtime: float | None = None, max_batches: int | None = None) -> RunReport:
         """Run batches until the backfill is done, a budget is spent, or it is paused, cancelled or fails.
@@ -170,6 +306,8 @@ class Executor:
             max_batches: batches after which the run stops.
         """
         record = self.store.get(self.name)
+        if self.plan is None and self.settings.sizer is None:
+            self.sizer = self.settings.policies(self.health, spec_batch_size=record.spec.batch_size)[1]
         batch_size = self.settings.batch_size or record.spec.batch_size
         ctx = RunContext(self.name, batch_size, self.clock(), self.clock)
         if record.state in _EARLY:
@@ -180,6 +318,8 @@ class Executor:
             "run_started",
             table=record.spec.qualified_table,
             batch_size=batch_size,
+            sizer=repr(self.sizer),
+            throttle=repr(self.throttle),
             max_runtime=max_runtime,
             max_batches=max_batches,
         )
@@ -193,7 +333,8 @@ class Executor:
             try:
                 ended = self._work(ctx, record.id, piece, max_runtime, max_batches)
             except LockLostError as exc:
-                ended = (RunOutcome.BUSY, RunState.RUNNING, str(exc))
+                self.log.warning("lock_lost", slice=piece.slice, error=str(exc))
+                ended = (RunOutcome.BUSY, RunState.RUNNING, "lock lost")
             finally:
                 self.store.release(record.id, piece.slice, self.owner)
             if ended is not None:
@@ -218,9 +359,10 @@ class Executor:
     ) -> tuple[RunOutcome, RunState, str | None] | None:
         """Batches on one slice; returns how the run ends, or None when the slice is done and others may follow."""
         while True:
-            stop = self._budget_spent(ctx, max_runtime, max_batches)
-            if stop is None:
-                stop = self._wait(ctx, self.throttle(ctx), max_runtime)
+            try:
+                stop = self._budget_spent(ctx, max_runtime, max_batches) or self._pace(ctx, max_runtime)
+            except _HealthCheckFailed as exc:
+                return self._fail(backfill_id, f"health check failed: {_describe(exc.__cause__ or exc)}")
             if stop is not None:
                 return RunOutcome.WORK_LEFT, RunState.RUNNING, stop
             ctx.batch_size = max(1, self.sizer(ctx))
@@ -229,11 +371,10 @@ class Executor:
                 result = self._batch_with_retry(ctx, backfill_id, piece.slice)
             except LockLostError:
                 raise
+            except _StopRequested:
+                return RunOutcome.WORK_LEFT, RunState.RUNNING, "stop requested"
             except Exception as exc:  # a permanent error, or a transient one that outlived the retry budget
-                message = _describe(exc)
-                self.store.fail(backfill_id, message)
-                self.log.error("backfill_failed", error=message, checkpoint_kept=True)
-                return RunOutcome.FAILED, RunState.FAILED, message
+                return self._fail(backfill_id, _describe(exc))
             if not result.applied:
                 outcome = {
                     RunState.PAUSED: RunOutcome.PAUSED,
@@ -246,7 +387,7 @@ class Executor:
                 self.log.info("run_stopped", state=result.state.value)
                 return outcome or RunOutcome.WORK_LEFT, result.state, f"backfill is {result.state.value}"
             seconds = self.clock() - started
-            ctx.record_batch(result.rows, seconds)
+            ctx.record_batch(result.rows, seconds, ctx.batch_size)
             self.log.info(
                 "batch_committed",
                 slice=piece.slice,
@@ -261,6 +402,11 @@ class Executor:
             if result.slice_done:
                 return None
 
+    def _fail(self, backfill_id: int, message: str) -> tuple[RunOutcome, RunState, str | None]:
+        self.store.fail(backfill_id, message)
+        self.log.error("backfill_failed", error=message, checkpoint_kept=True)
+        return RunOutcome.FAILED, RunState.FAILED, message
+
     def _budget_spent(self, ctx: RunContext, max_runtime: float | None, max_batches: int | None) -> str | None:
         if max_batches is not None and ctx.batches >= max_batches:
             return "max_batches"
@@ -270,39 +416,82 @@ class Executor:
             return "stop requested"
         return None
 
+    def _pace(self, ctx: RunContext, max_runtime: float | None) -> str | None:
+        """Ask the throttle until it lets the next batch go, waiting (and logging why) in between.
+
+        A probe that fails transiently (the connection dropped, the server restarts) is logged and the batch goes
+        on: the batch's own retries reconnect and ride out the outage. A permanent probe error fails the run.
+        """
+        while True:
+            try:
+                seconds = self.throttle(ctx)
+            except LockLostError:
+                raise
+            except Exception as exc:
+                if self.retry.classify(exc) is ErrorKind.PERMANENT:
+                    raise _HealthCheckFailed from exc
+                self.log.warning("health_check_failed", error=_describe(exc), action="batch goes on")
+                return None
+            if seconds <= 0:
+                return None
+            self.log.info(
+                "throttle_wait",
+                reason=getattr(seconds, "reason", type(self.throttle).__name__),
+                seconds=round(float(seconds), 3),
+                **getattr(seconds, "details", {}),
+            )
+            started = self.clock()
+            stop = self._wait(ctx, seconds, max_runtime)
+            self._throttled += self.clock() - started
+            if stop is not None:
+                return stop
+
     def _wait(self, ctx: RunContext, seconds: float, max_runtime: float | None) -> str | None:
         """Sleep in short steps so a stop request or the end of the time budget cuts a long wait short."""
-        if seconds <= 0:
-            return None
-        self.log.debug("throttle_wait", seconds=round(seconds, 3))
         deadline = self.clock() + seconds
         while (left := deadline - self.clock()) > 0:
             if self.should_stop():
                 return "stop requested"
             if max_runtime is not None and ctx.elapsed >= max_runtime:
                 return "max_runtime"
-            self.sleep(min(left, 0.5))
+            self.sleep(min(left, _WAIT_STEP))
         return None
+
+    def _retry_sleep(self, seconds: float) -> None:
+        deadline = self.clock() + seconds
+        while (left := deadline - self.clock()) > 0:
+            if self.should_stop():
+                raise _StopRequested
+            self.sleep(min(left, _WAIT_STEP))
 
     def _batch_with_retry(self, ctx: RunContext, backfill_id: int, slice_no: int) -> BatchResult:
         policy = self.retry
         first_try = self.clock()
+        last_attempt = 0.0
+
+        def classify(exc: BaseException) -> ErrorKind:
+            return policy.classify(exc, timed_out=last_attempt >= self.settings.statement_timeout)
+
+        def retryable(exc: BaseException) -> bool:
+            return not isinstance(exc, (LockLostError, _StopRequested)) and classify(exc) is not ErrorKind.PERMANENT
 
         def out_of_budget(state: tenacity.RetryCallState) -> bool:
             if policy.max_attempts is not None and state.attempt_number >= policy.max_attempts:
                 return True
-            return self.clock() - first_try >= policy.budget_seconds or self.should_stop()
+            return self.clock() - first_try >= policy.budget_seconds
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             assert exc is not None
-            kind = policy.classify(exc)
+            kind = classify(exc)
             if kind is ErrorKind.TOO_BIG:
-                ctx.batch_size = max(policy.min_batch_size, ctx.batch_size // 2)
+                ctx.batch_size = max(1, min(ctx.batch_size, max(policy.min_batch_size, ctx.batch_size // 2)))
+                ctx.timeouts += 1
             ctx.attempt = state.attempt_number
+            self._retries += 1
             self.log.warning(
                 "batch_retry",
-                reason=kind.value,
+                reason=_retry_reason(exc, kind),
                 error=_describe(exc),
                 attempt=state.attempt_number,
                 wait_s=round(state.upcoming_sleep, 3),
@@ -310,6 +499,7 @@ class Executor:
             )
 
         def attempt() -> BatchResult:
+            nonlocal last_attempt
             request = BatchRequest(
                 backfill_id,
                 slice_no,
@@ -318,18 +508,32 @@ class Executor:
                 self.settings.lock_timeout,
                 self.settings.statement_timeout,
             )
-            return self.store.run_batch(self.plan, request)
+            started = self.clock()
+            try:
+                return self.store.run_batch(self.plan, request)
+            finally:
+                last_attempt = self.clock() - started
 
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(lambda e: not isinstance(e, LockLostError) and policy.is_retryable(e)),
+            retry=tenacity.retry_if_exception(retryable),
             wait=tenacity.wait_exponential(multiplier=policy.initial_wait, max=policy.max_wait)
             + tenacity.wait_random(0, policy.initial_wait),
             stop=out_of_budget,
-            sleep=self.sleep,
+            sleep=self._retry_sleep,
             before_sleep=before_sleep,
             reraise=True,
         )
-        return retrying(attempt)
+        try:
+            return retrying(attempt)
+        except Exception as exc:
+            if retryable(exc):
+                self.log.error(
+                    "retry_budget_spent",
+                    error=_describe(exc),
+                    seconds=round(self.clock() - first_try, 1),
+                    budget_seconds=policy.budget_seconds,
+                )
+            raise
 
     def _report(
         self,
@@ -351,6 +555,8 @@ class Executor:
             longest_batch_seconds=ctx.longest_batch_seconds,
             reason=reason,
             error=error,
+            retries=self._retries,
+            throttled_seconds=self._throttled,
         )
         self.log.info(
             "run_finished",
@@ -359,9 +565,36 @@ class Executor:
             rows=ctx.rows,
             batches=ctx.batches,
             seconds=round(ctx.elapsed, 3),
+            retries=self._retries,
+            throttled_seconds=round(self._throttled, 3),
             reason=reason,
         )
         return report
+
+
+_SQLSTATE_REASONS = {
+    "55P03": "lock_timeout",
+    "40P01": "deadlock",
+    "40001": "serialization_failure",
+    "57P01": "server_shutdown",
+    "57P02": "server_crash",
+    "57P03": "server_unavailable",
+    "57P05": "idle_session_timeout",
+}
+
+
+def _retry_reason(exc: BaseException, kind: ErrorKind) -> str:
+    """A stable word for the log: why this batch is retried."""
+    if kind is ErrorKind.TOO_BIG:
+        return "statement_timeout"
+    if isinstance(exc, ConnectError):
+        return "cannot_connect"
+    sqlstate = str(getattr(exc, "sqlstate", None) or "")
+    if sqlstate in _SQLSTATE_REASONS:
+        return _SQLSTATE_REASONS[sqlstate]
+    if sqlstate.startswith("08") or isinstance(exc, psycopg.OperationalError):
+        return "connection_lost"
+    return str(kind.value)
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,15 +1,19 @@
 """Policies: small callables over one :class:`RunContext` that decide how fast, how big and when to retry.
 
-A throttle returns how many seconds to wait before the next batch (0 to go on); a sizer returns the next batch
-size; a :class:`RetryPolicy` tells transient errors from permanent ones and how long to keep trying. The executor
-owns the clock and the sleep, so every policy runs instantly under test.
+A throttle returns how many seconds to wait before the next batch (0 to go on), as a :class:`Wait` that says why;
+the executor waits, then asks again, until every throttle lets the batch go. A sizer returns the next batch size. A
+:class:`RetryPolicy` tells transient errors from permanent ones and how long to keep trying. Throttles combine with
+``|`` (wait as long as the most demanding one asks) and ``+`` (add their waits). The executor owns the clock and the
+sleep, and the database throttles get their readings from injected probes, so every policy runs instantly under test.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import psycopg
 
@@ -17,13 +21,30 @@ from backfill.errors import ConnectError
 
 __all__ = [
     "RunContext",
+    "Wait",
     "Throttle",
     "BatchSizer",
+    "ThrottleBase",
+    "Longest",
+    "Sum",
     "no_throttle",
     "FixedSleep",
+    "MaxRowsPerSecond",
+    "ProbingThrottle",
+    "LagReading",
+    "VacuumReading",
+    "TransactionReading",
+    "HealthProbes",
+    "ReplicaLag",
+    "VacuumRunning",
+    "CustomCheck",
+    "LongTransactions",
+    "LockWaiters",
     "FixedSize",
+    "AdaptiveSize",
     "ErrorKind",
     "RetryPolicy",
+    "TRANSIENT_SQLSTATES",
 ]
 
 
@@ -40,27 +61,113 @@ class RunContext:
     rows: int = 0
     last_batch_seconds: float | None = None
     last_batch_rows: int = 0
+    #: rows of key range the last batch walked (its batch size): what adaptive sizing measures
+    last_batch_size: int = 0
+    #: clock readings when the last batch started and committed (None before the first)
+    last_batch_started_at: float | None = None
+    last_batch_ended_at: float | None = None
     longest_batch_seconds: float = 0.0
     #: retries of the current batch (reset when a batch commits)
     attempt: int = 0
+    #: batches of this run that exceeded statement_timeout (each was retried at half the size)
+    timeouts: int = 0
 
     @property
     def elapsed(self) -> float:
         return self.clock() - self.started_at
 
-    def record_batch(self, rows: int, seconds: float) -> None:
+    def record_batch(self, rows: int, seconds: float, size: int | None = None) -> None:
+        now = self.clock()
         self.batches += 1
         self.rows += rows
         self.last_batch_rows = rows
+        self.last_batch_size = self.batch_size if size is None else size
         self.last_batch_seconds = seconds
+        self.last_batch_started_at = now - seconds
+        self.last_batch_ended_at = now
         self.longest_batch_seconds = max(self.longest_batch_seconds, seconds)
         self.attempt = 0
+
+
+class Wait(float):
+    """Seconds a throttle asks the runner to wait, with the reason and the readings behind it.
+
+    A ``float``, so waits compare and add as numbers and a throttle of your own may return a plain number.
+
+    Args:
+        seconds: how long to wait from now (negative values count as 0).
+        reason: a stable snake_case word logged with the wait (``replica_lag``, ``vacuum_running``, ...).
+        details: the readings that made the throttle wait, logged with it.
+    """
+
+    reason: str
+    details: dict[str, object]
+
+    def __new__(cls, seconds: float, reason: str, **details: object) -> Wait:
+        wait = super().__new__(cls, max(0.0, float(seconds)))
+        wait.reason = reason
+        wait.details = details
+        return wait
+
+    def __repr__(self) -> str:
+        return f"Wait({float(self)!r}, {self.reason!r})"
 
 
 #: Seconds to wait before the next batch; 0 means go on.
 Throttle = Callable[[RunContext], float]
 #: The size of the next batch.
 BatchSizer = Callable[[RunContext], int]
+
+
+class ThrottleBase:
+    """Base of the built-in throttles: adds ``|`` and ``+`` composition to a ``__call__(ctx) -> float``."""
+
+    def __call__(self, ctx: RunContext) -> float:
+        raise NotImplementedError
+
+    def __or__(self, other: Throttle) -> Longest:
+        return Longest(self, other)
+
+    def __ror__(self, other: Throttle) -> Longest:
+        return Longest(other, self)
+
+    def __add__(self, other: Throttle) -> Sum:
+        return Sum(self, other)
+
+    def __radd__(self, other: Throttle) -> Sum:
+        return Sum(other, self)
+
+
+class Longest(ThrottleBase):
+    """Wait as long as the most demanding of ``throttles`` asks (each is asked every time, so each logs its own
+    reason when it is the one holding the runner back)."""
+
+    def __init__(self, *throttles: Throttle) -> None:
+        flat: list[Throttle] = []
+        for throttle in throttles:
+            flat.extend(throttle.throttles if isinstance(throttle, Longest) else (throttle,))
+        self.throttles: tuple[Throttle, ...] = tuple(flat)
+
+    def __call__(self, ctx: RunContext) -> float:
+        return max((throttle(ctx) for throttle in self.throttles), default=0.0)
+
+    def __repr__(self) -> str:
+        return " | ".join(map(repr, self.throttles)) or "Longest()"
+
+
+class Sum(ThrottleBase):
+    """Wait for the sum of what ``throttles`` ask; the reason is that of the longest part."""
+
+    def __init__(self, *throttles: Throttle) -> None:
+        self.throttles: tuple[Throttle, ...] = throttles
+
+    def __call__(self, ctx: RunContext) -> float:
+        waits = [throttle(ctx) for throttle in self.throttles]
+        total = sum(waits)
+        if total <= 0:
+            return 0.0
+        longest = max(waits)
+        return Wait(total, getattr(longest, "reason", "throttle"), **getattr(longest, "details", {}))
 
 
 def no_throttle(ctx: RunContext) -> float:
@@ -70,13 +177,226 @@ def no_throttle(ctx: RunContext) -> float:
 
 
 @dataclass(frozen=True)
-class FixedSleep:
-    """Wait ``seconds`` between batches (leaves room for vacuum and replicas on a busy primary)."""
+class FixedSleep(ThrottleBase):
+    """Leave at least ``seconds`` between the end of one batch and the start of the next (room for vacuum, replicas
+    and the application's own writes on a busy primary)."""
 
     seconds: float
 
     def __call__(self, ctx: RunContext) -> float:
-        return self.seconds if ctx.batches else 0.0
+        if ctx.last_batch_ended_at is None:
+            return 0.0
+        left = self.seconds - (ctx.clock() - ctx.last_batch_ended_at)
+        return Wait(left, "sleep_between", sleep_between=self.seconds) if left > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class MaxRowsPerSecond(ThrottleBase):
+    """Cap the update rate: a batch that updated ``r`` rows is followed by the next one no sooner than ``r / rate``
+    seconds after it started. Paced batch by batch, so a long wait for another reason never earns a burst."""
+
+    rate: float
+
+    def __call__(self, ctx: RunContext) -> float:
+        if ctx.last_batch_started_at is None or ctx.last_batch_rows <= 0:
+            return 0.0
+        left = ctx.last_batch_started_at + ctx.last_batch_rows / self.rate - ctx.clock()
+        return Wait(left, "max_rows_per_second", max_rows_per_second=self.rate) if left > 0 else 0.0
+
+
+class ProbingThrottle(ThrottleBase):
+    """A throttle that reads the database's health through a probe. While healthy it probes at most every
+    ``every`` seconds (probes cost a round trip and some catalog work); once it waits, it probes each time it is
+    asked, i.e. every ``poll`` seconds, until the condition clears."""
+
+    def __init__(self, *, every: float = 1.0, poll: float = 1.0) -> None:
+        self.every = every
+        self.poll = poll
+        self._next_check = -math.inf
+
+    def __call__(self, ctx: RunContext) -> float:
+        now = ctx.clock()
+        if now < self._next_check:
+            return 0.0
+        wait = self.check(ctx)
+        self._next_check = now if wait > 0 else now + self.every
+        return wait
+
+    def check(self, ctx: RunContext) -> float:
+        """Probe now; a :class:`Wait` of ``poll`` seconds while the condition holds, 0 otherwise."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LagReading:
+    """What ``pg_stat_replication`` says about the replicas attached to the primary."""
+
+    replicas: int
+    #: the largest replay lag in bytes of WAL, and in seconds (None: no replica, or the server does not say)
+    lag_bytes: int | None = None
+    lag_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class VacuumReading:
+    """One vacuum working on the target table (or one of its partitions or TOAST tables)."""
+
+    pid: int
+    relation: str
+    phase: str
+    autovacuum: bool
+
+
+@dataclass(frozen=True)
+class TransactionReading:
+    """The oldest transaction of another client session that holds back the xmin horizon."""
+
+    pid: int
+    age_seconds: float
+    state: str | None
+    application_name: str | None
+
+
+class HealthProbes(Protocol):
+    """Where the database throttles get their readings (:class:`backfill.health.PostgresHealth` is the real one)."""
+
+    def replica_lag(self) -> LagReading: ...
+
+    def vacuums(self) -> Sequence[VacuumReading]: ...
+
+    def custom_check(self, query: str) -> bool: ...
+
+    def oldest_transaction(self) -> TransactionReading | None: ...
+
+    def lock_waiters(self) -> int: ...
+
+
+class ReplicaLag(ProbingThrottle):
+    """Wait while a replica is further behind than ``max_bytes`` of WAL or ``max_seconds`` of replay time.
+
+    Args:
+        probe: reads the lag (``pg_stat_replication`` on the primary).
+        max_bytes, max_seconds: thresholds; None ignores that measure.
+    """
+
+    def __init__(
+        self,
+        probe: Callable[[], LagReading],
+        *,
+        max_bytes: int | None = None,
+        max_seconds: float | None = None,
+        every: float = 1.0,
+        poll: float = 1.0,
+    ) -> None:
+        super().__init__(every=every, poll=poll)
+        self.probe, self.max_bytes, self.max_seconds = probe, max_bytes, max_seconds
+
+    def check(self, ctx: RunContext) -> float:
+        lag = self.probe()
+        over_bytes = self.max_bytes is not None and lag.lag_bytes is not None and lag.lag_bytes > self.max_bytes
+        over_time = self.max_seconds is not None and lag.lag_seconds is not None and lag.lag_seconds > self.max_seconds
+        if not (over_bytes or over_time):
+            return 0.0
+        return Wait(
+            self.poll,
+            "replica_lag",
+            lag_bytes=lag.lag_bytes,
+            lag_seconds=lag.lag_seconds,
+            max_bytes=self.max_bytes,
+            max_seconds=self.max_seconds,
+        )
+
+    def __repr__(self) -> str:
+        return f"ReplicaLag(max_bytes={self.max_bytes}, max_seconds={self.max_seconds})"
+
+
+class VacuumRunning(ProbingThrottle):
+    """Wait while a vacuum (usually autovacuum) works on the target table, so it can catch up with the dead rows
+    the backfill leaves behind instead of racing them (``pg_stat_progress_vacuum``)."""
+
+    def __init__(self, probe: Callable[[], Sequence[VacuumReading]], *, every: float = 1.0, poll: float = 1.0) -> None:
+        super().__init__(every=every, poll=poll)
+        self.probe = probe
+
+    def check(self, ctx: RunContext) -> float:
+        running = self.probe()
+        if not running:
+            return 0.0
+        first = running[0]
+        return Wait(
+            self.poll,
+            "vacuum_running",
+            pid=first.pid,
+            relation=first.relation,
+            phase=first.phase,
+            autovacuum=first.autovacuum,
+        )
+
+    def __repr__(self) -> str:
+        return "VacuumRunning()"
+
+
+class CustomCheck(ProbingThrottle):
+    """Wait while the user's query returns true (first column of the first row)."""
+
+    def __init__(self, probe: Callable[[str], bool], query: str, *, every: float = 1.0, poll: float = 1.0) -> None:
+        super().__init__(every=every, poll=poll)
+        self.probe, self.query = probe, query
+
+    def check(self, ctx: RunContext) -> float:
+        return Wait(self.poll, "health_check_sql", query=self.query) if self.probe(self.query) else 0.0
+
+    def __repr__(self) -> str:
+        return f"CustomCheck({self.query!r})"
+
+
+class LongTransactions(ProbingThrottle):
+    """Wait while another session's transaction, older than ``max_age`` seconds, holds back the xmin horizon:
+    vacuum cannot remove any dead row newer than it, so every batch until it ends only adds bloat."""
+
+    def __init__(
+        self,
+        probe: Callable[[], TransactionReading | None],
+        max_age: float,
+        *,
+        every: float = 1.0,
+        poll: float = 1.0,
+    ) -> None:
+        super().__init__(every=every, poll=poll)
+        self.probe, self.max_age = probe, max_age
+
+    def check(self, ctx: RunContext) -> float:
+        oldest = self.probe()
+        if oldest is None or oldest.age_seconds <= self.max_age:
+            return 0.0
+        return Wait(
+            self.poll,
+            "long_transaction",
+            pid=oldest.pid,
+            age_s=round(oldest.age_seconds, 1),
+            state=oldest.state,
+            application_name=oldest.application_name,
+            max_age=self.max_age,
+        )
+
+    def __repr__(self) -> str:
+        return f"LongTransactions(max_age={self.max_age})"
+
+
+class LockWaiters(ProbingThrottle):
+    """Wait while other sessions queue for a lock on the target table (typically a DDL statement): stepping aside
+    lets it through instead of piling more lock requests behind it."""
+
+    def __init__(self, probe: Callable[[], int], *, every: float = 1.0, poll: float = 1.0) -> None:
+        super().__init__(every=every, poll=poll)
+        self.probe = probe
+
+    def check(self, ctx: RunContext) -> float:
+        waiting = self.probe()
+        return Wait(self.poll, "lock_waiters", sessions=waiting) if waiting > 0 else 0.0
+
+    def __repr__(self) -> str:
+        return "LockWaiters()"
 
 
 @dataclass(frozen=True)
@@ -85,6 +405,61 @@ class FixedSize:
 
     def __call__(self, ctx: RunContext) -> int:
         return ctx.batch_size
+
+
+class AdaptiveSize:
+    """Size each batch to take about ``target_seconds``.
+
+    It keeps an exponentially weighted moving average of the rate (rows of key range per second) of the batches
+    so far and asks for ``rate * target_seconds`` rows, within ``[min_size, max_size]``. The average damps noise:
+    with ``smoothing=0.3`` one batch ten times slower than the rest cuts the next size by about a quarter, not
+    tenfold. Growth is capped at ``max_growth`` per batch so a start far below the target ramps up instead of
+    leaping on one fast measurement. A batch that exceeded statement_timeout halves the rate estimate.
+
+    On a steady table it converges within a few batches (the error shrinks by ``1 - smoothing`` per batch once
+    within the growth cap).
+    """
+
+    def __init__(
+        self,
+        target_seconds: float,
+        min_size: int = 100,
+        max_size: int = 100_000,
+        *,
+        smoothing: float = 0.3,
+        max_growth: float = 2.0,
+    ) -> None:
+        if target_seconds <= 0:
+            raise ValueError(f"target_seconds must be positive, got {target_seconds!r}")
+        if not 1 <= min_size <= max_size:
+            raise ValueError(f"need 1 <= min_size <= max_size, got {min_size!r} and {max_size!r}")
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"smoothing must be in (0, 1], got {smoothing!r}")
+        self.target_seconds = target_seconds
+        self.min_size, self.max_size = min_size, max_size
+        self.smoothing, self.max_growth = smoothing, max_growth
+        #: smoothed rows of key range per second; None until a batch has been measured
+        self.rate: float | None = None
+        self._seen_batches = 0
+        self._seen_timeouts = 0
+
+    def __call__(self, ctx: RunContext) -> int:
+        if ctx.batches > self._seen_batches and ctx.last_batch_seconds and ctx.last_batch_size > 0:
+            measured = ctx.last_batch_size / ctx.last_batch_seconds
+            self.rate = measured if self.rate is None else self.smoothing * measured + (1 - self.smoothing) * self.rate
+        self._seen_batches = ctx.batches
+        if ctx.timeouts > self._seen_timeouts:
+            if self.rate is not None:
+                self.rate /= 2 ** (ctx.timeouts - self._seen_timeouts)
+            self._seen_timeouts = ctx.timeouts
+        if self.rate is None:
+            wanted = float(ctx.batch_size)
+        else:
+            wanted = min(self.rate * self.target_seconds, ctx.batch_size * self.max_growth)
+        return int(min(self.max_size, max(self.min_size, wanted)))
+
+    def __repr__(self) -> str:
+        return f"AdaptiveSize(target_seconds={self.target_seconds}, min={self.min_size}, max={self.max_size})"
 
 
 class ErrorKind(enum.Enum):
@@ -99,7 +474,10 @@ class ErrorKind(enum.Enum):
     PERMANENT = "permanent"
 
 
-_TRANSIENT_SQLSTATES = frozenset({"55P03", "40P01", "40001", "57P01", "57P02", "57P03"})
+#: SQLSTATEs retried as they are: lock_not_available (lock_timeout), deadlock_detected, serialization_failure,
+#: admin_shutdown, crash_shutdown, cannot_connect_now (starting up or shutting down), idle_session_timeout (the
+#: server closed an idle runner connection). All of class 08 (connection exceptions) is retried too.
+TRANSIENT_SQLSTATES = frozenset({"55P03", "40P01", "40001", "57P01", "57P02", "57P03", "57P05"})
 
 
 @dataclass(frozen=True)
@@ -107,33 +485,41 @@ class RetryPolicy:
     """Which errors are retried, with what backoff, for how long.
 
     Args:
-        budget_seconds: how long one batch may keep failing transiently before the run gives up; long enough by
-            default to ride out a failover or a long lock holder.
+        budget_seconds: how long one batch may keep failing transiently before the run gives up and marks the
+            backfill failed; long enough by default to ride out a failover or a long lock holder.
         max_attempts: an optional cap on attempts per batch.
-        initial_wait, max_wait: exponential backoff bounds (with jitter) between attempts.
+        initial_wait, max_wait: exponential backoff bounds between attempts; each wait adds up to
+            ``initial_wait`` of random jitter so runners that failed together do not retry together.
         min_batch_size: a statement timeout halves the batch down to this size.
     """
 
     budget_seconds: float = 900.0
     max_attempts: int | None = None
     initial_wait: float = 0.5
-    max_wait: float = 30.0
+    max_wait: float = 10.0
     min_batch_size: int = 1
 
-    def classify(self, exc: BaseException) -> ErrorKind:
+    def classify(self, exc: BaseException, *, timed_out: bool = False) -> ErrorKind:
+        """What ``exc`` means for the batch.
+
+        Args:
+            timed_out: the attempt lasted at least statement_timeout. A query cancel (57014) is both a statement
+                timeout and ``pg_cancel_backend``; the server's message tells them apart only in English, so the
+                attempt's duration is the locale-proof signal.
+        """
         if isinstance(exc, ConnectError):
             return ErrorKind.TRANSIENT
         if isinstance(exc, psycopg.errors.QueryCanceled):
-            # 57014 is both statement_timeout and pg_cancel_backend; only the timeout is ours to handle.
-            return ErrorKind.TOO_BIG if "statement timeout" in str(exc) else ErrorKind.PERMANENT
+            # Only the timeout is ours to handle; a person who cancelled the statement wants the runner to stop.
+            return ErrorKind.TOO_BIG if timed_out or "statement timeout" in str(exc) else ErrorKind.PERMANENT
         if not isinstance(exc, psycopg.Error):
             return ErrorKind.PERMANENT
         sqlstate = exc.sqlstate or ""
-        if sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08"):
+        if sqlstate in TRANSIENT_SQLSTATES or sqlstate.startswith("08"):
             return ErrorKind.TRANSIENT
         if isinstance(exc, psycopg.OperationalError) and not sqlstate:
             return ErrorKind.TRANSIENT  # the connection broke: no SQLSTATE, just a dead socket
         return ErrorKind.PERMANENT
 
-    def is_retryable(self, exc: BaseException) -> bool:
-        return self.classify(exc) is not ErrorKind.PERMANENT
+    def is_retryable(self, exc: BaseException, *, timed_out: bool = False) -> bool:
+        return self.classify(exc, timed_out=timed_out) is not ErrorKind.PERMANENT

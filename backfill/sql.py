@@ -395,3 +395,77 @@ BATCH_SETTINGS = sql.SQL(
 def explain(statement: sql.Composable) -> sql.Composed:
     """EXPLAIN of a composed statement (used by ``plan`` and by the tests that check batch plans)."""
     return sql.SQL("EXPLAIN {}").format(statement)
+
+
+# --- health checks -------------------------------------------------------------------------------------------------
+# Run by backfill.health between batches on the runner's connection, never inside a batch's transaction. Each reads
+# statistics views only (no lock on the target table) and is cheap enough to run every second.
+
+#: (relation oid | NULL) for a (schema, table) pair: the target, resolved once per run.
+HEALTH_TABLE_OID = sql.SQL(
+    "SELECT pg_catalog.to_regclass(pg_catalog.quote_ident(%s) || '.' || pg_catalog.quote_ident(%s))::oid::bigint"
+)
+
+#: Whether the runner's role sees other sessions' statistics (otherwise the views hide lag, xmin and vacuum targets).
+HEALTH_CAN_READ_STATS = sql.SQL("SELECT pg_catalog.pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')")
+
+#: Replicas streaming from this server: how many, and the largest replay lag in bytes and in seconds.
+REPLICA_LAG = sql.SQL(
+    """
+    SELECT count(*)::int,
+           max(pg_catalog.pg_wal_lsn_diff(
+                 CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn()
+                      ELSE pg_catalog.pg_current_wal_lsn() END,
+                 r.replay_lsn))::bigint,
+           max(extract(epoch FROM r.replay_lag))::float8
+      FROM pg_catalog.pg_stat_replication r
+    """
+)
+
+#: (oid): vacuums of this database working on the table, any of its partitions, or their TOAST tables.
+VACUUMS = sql.SQL(
+    """
+    WITH rels AS (
+        SELECT c.oid, c.reltoastrelid
+          FROM pg_catalog.pg_partition_tree(%s::oid::regclass) t
+          JOIN pg_catalog.pg_class c ON c.oid = t.relid
+    )
+    SELECT p.pid, p.relid::regclass::text, p.phase, coalesce(a.backend_type = 'autovacuum worker', false)
+      FROM pg_catalog.pg_stat_progress_vacuum p
+      LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = p.pid
+     WHERE p.datid = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database())
+       AND (p.relid IN (SELECT oid FROM rels) OR p.relid IN (SELECT reltoastrelid FROM rels))
+     ORDER BY p.pid
+    """
+)
+
+#: The oldest open transaction of another client session of this database that holds a snapshot or an xid.
+OLDEST_TRANSACTION = sql.SQL(
+    """
+    SELECT a.pid, extract(epoch FROM (pg_catalog.clock_timestamp() - a.xact_start))::float8, a.state,
+           a.application_name
+      FROM pg_catalog.pg_stat_activity a
+     WHERE a.backend_type = 'client backend' AND a.pid <> pg_catalog.pg_backend_pid()
+       AND a.datname = pg_catalog.current_database()
+       AND a.xact_start IS NOT NULL
+       AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+     ORDER BY a.xact_start
+     LIMIT 1
+    """
+)
+
+#: (oid): sessions waiting for a lock on the table. Reading pg_locks briefly takes the lock manager's partition
+#: locks, which is why this probe is opt-in.
+LOCK_WAITERS = sql.SQL(
+    """
+    SELECT count(*)::int
+      FROM pg_catalog.pg_locks l
+     WHERE NOT l.granted AND l.locktype = 'relation' AND l.relation = %s::oid
+       AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database())
+    """
+)
+
+
+def custom_check(query: str) -> sql.Composed:
+    """The user's health query as written (execute with an empty parameter sequence: see ``_fragment``)."""
+    return sql.Composed([_fragment(query)])
