@@ -75,7 +75,7 @@ def preview_next_batch(
                 return empty
             lower, upper = pending[0].checkpoint or pending[0].lower_bound, pending[0].upper_bound
         else:
-            top = conn.execute(target.max_key()).fetchone()
+            top = conn.execute(target.max_key(), ()).fetchone()
             if top is None:
                 return empty
             lower, upper = None, list(top)

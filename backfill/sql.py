@@ -23,6 +23,11 @@ def _fragment(text: str) -> sql.SQL:
     return sql.SQL(text.replace("%", "%%"))
 
 
+def _ident(*names: str) -> sql.SQL:
+    # A table or column name goes into statements with placeholders too: a % in a name must not read as one.
+    return sql.SQL(sql.Identifier(*names).as_string(None).replace("%", "%%"))
+
+
 # --- catalog -----------------------------------------------------------------------------------------------------
 
 #: The relation a (schema, table) pair names, or NULL; with schema NULL, the search path decides.
@@ -81,7 +86,8 @@ SERVER_VERSION = sql.SQL("SELECT current_setting('server_version_num')::int")
 
 @dataclass(frozen=True)
 class Target:
-    """The batch statements for one resolved table, key and set of expressions."""
+    """The batch statements for one resolved table, key and set of expressions. Execute them with a parameter
+    sequence, if only an empty one: their % signs are escaped for psycopg's placeholder parsing."""
 
     schema: str
     table: str
@@ -91,11 +97,11 @@ class Target:
     where: str | None
 
     @property
-    def relation(self) -> sql.Identifier:
-        return sql.Identifier(self.schema, self.table)
+    def relation(self) -> sql.SQL:
+        return _ident(self.schema, self.table)
 
     def _key_row(self) -> sql.Composable:
-        cols = [sql.Identifier(c) for c in self.key]
+        cols = [_ident(c) for c in self.key]
         return cols[0] if len(cols) == 1 else sql.SQL("({})").format(sql.SQL(", ").join(cols))
 
     def _key_params(self) -> sql.Composable:
@@ -105,13 +111,13 @@ class Target:
     def _order(self, direction: str = "") -> sql.Composable:
         # Qualified on purpose: a bare ORDER BY "id" would sort by the output column "id"::text, as text.
         return sql.SQL(", ").join(
-            sql.SQL("{}{}").format(sql.Identifier(self.schema, self.table, c), sql.SQL(direction)) for c in self.key
+            sql.SQL("{}{}").format(_ident(self.schema, self.table, c), sql.SQL(direction)) for c in self.key
         )
 
     def _key_text(self) -> sql.Composable:
         # Keys travel as PostgreSQL's own text form (exact for every type, floats included since PG 12) and are
         # cast back to the column type on the way in, so a checkpoint stored as JSON round-trips any key type.
-        return sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in self.key)
+        return sql.SQL(", ").join(sql.SQL("{}::text").format(_ident(c)) for c in self.key)
 
     def _range(self, has_lower: bool) -> sql.Composable:
         upper = sql.SQL("{} <= {}").format(self._key_row(), self._key_params())
@@ -139,7 +145,7 @@ class Target:
     def update(self, has_lower: bool) -> sql.Composed:
         """Apply the expressions to one closed key range (params: [lower...], upper...)."""
         assignments = sql.SQL(", ").join(
-            sql.SQL("{} = ({})").format(sql.Identifier(col), _fragment(expr)) for col, expr in self.values
+            sql.SQL("{} = ({})").format(_ident(col), _fragment(expr)) for col, expr in self.values
         )
         condition = self._range(has_lower)
         if self.where:
@@ -156,7 +162,7 @@ class Target:
     def check_expression(self, column: str, expression: str) -> sql.Composed:
         """Parse, resolve and type-check one SET expression without touching a row."""
         return sql.SQL("EXPLAIN UPDATE {} SET {} = ({}) WHERE false").format(
-            self.relation, sql.Identifier(column), _fragment(expression)
+            self.relation, _ident(column), _fragment(expression)
         )
 
     def check_where(self) -> sql.Composed:

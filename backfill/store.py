@@ -346,7 +346,7 @@ class PostgresStore:
                     conn.execute(self.tables.start(), (None, None, record.id))
                 return existing
             conn.execute(sql.SET_TIMEOUTS, ("5s", "60s"))
-            top = conn.execute(plan.target.max_key()).fetchone()
+            top = conn.execute(plan.target.max_key(), ()).fetchone()
             if top is None:
                 conn.execute(self.tables.set_state(), (RunState.SUCCEEDED.value, None, True, record.id))
                 return []

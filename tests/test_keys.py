@@ -137,15 +137,18 @@ def test_rows_inserted_after_the_start_beyond_the_fixed_end_are_left_alone(
 
 
 def test_schema_qualified_table_and_quoted_identifiers(conn: psycopg.Connection[Any], db_url: str) -> None:
+    # Spaces, capitals, quotes and % signs (which psycopg would otherwise read as placeholders) in every name.
     conn.execute('CREATE SCHEMA "App Data"')
-    conn.execute('CREATE TABLE "App Data"."Order Items" ("Id" integer PRIMARY KEY, "Total" integer)')
-    conn.execute('INSERT INTO "App Data"."Order Items" ("Id") SELECT generate_series(1, 120)')
-    spec = BackfillSpec("totals", "Order Items", {"Total": '"Id" * 2'}, schema="App Data", batch_size=50)
+    conn.execute('CREATE TABLE "App Data"."Order %s Items" ("I""d%d" integer PRIMARY KEY, "Total%" integer)')
+    conn.execute('INSERT INTO "App Data"."Order %s Items" ("I""d%d") SELECT generate_series(1, 120)')
+    spec = BackfillSpec(
+        "totals", "Order %s Items", {"Total%": '"I""d%d" * 2'}, schema="App Data", key=('I"d%d',), batch_size=50
+    )
 
     report = backfill.run_backfill(db_url, spec)
 
     assert report.rows_updated == 120
-    assert conn.execute('SELECT sum("Total") FROM "App Data"."Order Items"').fetchone() == (120 * 121,)
+    assert conn.execute('SELECT sum("Total%") FROM "App Data"."Order %s Items"').fetchone() == (120 * 121,)
 
 
 def test_explicit_non_primary_key_with_an_index(conn: psycopg.Connection[Any], db_url: str) -> None:
