@@ -50,8 +50,22 @@ from backfill.errors import (
     StateTransitionError,
     UnknownBackfillError,
 )
-from backfill.executor import BackfillFailedError, RunReport, RunSettings
-from backfill.policies import FixedSleep, RetryPolicy, RunContext
+from backfill.executor import BackfillFailedError, RunReport, RunSettings, SettingsError
+from backfill.health import PostgresHealth
+from backfill.policies import (
+    AdaptiveSize,
+    CustomCheck,
+    FixedSize,
+    FixedSleep,
+    LockWaiters,
+    LongTransactions,
+    MaxRowsPerSecond,
+    ReplicaLag,
+    RetryPolicy,
+    RunContext,
+    VacuumRunning,
+    Wait,
+)
 from backfill.preview import BatchPreview
 from backfill.spec import DEFAULT_BATCH_SIZE, BackfillSpec
 from backfill.state import RunOutcome, RunState
@@ -67,7 +81,17 @@ __all__ = [
     "RunState",
     "RunContext",
     "RetryPolicy",
+    "Wait",
     "FixedSleep",
+    "MaxRowsPerSecond",
+    "ReplicaLag",
+    "VacuumRunning",
+    "CustomCheck",
+    "LongTransactions",
+    "LockWaiters",
+    "FixedSize",
+    "AdaptiveSize",
+    "PostgresHealth",
     "BackfillRecord",
     "SliceRecord",
     "init_control_tables",
@@ -93,6 +117,7 @@ __all__ = [
     "LockUnavailableError",
     "BackfillError",
     "BackfillFailedError",
+    "SettingsError",
     "ConnectError",
     "ControlTablesMissingError",
     "PlanError",

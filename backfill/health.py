@@ -7,7 +7,7 @@ timeouts, never inside a batch's transaction (a probe must not extend how long a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -40,7 +40,9 @@ class PostgresHealth:
         self._oid: int | None = None
         self._privileges_checked = False
 
-    def _rows(self, statement: pgsql.SQL | pgsql.Composed, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def _rows(
+        self, statement: pgsql.SQL | pgsql.Composed, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> list[tuple[Any, ...]]:
         conn = self.connection()
         with conn.transaction():
             conn.execute(sql.SET_TIMEOUTS, (_PROBE_LOCK_TIMEOUT, _PROBE_STATEMENT_TIMEOUT))
@@ -69,7 +71,7 @@ class PostgresHealth:
 
     def vacuums(self) -> list[VacuumReading]:
         """Vacuums at work on the table, its partitions or their TOAST tables (``pg_stat_progress_vacuum``)."""
-        return [VacuumReading(*row) for row in self._rows(sql.VACUUMS, (self._table_oid(),))]
+        return [VacuumReading(*row) for row in self._rows(sql.VACUUMS, {"oid": self._table_oid()})]
 
     def custom_check(self, query: str) -> bool:
         """Whether the user's query returns true (first column of the first row; no row or NULL is false)."""

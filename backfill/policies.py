@@ -113,6 +113,9 @@ class Wait(float):
         return f"Wait({float(self)!r}, {self.reason!r})"
 
 
+#: Waits shorter than this are no wait (clock arithmetic leaves crumbs of 1e-15 s).
+_NOW = 1e-6
+
 #: Seconds to wait before the next batch; 0 means go on.
 Throttle = Callable[[RunContext], float]
 #: The size of the next batch.
@@ -187,7 +190,7 @@ class FixedSleep(ThrottleBase):
         if ctx.last_batch_ended_at is None:
             return 0.0
         left = self.seconds - (ctx.clock() - ctx.last_batch_ended_at)
-        return Wait(left, "sleep_between", sleep_between=self.seconds) if left > 0 else 0.0
+        return Wait(left, "sleep_between", sleep_between=self.seconds) if left > _NOW else 0.0
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,7 @@ class MaxRowsPerSecond(ThrottleBase):
         if ctx.last_batch_started_at is None or ctx.last_batch_rows <= 0:
             return 0.0
         left = ctx.last_batch_started_at + ctx.last_batch_rows / self.rate - ctx.clock()
-        return Wait(left, "max_rows_per_second", max_rows_per_second=self.rate) if left > 0 else 0.0
+        return Wait(left, "max_rows_per_second", max_rows_per_second=self.rate) if left > _NOW else 0.0
 
 
 class ProbingThrottle(ThrottleBase):

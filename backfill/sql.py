@@ -428,13 +428,15 @@ REPLICA_LAG = sql.SQL(
     """
 )
 
-#: (oid): vacuums of this database working on the table, any of its partitions, or their TOAST tables.
+#: (oid=): vacuums of this database working on the table, any of its partitions, or their TOAST tables.
 VACUUMS = sql.SQL(
     """
     WITH rels AS (
+        -- pg_partition_tree() lists a partitioned table's tree, and nothing for a plain table.
         SELECT c.oid, c.reltoastrelid
-          FROM pg_catalog.pg_partition_tree(%s::oid::regclass) t
-          JOIN pg_catalog.pg_class c ON c.oid = t.relid
+          FROM pg_catalog.pg_class c
+         WHERE c.oid = %(oid)s::oid
+            OR c.oid IN (SELECT t.relid FROM pg_catalog.pg_partition_tree(%(oid)s::oid::regclass) t)
     )
     SELECT p.pid, p.relid::regclass::text, p.phase, coalesce(a.backend_type = 'autovacuum worker', false)
       FROM pg_catalog.pg_stat_progress_vacuum p

@@ -18,9 +18,32 @@ from backfill.spec import BackfillSpec
 from backfill.state import RunState
 from backfill.store import BackfillRecord, BatchRequest, BatchResult, SliceRecord
 
-__all__ = ["InMemoryStore"]
+__all__ = ["InMemoryStore", "FakeClock"]
 
 _EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+@dataclass
+class FakeClock:
+    """Injected time for unit tests: ``clock()`` reads it, ``clock.sleep(s)`` records the sleep and advances it,
+    ``clock.advance(s)`` makes time pass as if work had been done (e.g. from ``InMemoryStore.before_batch``)."""
+
+    now: float = 0.0
+    sleeps: list[float] = field(default_factory=list)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    @property
+    def slept(self) -> float:
+        return sum(self.sleeps)
 
 
 @dataclass
