@@ -514,10 +514,19 @@ class Executor:
             finally:
                 last_attempt = self.clock() - started
 
+        backoff = tenacity.wait_exponential(multiplier=policy.initial_wait, max=policy.max_wait) + tenacity.wait_random(
+            0, policy.initial_wait
+        )
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            # A batch that hit statement_timeout is retried at half the size at once: it failed for its size,
+            # not for the state of the database, and the smaller batch is the lighter load.
+            exc = state.outcome.exception() if state.outcome else None
+            return 0.0 if exc is not None and classify(exc) is ErrorKind.TOO_BIG else float(backoff(state))
+
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(retryable),
-            wait=tenacity.wait_exponential(multiplier=policy.initial_wait, max=policy.max_wait)
-            + tenacity.wait_random(0, policy.initial_wait),
+            wait=wait,
             stop=out_of_budget,
             sleep=self._retry_sleep,
             before_sleep=before_sleep,

@@ -103,6 +103,7 @@ def test_a_statement_timeout_halves_the_batch_and_the_run_goes_on() -> None:
     assert report.outcome is RunOutcome.FINISHED
     assert [r["reason"] for r in events(logs, "batch_retry")] == ["statement_timeout"] * 2
     assert store.requests[0].batch_size == 100  # 400 -> 200 -> 100
+    assert clock.sleeps == []  # a smaller batch is retried at once: it failed for its size, not the database's state
     assert exactly_once(store)
 
 
