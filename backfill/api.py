@@ -204,5 +204,5 @@ def preview_backfill(
     with open_store(bind, control_schema) as store:
         record = store.get(name)
         plan = resolve(store.conn, record.spec)
-        size = batch_size or record.spec.batch_size
+        size = batch_size or record.spec.initial_batch_size
         return preview_next_batch(store.conn, plan, record.name, record.state, store.slices(record.id), size)

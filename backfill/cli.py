@@ -29,7 +29,7 @@ from backfill.durations import format_duration, parse_duration
 from backfill.errors import BackfillError
 from backfill.executor import RunReport, RunSettings
 from backfill.progress import LOG_FORMATS, Progress, configure_logging
-from backfill.spec import DEFAULT_BATCH_SIZE, BackfillSpec
+from backfill.spec import BackfillSpec
 from backfill.state import RunOutcome
 from backfill.status import BackfillStatus
 
@@ -264,12 +264,12 @@ def add(
 
     The spec is checked against the database first; nothing is written if it does not fit.
     """
-    spec = BackfillSpec(name, table, values, where, key, batch_size or DEFAULT_BATCH_SIZE)
+    spec = BackfillSpec(name, table, values, where, key, batch_size)
     record = api.register_backfill(obj.database, spec, force=force, control_schema=obj.control_schema)
     stored = record.spec
     click.echo(
         f"backfill {record.name!r} on {stored.qualified_table} (key {', '.join(stored.key or ())}, "
-        f"batch size {stored.batch_size:,}): {record.state.value}"
+        f"batch size {stored.batch_size or 'adaptive'}): {record.state.value}"
     )
 
 

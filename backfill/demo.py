@@ -240,7 +240,7 @@ def _demo(url: str, rows: int, writers: int, progress: Progress | None, echo: Ec
                 phase1
             )
             record = api.get_backfill(database, BACKFILL_NAME, control_schema=DEMO_SCHEMA)
-            echo(f"phase 2: backfill run, batches of {record.spec.batch_size:,} rows")
+            echo(f"phase 2: backfill run, batches of {record.spec.initial_batch_size:,} rows")
             if progress is not None:
                 progress.begin(BACKFILL_NAME, 0, api.plan_backfill(database, record.spec).estimated_rows)
             report = api.run_backfill(database, BACKFILL_NAME, control_schema=DEMO_SCHEMA, settings=RunSettings())

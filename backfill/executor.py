@@ -43,7 +43,6 @@ from backfill.policies import (
     VacuumRunning,
     no_throttle,
 )
-from backfill.spec import DEFAULT_BATCH_SIZE
 from backfill.state import RunOutcome, RunState
 from backfill.store import BatchRequest, BatchResult, LockLostError, PostgresStore, SliceRecord, Store
 
@@ -74,7 +73,7 @@ class RunSettings:
 
     Args:
         batch_size: rows of key range per batch. Setting it pins the size (no adaptive sizing); so does a spec
-            whose ``batch_size`` is not the default 10,000. Otherwise batches start at the spec's size and adapt.
+            with a ``batch_size``. Otherwise batches start at :data:`DEFAULT_BATCH_SIZE` and adapt.
         lock_timeout: seconds a batch may wait for a row or table lock before it is rolled back and retried.
         statement_timeout: seconds one statement of a batch may run before the batch is retried at half the size.
         sleep_between: seconds to leave between the end of a batch and the start of the next.
@@ -148,13 +147,13 @@ class RunSettings:
         if self.health_check_sql is not None and not self.health_check_sql.strip():
             raise SettingsError("health_check_sql is empty")
 
-    def pins_batch_size(self, spec_batch_size: int) -> bool:
+    def pins_batch_size(self, spec_batch_size: int | None) -> bool:
         """Whether batches keep one size: the run or the spec chose it (like pt-online-schema-change's explicit
         ``--chunk-size``), or adaptive sizing is off."""
-        return self.target_batch_seconds is None or self.batch_size is not None or spec_batch_size != DEFAULT_BATCH_SIZE
+        return self.target_batch_seconds is None or self.batch_size is not None or spec_batch_size is not None
 
     def policies(
-        self, health: HealthProbes | None = None, *, spec_batch_size: int = DEFAULT_BATCH_SIZE
+        self, health: HealthProbes | None = None, *, spec_batch_size: int | None = None
     ) -> tuple[Throttle, BatchSizer, RetryPolicy]:
         """The throttle, sizer and retry policy this run uses.
 
@@ -294,7 +293,7 @@ class Executor:
             postgres = store
             health = PostgresHealth(lambda: postgres.conn, plan.target.schema, plan.target.table)
         self.health = health
-        spec_batch_size = plan.spec.batch_size if plan is not None else DEFAULT_BATCH_SIZE
+        spec_batch_size = plan.spec.batch_size if plan is not None else None
         self.throttle, self.sizer, self.retry = self.settings.policies(health, spec_batch_size=spec_batch_size)
         self.log = log.bind(backfill=name)
         self._retries = 0
@@ -310,7 +309,7 @@ class Executor:
         record = self.store.get(self.name)
         if self.plan is None and self.settings.sizer is None:
             self.sizer = self.settings.policies(self.health, spec_batch_size=record.spec.batch_size)[1]
-        batch_size = self.settings.batch_size or record.spec.batch_size
+        batch_size = self.settings.batch_size or record.spec.initial_batch_size
         ctx = RunContext(self.name, batch_size, self.clock(), self.clock)
         if record.state in _EARLY:
             return self._report(ctx, _EARLY[record.state], record.state, error=record.last_error)

@@ -16,7 +16,7 @@ from backfill.errors import SpecError
 
 __all__ = ["BackfillSpec", "DEFAULT_BATCH_SIZE"]
 
-#: Rows per batch unless the spec or the run says otherwise. 10,000 keeps a batch near 100 ms on modest hardware.
+#: Where batches start when the spec leaves ``batch_size`` open (they then adapt to a target duration).
 DEFAULT_BATCH_SIZE = 10_000
 
 _MAX_NAME = 200
@@ -39,7 +39,8 @@ class BackfillSpec:
             Expressions are SQL written by the migration's author and run as they are.
         where: optional SQL filter; rows not matching it are skipped (their key range is still walked).
         key: columns to walk, in order; defaults to the primary key. Needs a btree index leading with them.
-        batch_size: key range per batch, counted in rows of the table.
+        batch_size: key range per batch, counted in rows of the table. Left open (None), batches start at
+            :data:`DEFAULT_BATCH_SIZE` and adapt to a target duration; a number pins every batch to that size.
         schema: the table's schema; defaults to the one in ``table`` or the search path.
 
     Raises:
@@ -51,7 +52,7 @@ class BackfillSpec:
     values: Mapping[str, str]
     where: str | None = None
     key: tuple[str, ...] | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int | None = None
     schema: str | None = None
     _frozen_values: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
 
@@ -78,7 +79,8 @@ class BackfillSpec:
                 raise SpecError(f"key names a column twice: {', '.join(key)}")
         if self.where is not None:
             _text(self.where, "where")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
+        size = self.batch_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
             raise SpecError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         object.__setattr__(self, "table", table)
         object.__setattr__(self, "schema", schema)
@@ -93,6 +95,11 @@ class BackfillSpec:
     def qualified_table(self) -> str:
         """``schema.table`` for messages (not for SQL: statements quote each part)."""
         return f"{self.schema}.{self.table}" if self.schema else self.table
+
+    @property
+    def initial_batch_size(self) -> int:
+        """The first batch's size: the pinned one, or where adaptive sizing starts."""
+        return self.batch_size or DEFAULT_BATCH_SIZE
 
     def with_changes(self, **changes: Any) -> BackfillSpec:
         """A copy with some fields replaced (and validated again)."""
@@ -118,7 +125,7 @@ class BackfillSpec:
             values=data["values"],
             where=data.get("where"),
             key=tuple(key) if key is not None else None,
-            batch_size=int(data.get("batch_size", DEFAULT_BATCH_SIZE)),
+            batch_size=data.get("batch_size"),
             schema=data.get("schema"),
         )
 

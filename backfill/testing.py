@@ -68,7 +68,7 @@ class InMemoryStore:
     done: bool = False
 
     @classmethod
-    def for_keys(cls, keys: Iterable[int], *, batch_size: int = 10, name: str = "test") -> InMemoryStore:
+    def for_keys(cls, keys: Iterable[int], *, batch_size: int | None = 10, name: str = "test") -> InMemoryStore:
         return cls(sorted(keys), BackfillSpec(name, "t", {"n": "n + 1"}, batch_size=batch_size))
 
     def get(self, name: str) -> BackfillRecord:

@@ -310,7 +310,7 @@ def test_sleep_between_leaves_a_gap_after_each_batch() -> None:
 
 
 def test_default_settings_size_batches_to_the_target_duration() -> None:
-    store, clock = InMemoryStore.for_keys(range(2_000_000), batch_size=10_000), FakeClock()
+    store, clock = InMemoryStore.for_keys(range(2_000_000), batch_size=None), FakeClock()
     # A steady table: 3 ms per batch plus 4 µs per row -> 50 ms hold 11,750 rows.
     store.before_batch = lambda request: clock.advance(0.003 + request.batch_size * 0.000_004)
 
@@ -319,7 +319,7 @@ def test_default_settings_size_batches_to_the_target_duration() -> None:
 
     durations = [float(e["ms"]) for e in events(logs, "batch_committed")]  # type: ignore[arg-type]
     assert report.batches == 30
-    assert durations[0] == pytest.approx(43.0)  # the spec's 10,000 rows to start with
+    assert durations[0] == pytest.approx(43.0)  # DEFAULT_BATCH_SIZE (10,000) rows to start with
     for ms in durations[10:]:
         assert ms == pytest.approx(50.0, rel=0.05)
 

@@ -376,7 +376,7 @@ def test_without_database_probes_only_time_based_throttles_apply() -> None:
 
 
 def test_a_chosen_batch_size_pins_the_size() -> None:
-    assert isinstance(RunSettings().policies(spec_batch_size=backfill.DEFAULT_BATCH_SIZE)[1], AdaptiveSize)
+    assert isinstance(RunSettings().policies(spec_batch_size=None)[1], AdaptiveSize)
     assert isinstance(RunSettings().policies(spec_batch_size=500)[1], FixedSize)
     assert isinstance(RunSettings(batch_size=2_000).policies()[1], FixedSize)
     assert isinstance(RunSettings(target_batch_seconds=None).policies()[1], FixedSize)

@@ -38,7 +38,6 @@ from backfill.alembic.ops import (  # noqa: E402
     ValidateNotNullConstraintOp,
 )
 from backfill.alembic.toimpl import BackfillNotFinishedError, MigrationContextError  # noqa: E402
-from backfill.spec import DEFAULT_BATCH_SIZE  # noqa: E402
 
 if TYPE_CHECKING:
     from backfill.executor import RunReport, RunSettings
@@ -82,7 +81,7 @@ def backfill(
     *,
     where: SQLText | None = None,
     key: str | tuple[str, ...] | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     schema: str | None = None,
     defer: bool = False,
     settings: RunSettings | None = None,

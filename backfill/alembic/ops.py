@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING, Any, Union
 
 from alembic.operations import MigrateOperation, Operations
 
-from backfill.spec import DEFAULT_BATCH_SIZE
-
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ClauseElement
 
@@ -50,7 +48,7 @@ class BackfillOp(MigrateOperation):
         *,
         where: SQLText | None = None,
         key: str | tuple[str, ...] | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
         schema: str | None = None,
         defer: bool = False,
         settings: RunSettings | None = None,
@@ -79,7 +77,7 @@ class BackfillOp(MigrateOperation):
         *,
         where: SQLText | None = None,
         key: str | tuple[str, ...] | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
         schema: str | None = None,
         defer: bool = False,
         settings: RunSettings | None = None,
@@ -109,7 +107,7 @@ class BackfillOp(MigrateOperation):
         :param where: optional filter (text or SQLAlchemy expression); rows not matching it are left alone.
         :param key: columns to walk (default: the primary key). Required for ``--sql`` (offline) output, where
             the catalog cannot be read.
-        :param batch_size: rows per batch.
+        :param batch_size: rows per batch; by default batches adapt to a target duration.
         :param schema: the table's schema.
         :param defer: only register the backfill (state ``pending``) for ``backfill run`` (CLI or cron) and
             return at once; gate a later revision on it with ``op.ensure_backfill_finished``.

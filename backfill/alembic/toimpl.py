@@ -179,12 +179,12 @@ def _render_backfill(ctx: MigrationContext, spec: BackfillSpec, operation: Backf
         key=spec.key,
         values=tuple(spec.values.items()),
         where=spec.where,
-        batch_size=spec.batch_size,
+        batch_size=spec.initial_batch_size,
         lock_timeout=settings.lock_timeout if settings else 2.0,
     )
     with _outside_transaction(ctx, "backfill"):
         note = " (defer=True: run here inline; cut it out to run it separately)" if operation.defer else ""
-        ctx.impl.static_output(f"-- backfill {spec.name}: {spec.batch_size} rows per transaction{note}")
+        ctx.impl.static_output(f"-- backfill {spec.name}: {spec.initial_batch_size} rows per transaction{note}")
         _output(ctx, ddl.render(script))
 
 
