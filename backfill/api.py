@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 
 from backfill.connect import Bind, Database
+from backfill.errors import SpecError
 from backfill.executor import Executor, RunReport, RunSettings
+from backfill.parallel import run_parallel
 from backfill.plan import Plan, resolve
 from backfill.preview import BatchPreview, preview_next_batch
 from backfill.spec import BackfillSpec
@@ -89,6 +92,8 @@ def run_backfill(
     max_runtime: float | None = None,
     max_batches: int | None = None,
     settings: RunSettings | None = None,
+    workers: int = 1,
+    slices: int | None = None,
     force: bool = False,
     control_schema: str = DEFAULT_CONTROL_SCHEMA,
     should_stop: Callable[[], bool] | None = None,
@@ -101,8 +106,11 @@ def run_backfill(
         backfill: a spec (registered first, or checked against the registered one), or the name of a registered
             backfill (its stored spec is used: no application code is needed to resume it).
         max_runtime: seconds after which no new batch starts.
-        max_batches: batches after which the run stops.
+        max_batches: batches after which the run stops (shared out between workers).
         settings: batch size, timeouts, throttles and retry policy for this run.
+        workers: runners in this process, each on its own connection (one database core each).
+        slices: split the backfill's unfinished key range into at least this many slices first (default:
+            ``workers``), so that runners in other processes or on other machines find work too.
         force: replace a different stored spec of the same name.
         control_schema: where the control tables live.
         should_stop: polled between batches; True stops the run after the current batch.
@@ -113,19 +121,41 @@ def run_backfill(
 
     Raises:
         PlanError, SpecMismatchError, UnknownBackfillError, ConnectError: before any batch runs.
+        SpecError: ``workers`` or ``slices`` is not a positive integer.
     """
+    for label, count in (("workers", workers), ("slices", slices if slices is not None else 1)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise SpecError(f"{label} must be a positive integer, got {count!r}")
     settings = settings or RunSettings()
-    with open_store(bind, control_schema, settings.application_name) as store:
+    database = Database.from_bind(bind, settings.application_name)
+    with PostgresStore(database, control_schema) as store:
         if isinstance(backfill, BackfillSpec):
             plan = resolve(store.conn, backfill)
             store.init()
-            name = store.register(plan, force=force).name
+            record = store.register(plan, force=force)
         else:
             record = store.get(backfill)
-            name = record.name
             plan = resolve(store.conn, record.spec)
-        executor = Executor(store, plan, name, settings, should_stop=should_stop)
-        return executor.run(max_runtime=max_runtime, max_batches=max_batches)
+        parts = max(workers, slices or 1)
+        if parts > 1 and record.state.runnable:
+            # Split once, before any worker starts, so no worker finds the whole range claimed by the splitter.
+            store.start(record, plan)
+            store.split(plan, record.id, parts)
+        if workers == 1:
+            return Executor(store, plan, record.name, settings, should_stop=should_stop).run(
+                max_runtime=max_runtime, max_batches=max_batches
+            )
+    return run_parallel(
+        lambda: PostgresStore(database, control_schema),
+        plan,
+        record.name,
+        settings,
+        workers=workers,
+        max_runtime=max_runtime,
+        max_batches=max_batches,
+        should_stop=should_stop,
+        clock=time.monotonic,
+    )
 
 
 def get_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> BackfillRecord:

@@ -153,7 +153,11 @@ class RunSettings:
         return self.target_batch_seconds is None or self.batch_size is not None or spec_batch_size is not None
 
     def policies(
-        self, health: HealthProbes | None = None, *, spec_batch_size: int | None = None
+        self,
+        health: HealthProbes | None = None,
+        *,
+        spec_batch_size: int | None = None,
+        sharers: Callable[[], int] | None = None,
     ) -> tuple[Throttle, BatchSizer, RetryPolicy]:
         """The throttle, sizer and retry policy this run uses.
 
@@ -161,6 +165,7 @@ class RunSettings:
             health: where the database throttles read replica lag, vacuums, etc.; without it (an in-memory store)
                 only the time-based throttles apply.
             spec_batch_size: the spec's batch size (see :meth:`pins_batch_size`).
+            sharers: how many runners work on the backfill now; they split ``max_rows_per_second`` between them.
         """
         retry = self.retry or RetryPolicy(budget_seconds=self.max_retry_seconds, min_batch_size=self.min_batch_size)
         if self.sizer is not None:
@@ -170,14 +175,14 @@ class RunSettings:
         else:
             assert self.target_batch_seconds is not None
             sizer = AdaptiveSize(self.target_batch_seconds, self.min_batch_size, self.max_batch_size)
-        return self.throttle or self._throttle(health), sizer, retry
+        return self.throttle or self._throttle(health, sharers), sizer, retry
 
-    def _throttle(self, health: HealthProbes | None) -> Throttle:
+    def _throttle(self, health: HealthProbes | None, sharers: Callable[[], int] | None) -> Throttle:
         throttles: list[Throttle] = []
         if self.sleep_between > 0:
             throttles.append(FixedSleep(self.sleep_between))
         if self.max_rows_per_second is not None:
-            throttles.append(MaxRowsPerSecond(self.max_rows_per_second))
+            throttles.append(MaxRowsPerSecond(self.max_rows_per_second, sharers))
         if health is not None:
             every = {"every": self.health_check_interval, "poll": self.health_check_interval}
             if self.max_replica_lag_bytes is not None or self.max_replica_lag_seconds is not None:
@@ -294,7 +299,10 @@ class Executor:
             health = PostgresHealth(lambda: postgres.conn, plan.target.schema, plan.target.table)
         self.health = health
         spec_batch_size = plan.spec.batch_size if plan is not None else None
-        self.throttle, self.sizer, self.retry = self.settings.policies(health, spec_batch_size=spec_batch_size)
+        self._backfill_id: int | None = None
+        self.throttle, self.sizer, self.retry = self.settings.policies(
+            health, spec_batch_size=spec_batch_size, sharers=self._live_runners
+        )
         self.log = log.bind(backfill=name)
         self._retries = 0
         self._throttled = 0.0
@@ -314,7 +322,8 @@ class Executor:
         if record.state in _EARLY:
             return self._report(ctx, _EARLY[record.state], record.state, error=record.last_error)
 
-        slices = self.store.start(record, self.plan)
+        self._backfill_id = record.id
+        self.store.start(record, self.plan)
         self.log.info(
             "run_started",
             table=record.spec.qualified_table,
@@ -324,13 +333,9 @@ class Executor:
             max_runtime=max_runtime,
             max_batches=max_batches,
         )
-        busy = 0
-        for piece in slices:
-            if piece.done:
-                continue
-            if not self.store.try_claim(record.id, piece.slice):
-                busy += 1
-                continue
+        # Take any unfinished slice no live runner holds, work it to its end, and look again: slices are re-read
+        # each time, so a slice left by a runner that died is taken over from its checkpoint.
+        while (piece := self._claim_next(record.id)) is not None:
             try:
                 ended = self._work(ctx, record.id, piece, max_runtime, max_batches)
             except LockLostError as exc:
@@ -340,15 +345,23 @@ class Executor:
                 self.store.release(record.id, piece.slice, self.owner)
             if ended is not None:
                 return self._report(ctx, *ended)
+        held_elsewhere = any(not piece.done for piece in self.store.slices(record.id))
         state = self.store.get(self.name).state
         if state is RunState.SUCCEEDED:
             return self._report(ctx, RunOutcome.FINISHED, state)
-        return self._report(
-            ctx,
-            RunOutcome.BUSY if busy else RunOutcome.WORK_LEFT,
-            state,
-            reason="another runner holds the backfill" if busy else None,
-        )
+        if held_elsewhere:
+            outcome = RunOutcome.BUSY if ctx.batches == 0 else RunOutcome.WORK_LEFT
+            return self._report(ctx, outcome, state, reason="other runners hold the remaining slices")
+        return self._report(ctx, RunOutcome.WORK_LEFT, state)
+
+    def _claim_next(self, backfill_id: int) -> SliceRecord | None:
+        for piece in self.store.slices(backfill_id):
+            if not piece.done and self.store.try_claim(backfill_id, piece.slice):
+                return piece
+        return None
+
+    def _live_runners(self) -> int:
+        return self.store.live_runners(self._backfill_id) if self._backfill_id is not None else 1
 
     def _work(
         self,
@@ -375,6 +388,9 @@ class Executor:
             except _StopRequested:
                 return RunOutcome.WORK_LEFT, RunState.RUNNING, "stop requested"
             except Exception as exc:  # a permanent error, or a transient one that outlived the retry budget
+                if isinstance(exc, psycopg.errors.QueryCanceled) and self.should_stop():
+                    # Our own abort (a second signal cancels parallel workers' statements): the batch rolled back.
+                    return RunOutcome.WORK_LEFT, RunState.RUNNING, "aborted"
                 return self._fail(backfill_id, _describe(exc))
             if not result.applied:
                 outcome = {

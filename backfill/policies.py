@@ -193,18 +193,39 @@ class FixedSleep(ThrottleBase):
         return Wait(left, "sleep_between", sleep_between=self.seconds) if left > _NOW else 0.0
 
 
-@dataclass(frozen=True)
 class MaxRowsPerSecond(ThrottleBase):
     """Cap the update rate: a batch that updated ``r`` rows is followed by the next one no sooner than ``r / rate``
-    seconds after it started. Paced batch by batch, so a long wait for another reason never earns a burst."""
+    seconds after it started. Paced batch by batch, so a long wait for another reason never earns a burst.
 
-    rate: float
+    Args:
+        rate: rows per second for the whole backfill.
+        sharers: how many runners share the cap right now (each takes an equal part); read at most every
+            ``every`` seconds. Without it, this runner has the whole rate.
+    """
+
+    def __init__(self, rate: float, sharers: Callable[[], int] | None = None, *, every: float = 5.0) -> None:
+        self.rate = rate
+        self.sharers = sharers
+        self.every = every
+        self._share = 1
+        self._next_read = -math.inf
+
+    def _runners(self, now: float) -> int:
+        if self.sharers is not None and now >= self._next_read:
+            self._share = max(1, self.sharers())
+            self._next_read = now + self.every
+        return self._share
 
     def __call__(self, ctx: RunContext) -> float:
         if ctx.last_batch_started_at is None or ctx.last_batch_rows <= 0:
             return 0.0
-        left = ctx.last_batch_started_at + ctx.last_batch_rows / self.rate - ctx.clock()
-        return Wait(left, "max_rows_per_second", max_rows_per_second=self.rate) if left > _NOW else 0.0
+        now = ctx.clock()
+        rate = self.rate / self._runners(now)
+        left = ctx.last_batch_started_at + ctx.last_batch_rows / rate - now
+        return Wait(left, "max_rows_per_second", max_rows_per_second=round(rate, 1)) if left > _NOW else 0.0
+
+    def __repr__(self) -> str:
+        return f"MaxRowsPerSecond({self.rate!r}{', shared' if self.sharers else ''})"
 
 
 class ProbingThrottle(ThrottleBase):

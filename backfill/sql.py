@@ -353,6 +353,13 @@ class ControlTables:
         """(id): serialises changes to a backfill's set of slices (slice numbers are taken under this lock)."""
         return sql.SQL("SELECT id FROM {} WHERE id = %s FOR UPDATE").format(self.backfills)
 
+    def live_runners(self) -> sql.Composed:
+        """(backfill_id, seconds): distinct owners of unfinished slices with a heartbeat that recent."""
+        return sql.SQL(
+            """SELECT count(DISTINCT owner) FROM {} WHERE backfill_id = %s AND NOT done AND owner IS NOT NULL
+                  AND heartbeat_at > now() - make_interval(secs => %s)"""
+        ).format(self.slices)
+
     def next_slice(self) -> sql.Composed:
         return sql.SQL("SELECT coalesce(max(slice), -1) + 1 FROM {} WHERE backfill_id = %s").format(self.slices)
 

@@ -121,6 +121,10 @@ class Store(Protocol):
 
     def start(self, record: BackfillRecord, plan: Plan | None) -> list[SliceRecord]: ...
 
+    def slices(self, backfill_id: int) -> list[SliceRecord]: ...
+
+    def live_runners(self, backfill_id: int) -> int: ...
+
     def run_batch(self, plan: Plan | None, request: BatchRequest) -> BatchResult: ...
 
     def fail(self, backfill_id: int, error: str) -> None: ...
@@ -173,6 +177,12 @@ class PostgresStore:
     def close(self) -> None:
         self._drop()
         self._claims.clear()
+
+    def cancel(self) -> None:
+        """Cancel the statement running on this store's connection, from any thread (its batch rolls back)."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            conn.cancel_safe()
 
     def __enter__(self) -> PostgresStore:
         return self
@@ -251,6 +261,11 @@ class PostgresStore:
 
     def slices(self, backfill_id: int) -> list[SliceRecord]:
         return [SliceRecord(*row) for row in self.conn.execute(self.tables.select_slices(), (backfill_id,))]
+
+    def live_runners(self, backfill_id: int) -> int:
+        """Runners that committed a batch of this backfill lately and still hold an unfinished slice."""
+        row = self.conn.execute(self.tables.live_runners(), (backfill_id, _LIVE_SECONDS)).fetchone()
+        return int(row[0]) if row else 0
 
     def register(self, plan: Plan, *, force: bool = False) -> BackfillRecord:
         """Store a resolved spec under its name, or check it against the one already stored.
@@ -443,6 +458,9 @@ class PostgresStore:
             self._drop()  # the failing batch may have taken the connection with it: one more try on a new one
             self.conn.execute(statement, params)
 
+
+#: A runner whose last batch committed longer ago than this no longer counts as sharing a backfill's rate cap.
+_LIVE_SECONDS = 60.0
 
 #: Up to this many rows, split points come from walking the key's index; beyond, from a sample of the table's pages.
 _WALK_LIMIT = 2_000_000

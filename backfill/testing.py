@@ -107,6 +107,12 @@ class InMemoryStore:
                 self.upper = self.keys[-1]
         return [self._slice()] if self.upper is not None else []
 
+    def slices(self, backfill_id: int) -> list[SliceRecord]:
+        return [self._slice()] if self.upper is not None else []
+
+    def live_runners(self, backfill_id: int) -> int:
+        return 1
+
     def _slice(self) -> SliceRecord:
         assert self.upper is not None
         return SliceRecord(
