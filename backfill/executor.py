@@ -346,6 +346,8 @@ class Executor:
             if ended is not None:
                 return self._report(ctx, *ended)
         held_elsewhere = any(not piece.done for piece in self.store.slices(record.id))
+        if not held_elsewhere:
+            self.store.finish_if_done(record.id)
         state = self.store.get(self.name).state
         if state is RunState.SUCCEEDED:
             return self._report(ctx, RunOutcome.FINISHED, state)

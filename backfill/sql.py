@@ -342,7 +342,8 @@ class ControlTables:
         ).format(self.slices)
 
     def finish_if_done(self) -> sql.Composed:
-        """(id, id): mark the backfill succeeded once no slice is left; in the last batch's transaction."""
+        """(id, id): mark the backfill succeeded once no slice is left; in the last batch's transaction, after
+        :meth:`lock_backfill` (see :meth:`PostgresStore.finish_if_done`)."""
         return sql.SQL(
             """UPDATE {b} SET state = 'succeeded', finished_at = now(), updated_at = now(), last_error = NULL
                 WHERE id = %s AND state = 'running'

@@ -125,6 +125,8 @@ class Store(Protocol):
 
     def live_runners(self, backfill_id: int) -> int: ...
 
+    def finish_if_done(self, backfill_id: int) -> bool: ...
+
     def run_batch(self, plan: Plan | None, request: BatchRequest) -> BatchResult: ...
 
     def fail(self, backfill_id: int, error: str) -> None: ...
@@ -370,6 +372,19 @@ class PostgresStore:
             conn.execute(self.tables.insert_slice(), (record.id, 0, None, upper, None))
         return self.slices(record.id)
 
+    def _finish_if_done(self, backfill_id: int) -> bool:
+        # Two runners finishing the last two slices at once would each see the other's slice unfinished under
+        # their own snapshot, and neither would mark the backfill done. Locking the backfill's row first makes the
+        # second wait for the first to commit; its next statement then takes a fresh snapshot that sees it.
+        self.conn.execute(self.tables.lock_backfill(), (backfill_id,))
+        return self.conn.execute(self.tables.finish_if_done(), (backfill_id, backfill_id)).rowcount == 1
+
+    def finish_if_done(self, backfill_id: int) -> bool:
+        """Mark a running backfill succeeded if none of its slices is left (e.g. its last runner stopped between
+        its last batch and marking it). True if this call marked it."""
+        with self.conn.transaction():
+            return self._finish_if_done(backfill_id)
+
     def split(self, plan: Plan, backfill_id: int, parts: int) -> int:
         """Split unfinished slices that no runner holds until there are ``parts`` unfinished slices (or no more
         split points), each cut at keys that give its pieces equal numbers of rows. Returns how many unfinished
@@ -431,10 +446,7 @@ class PostgresStore:
                     tables.checkpoint(),
                     (Jsonb(end), slice_done, rows, request.owner, request.backfill_id, request.slice),
                 )
-                finished = (
-                    slice_done
-                    and conn.execute(tables.finish_if_done(), (request.backfill_id, request.backfill_id)).rowcount == 1
-                )
+                finished = slice_done and self._finish_if_done(request.backfill_id)
         except psycopg.Error:
             if conn.broken or conn.closed:
                 self._drop()

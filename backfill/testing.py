@@ -113,6 +113,12 @@ class InMemoryStore:
     def live_runners(self, backfill_id: int) -> int:
         return 1
 
+    def finish_if_done(self, backfill_id: int) -> bool:
+        if self.state is RunState.RUNNING and self.done:
+            self.state = RunState.SUCCEEDED
+            return True
+        return False
+
     def _slice(self) -> SliceRecord:
         assert self.upper is not None
         return SliceRecord(
