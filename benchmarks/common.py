@@ -1,0 +1,57 @@
+"""What the benchmark scripts share: a database to run on, a test table, quiet logs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import structlog
+
+from backfill.embedded import embedded_server
+
+#: The change every benchmark makes: a derived text column, the shape of a typical backfill.
+EXPRESSION = "upper(payload)"
+
+
+@contextlib.contextmanager
+def database(url: str | None, bindir: str | None = None) -> Iterator[str]:
+    """``url`` as it is, or a throwaway embedded server (fsync on: a realistic commit) for the duration."""
+    if url:
+        yield url
+        return
+    with embedded_server(bindir) as server:
+        yield server.url
+
+
+def fill(conn: psycopg.Connection[Any], table: str, rows: int) -> None:
+    """A fresh table of ``rows`` rows with ids 1..rows (plus a sequence for inserts above them), analysed and
+    checkpointed so that no timed run pays for the load."""
+    conn.execute(f"DROP TABLE IF EXISTS {table}")
+    conn.execute(f"DROP SEQUENCE IF EXISTS {table}_ids")
+    conn.execute(
+        f"CREATE TABLE {table} (id bigint PRIMARY KEY, payload text NOT NULL, kind text, touched integer DEFAULT 0)"
+    )
+    conn.execute(f"INSERT INTO {table} (id, payload) SELECT g, md5(g::text) FROM generate_series(1, %s) g", (rows,))
+    conn.execute(f"CREATE SEQUENCE {table}_ids START {rows + 1}")
+    conn.execute(f"VACUUM ANALYZE {table}")
+    conn.execute("CHECKPOINT")
+
+
+def checkpoint(url: str) -> None:
+    """Flush dirty buffers so that no contender pays for the one timed before it."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+
+
+def server_version(conn: psycopg.Connection[Any]) -> str:
+    row = conn.execute("SHOW server_version").fetchone()
+    return str(row[0]) if row else "?"
+
+
+def quiet_logs() -> None:
+    """A script is an application: it may configure logging. Per-batch events would drown the figures; warnings
+    (throttle waits, retries) are worth seeing."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
