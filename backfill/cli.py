@@ -7,7 +7,9 @@ errors become one-line messages in one place (:meth:`BackfillGroup.invoke`); ``-
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
+import re
 import signal
 import sys
 import threading
@@ -27,11 +29,12 @@ from backfill import api
 from backfill.connect import Database
 from backfill.durations import format_duration, parse_duration
 from backfill.errors import BackfillError
-from backfill.executor import RunReport, RunSettings
+from backfill.executor import RunReport, RunSettings, SettingsError
+from backfill.health import PostgresHealth
 from backfill.progress import LOG_FORMATS, Progress, configure_logging
 from backfill.spec import BackfillSpec
 from backfill.state import RunOutcome
-from backfill.status import BackfillStatus
+from backfill.status import BackfillStatus, live_owner
 
 __all__ = ["main", "cli", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_WORK_LEFT", "OUTCOME_EXIT_CODES"]
 
@@ -73,25 +76,73 @@ class DatabaseError(click.ClickException):
     exit_code = EXIT_FAILED
 
 
+class Off(enum.Enum):
+    """What a setting's flag parses to when the operator turns that check off (``off``): the field becomes None."""
+
+    OFF = "off"
+
+
+OFF = Off.OFF
+
+
 class Duration(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.3 on
-    """``90s``, ``5m``, ``1h30m``, ``250ms`` or a number of seconds."""
+    """``90s``, ``5m``, ``1h30m``, ``250ms`` or a number of seconds.
+
+    Args:
+        zero: accept 0 (e.g. no retries at all).
+        off: accept ``off`` (and 0) for a check the operator turns off: the value is :data:`OFF`.
+    """
 
     name = "duration"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, (int, float)):
-            return float(value)
+    def __init__(self, *, zero: bool = False, off: bool = False) -> None:
+        self.zero, self.off = zero, off
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | Off:
+        if value is OFF or isinstance(value, (int, float)):
+            return value  # a default, already converted
+        if self.off and str(value).strip().lower() == "off":
+            return OFF
         try:
             seconds = parse_duration(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
-        if seconds <= 0:
+        if seconds == 0 and self.off:
+            return OFF
+        if seconds < 0 or (seconds == 0 and not self.zero):
             self.fail(f"{value!r} must be longer than zero", param, ctx)
         return seconds
 
 
+#: Byte units as PostgreSQL reads them in its settings (kB = 1024 bytes), plus the explicit binary spellings.
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 1024, "kib": 1024, "mb": 1024**2, "mib": 1024**2, "gb": 1024**3, "gib": 1024**3,
+               "tb": 1024**4, "tib": 1024**4}  # fmt: skip
+_BYTES = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+
+
+class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.3 on
+    """A size: ``64MB``, ``1GiB``, ``512kB`` (units of 1024, as in postgresql.conf), plain bytes, or ``off``."""
+
+    name = "bytes"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | Off:
+        if value is OFF or isinstance(value, int):
+            return value  # a default, already converted
+        text = str(value).strip().lower()
+        if text == "off":
+            return OFF
+        found = _BYTES.fullmatch(text)
+        if found is None or found[2] not in _BYTE_UNITS:
+            self.fail(f"{value!r} is not a size (use e.g. 64MB, 1GiB, 500kB or a number of bytes)", param, ctx)
+        return int(float(found[1]) * _BYTE_UNITS[found[2]])
+
+
 DURATION = Duration()
+DURATION_OFF = Duration(off=True)
+DURATION_ZERO = Duration(zero=True)
+BYTES = ByteSize()
 POSITIVE_INT = click.IntRange(min=1)
+POSITIVE_NUMBER = click.FloatRange(min=0, min_open=True)
 
 
 @dataclass
@@ -275,21 +326,68 @@ def add(
 
 # --- run -----------------------------------------------------------------------------------------------------
 
-#: Options of ``run`` that set a :class:`RunSettings` field: (flag, field, type, help). One line per flag.
+#: Options of ``run`` that set a :class:`RunSettings` field: (flag, field, type, help). One line per flag; a flag
+#: left out keeps RunSettings' default. ``off`` (where accepted) turns a check off: the field becomes None. A
+#: ``bool`` flag comes with its ``--no-`` twin.
+# fmt: off
 RUN_SETTING_OPTIONS: list[tuple[str, str, Any, str]] = [
-    ("--batch-size", "batch_size", POSITIVE_INT, "Rows of key range per batch (default: the spec's)."),
+    ("--batch-size", "batch_size", POSITIVE_INT, "Rows of key range per batch; pins the size [the spec's]."),
     ("--sleep", "sleep_between", DURATION, "Pause between batches, e.g. 200ms."),
     ("--lock-timeout", "lock_timeout", DURATION, "How long a batch waits for a row lock before retrying [2s]."),
     ("--statement-timeout", "statement_timeout", DURATION, "Longest statement of a batch before it shrinks [30s]."),
+    ("--target-batch-time", "target_batch_seconds", DURATION_OFF, "Adaptive size aims at this; 0/off: fixed [50ms]."),
+    ("--min-batch-size", "min_batch_size", POSITIVE_INT, "Smallest batch adaptive sizing may use [100]."),
+    ("--max-batch-size", "max_batch_size", POSITIVE_INT, "Largest batch adaptive sizing may use [100000]."),
+    ("--max-rows-per-second", "max_rows_per_second", POSITIVE_NUMBER, "Rows/s cap shared by live runners [none]."),
+    ("--max-replica-lag", "max_replica_lag_bytes", BYTES, "Wait while a replica lags more bytes (1GiB; off) [64MB]."),
+    ("--max-replica-lag-time", "max_replica_lag_seconds", DURATION_OFF, "Wait while a replica lags longer; off [10s]."),
+    ("--wait-for-vacuum", "wait_for_vacuum", bool, "Wait while vacuum works on the table [on]."),
+    ("--health-check", "health_check_sql", str, "SQL of yours: wait while it returns true (tried once first)."),
+    ("--max-transaction-age", "max_transaction_age", DURATION_OFF, "Wait while an older transaction pins xmin [off]."),
+    ("--wait-for-lock-waiters", "wait_for_lock_waiters", bool, "Wait while sessions queue to lock the table [off]."),
+    ("--health-check-interval", "health_check_interval", DURATION, "Time between two health probes [1s]."),
+    ("--max-retry-time", "max_retry_seconds", DURATION_ZERO, "How long one batch may keep failing transiently [15m]."),
+    ("--application-name", "application_name", str, "application_name of the runner's connections [backfill]."),
 ]
+# fmt: on
+_METAVARS = {"health_check_sql": "SQL", "application_name": "NAME"}
+#: Settings a runner has but no flag can express: policy objects, for the Python API only.
+_API_ONLY_FIELDS = {"throttle", "sizer", "retry"}
 _SETTING_FIELDS = {f.name for f in fields(RunSettings)}
-assert {opt[1] for opt in RUN_SETTING_OPTIONS} <= _SETTING_FIELDS
+assert {opt[1] for opt in RUN_SETTING_OPTIONS} <= _SETTING_FIELDS - _API_ONLY_FIELDS
+#: Field names in SettingsError messages, as the operator typed them.
+_FLAG_OF_FIELD = {name: flag for flag, name, _, _ in RUN_SETTING_OPTIONS}
+_FIELD_NAME = re.compile(r"\b(" + "|".join(_FLAG_OF_FIELD) + r")\b")
 
 
 def run_setting_options(func: F) -> F:
     for flag, name, kind, text in reversed(RUN_SETTING_OPTIONS):
-        func = click.option(flag, name, type=kind, default=None, help=text)(func)
+        if kind is bool:
+            func = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=text)(func)
+        else:
+            metavar = "N" if kind in (POSITIVE_INT, POSITIVE_NUMBER) else _METAVARS.get(name)
+            func = click.option(flag, name, type=kind, default=None, metavar=metavar, help=text)(func)
     return func
+
+
+def run_settings(values: dict[str, Any], *, no_replica_lag_check: bool = False) -> RunSettings:
+    """RunSettings from the values of the setting flags: a flag not given (None) keeps the default, ``off``
+    becomes None. ``no_replica_lag_check`` turns both replica-lag limits off.
+
+    Raises:
+        CliError: a value RunSettings rejects, named by its flag; or the lag check both off and given a limit.
+    """
+    given_values = {name: value for name, value in values.items() if value is not None}
+    chosen: dict[str, Any] = {name: None if value is OFF else value for name, value in given_values.items()}
+    if no_replica_lag_check:
+        given = [_FLAG_OF_FIELD[n] for n in ("max_replica_lag_bytes", "max_replica_lag_seconds") if n in chosen]
+        if given:
+            raise CliError(f"--no-replica-lag-check turns off the limit {' and '.join(given)} sets: give one of them")
+        chosen.update(max_replica_lag_bytes=None, max_replica_lag_seconds=None)
+    try:
+        return RunSettings(**chosen)
+    except SettingsError as exc:
+        raise CliError(_FIELD_NAME.sub(lambda m: _FLAG_OF_FIELD[m[1]], str(exc))) from None
 
 
 class StopSignals:
@@ -357,7 +455,10 @@ def _log_batch_sql(obj: CliContext, spec: BackfillSpec) -> None:
 @click.option("--all", "run_all", is_flag=True, help="Run every pending or running backfill, oldest first.")
 @click.option("--max-runtime", type=DURATION, help="Start no batch after this long, e.g. 50m (whole invocation).")
 @click.option("--max-batches", type=POSITIVE_INT, help="Stop after this many batches (whole invocation).")
+@click.option("--workers", type=POSITIVE_INT, default=1, metavar="N", help="Runners in this process [1].")
+@click.option("--slices", type=POSITIVE_INT, metavar="N", help="Split what is left into at least N slices [--workers].")
 @run_setting_options
+@click.option("--no-replica-lag-check", is_flag=True, help="Do not wait for replicas (no lag limit at all).")
 @pass_cli
 def run(
     obj: CliContext,
@@ -366,20 +467,31 @@ def run(
     run_all: bool,
     max_runtime: float | None,
     max_batches: int | None,
+    workers: int,
+    slices: int | None,
+    no_replica_lag_check: bool,
     **setting_values: Any,
 ) -> None:
     """Run backfills from their checkpoints until done or a budget ends the run.
 
     Safe to overlap (cron): a backfill another runner holds is left alone and the run exits 75. SIGINT or SIGTERM
     stops after the current batch (exit 75); a second signal aborts the running batch, which rolls back.
+
+    Scale out: --workers N runs N runners here, each on its own connection (one database core each). To share a
+    backfill between machines, run `backfill run NAME --slices N` on each: the range is split into N slices and
+    every runner claims free ones. The --max-rows-per-second cap is shared by all live runners.
+
+    Throttles are on by default (replica lag, vacuum on the table); each --FLAG [default] below overrides one.
     """
     ctx = click.get_current_context()
     if run_all and names:
         raise click.UsageError("give backfill names or --all, not both", ctx)
     if not run_all and not names:
         raise click.UsageError("name the backfills to run, or pass --all", ctx)
-    settings = RunSettings(**{k: v for k, v in setting_values.items() if v is not None})
+    settings = run_settings(setting_values, no_replica_lag_check=no_replica_lag_check)
     database, schema = obj.database, obj.control_schema
+    if settings.health_check_sql is not None:
+        _try_health_check(database, settings.health_check_sql)
     if run_all:
         todo = [record.name for record in api.list_backfills(database, control_schema=schema) if record.state.runnable]
     else:
@@ -413,6 +525,8 @@ def run(
                         max_runtime=time_left,
                         max_batches=batches_left,
                         settings=settings,
+                        workers=workers,
+                        slices=slices,
                         control_schema=schema,
                         should_stop=stop.should_stop,
                     )
@@ -436,6 +550,16 @@ def run(
         exit_code=code,
     )
     ctx.exit(code)
+
+
+def _try_health_check(database: Database, query: str) -> None:
+    """Run the operator's health query once, so a typo is bad input now rather than a failed backfill later."""
+    with database.connect() as conn:
+        try:
+            PostgresHealth(lambda: conn, "", "").custom_check(query)
+        except psycopg.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CliError(f"--health-check query failed: {first}") from None
 
 
 def _exit_code(reports: Sequence[RunReport], *, work_left: bool) -> int:
@@ -464,17 +588,39 @@ def _status_row(status: BackfillStatus) -> list[str]:
     ]
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    numeric = {3, 4, 5, 6}
+def _slice_lines(status: BackfillStatus) -> list[str]:
+    """One indented line per slice of a split backfill: its range, where it stands, its counters, who works it."""
+    if len(status.slices) < 2:
+        return []
+    columns = status.record.spec.key or ("key",)
+    name = columns[0] if len(columns) == 1 else "(" + ", ".join(columns) + ")"
+    rows = []
+    for piece in status.slices:
+        lower = f"{_key(piece.lower_bound)} < " if piece.lower_bound is not None else ""
+        started = piece.checkpoint is not None and piece.checkpoint != piece.lower_bound
+        where = "done" if piece.done else f"at {_key(piece.checkpoint)}" if started else "not started"
+        owner = live_owner(piece)
+        rows.append([
+            f"slice {piece.slice}", f"{lower}{name} <= {_key(piece.upper_bound)}", where,
+            f"{piece.rows_updated:,} rows", f"{piece.batches:,} batches", f"owner {owner}" if owner else "",
+        ])  # fmt: skip
+    return ["  " + line for line in _align(rows, right={3, 4})]
+
+
+def _align(rows: list[list[str]], *, right: set[int]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
-    for row in [header, *rows]:
+    for row in rows:
         cells = [
-            cell.rjust(width) if i in numeric else cell.ljust(width)
+            cell.rjust(width) if i in right else cell.ljust(width)
             for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    return lines
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(_align([header, *rows], right={3, 4, 5, 6}))
 
 
 @cli.command()
@@ -482,7 +628,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="A JSON list, one object per backfill (stable keys).")
 @pass_cli
 def status(obj: CliContext, name: str | None, as_json: bool) -> None:
-    """Show backfills: state, rows done, % of the estimate, rate, ETA, last error."""
+    """Show backfills: state, rows done, % of the estimate, rate, ETA, last error.
+
+    A backfill split into slices gets one indented line per slice below it: its key range, done or its checkpoint,
+    rows, batches and the live runner working on it. Rate and ETA are the backfill's, over all its slices.
+    """
     statuses = api.backfill_status(obj.database, name, control_schema=obj.control_schema)
     if as_json:
         click.echo(json.dumps([s.to_json() for s in statuses], indent=2))
@@ -491,7 +641,12 @@ def status(obj: CliContext, name: str | None, as_json: bool) -> None:
         click.echo("no backfills registered")
         return
     header = ["NAME", "TABLE", "STATE", "ROWS", "%", "RATE", "ETA", "LAST ERROR"]
-    click.echo(_table(header, [_status_row(s) for s in statuses]))
+    table = _table(header, [_status_row(s) for s in statuses]).splitlines()
+    click.echo(table[0])
+    for line, backfill_status in zip(table[1:], statuses, strict=True):
+        click.echo(line)
+        for slice_line in _slice_lines(backfill_status):
+            click.echo(slice_line)
 
 
 @cli.command()

@@ -9,11 +9,24 @@ from typing import Any
 from backfill.state import RunState
 from backfill.store import BackfillRecord, Key, SliceRecord
 
-__all__ = ["BackfillStatus"]
+__all__ = ["BackfillStatus", "LIVE_SECONDS", "live_owner"]
+
+#: A slice's owner counts as holding it while the owner's last batch on it is this recent: the rule the store uses
+#: to count live runners for the shared rows/s cap.
+LIVE_SECONDS = 60.0
 
 
 def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def live_owner(piece: SliceRecord, now: dt.datetime | None = None) -> str | None:
+    """The runner working on ``piece``: its owner, unless the slice is done, was released, or its last batch is
+    older than :data:`LIVE_SECONDS` (the runner died, or waits on a throttle that long)."""
+    if piece.done or piece.owner is None or piece.heartbeat_at is None:
+        return None
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return piece.owner if (now - piece.heartbeat_at).total_seconds() <= LIVE_SECONDS else None
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,7 @@ class BackfillStatus:
             "slices": [
                 {
                     "slice": piece.slice,
+                    "lower_bound": piece.lower_bound,
                     "checkpoint": piece.checkpoint,
                     "upper_bound": piece.upper_bound,
                     "done": piece.done,
