@@ -11,6 +11,7 @@ import collections
 import logging
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ class Progress:
     _window: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
     _line_shown: bool = False
     _drawn_at: float = float("-inf")
+    #: parallel workers log from their own threads: one at a time counts and draws
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def begin(self, name: str, done: int, estimated: int | None) -> None:
         """Start following backfill ``name``, which has ``done`` rows updated so far out of about ``estimated``."""
@@ -120,6 +123,10 @@ class Progress:
         self._line_shown = not final
 
     def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> Any:
+        with self._lock:
+            return self._process(event_dict)
+
+    def _process(self, event_dict: MutableMapping[str, Any]) -> Any:
         event = event_dict.get("event")
         mine = self.name is not None and event_dict.get("backfill") == self.name
         if mine and event == "batch_committed":

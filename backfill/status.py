@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from backfill.state import RunState
-from backfill.store import BackfillRecord, Key, SliceRecord
+from backfill.store import LIVE_SECONDS, BackfillRecord, Key, SliceRecord
 
 __all__ = ["BackfillStatus", "LIVE_SECONDS", "live_owner"]
 
 #: A slice's owner counts as holding it while the owner's last batch on it is this recent: the rule the store uses
 #: to count live runners for the shared rows/s cap.
-LIVE_SECONDS = 60.0
 
 
 def _iso(value: dt.datetime | None) -> str | None:

@@ -38,6 +38,7 @@ __all__ = [
     "LockLostError",
     "Store",
     "PostgresStore",
+    "LIVE_SECONDS",
 ]
 
 Key = list[str]
@@ -266,7 +267,7 @@ class PostgresStore:
 
     def live_runners(self, backfill_id: int) -> int:
         """Runners that committed a batch of this backfill lately and still hold an unfinished slice."""
-        row = self.conn.execute(self.tables.live_runners(), (backfill_id, _LIVE_SECONDS)).fetchone()
+        row = self.conn.execute(self.tables.live_runners(), (backfill_id, LIVE_SECONDS)).fetchone()
         return int(row[0]) if row else 0
 
     def register(self, plan: Plan, *, force: bool = False) -> BackfillRecord:
@@ -472,7 +473,7 @@ class PostgresStore:
 
 
 #: A runner whose last batch committed longer ago than this no longer counts as sharing a backfill's rate cap.
-_LIVE_SECONDS = 60.0
+LIVE_SECONDS = 60.0
 
 #: Up to this many rows, split points come from walking the key's index; beyond, from a sample of the table's pages.
 _WALK_LIMIT = 2_000_000
