@@ -29,6 +29,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
+from support import wait_for
 
 import backfill
 import backfill.alembic
@@ -105,14 +106,6 @@ def scalar(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = 
     row = conn.execute(query, params).fetchone()
     assert row is not None
     return row[0]
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def kind_counts(conn: psycopg.Connection[Any]) -> dict[str | None, int]:

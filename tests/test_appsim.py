@@ -7,6 +7,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from support import wait_for
 
 from backfill.appsim import AppSimulator
 
@@ -14,13 +15,6 @@ from backfill.appsim import AppSimulator
 def _table(conn: psycopg.Connection[Any]) -> None:
     conn.execute("CREATE TABLE items (id bigserial PRIMARY KEY, hits integer NOT NULL DEFAULT 0)")
     conn.execute("INSERT INTO items (hits) SELECT 0 FROM generate_series(1, 100)")
-
-
-def _wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_writers_update_and_insert_and_every_write_is_counted(conn: psycopg.Connection[Any], db_url: str) -> None:
@@ -37,7 +31,7 @@ def test_writers_update_and_insert_and_every_write_is_counted(conn: psycopg.Conn
 
     with sim:
         sim.wait_until_writing()
-        _wait_for(lambda: sim.writes >= 200, "200 writes")
+        wait_for(lambda: sim.writes >= 200, "200 writes")
     stats = sim.stats
 
     assert stats is not None
@@ -64,12 +58,12 @@ def test_the_longest_stall_covers_a_lock_the_writers_waited_for(conn: psycopg.Co
     with sim, psycopg.connect(db_url) as locker:
         sim.wait_until_writing()
         locker.execute("LOCK TABLE items IN EXCLUSIVE MODE")
-        _wait_for(lambda: waiting_writers() == 2, "both writers to block on the lock")
+        wait_for(lambda: waiting_writers() == 2, "both writers to block on the lock")
         blocked_at = time.perf_counter()
         locker.rollback()
         released_at = time.perf_counter()
         writes_before = sim.writes
-        _wait_for(lambda: sim.writes > writes_before, "writes after the lock is released")
+        wait_for(lambda: sim.writes > writes_before, "writes after the lock is released")
 
     assert sim.stats is not None
     # The writers were blocked when we looked and stayed blocked until the release: their writes took at least that.
@@ -82,7 +76,7 @@ def test_errors_are_counted_and_quoted_not_swallowed(conn: psycopg.Connection[An
     sim = AppSimulator(db_url, update_sql="UPDATE no_such_table SET x = 1 WHERE id = %s", writers=1)
 
     with sim:
-        _wait_for(lambda: sim.snapshot().errors >= 2, "two failed writes")
+        wait_for(lambda: sim.snapshot().errors >= 2, "two failed writes")
         with pytest.raises(TimeoutError, match="no_such_table"):
             sim.wait_until_writing(timeout=0.1)
     stats = sim.stats
@@ -101,7 +95,7 @@ def test_a_writer_still_blocked_at_stop_is_cancelled_and_its_wait_counts(
     with psycopg.connect(db_url) as locker:
         locker.execute("SELECT 1 FROM items WHERE id = 1 FOR UPDATE")
         sim.start()
-        _wait_for(
+        wait_for(
             lambda: (
                 conn.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'backfill-appsim' "

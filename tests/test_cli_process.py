@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import sqlalchemy.pool
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
 from sqlalchemy.engine import make_url
+from support import wait_for
 
 import backfill
 from backfill import BackfillSpec, RunState
@@ -81,14 +81,6 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Runner]]:
         if runner.process.poll() is None:
             runner.process.kill()
             runner.process.wait(30)
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def batches_done(url: str, name: str) -> int:

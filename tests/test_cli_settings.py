@@ -20,7 +20,8 @@ import pytest
 import structlog
 import test_cli_process
 from click.testing import CliRunner, Result
-from test_cli_process import Runner, run, wait_for
+from support import wait_for
+from test_cli_process import Runner, run
 
 import backfill
 from backfill import BackfillSpec, RunState, api

@@ -11,12 +11,12 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from support import wait_for
 
 import backfill
 from backfill import BackfillSpec, RunOutcome, RunReport
@@ -41,14 +41,6 @@ def items(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
     conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n integer NOT NULL DEFAULT 0)")
     conn.execute("INSERT INTO items (id) SELECT generate_series(1, %s)", (ROWS,))
     return conn
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def _rows_done(conn: psycopg.Connection[Any]) -> int:
@@ -82,7 +74,7 @@ def test_sigkill_at_random_instants_then_resume_updates_every_row_exactly_once(
         try:
             # Let it commit a random number of batches, then kill it without warning.
             target = min(done_before + rng.randint(1, 8) * SLOW.batch_size, ROWS)
-            _wait_for(
+            wait_for(
                 lambda t=target, r=runner: _rows_done(items) >= t or r.poll() is not None,  # type: ignore[misc]
                 "progress",
             )
@@ -109,7 +101,7 @@ def test_a_second_runner_gets_busy_and_does_no_work(items: psycopg.Connection[An
     thread = threading.Thread(target=lambda: first.append(backfill.run_backfill(db_url, "inc")))
     thread.start()
     try:
-        _wait_for(lambda: _rows_done(items) > 0, "the first runner's first batch")
+        wait_for(lambda: _rows_done(items) > 0, "the first runner's first batch")
         second = backfill.run_backfill(db_url, "inc")
     finally:
         thread.join()
@@ -146,7 +138,7 @@ def test_a_runner_whose_process_died_does_not_block_the_backfill(items: psycopg.
     runner = subprocess.Popen(
         [sys.executable, "-c", RUNNER.format(spec=SLOW.to_dict()), db_url], cwd=ROOT, stdout=subprocess.DEVNULL
     )
-    _wait_for(lambda: _rows_done(items) > 0, "the runner's first batch")
+    wait_for(lambda: _rows_done(items) > 0, "the runner's first batch")
     runner.kill()
     runner.wait()
 

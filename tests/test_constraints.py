@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+from support import wait_for
 
 from backfill import constraints, ddl
 from backfill.constraints import (
@@ -266,14 +267,6 @@ class _Writer(threading.Thread):
             self.errors.append(exc)
 
 
-def _wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def test_a_long_lock_holder_makes_steps_retry_while_writers_wait_at_most_the_lock_timeout(
     conn: psycopg.Connection[Any], db_url: str
 ) -> None:
@@ -297,7 +290,7 @@ def test_a_long_lock_holder_makes_steps_retry_while_writers_wait_at_most_the_loc
 
     def release_after_retries() -> None:
         nonlocal held
-        _wait_for(lambda: len(waits) >= 3, "three lock retries")
+        wait_for(lambda: len(waits) >= 3, "three lock retries")
         held = time.monotonic() - held_since
         holder.commit()
 

@@ -8,12 +8,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from support import wait_for
 
 import backfill
 from backfill import BackfillSpec, RunOutcome, RunReport
@@ -61,14 +61,6 @@ def _url(conn: psycopg.Connection[Any]) -> str:
     return f"postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}"
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
 def test_workers_split_the_range_and_update_every_row_once(conn: psycopg.Connection[Any], db_url: str) -> None:
     rows = _make_items(conn, "SELECT generate_series(1, 3000)")
 
@@ -102,7 +94,7 @@ def test_a_runner_elsewhere_takes_another_slice(conn: psycopg.Connection[Any], d
     rows = _make_items(conn, "SELECT generate_series(1, 2000)")
     first = _start_runner(db_url, SLOW, slices=2)
     try:
-        _wait_for(lambda: _slices_started(conn) > 0, "the first runner's first batch")
+        wait_for(lambda: _slices_started(conn) > 0, "the first runner's first batch")
         second = backfill.run_backfill(db_url, "inc")
     finally:
         first.wait(timeout=60)
@@ -142,7 +134,7 @@ def test_killed_workers_slices_are_taken_over_from_their_checkpoints_exactly_onc
     runner = _start_runner(db_url, SLOW, workers=2, slices=4)
     try:
         # Both workers have committed batches in their slices: kill the whole process without warning.
-        _wait_for(lambda: _slices_started(conn) >= 2, "two workers' batches")
+        wait_for(lambda: _slices_started(conn) >= 2, "two workers' batches")
         runner.send_signal(signal.SIGKILL)
         assert runner.wait() == -signal.SIGKILL
     finally:
