@@ -217,10 +217,6 @@ class PostgresStore:
                 f"newer than this release of backfill understands ({sql.CONTROL_VERSION}): upgrade backfill"
             )
 
-    def ensure_ready(self) -> None:
-        """Raise :class:`ControlTablesMissingError` unless the control tables exist in a version we understand."""
-        self._check_version()
-
     def _record(self, row: Sequence[Any], totals: dict[int, tuple[Any, ...]]) -> BackfillRecord:
         rows, batches, heartbeat, owner = totals.get(row[0], (0, 0, None, None))
         return BackfillRecord(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import datetime as dt
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from backfill.errors import UnknownBackfillError
 from backfill.plan import Plan
@@ -162,6 +162,3 @@ class InMemoryStore:
 
     def fail(self, backfill_id: int, error: str) -> None:
         self.state, self.last_error = RunState.FAILED, error
-
-    def with_spec(self, **changes: object) -> InMemoryStore:
-        return replace(self, spec=self.spec.with_changes(**changes))

@@ -21,7 +21,7 @@ import structlog
 import test_cli_process
 from click.testing import CliRunner, Result
 from support import wait_for
-from test_cli_process import Runner, run
+from test_cli_process import Runner, _counts, _items, run
 
 import backfill
 from backfill import BackfillSpec, RunState, api
@@ -77,16 +77,6 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     monkeypatch.setattr(api, "run_backfill", run_backfill)
     monkeypatch.setattr("backfill.cli._try_health_check", lambda database, query: None)
     return calls
-
-
-def _items(conn: psycopg.Connection[Any], rows: int = ROWS) -> None:
-    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n integer NOT NULL DEFAULT 0)")
-    conn.execute("INSERT INTO items (id) SELECT generate_series(1, %s)", (rows,))
-    conn.execute("ANALYZE items")
-
-
-def _counts(conn: psycopg.Connection[Any]) -> dict[int, int]:
-    return dict(conn.execute("SELECT n, count(*) FROM items GROUP BY n").fetchall())
 
 
 # --- parsing (no database) ----------------------------------------------------------------------------------
