@@ -32,14 +32,6 @@ from backfill.api import (
     retry_backfill,
     run_backfill,
 )
-from backfill.constraints import (
-    ConstraintError,
-    LockUnavailableError,
-    NullValuesError,
-    add_not_null_constraint,
-    drop_not_null_constraint,
-    validate_not_null_constraint,
-)
 from backfill.errors import (
     BackfillError,
     ConnectError,
@@ -50,8 +42,9 @@ from backfill.errors import (
     StateTransitionError,
     UnknownBackfillError,
 )
-from backfill.executor import BackfillFailedError, RunReport, RunSettings, SettingsError
-from backfill.health import PostgresHealth
+from backfill.executor import BackfillFailedError, RunReport
+from backfill.pg.health import PostgresHealth
+from backfill.pg.preview import BatchPreview
 from backfill.policies import (
     AdaptiveSize,
     CustomCheck,
@@ -66,7 +59,15 @@ from backfill.policies import (
     VacuumRunning,
     Wait,
 )
-from backfill.preview import BatchPreview
+from backfill.schema.notnull import (
+    ConstraintError,
+    LockUnavailableError,
+    NullValuesError,
+    add_not_null_constraint,
+    drop_not_null_constraint,
+    validate_not_null_constraint,
+)
+from backfill.settings import RunSettings, SettingsError
 from backfill.spec import DEFAULT_BATCH_SIZE, BackfillSpec
 from backfill.state import RunOutcome, RunState
 from backfill.status import BackfillStatus

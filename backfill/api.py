@@ -6,15 +6,19 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 
-from backfill.connect import Bind, Database
 from backfill.errors import SpecError
-from backfill.executor import Executor, RunReport, RunSettings
+from backfill.executor import Executor, RunReport
 from backfill.parallel import run_parallel
-from backfill.plan import Plan, resolve
-from backfill.preview import BatchPreview, preview_next_batch
+from backfill.pg.catalog import resolve
+from backfill.pg.connect import Bind, Database
+from backfill.pg.health import PostgresHealth
+from backfill.pg.preview import BatchPreview, preview_next_batch
+from backfill.pg.store import PostgresStore
+from backfill.plan import Plan
+from backfill.settings import RunSettings
 from backfill.spec import BackfillSpec
 from backfill.status import BackfillStatus
-from backfill.store import BackfillRecord, PostgresStore, SliceRecord
+from backfill.store import BackfillRecord, RunnerStore, SliceRecord
 
 __all__ = [
     "init_control_tables",
@@ -45,6 +49,14 @@ def open_store(
         yield store
     finally:
         store.close()
+
+
+def _health(store: RunnerStore, plan: Plan) -> PostgresHealth | None:
+    # Probes share the runner's connection: between batches it is idle, and no second session is opened.
+    if not isinstance(store, PostgresStore):
+        return None
+    postgres = store
+    return PostgresHealth(lambda: postgres.conn, plan.target.schema, plan.target.table)
 
 
 def init_control_tables(bind: Bind, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> None:
@@ -142,9 +154,10 @@ def run_backfill(
             store.start(record, plan)
             store.split(plan, record.id, parts)
         if workers == 1:
-            return Executor(store, plan, record.name, settings, should_stop=should_stop).run(
-                max_runtime=max_runtime, max_batches=max_batches
+            executor = Executor(
+                store, plan, record.name, settings, should_stop=should_stop, health=_health(store, plan)
             )
+            return executor.run(max_runtime=max_runtime, max_batches=max_batches)
     return run_parallel(
         lambda: PostgresStore(database, control_schema),
         plan,
@@ -155,6 +168,7 @@ def run_backfill(
         max_batches=max_batches,
         should_stop=should_stop,
         clock=time.monotonic,
+        health_for=lambda store: _health(store, plan),
     )
 
 

@@ -14,10 +14,12 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from backfill.executor import Executor, RunReport, RunSettings
+from backfill.executor import Executor, RunReport
 from backfill.plan import Plan
+from backfill.policies import HealthProbes
+from backfill.settings import RunSettings
 from backfill.state import RunOutcome, RunState
-from backfill.store import PostgresStore
+from backfill.store import RunnerStore
 
 __all__ = ["run_parallel", "combine_reports"]
 
@@ -54,7 +56,7 @@ def combine_reports(name: str, reports: Sequence[RunReport], state: RunState, se
 
 
 def run_parallel(
-    make_store: Callable[[], PostgresStore],
+    make_store: Callable[[], RunnerStore],
     plan: Plan,
     name: str,
     settings: RunSettings,
@@ -64,9 +66,11 @@ def run_parallel(
     max_batches: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     clock: Callable[[], float],
+    health_for: Callable[[RunnerStore], HealthProbes | None] = lambda store: None,
 ) -> RunReport:
     """Run ``workers`` executors on backfill ``name`` until none finds a slice to work on.
 
+    Each worker gets a store of its own from ``make_store`` and the health probes ``health_for`` gives for it.
     ``max_batches`` is shared out between the workers. A ``KeyboardInterrupt`` in the calling thread (a second
     signal) cancels every worker's running statement, so their batches roll back, and is raised again.
     """
@@ -82,7 +86,8 @@ def run_parallel(
 
     def work(index: int) -> None:
         try:
-            executor = Executor(stores[index], plan, name, settings, should_stop=stop)
+            store = stores[index]
+            executor = Executor(store, plan, name, settings, should_stop=stop, health=health_for(store))
             reports[index] = executor.run(max_runtime=max_runtime, max_batches=per_worker)
         except BaseException as exc:  # re-raised in the calling thread below
             errors.append(exc)
@@ -109,6 +114,9 @@ def run_parallel(
     if errors:
         raise errors[0]
     done = [report for report in reports if report is not None]
-    with make_store() as store:
-        state = store.get(name).state
+    last = make_store()
+    try:
+        state = last.get(name).state
+    finally:
+        last.close()
     return combine_reports(name, done, state, clock() - started)

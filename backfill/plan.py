@@ -1,21 +1,29 @@
-"""From spec to plan: check a spec against the catalog and resolve what it leaves open (schema, key, key types).
+"""A spec resolved against one database: the table, its key and the key's types, ready for the batch statements.
 
-Everything a spec can get wrong is found here, before anything is written: an unknown table or column, a key that
-cannot be walked cheaply, an expression or filter PostgreSQL rejects.
+``backfill.pg.catalog.resolve`` makes a :class:`Plan` from a spec; ``backfill.pg.statements`` turns its
+:class:`Target` into SQL. The engine only carries them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import psycopg
-
-from backfill import sql
-from backfill.errors import PlanError
 from backfill.spec import BackfillSpec
 
-__all__ = ["Plan", "resolve"]
+__all__ = ["Plan", "Target"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """The resolved table, key and expressions a backfill's batch statements are built from."""
+
+    schema: str
+    table: str
+    key: tuple[str, ...]
+    #: The key columns' types as ``format_type`` spells them, for casting keys back from their text form.
+    key_types: tuple[str, ...]
+    values: tuple[tuple[str, str], ...]
+    where: str | None
 
 
 @dataclass(frozen=True)
@@ -23,93 +31,7 @@ class Plan:
     """A spec resolved against one database: ``spec`` has its schema and key filled in."""
 
     spec: BackfillSpec
-    target: sql.Target
+    target: Target
     #: ``pg_class.reltuples``: the planner's row estimate, or None when the table was never analysed.
     estimated_rows: int | None
     server_version: int
-
-
-def _pg_message(exc: psycopg.Error) -> str:
-    diag = exc.diag
-    text = diag.message_primary or str(exc).strip().splitlines()[0]
-    return f"{text} ({diag.message_hint})" if diag.message_hint else text
-
-
-def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: str = "5s") -> Plan:
-    """Check ``spec`` against the catalog and return its plan.
-
-    Args:
-        conn: an autocommit connection.
-        spec: the backfill.
-        lock_timeout: how long the expression checks may wait for a lock on the table (planning an UPDATE takes
-            ROW EXCLUSIVE, which queues behind a pending ALTER TABLE).
-
-    Raises:
-        PlanError: the spec does not fit the database; the message names the table, column or expression.
-    """
-    name = spec.qualified_table
-    with conn.transaction():
-        conn.execute(sql.SET_TIMEOUTS, (lock_timeout, "60s"))
-        found = conn.execute(sql.FIND_TABLE, {"schema": spec.schema, "table": spec.table}).fetchone()
-        if found is None:
-            raise PlanError(f"table {name} does not exist")
-        oid, schema, table, relkind, reltuples = found
-        name = f"{schema}.{table}"
-        if relkind not in ("r", "p"):
-            raise PlanError(f"{name} is not a table (a view, sequence or foreign table cannot be backfilled)")
-        columns = {row[0]: row[1:] for row in conn.execute(sql.TABLE_COLUMNS, (oid,))}
-        for column in spec.values:
-            if column not in columns:
-                raise PlanError(f"column {column!r} does not exist in table {name}")
-            if columns[column][2]:
-                raise PlanError(f"column {column!r} of {name} is generated and cannot be set")
-
-        key = spec.key or tuple(row[0] for row in conn.execute(sql.PRIMARY_KEY, (oid,)))
-        if not key:
-            raise PlanError(
-                f"table {name} has no primary key: pass key= naming NOT NULL columns that lead a btree index"
-            )
-        for column in key:
-            if column not in columns:
-                raise PlanError(f"key column {column!r} does not exist in table {name}")
-            if not columns[column][1]:
-                raise PlanError(f"key column {column!r} of {name} is nullable: rows with a NULL key would be skipped")
-            if column in spec.values:
-                raise PlanError(f"column {column!r} is part of the key and cannot be set by the backfill")
-        indexes = [tuple(row[0]) for row in conn.execute(sql.BTREE_INDEXES, (oid,))]
-        if not any(index[: len(key)] == key for index in indexes):
-            raise PlanError(
-                f"no btree index of {name} leads with ({', '.join(key)}): every batch would scan the whole table"
-            )
-
-        target = sql.Target(
-            schema=schema,
-            table=table,
-            key=key,
-            key_types=tuple(columns[c][0] for c in key),
-            values=tuple(spec.values.items()),
-            where=spec.where,
-        )
-        for column, expression in spec.values.items():
-            _check(conn, target.check_expression(column, expression), f"expression for column {column!r} of {name}")
-        if spec.where is not None:
-            _check(conn, target.check_where(), f"filter (where) on {name}")
-        version = conn.execute(sql.SERVER_VERSION).fetchone()
-    assert version is not None
-    return Plan(
-        spec=spec.with_changes(schema=schema, table=table, key=key),
-        target=target,
-        estimated_rows=int(reltuples) if reltuples >= 0 else None,
-        server_version=int(version[0]),
-    )
-
-
-def _check(conn: psycopg.Connection[Any], statement: psycopg.sql.Composed, what: str) -> None:
-    # A savepoint keeps the surrounding transaction usable after PostgreSQL rejects the statement.
-    try:
-        with conn.transaction():
-            conn.execute(statement, ())
-    except psycopg.errors.LockNotAvailable as exc:
-        raise PlanError(f"{what}: could not lock the table to check it ({_pg_message(exc)})") from None
-    except psycopg.Error as exc:
-        raise PlanError(f"{what} is not valid: {_pg_message(exc)}") from None

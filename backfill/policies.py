@@ -282,7 +282,7 @@ class TransactionReading:
 
 
 class HealthProbes(Protocol):
-    """Where the database throttles get their readings (:class:`backfill.health.PostgresHealth` is the real one)."""
+    """Where the database throttles get their readings (:class:`backfill.pg.health.PostgresHealth` is the real one)."""
 
     def replica_lag(self) -> LagReading: ...
 

@@ -1,7 +1,7 @@
 """An in-memory store, so the executor's real loop can be unit-tested without a database.
 
 It keeps a "table" as a sorted list of integer keys with a counter per row, and implements the same batch contract
-as :class:`~backfill.store.PostgresStore`: the checkpoint and the rows move together or not at all. Errors can be
+as :class:`~backfill.pg.store.PostgresStore`: the checkpoint and the rows move together or not at all. Errors can be
 queued to make chosen batches fail, and a hook runs before each batch to change state mid-run (e.g. a pause).
 """
 

@@ -19,7 +19,7 @@ import psycopg
 from common import EXPRESSION, checkpoint, database, fill, quiet_logs, server_version
 
 import backfill
-from backfill.appsim import AppSimulator, AppStats
+from backfill.tools.appsim import AppSimulator, AppStats
 
 
 def simulator(url: str, table: str, rows: int, writers: int) -> AppSimulator:

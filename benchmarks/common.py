@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from backfill.embedded import embedded_server
+from backfill.tools.embedded import embedded_server
 
 #: The change every benchmark makes: a derived text column, the shape of a typical backfill.
 EXPRESSION = "upper(payload)"

@@ -16,7 +16,7 @@ import pytest
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from backfill.embedded import EmbeddedServer
+from backfill.tools.embedded import EmbeddedServer
 
 # Durability is not under test here; crash tests kill runners, not the server, and restarts are clean shutdowns.
 _TEST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "max_connections": "200"}

@@ -34,7 +34,7 @@ from support import wait_for
 import backfill
 import backfill.alembic
 from backfill.alembic import BackfillNotFinishedError, MigrationContextError
-from backfill.constraints import PG18, NullValuesError
+from backfill.schema.notnull import PG18, NullValuesError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "alembic"
 

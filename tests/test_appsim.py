@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from support import wait_for
 
-from backfill.appsim import AppSimulator
+from backfill.tools.appsim import AppSimulator
 
 
 def _table(conn: psycopg.Connection[Any]) -> None:

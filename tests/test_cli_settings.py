@@ -25,8 +25,10 @@ from test_cli_process import Runner, _counts, _items, run
 
 import backfill
 from backfill import BackfillSpec, RunState, api
-from backfill.cli import EXIT_OK, EXIT_USAGE, EXIT_WORK_LEFT, RUN_SETTING_OPTIONS, cli
-from backfill.executor import RunReport, RunSettings
+from backfill.cli import EXIT_OK, EXIT_USAGE, EXIT_WORK_LEFT, cli
+from backfill.cli.commands import RUN_SETTING_OPTIONS
+from backfill.executor import RunReport
+from backfill.settings import RunSettings
 from backfill.state import RunOutcome
 from backfill.status import LIVE_SECONDS, live_owner
 from backfill.store import BackfillRecord, SliceRecord
@@ -75,7 +77,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
     monkeypatch.setattr(api, "get_backfill", lambda bind, name, **kwargs: _record(name))
     monkeypatch.setattr(api, "run_backfill", run_backfill)
-    monkeypatch.setattr("backfill.cli._try_health_check", lambda database, query: None)
+    monkeypatch.setattr("backfill.cli.commands._try_health_check", lambda database, query: None)
     return calls
 
 

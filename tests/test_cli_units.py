@@ -11,10 +11,11 @@ import pytest
 import structlog
 
 from backfill import BackfillSpec, RunOutcome, RunState
-from backfill.cli import EXIT_FAILED, EXIT_OK, EXIT_WORK_LEFT, OUTCOME_EXIT_CODES, _exit_code
-from backfill.durations import format_duration, parse_duration
+from backfill.cli import EXIT_FAILED, EXIT_OK, EXIT_WORK_LEFT, OUTCOME_EXIT_CODES
+from backfill.cli.commands import _exit_code
+from backfill.cli.durations import format_duration, parse_duration
+from backfill.cli.progress import Progress, configure_logging
 from backfill.executor import RunReport
-from backfill.progress import Progress, configure_logging
 from backfill.status import BackfillStatus
 from backfill.store import BackfillRecord, SliceRecord
 

@@ -14,8 +14,9 @@ import pytest
 from psycopg import sql
 from support import wait_for
 
-from backfill import constraints, ddl
-from backfill.constraints import (
+from backfill.schema import ddl
+from backfill.schema import notnull as constraints
+from backfill.schema.notnull import (
     ColumnState,
     ConstraintError,
     LockRetry,

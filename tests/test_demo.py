@@ -14,7 +14,7 @@ import structlog
 from click.testing import CliRunner
 
 from backfill.cli import EXIT_OK, EXIT_USAGE, cli
-from backfill.demo import DEMO_SCHEMA
+from backfill.tools.demo import DEMO_SCHEMA
 
 
 def _schema_exists(conn: psycopg.Connection[Any]) -> bool:

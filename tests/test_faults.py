@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 
 import backfill
 from backfill import BackfillSpec, RetryPolicy, RunOutcome, RunReport, RunSettings, RunState
-from backfill.embedded import EmbeddedServer
+from backfill.tools.embedded import EmbeddedServer
 
 T = TypeVar("T")
 

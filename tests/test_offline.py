@@ -26,9 +26,9 @@ from psycopg import sql
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import make_url
 
-from backfill import ddl
 from backfill.alembic import MigrationContextError
-from backfill.embedded import find_bindir
+from backfill.alembic import offline as offline_sql
+from backfill.tools.embedded import find_bindir
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "alembic"
 CONTROL_TABLES = ("backfills", "backfill_slices", "backfill_meta")
@@ -238,7 +238,7 @@ def _table(conn: psycopg.Connection[Any]) -> None:
 
 
 def _script(batch_size: int, lock_timeout: float = 2.0) -> sql.Composed:
-    return ddl.batched_script(
+    return offline_sql.batched_script(
         name="odd",
         schema="public",
         table="Odd%Items",

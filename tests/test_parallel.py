@@ -18,7 +18,7 @@ from support import wait_for
 import backfill
 from backfill import BackfillSpec, RunOutcome, RunReport
 from backfill.api import open_store
-from backfill.plan import resolve
+from backfill.pg.catalog import resolve
 from backfill.policies import MaxRowsPerSecond, RunContext
 from backfill.testing import FakeClock
 

@@ -13,7 +13,8 @@ import psycopg
 import pytest
 
 from backfill import BackfillSpec
-from backfill.plan import resolve
+from backfill.pg.catalog import resolve
+from backfill.pg.statements import for_target
 
 ROWS = 200_000
 
@@ -49,7 +50,7 @@ def test_lookahead_and_update_use_the_key_index_never_a_sequential_scan(
     big_table: psycopg.Connection[Any], lower: str | None
 ) -> None:
     spec = BackfillSpec("p", "events", {"kind": "upper(payload)"}, where="kind IS NULL", batch_size=10_000)
-    target = resolve(big_table, spec).target
+    target = for_target(resolve(big_table, spec).target)
     bounds = [lower] if lower else []
 
     lookahead = _explain(big_table, target.lookahead(lower is not None), [*bounds, str(ROWS), 9_999])
@@ -67,7 +68,7 @@ def test_composite_key_range_is_an_index_range_scan(conn: psycopg.Connection[Any
     conn.execute("CREATE TABLE items (tenant integer, seq integer, n integer, PRIMARY KEY (tenant, seq))")
     conn.execute("INSERT INTO items SELECT t, s, 0 FROM generate_series(1, 100) t, generate_series(1, 2000) s")
     conn.execute("VACUUM ANALYZE items")
-    target = resolve(conn, BackfillSpec("p", "items", {"n": "n + 1"})).target
+    target = for_target(resolve(conn, BackfillSpec("p", "items", {"n": "n + 1"})).target)
 
     lookahead = _explain(conn, target.lookahead(True), ["50", "7", "100", "2000", 9_999])
     update = _explain(conn, target.update(True), ["50", "7", "55", "7"])

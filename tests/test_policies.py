@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 import backfill
 from backfill import BackfillSpec, RunOutcome, RunSettings, SettingsError
 from backfill.errors import ConnectError
-from backfill.health import PostgresHealth
+from backfill.pg.health import PostgresHealth
 from backfill.policies import (
     AdaptiveSize,
     CustomCheck,

@@ -40,7 +40,8 @@ from backfill.alembic.ops import (  # noqa: E402
 from backfill.alembic.toimpl import BackfillNotFinishedError, MigrationContextError  # noqa: E402
 
 if TYPE_CHECKING:
-    from backfill.executor import RunReport, RunSettings
+    from backfill.executor import RunReport
+    from backfill.settings import RunSettings
     from backfill.store import BackfillRecord
 
 __all__ = [

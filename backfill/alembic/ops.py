@@ -15,7 +15,8 @@ from alembic.operations import MigrateOperation, Operations
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ClauseElement
 
-    from backfill.executor import RunReport, RunSettings
+    from backfill.executor import RunReport
+    from backfill.settings import RunSettings
     from backfill.store import BackfillRecord
 
 __all__ = [

@@ -11,7 +11,8 @@ from alembic.operations import Operations
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.sql.elements import ClauseElement
 
-from backfill import api, constraints, ddl
+from backfill import api
+from backfill.alembic import offline
 from backfill.alembic.ops import (
     AddNotNullConstraintOp,
     BackfillOp,
@@ -21,9 +22,11 @@ from backfill.alembic.ops import (
     ValidateNotNullConstraintOp,
     _NotNullOp,
 )
-from backfill.connect import Database
 from backfill.errors import BackfillError, ControlTablesMissingError, UnknownBackfillError
 from backfill.executor import RunReport
+from backfill.pg.connect import Database
+from backfill.schema import ddl
+from backfill.schema import notnull as constraints
 from backfill.spec import BackfillSpec
 from backfill.state import RunOutcome, RunState
 from backfill.store import BackfillRecord
@@ -79,7 +82,7 @@ def _output(ctx: MigrationContext, text: str) -> None:
 
 
 class SQLAlchemySession:
-    """A :class:`backfill.constraints.DDLSession` on Alembic's connection while it is in autocommit mode: each
+    """A :class:`backfill.schema.notnull.DDLSession` on Alembic's connection while it is in autocommit mode: each
     step gets an explicit transaction of its own, so ``SET LOCAL`` ends with it."""
 
     def __init__(self, connection: sqlalchemy.Connection) -> None:
@@ -172,7 +175,7 @@ def _render_backfill(ctx: MigrationContext, spec: BackfillSpec, operation: Backf
             "pass key= (e.g. key='id')"
         )
     settings = operation.settings
-    script = ddl.batched_script(
+    script = offline.batched_script(
         name=spec.name,
         schema=spec.schema or "public",
         table=spec.table,
@@ -220,7 +223,7 @@ def _how_to_finish(name: str, state: RunState, database: Database, control_schem
 def ensure_backfill_finished(operations: Operations, operation: EnsureBackfillFinishedOp) -> BackfillRecord | None:
     ctx = _context(operations, "ensure_backfill_finished")
     if ctx.as_sql:
-        _output(ctx, ddl.render(ddl.finished_gate(operation.name, operation.control_schema)))
+        _output(ctx, ddl.render(offline.finished_gate(operation.name, operation.control_schema)))
         return None
     assert ctx.connection is not None
     database = Database.from_bind(ctx.connection)

@@ -17,7 +17,7 @@ from alembic import command
 from alembic.config import Config
 
 import backfill
-from backfill.embedded import embedded_server
+from backfill.tools.embedded import embedded_server
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,7 +1,7 @@
-"""The DDL of the NOT NULL helpers and the SQL the Alembic ops render offline, composed with :mod:`psycopg.sql`.
+"""What the Alembic ops render offline (``alembic upgrade --sql``): PL/pgSQL blocks a DBA runs with psql.
 
-Batch statements are not here: the offline backfill script is assembled from :class:`backfill.sql.Target`'s own
-statements, so a backfill run by psql walks the table exactly as the runner does.
+The backfill script is assembled from the runner's own batch statements (``backfill.pg.statements``), so a
+backfill run by psql walks the table exactly as the runner does.
 """
 
 from __future__ import annotations
@@ -11,135 +11,10 @@ from collections.abc import Sequence
 
 from psycopg import sql
 
-from backfill.sql import ControlTables, Target
+from backfill.pg.statements import ControlTables, TargetSQL
+from backfill.schema.ddl import timeout_literal
 
-__all__ = [
-    "not_null_name",
-    "check_name",
-    "set_lock_timeout",
-    "reset_lock_timeout",
-    "add_not_null_not_valid",
-    "add_check_not_valid",
-    "validate_constraint",
-    "set_not_null",
-    "drop_not_null",
-    "drop_constraint",
-    "count_nulls",
-    "batched_script",
-    "finished_gate",
-    "render",
-]
-
-#: PostgreSQL keeps the first 63 bytes of an identifier (NAMEDATALEN - 1).
-_MAX_IDENTIFIER_BYTES = 63
-
-
-def _clip(name: str) -> str:
-    # Clipped the way the server clips (whole characters), so a catalog look-up by name finds what DDL created.
-    encoded = name.encode()
-    if len(encoded) <= _MAX_IDENTIFIER_BYTES:
-        return name
-    return encoded[:_MAX_IDENTIFIER_BYTES].decode(errors="ignore")
-
-
-def not_null_name(table: str, column: str, name: str | None = None) -> str:
-    """The name of a not-null constraint (PostgreSQL 18+): ``name``, or the one PostgreSQL itself would choose."""
-    return _clip(name or f"{table}_{column}_not_null")
-
-
-def check_name(table: str, column: str, name: str | None = None) -> str:
-    """The name of the temporary ``CHECK (col IS NOT NULL)`` of the PostgreSQL 12-17 path.
-
-    It differs from :func:`not_null_name` by default: on PostgreSQL 18, ``SET NOT NULL`` creates a not-null
-    constraint with that name while the CHECK still exists.
-    """
-    return _clip(name or f"{table}_{column}_not_null_check")
-
-
-# --- catalog -----------------------------------------------------------------------------------------------------
-
-#: (relation oid, column name): the column's attnum and attnotnull, or no row.
-COLUMN = sql.SQL(
-    """
-    SELECT a.attnum, a.attnotnull
-      FROM pg_catalog.pg_attribute a
-     WHERE a.attrelid = %s AND a.attname = %s AND a.attnum > 0 AND NOT a.attisdropped
-    """
-)
-
-#: (relation oid, attnum, check name): the column's not-null constraint (contype 'n', PostgreSQL 18+) and the CHECK
-#: of that name, each with whether it is validated.
-CONSTRAINTS = sql.SQL(
-    """
-    SELECT c.conname, c.contype::text, c.convalidated
-      FROM pg_catalog.pg_constraint c
-     WHERE c.conrelid = %s
-       AND ((c.contype = 'n' AND c.conkey = ARRAY[%s]::int2[]) OR (c.contype = 'c' AND c.conname = %s))
-    """
-)
-
-
-def count_nulls(relation: sql.Identifier, column: str) -> sql.Composed:
-    """Rows whose ``column`` is NULL: only run after a validation failed, to say how many."""
-    return sql.SQL("SELECT count(*) FROM {} WHERE {} IS NULL").format(relation, sql.Identifier(column))
-
-
-# --- DDL -----------------------------------------------------------------------------------------------------------
-
-
-def _timeout_literal(seconds: float) -> sql.Literal:
-    return sql.Literal(f"{max(int(seconds * 1000), 1)}ms")
-
-
-def set_lock_timeout(seconds: float, *, local: bool) -> sql.Composed:
-    """``SET [LOCAL] lock_timeout``: LOCAL inside a step's own transaction, plain in an offline script."""
-    return sql.SQL("SET {}lock_timeout = {}").format(sql.SQL("LOCAL " if local else ""), _timeout_literal(seconds))
-
-
-def reset_lock_timeout() -> sql.SQL:
-    return sql.SQL("RESET lock_timeout")
-
-
-#: Makes the server report (at DEBUG1) that a valid CHECK proved SET NOT NULL needs no table scan.
-SHOW_PROOF = sql.SQL("SET LOCAL client_min_messages = debug1")
-
-
-def add_not_null_not_valid(relation: sql.Identifier, name: str, column: str) -> sql.Composed:
-    """PostgreSQL 18+: ACCESS EXCLUSIVE for an instant, no scan; new rows are checked from now on."""
-    return sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} NOT NULL {} NOT VALID").format(
-        relation, sql.Identifier(name), sql.Identifier(column)
-    )
-
-
-def add_check_not_valid(relation: sql.Identifier, name: str, column: str) -> sql.Composed:
-    """PostgreSQL 12-17: ACCESS EXCLUSIVE for an instant, no scan; new rows are checked from now on."""
-    return sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID").format(
-        relation, sql.Identifier(name), sql.Identifier(column)
-    )
-
-
-def validate_constraint(relation: sql.Identifier, name: str) -> sql.Composed:
-    """Scans the table under SHARE UPDATE EXCLUSIVE, which does not block reads or writes."""
-    return sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(relation, sql.Identifier(name))
-
-
-def set_not_null(relation: sql.Identifier, column: str) -> sql.Composed:
-    """ACCESS EXCLUSIVE; skips its scan when a valid ``CHECK (col IS NOT NULL)`` proves the column has no NULL."""
-    return sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(relation, sql.Identifier(column))
-
-
-def drop_not_null(relation: sql.Identifier, column: str) -> sql.Composed:
-    """ACCESS EXCLUSIVE for an instant; on PostgreSQL 18 it drops the column's not-null constraint, valid or not."""
-    return sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL").format(relation, sql.Identifier(column))
-
-
-def drop_constraint(relation: sql.Identifier, name: str, *, if_exists: bool = False) -> sql.Composed:
-    return sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}{}").format(
-        relation, sql.SQL("IF EXISTS " if if_exists else ""), sql.Identifier(name)
-    )
-
-
-# --- offline scripts ---------------------------------------------------------------------------------------------
+__all__ = ["batched_script", "finished_gate"]
 
 _PLACEHOLDER = re.compile(r"%(%|s)")
 
@@ -181,7 +56,7 @@ def batched_script(
     transaction block (COMMIT inside DO needs that). No control table is involved: a DBA runs it from psql.
     """
     n = len(key)
-    target = Target(
+    target = TargetSQL(
         schema=schema,
         table=table,
         key=tuple(key),
@@ -276,7 +151,7 @@ END"""
         end=sql.SQL(end),
         done=sql.SQL(done),
         bf=sql.Literal(name),
-        lock_timeout=_timeout_literal(lock_timeout),
+        lock_timeout=timeout_literal(lock_timeout),
         batch_size=sql.Literal(batch_size),
         max_attempts=sql.Literal(max_attempts),
     )
@@ -306,8 +181,3 @@ END"""
         name=sql.Literal(name),
     )
     return sql.SQL("DO {}").format(_dollar_quote(body.as_string(None), "gate"))
-
-
-def render(statement: sql.Composable) -> str:
-    """A composed statement as text, without a connection (for offline scripts and log lines)."""
-    return statement.as_string(None)

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from backfill.durations import format_duration
+from backfill.cli.durations import format_duration
 
 __all__ = ["LOG_FORMATS", "Progress", "configure_logging"]
 

@@ -14,7 +14,7 @@ import psycopg
 import structlog
 from psycopg import sql as pgsql
 
-from backfill import sql
+from backfill.pg import statements as sql
 from backfill.policies import LagReading, TransactionReading, VacuumReading
 
 __all__ = ["PostgresHealth"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from backfill.connect import Bind, Database
+from backfill.pg.connect import Bind, Database
 
 __all__ = ["AppSimulator", "AppStats"]
 

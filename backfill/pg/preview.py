@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from backfill import sql
+from backfill.pg import statements as sql
 from backfill.plan import Plan
 from backfill.state import RunState
 from backfill.store import Key, SliceRecord
@@ -64,7 +64,7 @@ def preview_next_batch(
             starting now would fix it).
         batch_size: rows of key range per batch.
     """
-    target = plan.target
+    target = sql.for_target(plan.target)
     empty = BatchPreview(name, state, batch_size, None, None, None, None, (), 0, 0, 0)
     with conn.transaction():
         # Planning an UPDATE takes ROW EXCLUSIVE on the table, which queues behind a pending ALTER TABLE.

@@ -7,7 +7,6 @@ errors become one-line messages in one place (:meth:`BackfillGroup.invoke`); ``-
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import re
 import signal
@@ -26,12 +25,23 @@ import structlog
 from click.core import ParameterSource
 
 from backfill import api
-from backfill.connect import Database
-from backfill.durations import format_duration, parse_duration
+from backfill.cli.durations import format_duration
+from backfill.cli.params import (
+    BYTES,
+    DURATION,
+    DURATION_OFF,
+    DURATION_ZERO,
+    OFF,
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+)
+from backfill.cli.progress import LOG_FORMATS, Progress, configure_logging
 from backfill.errors import BackfillError
-from backfill.executor import RunReport, RunSettings, SettingsError
-from backfill.health import PostgresHealth
-from backfill.progress import LOG_FORMATS, Progress, configure_logging
+from backfill.executor import RunReport
+from backfill.pg import statements
+from backfill.pg.connect import Database
+from backfill.pg.health import PostgresHealth
+from backfill.settings import RunSettings, SettingsError
 from backfill.spec import BackfillSpec
 from backfill.state import RunOutcome
 from backfill.status import BackfillStatus, live_owner
@@ -74,75 +84,6 @@ class DatabaseError(click.ClickException):
     """A one-line error the database raised while a command ran: exit code 1."""
 
     exit_code = EXIT_FAILED
-
-
-class Off(enum.Enum):
-    """What a setting's flag parses to when the operator turns that check off (``off``): the field becomes None."""
-
-    OFF = "off"
-
-
-OFF = Off.OFF
-
-
-class Duration(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.3 on
-    """``90s``, ``5m``, ``1h30m``, ``250ms`` or a number of seconds.
-
-    Args:
-        zero: accept 0 (e.g. no retries at all).
-        off: accept ``off`` (and 0) for a check the operator turns off: the value is :data:`OFF`.
-    """
-
-    name = "duration"
-
-    def __init__(self, *, zero: bool = False, off: bool = False) -> None:
-        self.zero, self.off = zero, off
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | Off:
-        if value is OFF or isinstance(value, (int, float)):
-            return value  # a default, already converted
-        if self.off and str(value).strip().lower() == "off":
-            return OFF
-        try:
-            seconds = parse_duration(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-        if seconds == 0 and self.off:
-            return OFF
-        if seconds < 0 or (seconds == 0 and not self.zero):
-            self.fail(f"{value!r} must be longer than zero", param, ctx)
-        return seconds
-
-
-#: Byte units as PostgreSQL reads them in its settings (kB = 1024 bytes), plus the explicit binary spellings.
-_BYTE_UNITS = {"": 1, "b": 1, "kb": 1024, "kib": 1024, "mb": 1024**2, "mib": 1024**2, "gb": 1024**3, "gib": 1024**3,
-               "tb": 1024**4, "tib": 1024**4}  # fmt: skip
-_BYTES = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
-
-
-class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.3 on
-    """A size: ``64MB``, ``1GiB``, ``512kB`` (units of 1024, as in postgresql.conf), plain bytes, or ``off``."""
-
-    name = "bytes"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | Off:
-        if value is OFF or isinstance(value, int):
-            return value  # a default, already converted
-        text = str(value).strip().lower()
-        if text == "off":
-            return OFF
-        found = _BYTES.fullmatch(text)
-        if found is None or found[2] not in _BYTE_UNITS:
-            self.fail(f"{value!r} is not a size (use e.g. 64MB, 1GiB, 500kB or a number of bytes)", param, ctx)
-        return int(float(found[1]) * _BYTE_UNITS[found[2]])
-
-
-DURATION = Duration()
-DURATION_OFF = Duration(off=True)
-DURATION_ZERO = Duration(zero=True)
-BYTES = ByteSize()
-POSITIVE_INT = click.IntRange(min=1)
-POSITIVE_NUMBER = click.FloatRange(min=0, min_open=True)
 
 
 @dataclass
@@ -445,8 +386,8 @@ def _log_batch_sql(obj: CliContext, spec: BackfillSpec) -> None:
     log.debug(
         "batch_sql",
         backfill=spec.name,
-        lookahead=plan.target.lookahead(True).as_string(),
-        update=plan.target.update(True).as_string(),
+        lookahead=statements.for_target(plan.target).lookahead(True).as_string(),
+        update=statements.for_target(plan.target).update(True).as_string(),
     )
 
 
@@ -731,7 +672,7 @@ def demo(obj: CliContext, rows: int, writers: int) -> None:
     progress, makes it NOT NULL without a table scan. Then times one plain UPDATE of the same data under the same
     writers and reports both. Everything it created is removed at the end.
     """
-    from backfill.demo import run_demo  # imported late: --help and the other commands never load it
+    from backfill.tools.demo import run_demo  # imported late: --help and the other commands never load it
 
     url = None if obj.url_from_env else obj.url
     click.get_current_context().exit(run_demo(url, rows=rows, writers=writers, progress=obj.progress, echo=click.echo))

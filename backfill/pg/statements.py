@@ -7,11 +7,15 @@ the filter) and type names read back from the catalog (``format_type``, which qu
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 
 from psycopg import sql
 
-__all__ = ["Target", "ControlTables", "CONTROL_VERSION"]
+from backfill.plan import Target
+
+__all__ = ["TargetSQL", "for_target", "ControlTables", "CONTROL_VERSION"]
 
 #: Version of the control tables' layout; stored in ``backfill_meta`` so later releases can migrate it.
 CONTROL_VERSION = 1
@@ -85,16 +89,9 @@ SERVER_VERSION = sql.SQL("SELECT current_setting('server_version_num')::int")
 
 
 @dataclass(frozen=True)
-class Target:
+class TargetSQL(Target):
     """The batch statements for one resolved table, key and set of expressions. Execute them with a parameter
     sequence, if only an empty one: their % signs are escaped for psycopg's placeholder parsing."""
-
-    schema: str
-    table: str
-    key: tuple[str, ...]
-    key_types: tuple[str, ...]
-    values: tuple[tuple[str, str], ...]
-    where: str | None
 
     @property
     def relation(self) -> sql.SQL:
@@ -179,6 +176,13 @@ class Target:
 
 
 # --- the control tables ------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def for_target(target: Target) -> TargetSQL:
+    """The batch statements of a resolved target (composed once per target, not once per batch)."""
+    return target if isinstance(target, TargetSQL) else TargetSQL(**dataclasses.asdict(target))
+
 
 _STATES = "'pending', 'running', 'paused', 'succeeded', 'failed', 'cancelled'"
 
@@ -412,7 +416,7 @@ def explain(statement: sql.Composable) -> sql.Composed:
 
 
 # --- health checks -------------------------------------------------------------------------------------------------
-# Run by backfill.health between batches on the runner's connection, never inside a batch's transaction. Each reads
+# Run by backfill.pg.health between batches on the runner's connection, never inside a batch's transaction. Each reads
 # statistics views only (no lock on the target table) and is cheap enough to run every second.
 
 #: (relation oid | NULL) for a (schema, table) pair: the target, resolved once per run.

@@ -31,10 +31,10 @@ import structlog
 import tenacity
 from psycopg import sql
 
-from backfill import ddl
-from backfill import sql as statements
-from backfill.connect import Bind, Database
 from backfill.errors import BackfillError
+from backfill.pg import statements
+from backfill.pg.connect import Bind, Database
+from backfill.schema import ddl
 
 __all__ = [
     "ConstraintError",

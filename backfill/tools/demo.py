@@ -26,13 +26,14 @@ from psycopg.conninfo import conninfo_to_dict
 
 from backfill import alembic as alembic_ops  # op.backfill and op.add_not_null_constraint, typed
 from backfill import api
-from backfill.appsim import AppSimulator, AppStats
-from backfill.connect import Database
-from backfill.embedded import embedded_server
+from backfill.cli.progress import Progress
 from backfill.errors import BackfillError
-from backfill.executor import RunReport, RunSettings
-from backfill.progress import Progress
+from backfill.executor import RunReport
+from backfill.pg.connect import Database
+from backfill.settings import RunSettings
 from backfill.state import RunOutcome
+from backfill.tools.appsim import AppSimulator, AppStats
+from backfill.tools.embedded import embedded_server
 
 __all__ = ["DEMO_SCHEMA", "DemoReport", "run_demo"]
 

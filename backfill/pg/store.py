@@ -1,0 +1,429 @@
+"""The PostgreSQL store: the only code that reads or writes the control tables, and the one that runs a batch's
+transaction.
+
+A batch is one short transaction on the runner's own connection: lock the slice's control row and read its
+checkpoint, find the key ``batch_size`` rows ahead, update that closed key range, write the new checkpoint. Because
+the checkpoint is read and written inside the same transaction as the update, a crash at any instant neither repeats
+a committed batch nor skips one, and two runners that somehow reach the same slice simply take turns.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql as pgsql
+from psycopg.types.json import Jsonb
+
+from backfill.errors import (
+    ControlTablesMissingError,
+    SpecMismatchError,
+    StateTransitionError,
+    UnknownBackfillError,
+)
+from backfill.pg import statements as sql
+from backfill.pg.connect import Database
+from backfill.plan import Plan, Target
+from backfill.spec import BackfillSpec
+from backfill.state import TRANSITIONS, RunState
+from backfill.store import (
+    LIVE_SECONDS,
+    BackfillRecord,
+    BatchRequest,
+    BatchResult,
+    Key,
+    LockLostError,
+    SliceRecord,
+)
+
+__all__ = ["PostgresStore"]
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(int(seconds * 1000), 1)}ms"
+
+
+@functools.lru_cache(maxsize=64)
+def _batch_statements(target: Target, has_lower: bool) -> tuple[pgsql.Composed, pgsql.Composed]:
+    # Composed once per target and range shape, not once per batch.
+    statements = sql.for_target(target)
+    return statements.lookahead(has_lower), statements.update(has_lower)
+
+
+class PostgresStore:
+    """The control tables in one schema, reached through one connection of the runner's own.
+
+    The connection is opened lazily, reopened after it breaks, and holds the advisory locks of the slices this
+    runner claimed (re-taken after a reconnect, or :class:`LockLostError`).
+    """
+
+    def __init__(self, database: Database, schema: str = "public") -> None:
+        self.database = database
+        self.tables = sql.ControlTables(schema)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._claims: set[tuple[int, int]] = set()
+
+    # --- connection ------------------------------------------------------------------------------------------
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        if self._conn is not None and self._conn.closed:
+            self._conn = None
+        if self._conn is None:
+            self._conn = self.database.connect()
+            lost = [claim for claim in self._claims if not self._lock(*claim)]
+            if lost:
+                self._claims.difference_update(lost)
+                raise LockLostError(f"another runner took slice {lost[0][1]} while this one reconnected")
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def close(self) -> None:
+        self._drop()
+        self._claims.clear()
+
+    def cancel(self) -> None:
+        """Cancel the statement running on this store's connection, from any thread (its batch rolls back)."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            conn.cancel_safe()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- control tables --------------------------------------------------------------------------------------
+
+    def init(self) -> None:
+        """Create the control tables if they do not exist (idempotent, safe to race)."""
+        conn = self.conn
+        with conn.transaction():
+            conn.execute(self.tables.init_lock())
+            for statement in self.tables.create():
+                conn.execute(statement)
+        self._check_version()
+
+    def _check_version(self) -> None:
+        exists = self.conn.execute(self.tables.exists(), (self.tables.schema,)).fetchone()
+        if not exists or not exists[0]:
+            raise ControlTablesMissingError(
+                f"no backfill control tables in schema {self.tables.schema!r}: run `backfill init` first"
+            )
+        row = self.conn.execute(self.tables.version()).fetchone()
+        if row is None or row[0] > sql.CONTROL_VERSION:
+            raise ControlTablesMissingError(
+                f"the control tables in schema {self.tables.schema!r} are version {row[0] if row else '?'}, "
+                f"newer than this release of backfill understands ({sql.CONTROL_VERSION}): upgrade backfill"
+            )
+
+    def _record(self, row: Sequence[Any], totals: dict[int, tuple[Any, ...]]) -> BackfillRecord:
+        rows, batches, heartbeat, owner = totals.get(row[0], (0, 0, None, None))
+        return BackfillRecord(
+            id=row[0],
+            name=row[1],
+            spec=BackfillSpec.from_dict(row[2]),
+            fingerprint=row[3],
+            state=RunState(row[4]),
+            upper_bound=row[5],
+            estimated_rows=row[6],
+            last_error=row[7],
+            created_at=row[8],
+            started_at=row[9],
+            updated_at=row[10],
+            finished_at=row[11],
+            rows_updated=rows or 0,
+            batches=batches or 0,
+            heartbeat_at=heartbeat,
+            owner=owner,
+        )
+
+    def _totals(self) -> dict[int, tuple[Any, ...]]:
+        return {row[0]: tuple(row[1:]) for row in self.conn.execute(self.tables.slice_totals())}
+
+    def get(self, name: str) -> BackfillRecord:
+        """The backfill called ``name``.
+
+        Raises:
+            UnknownBackfillError: there is none.
+        """
+        self._check_version()
+        row = self.conn.execute(self.tables.select(one=True), (name,)).fetchone()
+        if row is None:
+            raise UnknownBackfillError(f"no backfill named {name!r}")
+        return self._record(row, self._totals())
+
+    def list_all(self) -> list[BackfillRecord]:
+        self._check_version()
+        totals = self._totals()
+        return [self._record(row, totals) for row in self.conn.execute(self.tables.select(one=False))]
+
+    def slices(self, backfill_id: int) -> list[SliceRecord]:
+        return [SliceRecord(*row) for row in self.conn.execute(self.tables.select_slices(), (backfill_id,))]
+
+    def live_runners(self, backfill_id: int) -> int:
+        """Runners that committed a batch of this backfill lately and still hold an unfinished slice."""
+        row = self.conn.execute(self.tables.live_runners(), (backfill_id, LIVE_SECONDS)).fetchone()
+        return int(row[0]) if row else 0
+
+    def register(self, plan: Plan, *, force: bool = False) -> BackfillRecord:
+        """Store a resolved spec under its name, or check it against the one already stored.
+
+        Raises:
+            SpecMismatchError: the name holds a different spec (and ``force`` is false, or the table or key
+                changed after the backfill started, so its checkpoint cannot carry over).
+        """
+        spec, fingerprint = plan.spec, plan.spec.fingerprint()
+        conn = self.conn
+        with conn.transaction():
+            inserted = conn.execute(self.tables.insert(), (spec.name, Jsonb(spec.to_dict()), fingerprint)).fetchone()
+            if inserted is None:
+                row = conn.execute(self.tables.select(one=True, lock=True), (spec.name,)).fetchone()
+                assert row is not None
+                old = self._record(row, {})
+                if old.fingerprint != fingerprint:
+                    if not force:
+                        raise SpecMismatchError(_mismatch(old.spec, spec))
+                    same_walk = (old.spec.schema, old.spec.table, old.spec.key) == (spec.schema, spec.table, spec.key)
+                    if old.started_at is not None and not same_walk:
+                        raise SpecMismatchError(
+                            f"backfill {spec.name!r} has started on {old.spec.qualified_table} by key "
+                            f"({', '.join(old.spec.key or ())}); its checkpoint cannot carry over to a different "
+                            "table or key: register the new spec under a new name"
+                        )
+                if old.fingerprint != fingerprint or old.spec.batch_size != spec.batch_size:
+                    conn.execute(self.tables.replace_spec(), (Jsonb(spec.to_dict()), fingerprint, old.id))
+        return self.get(spec.name)
+
+    def transition(self, name: str, action: str) -> BackfillRecord:
+        """Apply an operator action (``pause``, ``resume``, ``cancel``, ``retry``) to the backfill ``name``.
+
+        Raises:
+            UnknownBackfillError: there is no such backfill.
+            StateTransitionError: the action makes no sense in the backfill's current state.
+        """
+        self._check_version()
+        sources, target = TRANSITIONS[action]
+        conn = self.conn
+        with conn.transaction():
+            row = conn.execute(self.tables.select(one=True, lock=True), (name,)).fetchone()
+            if row is None:
+                raise UnknownBackfillError(f"no backfill named {name!r}")
+            current = RunState(row[4])
+            if current not in sources:
+                raise StateTransitionError(f"cannot {action} backfill {name!r}: it is {current.value}")
+            if action == "resume" and row[9] is None:
+                target = RunState.PENDING  # never started: no key range fixed yet
+            error = row[7] if action == "cancel" else None
+            conn.execute(self.tables.set_state(), (target.value, error, target.terminal, row[0]))
+        return self.get(name)
+
+    # --- runner side -----------------------------------------------------------------------------------------
+
+    def _lock(self, backfill_id: int, slice: int) -> bool:
+        assert self._conn is not None
+        row = self._conn.execute(self.tables.try_lock(), (backfill_id, slice)).fetchone()
+        return bool(row and row[0])
+
+    def try_claim(self, backfill_id: int, slice: int) -> bool:
+        """Take the slice's advisory lock on this store's connection; False if another live runner holds it."""
+        self.conn  # noqa: B018 -- connects (and re-takes existing claims) first
+        if not self._lock(backfill_id, slice):
+            return False
+        self._claims.add((backfill_id, slice))
+        return True
+
+    def release(self, backfill_id: int, slice: int, owner: str | None = None) -> None:
+        if (backfill_id, slice) not in self._claims:
+            return
+        self._claims.discard((backfill_id, slice))
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            return
+        self._conn.execute(self.tables.release_slice(), (backfill_id, slice, owner))
+        self._conn.execute(self.tables.unlock(), (backfill_id, slice))
+
+    def start(self, record: BackfillRecord, plan: Plan | None) -> list[SliceRecord]:
+        """Fix the key range on the first start (one slice up to the current largest key) and mark the backfill
+        running; later starts return the slices as they are. An empty table succeeds at once."""
+        assert plan is not None
+        conn = self.conn
+        with conn.transaction():
+            # The row lock makes two runners starting at once agree on one set of slices.
+            row = conn.execute(self.tables.select(one=True, lock=True), (record.name,)).fetchone()
+            assert row is not None
+            state = RunState(row[4])
+            if not state.runnable:
+                return self.slices(record.id)
+            existing = self.slices(record.id)
+            if existing:
+                if state is RunState.PENDING:
+                    conn.execute(self.tables.start(), (None, None, record.id))
+                return existing
+            conn.execute(sql.SET_TIMEOUTS, ("5s", "60s"))
+            top = conn.execute(sql.for_target(plan.target).max_key(), ()).fetchone()
+            if top is None:
+                conn.execute(self.tables.set_state(), (RunState.SUCCEEDED.value, None, True, record.id))
+                return []
+            upper = Jsonb(list(top))
+            conn.execute(self.tables.start(), (upper, plan.estimated_rows, record.id))
+            conn.execute(self.tables.insert_slice(), (record.id, 0, None, upper, None))
+        return self.slices(record.id)
+
+    def _finish_if_done(self, backfill_id: int) -> bool:
+        # Two runners finishing the last two slices at once would each see the other's slice unfinished under
+        # their own snapshot, and neither would mark the backfill done. Locking the backfill's row first makes the
+        # second wait for the first to commit; its next statement then takes a fresh snapshot that sees it.
+        self.conn.execute(self.tables.lock_backfill(), (backfill_id,))
+        return self.conn.execute(self.tables.finish_if_done(), (backfill_id, backfill_id)).rowcount == 1
+
+    def finish_if_done(self, backfill_id: int) -> bool:
+        """Mark a running backfill succeeded if none of its slices is left (e.g. its last runner stopped between
+        its last batch and marking it). True if this call marked it."""
+        with self.conn.transaction():
+            return self._finish_if_done(backfill_id)
+
+    def split(self, plan: Plan, backfill_id: int, parts: int) -> int:
+        """Split unfinished slices that no runner holds until there are ``parts`` unfinished slices (or no more
+        split points), each cut at keys that give its pieces equal numbers of rows. Returns how many unfinished
+        slices there are now. Slices held by live runners are left alone: only a slice's holder may change it."""
+        pieces = [piece for piece in self.slices(backfill_id) if not piece.done]
+        if not pieces or len(pieces) >= parts:
+            return len(pieces)
+        free = [piece for piece in pieces if self.try_claim(backfill_id, piece.slice)]
+        try:
+            extra = parts - len(pieces)
+            for i, piece in enumerate(free):
+                cut = 1 + extra // len(free) + (1 if i < extra % len(free) else 0)
+                if cut > 1:
+                    self._split_one(plan.target, backfill_id, piece.slice, cut)
+        finally:
+            for piece in free:
+                self.release(backfill_id, piece.slice)
+        return sum(1 for piece in self.slices(backfill_id) if not piece.done)
+
+    def _split_one(self, target: Target, backfill_id: int, slice_no: int, parts: int) -> None:
+        conn = self.conn
+        with conn.transaction():
+            conn.execute(sql.SET_TIMEOUTS, ("5s", "300s"))
+            conn.execute(self.tables.lock_backfill(), (backfill_id,))
+            found = conn.execute(self.tables.lock_slice_for_split(), (backfill_id, slice_no)).fetchone()
+            if found is None or found[3]:
+                return
+            checkpoint, lower, upper = found[0], found[1], found[2]
+            points = _split_points(conn, target, checkpoint if checkpoint is not None else lower, upper, parts)
+            if not points:
+                return
+            first = conn.execute(self.tables.next_slice(), (backfill_id,)).fetchone()
+            assert first is not None
+            conn.execute(self.tables.shrink_slice(), (Jsonb(points[0]), backfill_id, slice_no))
+            for number, (low, high) in enumerate(zip(points, [*points[1:], upper], strict=True), start=first[0]):
+                conn.execute(self.tables.insert_slice(), (backfill_id, number, Jsonb(low), Jsonb(high), Jsonb(low)))
+
+    def run_batch(self, plan: Plan | None, request: BatchRequest) -> BatchResult:
+        """Run one batch in one transaction (see the module docstring). Database errors propagate after the
+        transaction has rolled back; a broken connection is dropped so the next call reconnects."""
+        assert plan is not None
+        tables = self.tables
+        conn = self.conn
+        try:
+            with conn.transaction():
+                conn.execute(sql.BATCH_SETTINGS, (_ms(request.lock_timeout), _ms(request.statement_timeout), "off"))
+                found = conn.execute(tables.lock_slice(), (request.backfill_id, request.slice)).fetchone()
+                assert found is not None, "slice vanished"
+                state, checkpoint, upper, done = RunState(found[0]), found[1], found[2], found[3]
+                if state is not RunState.RUNNING or done:
+                    return BatchResult(state=state, applied=False, slice_done=done)
+                lookahead, update = _batch_statements(plan.target, checkpoint is not None)
+                lower = list(checkpoint or [])
+                ahead = conn.execute(lookahead, [*lower, *upper, request.batch_size - 1]).fetchone()
+                end = list(ahead) if ahead is not None else upper
+                rows = conn.execute(update, [*lower, *end]).rowcount
+                slice_done = end == upper
+                conn.execute(
+                    tables.checkpoint(),
+                    (Jsonb(end), slice_done, rows, request.owner, request.backfill_id, request.slice),
+                )
+                finished = slice_done and self._finish_if_done(request.backfill_id)
+        except psycopg.Error:
+            if conn.broken or conn.closed:
+                self._drop()
+            raise
+        return BatchResult(
+            state=RunState.SUCCEEDED if finished else state,
+            applied=True,
+            rows=rows,
+            checkpoint=end,
+            slice_done=slice_done,
+            finished=finished,
+        )
+
+    def fail(self, backfill_id: int, error: str) -> None:
+        """Mark the backfill failed with ``error`` (after the failing batch rolled back)."""
+        statement = self.tables.set_state()
+        params = (RunState.FAILED.value, error[:4000], True, backfill_id)
+        try:
+            self.conn.execute(statement, params)
+        except psycopg.OperationalError:
+            self._drop()  # the failing batch may have taken the connection with it: one more try on a new one
+            self.conn.execute(statement, params)
+
+
+#: Up to this many rows, split points come from walking the key's index; beyond, from a sample of the table's pages.
+_WALK_LIMIT = 2_000_000
+#: Sampled keys per piece when sampling: enough for even pieces, a tiny fraction of a large table.
+_SAMPLE_PER_PIECE = 5_000
+
+
+def _split_points(
+    conn: psycopg.Connection[Any], target: Target, start: Key | None, upper: Key, parts: int
+) -> list[Key]:
+    """Up to ``parts - 1`` keys inside (start, upper] cutting it into pieces of about equal row counts."""
+    statements = sql.for_target(target)
+    lower = list(start or [])
+    plan = conn.execute(statements.estimate_range(start is not None, filtered=False), [*lower, *upper]).fetchone()
+    estimate = int(plan[0][0]["Plan"]["Plan Rows"]) if plan else 0
+    points: list[Key] = []
+    if estimate <= _WALK_LIMIT:
+        # Exact row counts from the index: parts - 1 look-aheads of estimate/parts entries each.
+        step, cursor = max(1, estimate // parts), start
+        lookahead = {has: statements.lookahead(has) for has in (False, True)}
+        for _ in range(parts - 1):
+            row = conn.execute(lookahead[cursor is not None], [*(cursor or []), *upper, step - 1]).fetchone()
+            if row is None or list(row) == upper:
+                break
+            cursor = list(row)
+            points.append(cursor)
+        return points
+    percent = min(100.0, 100.0 * _SAMPLE_PER_PIECE * parts / estimate)
+    keys = [list(row) for row in conn.execute(statements.sample_keys(start is not None), [percent, *lower, *upper])]
+    for j in range(1, parts):
+        key = keys[len(keys) * j // parts] if keys else None
+        if key is not None and key != upper and (not points or key != points[-1]):
+            points.append(key)
+    return points
+
+
+def _mismatch(old: BackfillSpec, new: BackfillSpec) -> str:
+    changed = [
+        field
+        for field, a, b in (
+            ("table", old.qualified_table, new.qualified_table),
+            ("values", dict(old.values), dict(new.values)),
+            ("where", old.where, new.where),
+            ("key", old.key, new.key),
+        )
+        if a != b
+    ]
+    return (
+        f"backfill {new.name!r} already exists with a different spec ({', '.join(changed)} changed): "
+        "use a new name, or force=True (CLI: --force) to replace the stored spec"
+    )
