@@ -69,7 +69,7 @@ from backfill.schema.notnull import (
 )
 from backfill.settings import RunSettings, SettingsError
 from backfill.spec import DEFAULT_BATCH_SIZE, BackfillSpec
-from backfill.state import RunOutcome, RunState
+from backfill.state import OperatorAction, RunOutcome, RunState
 from backfill.status import BackfillStatus
 from backfill.store import BackfillRecord, SliceRecord
 
@@ -79,6 +79,7 @@ __all__ = [
     "RunSettings",
     "RunReport",
     "RunOutcome",
+    "OperatorAction",
     "RunState",
     "RunContext",
     "RetryPolicy",

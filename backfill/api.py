@@ -17,6 +17,7 @@ from backfill.pg.store import PostgresStore
 from backfill.plan import Plan
 from backfill.settings import RunSettings
 from backfill.spec import BackfillSpec
+from backfill.state import OperatorAction
 from backfill.status import BackfillStatus
 from backfill.store import BackfillRecord, RunnerStore, SliceRecord
 
@@ -190,7 +191,7 @@ def list_backfills(bind: Bind, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) 
         return store.list_all()
 
 
-def _transition(bind: Bind, name: str, action: str, control_schema: str) -> BackfillRecord:
+def _transition(bind: Bind, name: str, action: OperatorAction, control_schema: str) -> BackfillRecord:
     with open_store(bind, control_schema) as store:
         return store.transition(name, action)
 
@@ -201,25 +202,25 @@ def pause_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTR
     Raises:
         UnknownBackfillError, StateTransitionError: no such backfill, or it is not pending or running.
     """
-    return _transition(bind, name, "pause", control_schema)
+    return _transition(bind, name, OperatorAction.PAUSE, control_schema)
 
 
 def resume_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> BackfillRecord:
     """Undo a pause; the next ``run`` continues from the checkpoint. Raises :class:`StateTransitionError` unless
     the backfill is paused."""
-    return _transition(bind, name, "resume", control_schema)
+    return _transition(bind, name, OperatorAction.RESUME, control_schema)
 
 
 def cancel_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> BackfillRecord:
     """Stop a backfill for good (rows already updated stay updated). Raises :class:`StateTransitionError` if it
     has already succeeded or been cancelled."""
-    return _transition(bind, name, "cancel", control_schema)
+    return _transition(bind, name, OperatorAction.CANCEL, control_schema)
 
 
 def retry_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> BackfillRecord:
     """Put a failed backfill back to pending; the next ``run`` continues from its checkpoint. Raises
     :class:`StateTransitionError` unless the backfill failed."""
-    return _transition(bind, name, "retry", control_schema)
+    return _transition(bind, name, OperatorAction.RETRY, control_schema)
 
 
 def backfill_status(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["RunState", "RunOutcome", "TRANSITIONS"]
+__all__ = ["RunState", "RunOutcome", "OperatorAction", "TRANSITIONS"]
 
 
 class RunState(str, enum.Enum):
@@ -35,13 +35,29 @@ class RunState(str, enum.Enum):
         return self in (RunState.PENDING, RunState.RUNNING)
 
 
+class OperatorAction(str, enum.Enum):
+    """What an operator can do to a backfill (``backfill pause NAME``, :func:`backfill.pause_backfill`, ...)."""
+
+    #: Runners stop after their current batch; ``run`` leaves the backfill alone until it is resumed.
+    PAUSE = "pause"
+    #: A paused backfill runs again (or is pending again, if it never started).
+    RESUME = "resume"
+    #: Stopped for good.
+    CANCEL = "cancel"
+    #: A failed backfill is put back to pending; the next run continues from its checkpoint.
+    RETRY = "retry"
+
+
 #: Operator actions -> (states they apply to, state they lead to). RUNNING is entered by a run, SUCCEEDED and FAILED
 #: by a batch; an operator only moves a backfill along these edges.
-TRANSITIONS: dict[str, tuple[frozenset[RunState], RunState]] = {
-    "pause": (frozenset({RunState.PENDING, RunState.RUNNING}), RunState.PAUSED),
-    "resume": (frozenset({RunState.PAUSED}), RunState.RUNNING),
-    "cancel": (frozenset({RunState.PENDING, RunState.RUNNING, RunState.PAUSED, RunState.FAILED}), RunState.CANCELLED),
-    "retry": (frozenset({RunState.FAILED}), RunState.PENDING),
+TRANSITIONS: dict[OperatorAction, tuple[frozenset[RunState], RunState]] = {
+    OperatorAction.PAUSE: (frozenset({RunState.PENDING, RunState.RUNNING}), RunState.PAUSED),
+    OperatorAction.RESUME: (frozenset({RunState.PAUSED}), RunState.RUNNING),
+    OperatorAction.CANCEL: (
+        frozenset({RunState.PENDING, RunState.RUNNING, RunState.PAUSED, RunState.FAILED}),
+        RunState.CANCELLED,
+    ),
+    OperatorAction.RETRY: (frozenset({RunState.FAILED}), RunState.PENDING),
 }
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +23,7 @@ __all__ = [
     "Store",
     "RunnerStore",
     "LIVE_SECONDS",
+    "split_free_slices",
 ]
 
 Key = list[str]
@@ -118,6 +120,8 @@ class Store(Protocol):
 
     def fail(self, backfill_id: int, error: str) -> None: ...
 
+    def split(self, plan: Plan | None, backfill_id: int, parts: int) -> int: ...
+
 
 class RunnerStore(Store, Protocol):
     """A store a worker thread owns: its statement can be cancelled from another thread, and it is closed after."""
@@ -125,3 +129,23 @@ class RunnerStore(Store, Protocol):
     def cancel(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+def split_free_slices(store: Store, backfill_id: int, parts: int, split_one: Callable[[int, int], None]) -> int:
+    """Split unfinished slices that no runner holds until there are ``parts`` unfinished slices (or no more split
+    points): ``split_one(slice, pieces)`` cuts one claimed slice into that many. Returns how many unfinished slices
+    there are now. Slices held by live runners are left alone: only a slice's holder may change it."""
+    pieces = [piece for piece in store.slices(backfill_id) if not piece.done]
+    if not pieces or len(pieces) >= parts:
+        return len(pieces)
+    free = [piece for piece in pieces if store.try_claim(backfill_id, piece.slice)]
+    try:
+        extra = parts - len(pieces)
+        for i, piece in enumerate(free):
+            cut = 1 + extra // len(free) + (1 if i < extra % len(free) else 0)
+            if cut > 1:
+                split_one(piece.slice, cut)
+    finally:
+        for piece in free:
+            store.release(backfill_id, piece.slice)
+    return sum(1 for piece in store.slices(backfill_id) if not piece.done)

@@ -332,3 +332,89 @@ def test_a_batch_size_chosen_in_the_spec_is_kept() -> None:
 
     assert report.batches == 10
     assert {request.batch_size for request in store.requests} == {100}
+
+
+# --- slices ----------------------------------------------------------------------------------------------------------
+
+
+def split(store: InMemoryStore, parts: int) -> None:
+    """Start the backfill and split it, as ``run_backfill`` does before its workers start."""
+    store.start(store.get("test"), None)
+    assert parts == store.split(None, 1, parts)
+
+
+def test_a_runner_claims_the_next_slice_once_one_is_done_and_finishes_the_backfill_after_the_last() -> None:
+    store, clock = InMemoryStore.for_keys(range(90), batch_size=10), FakeClock()
+    split(store, 3)
+
+    report = executor(store, clock).run()
+
+    assert (report.outcome, report.state, report.batches, report.rows_updated) == (
+        RunOutcome.FINISHED,
+        RunState.SUCCEEDED,
+        9,
+        90,
+    )
+    assert [0, 0, 0, 1, 1, 1, 2, 2, 2] == [request.slice for request in store.requests]
+    assert exactly_once(store)
+
+
+def test_a_slice_another_runner_holds_is_left_to_it_and_the_backfill_stays_running() -> None:
+    store, clock = InMemoryStore.for_keys(range(60), batch_size=10), FakeClock()
+    split(store, 2)
+    other = store.sharing()
+    assert other.try_claim(1, 1)
+
+    report = executor(store, clock).run()
+
+    assert (report.outcome, report.state, report.batches) == (RunOutcome.WORK_LEFT, RunState.RUNNING, 3)
+    assert "other runners hold the remaining slices" == report.reason
+    assert {request.slice for request in store.requests} == {0}
+    assert sorted(store.counts) == list(range(30))
+    assert store.state is RunState.RUNNING  # one slice done is not the backfill done
+
+    other.release(1, 1)
+    last = executor(store.sharing(), clock).run()
+    assert (last.outcome, last.state, last.batches) == (RunOutcome.FINISHED, RunState.SUCCEEDED, 3)
+    assert exactly_once(store)
+
+
+def test_a_runner_that_finds_every_unfinished_slice_held_is_busy() -> None:
+    store, clock = InMemoryStore.for_keys(range(60), batch_size=10), FakeClock()
+    split(store, 2)
+    other = store.sharing()
+    assert other.try_claim(1, 0) and other.try_claim(1, 1)
+
+    report = executor(store, clock).run()
+
+    assert (report.outcome, report.state, report.batches) == (RunOutcome.BUSY, RunState.RUNNING, 0)
+    assert store.counts == {}
+
+
+def test_a_runner_that_loses_its_slice_mid_way_stops_as_busy_and_the_new_holder_goes_on_from_its_checkpoint() -> None:
+    store, clock = InMemoryStore.for_keys(range(100), batch_size=10), FakeClock()
+    other = store.sharing()
+
+    def connection_lost_and_slice_taken(request: BatchRequest) -> None:
+        if len(store.requests) == 2 and store.before_batch is not None:
+            store.before_batch = None
+            store.lose_connection()
+            assert other.try_claim(1, 0)
+
+    store.before_batch = connection_lost_and_slice_taken
+
+    with capture_logs() as logs:
+        report = executor(store, clock).run()
+
+    assert (report.outcome, report.state, report.reason, report.batches) == (
+        RunOutcome.BUSY,
+        RunState.RUNNING,
+        "lock lost",
+        2,
+    )
+    assert ["connection_lost"] == [entry["reason"] for entry in events(logs, "batch_retry")]
+    assert [0] == [entry["slice"] for entry in events(logs, "lock_lost")]
+    other.release(1, 0)
+    rest = executor(other, clock).run()
+    assert (rest.outcome, rest.batches, other.requests[0].slice) == (RunOutcome.FINISHED, 8, 0)
+    assert exactly_once(store)

@@ -27,7 +27,7 @@ from backfill.pg import statements as sql
 from backfill.pg.connect import Database
 from backfill.plan import Plan, Target
 from backfill.spec import BackfillSpec
-from backfill.state import TRANSITIONS, RunState
+from backfill.state import TRANSITIONS, OperatorAction, RunState
 from backfill.store import (
     LIVE_SECONDS,
     BackfillRecord,
@@ -36,6 +36,7 @@ from backfill.store import (
     Key,
     LockLostError,
     SliceRecord,
+    split_free_slices,
 )
 
 __all__ = ["PostgresStore"]
@@ -204,8 +205,8 @@ class PostgresStore:
                     conn.execute(self.tables.replace_spec(), (Jsonb(spec.to_dict()), fingerprint, old.id))
         return self.get(spec.name)
 
-    def transition(self, name: str, action: str) -> BackfillRecord:
-        """Apply an operator action (``pause``, ``resume``, ``cancel``, ``retry``) to the backfill ``name``.
+    def transition(self, name: str, action: OperatorAction) -> BackfillRecord:
+        """Apply an operator action (pause, resume, cancel, retry) to the backfill ``name``.
 
         Raises:
             UnknownBackfillError: there is no such backfill.
@@ -220,10 +221,10 @@ class PostgresStore:
                 raise UnknownBackfillError(f"no backfill named {name!r}")
             current = RunState(row[4])
             if current not in sources:
-                raise StateTransitionError(f"cannot {action} backfill {name!r}: it is {current.value}")
-            if action == "resume" and row[9] is None:
+                raise StateTransitionError(f"cannot {action.value} backfill {name!r}: it is {current.value}")
+            if action is OperatorAction.RESUME and row[9] is None:
                 target = RunState.PENDING  # never started: no key range fixed yet
-            error = row[7] if action == "cancel" else None
+            error = row[7] if action is OperatorAction.CANCEL else None
             conn.execute(self.tables.set_state(), (target.value, error, target.terminal, row[0]))
         return self.get(name)
 
@@ -291,24 +292,15 @@ class PostgresStore:
         with self.conn.transaction():
             return self._finish_if_done(backfill_id)
 
-    def split(self, plan: Plan, backfill_id: int, parts: int) -> int:
+    def split(self, plan: Plan | None, backfill_id: int, parts: int) -> int:
         """Split unfinished slices that no runner holds until there are ``parts`` unfinished slices (or no more
         split points), each cut at keys that give its pieces equal numbers of rows. Returns how many unfinished
         slices there are now. Slices held by live runners are left alone: only a slice's holder may change it."""
-        pieces = [piece for piece in self.slices(backfill_id) if not piece.done]
-        if not pieces or len(pieces) >= parts:
-            return len(pieces)
-        free = [piece for piece in pieces if self.try_claim(backfill_id, piece.slice)]
-        try:
-            extra = parts - len(pieces)
-            for i, piece in enumerate(free):
-                cut = 1 + extra // len(free) + (1 if i < extra % len(free) else 0)
-                if cut > 1:
-                    self._split_one(plan.target, backfill_id, piece.slice, cut)
-        finally:
-            for piece in free:
-                self.release(backfill_id, piece.slice)
-        return sum(1 for piece in self.slices(backfill_id) if not piece.done)
+        assert plan is not None
+        target = plan.target
+        return split_free_slices(
+            self, backfill_id, parts, lambda number, cut: self._split_one(target, backfill_id, number, cut)
+        )
 
     def _split_one(self, target: Target, backfill_id: int, slice_no: int, parts: int) -> None:
         conn = self.conn
