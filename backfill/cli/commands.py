@@ -95,12 +95,21 @@ class CliContext:
     control_schema: str
     verbose: bool
     progress: Progress = field(default_factory=Progress)
+    _warned: bool = False
 
     @property
     def database(self) -> Database:
         if not self.url:
             raise CliError("no database given: pass --url or set DATABASE_URL")
-        return Database.from_bind(self.url)  # ConnectError (exit 2) for a malformed URL; the password stays hidden
+        database = Database.from_bind(self.url)  # ConnectError (exit 2) for a malformed URL; the password stays hidden
+        if database.has_password and not self.url_from_env and not self._warned:
+            self._warned = True
+            click.echo(
+                "Warning: a password in --url is visible to every user of this machine (ps); set DATABASE_URL, "
+                "PGPASSWORD or ~/.pgpass instead",
+                err=True,
+            )
+        return database
 
 
 pass_cli = click.make_pass_decorator(CliContext)
@@ -159,7 +168,8 @@ def _show_traceback(ctx: click.Context) -> None:
     "--url",
     envvar="DATABASE_URL",
     metavar="URL",
-    help="Database URL (SQLAlchemy form or postgresql://); default: $DATABASE_URL.",
+    help="Database URL (SQLAlchemy form, postgresql:// or key=value); default: $DATABASE_URL. Prefer "
+    "DATABASE_URL: a password on the command line shows in ps.",
 )
 @click.option(
     "--control-schema",

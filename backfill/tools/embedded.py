@@ -17,8 +17,9 @@ import socket
 import stat
 import subprocess
 import tempfile
+import urllib.parse
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from backfill.errors import BackfillError
@@ -99,26 +100,44 @@ class EmbeddedServer:
     root: Path
     port: int
     _user: pwd.struct_passwd | None = None
+    password: str | None = field(default=None, repr=False)
 
     @classmethod
     def create(
-        cls, bindir: str | os.PathLike[str] | None = None, settings: Mapping[str, str] | None = None
+        cls,
+        bindir: str | os.PathLike[str] | None = None,
+        settings: Mapping[str, str] | None = None,
+        *,
+        password: str | None = None,
     ) -> EmbeddedServer:
-        """Initialise a new cluster in a fresh temporary directory (not started yet)."""
+        """Initialise a new cluster in a fresh temporary directory (not started yet).
+
+        Without ``password`` the server trusts every local connection; with one, every connection must
+        authenticate with SCRAM, and ``password`` is the ``postgres`` superuser's.
+        """
         root = Path(tempfile.mkdtemp(prefix="backfill-pg-"))
-        server = cls(find_bindir(bindir), dict(settings or {}), root, _free_port())
+        server = cls(find_bindir(bindir), dict(settings or {}), root, _free_port(), password=password)
         try:
             server._prepare()
+            auth = ["--auth=trust"]
+            if password is not None:
+                pwfile = root / "pwfile"
+                pwfile.write_text(password + "\n")
+                if server._user is not None:
+                    os.chown(pwfile, server._user.pw_uid, server._user.pw_gid)
+                auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
             server._run(
                 str(server.bindir / "initdb"),
                 "-D",
                 str(server.datadir),
                 "-U",
                 "postgres",
-                "--auth=trust",
+                *auth,
                 "--encoding=UTF8",
                 "--no-sync",
             )
+            if password is not None:
+                pwfile.unlink()
         except BaseException:
             server.destroy()
             raise
@@ -134,8 +153,9 @@ class EmbeddedServer:
 
     @property
     def url(self) -> str:
-        """A libpq URI for the ``postgres`` database (no password: the server trusts loopback)."""
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        """A libpq URI for the ``postgres`` database; no password unless the server was created with one."""
+        secret = "" if self.password is None else ":" + urllib.parse.quote(self.password, safe="")
+        return f"postgresql://postgres{secret}@127.0.0.1:{self.port}/postgres"
 
     def _prepare(self) -> None:
         if os.geteuid() != 0:
