@@ -70,7 +70,9 @@ _DRIVER_ONLY = frozenset(
 
 def _display(params: Mapping[str, Any]) -> str:
     # Built from an allow-list of parts, never by masking: whatever else the input carried cannot show.
-    user = f"{params['user']}@" if params.get("user") else ""
+    # "***" says a password was given, without a single character of it.
+    secret = ":***" if params.get("password") else ""
+    user = f"{params.get('user') or ''}{secret}@" if params.get("user") or secret else ""
     host = str(params.get("host") or params.get("hostaddr") or "localhost")
     port = f":{params['port']}" if params.get("port") else ""
     dbname = f"/{params['dbname']}" if params.get("dbname") else ""
