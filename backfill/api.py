@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import structlog
 
 from backfill.errors import SpecError
 from backfill.executor import Executor, RunReport
@@ -15,6 +18,7 @@ from backfill.pg.health import PostgresHealth
 from backfill.pg.preview import BatchPreview, preview_next_batch
 from backfill.pg.store import PostgresStore
 from backfill.plan import Plan
+from backfill.retrying import Timing
 from backfill.settings import RunSettings
 from backfill.spec import BackfillSpec
 from backfill.state import OperatorAction
@@ -38,6 +42,10 @@ __all__ = [
 ]
 
 DEFAULT_CONTROL_SCHEMA = "public"
+
+log = structlog.get_logger("backfill")
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -142,18 +150,22 @@ def run_backfill(
     settings = settings or RunSettings()
     database = Database.from_bind(bind, settings.application_name)
     with PostgresStore(database, control_schema) as store:
+        store.conn  # noqa: B018 -- the first connection is not retried: a wrong URL or a server down fails now
+        step = _stepper(settings)
         if isinstance(backfill, BackfillSpec):
-            plan = resolve(store.conn, backfill)
-            store.init()
-            record = store.register(plan, force=force)
+            spec = backfill
+            plan = step("resolve", lambda: resolve(store.conn, spec))
+            step("init", store.init)
+            record = step("register", lambda: store.register(plan, force=force))
         else:
-            record = store.get(backfill)
-            plan = resolve(store.conn, record.spec)
+            name = backfill
+            record = step("get", lambda: store.get(name))
+            plan = step("resolve", lambda: resolve(store.conn, record.spec))
         parts = max(workers, slices or 1)
         if parts > 1 and record.state.runnable:
             # Split once, before any worker starts, so no worker finds the whole range claimed by the splitter.
-            store.start(record, plan)
-            store.split(plan, record.id, parts)
+            step("start", lambda: store.start(record, plan))
+            step("split", lambda: store.split(plan, record.id, parts))
         if workers == 1:
             executor = Executor(
                 store, plan, record.name, settings, should_stop=should_stop, health=_health(store, plan)
@@ -171,6 +183,17 @@ def run_backfill(
         clock=time.monotonic,
         health_for=lambda store: _health(store, plan),
     )
+
+
+def _stepper(settings: RunSettings) -> Callable[[str, Callable[[], T]], T]:
+    """Runs a step of a run outside its batches (resolve, register, start, split) through the run's retry policy,
+    so a lost connection or a server restart is ridden out there too."""
+    policy, timing = settings.retry_policy(), Timing()
+
+    def step(name: str, work: Callable[[], T]) -> T:
+        return policy.call(name, work, timing, log)
+
+    return step
 
 
 def get_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> BackfillRecord:

@@ -1,6 +1,12 @@
-"""The exception hierarchy: every error this library raises on purpose is a :class:`BackfillError`."""
+"""The exception hierarchy (every error this library raises on purpose is a :class:`BackfillError`), and the one
+vocabulary for the database's errors: which ones go away when the work is tried again, the word logged for each, and
+how an error is shown in one line (:func:`describe`).
+"""
 
 from __future__ import annotations
+
+import psycopg
+from psycopg import errors as pg_errors
 
 __all__ = [
     "BackfillError",
@@ -11,6 +17,13 @@ __all__ = [
     "ControlTablesMissingError",
     "StateTransitionError",
     "ConnectError",
+    "BatchTooSlowError",
+    "TRANSIENT_ERRORS",
+    "LOCK_ERRORS",
+    "VIOLATION_ERRORS",
+    "database_error",
+    "transient_reason",
+    "describe",
 ]
 
 
@@ -45,3 +58,80 @@ class StateTransitionError(BackfillError):
 
 class ConnectError(BackfillError):
     """Raised when the database cannot be reached. The message never contains the password."""
+
+
+class BatchTooSlowError(BackfillError):
+    """Raised (and stored on the backfill, which fails) when a batch of the smallest size still exceeds
+    ``statement_timeout`` again and again: shrinking cannot help, and retrying would only hold row locks for the
+    whole timeout each time. The message says which setting to change."""
+
+
+# --- the database's errors -----------------------------------------------------------------------------------------
+
+#: Errors that go away when the same work is tried again a little later (reconnecting if needed), each with the
+#: stable word logged for it: a lock wait that timed out, a deadlock or serialization failure, the server shutting
+#: down, crashing or starting up, an idle session closed by the server, and every connection exception (class 08).
+TRANSIENT_ERRORS: dict[type[psycopg.Error], str] = {
+    pg_errors.LockNotAvailable: "lock_timeout",
+    pg_errors.DeadlockDetected: "deadlock",
+    pg_errors.SerializationFailure: "serialization_failure",
+    pg_errors.AdminShutdown: "server_shutdown",
+    pg_errors.CrashShutdown: "server_crash",
+    pg_errors.CannotConnectNow: "server_unavailable",
+    pg_errors.IdleSessionTimeout: "idle_session_timeout",
+    pg_errors.ConnectionException: "connection_lost",
+    pg_errors.ConnectionDoesNotExist: "connection_lost",
+    pg_errors.ConnectionFailure: "connection_lost",
+    pg_errors.SqlclientUnableToEstablishSqlconnection: "connection_lost",
+    pg_errors.SqlserverRejectedEstablishmentOfSqlconnection: "connection_lost",
+    pg_errors.TransactionResolutionUnknown: "connection_lost",
+    pg_errors.ProtocolViolation: "connection_lost",
+}
+
+#: Errors of a statement that waited for a lock and gave up (lock_timeout) or was chosen as a deadlock victim.
+LOCK_ERRORS: tuple[type[psycopg.Error], ...] = (pg_errors.LockNotAvailable, pg_errors.DeadlockDetected)
+
+#: Errors of a validating scan that found rows breaking the constraint (a NOT NULL one on PostgreSQL 18+, a CHECK).
+VIOLATION_ERRORS: tuple[type[psycopg.Error], ...] = (pg_errors.NotNullViolation, pg_errors.CheckViolation)
+
+
+def database_error(exc: BaseException) -> BaseException:
+    """The psycopg error behind ``exc`` when a layer wrapped it (SQLAlchemy's ``.orig``, a ``__cause__``), else
+    ``exc`` itself. Our own errors are never seen through: their message is the one to show."""
+    if isinstance(exc, BackfillError):
+        return exc
+    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
+        if isinstance(candidate, psycopg.Error):
+            return candidate
+    return exc
+
+
+def transient_reason(exc: BaseException) -> str | None:
+    """The word for why ``exc`` is worth retrying (``lock_timeout``, ``server_shutdown``, ``connection_lost``,
+    ``cannot_connect``...), or None when retrying the same work cannot help."""
+    if isinstance(exc, ConnectError):
+        return "cannot_connect"
+    error = database_error(exc)
+    reason = next((word for kind, word in TRANSIENT_ERRORS.items() if isinstance(error, kind)), None)
+    if reason is not None:
+        return reason
+    if isinstance(error, psycopg.OperationalError) and not error.sqlstate:
+        return "connection_lost"  # the socket broke: no SQLSTATE, no message from the server
+    return None
+
+
+def describe(exc: BaseException, *, hint: bool = False) -> str:
+    """``exc`` in one line: the first line of its message (the server's primary message for a database error),
+    its server hint in parentheses if ``hint``, and ``[SQLSTATE xxxxx]`` for a database error that has one."""
+    error = database_error(exc)
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if not isinstance(error, psycopg.Error):
+        return line
+    diag = error.diag
+    if error is not exc:
+        line = str(error).strip().splitlines()[0] if str(error).strip() else line
+    line = diag.message_primary or line
+    if hint and diag.message_hint:
+        line = f"{line} ({diag.message_hint})"
+    return f"{line} [SQLSTATE {error.sqlstate}]" if error.sqlstate else line

@@ -9,24 +9,28 @@ drive the real loop against an in-memory store in milliseconds.
 
 from __future__ import annotations
 
+import functools
 import os
+import random as _random
 import socket
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import psycopg
 import structlog
 import tenacity
 
-from backfill.errors import BackfillError, ConnectError
+from backfill.errors import BackfillError, BatchTooSlowError, describe, transient_reason
 from backfill.plan import Plan
 from backfill.policies import (
     ErrorKind,
     HealthProbes,
     RunContext,
 )
+from backfill.retrying import Timing
 from backfill.settings import RunSettings
 from backfill.state import RunOutcome, RunState
 from backfill.store import BatchRequest, BatchResult, LockLostError, SliceRecord, Store
@@ -34,6 +38,8 @@ from backfill.store import BatchRequest, BatchResult, LockLostError, SliceRecord
 __all__ = ["RunReport", "Executor", "BackfillFailedError"]
 
 log = structlog.get_logger("backfill")
+
+T = TypeVar("T")
 
 #: Waits and retry backoffs are slept in steps this long, so a stop request or a pause cuts them short.
 _WAIT_STEP = 0.5
@@ -103,6 +109,7 @@ class Executor:
         name: the backfill.
         settings: batch size, timeouts and policies.
         clock, sleep: injected time.
+        random: the random source of the retry jitter (a float in [0, 1) per call).
         should_stop: polled between batches and during waits; True ends the run after the current batch.
         health: the database probes the throttles read (the caller hands in ``backfill.pg.health.PostgresHealth``);
             without any (an in-memory store), only the time-based throttles apply.
@@ -118,6 +125,7 @@ class Executor:
         owner: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        random: Callable[[], float] = _random.random,
         should_stop: Callable[[], bool] | None = None,
         health: HealthProbes | None = None,
     ) -> None:
@@ -128,6 +136,9 @@ class Executor:
         self.owner = owner or default_owner()
         self.clock = clock
         self.sleep = sleep
+        self.random = random
+        # Retries sleep in short steps that a stop request cuts short.
+        self._timing = Timing(clock, self._retry_sleep, random)
         self.should_stop = should_stop or (lambda: False)
         self.health = health
         spec_batch_size = plan.spec.batch_size if plan is not None else None
@@ -136,30 +147,41 @@ class Executor:
             health, spec_batch_size=spec_batch_size, sharers=self._live_runners
         )
         self.log = log.bind(backfill=name)
+        self._state = RunState.PENDING
         self._retries = 0
         self._throttled = 0.0
 
     def run(self, *, max_runtime: float | None = None, max_batches: int | None = None) -> RunReport:
         """Run batches until the backfill is done, a budget is spent, or it is paused, cancelled or fails.
 
+        Every step on the control tables (reading the backfill, starting it, claiming and releasing slices, marking
+        it done or failed) rides out the same transient errors a batch does: a lost connection, a server restart.
+
         Args:
             max_runtime: seconds after which no new batch starts.
             max_batches: batches after which the run stops.
         """
-        record = self.store.get(self.name)
+        ctx = RunContext(self.name, self.settings.batch_size or 1, self.clock(), self.clock)
+        try:
+            return self._run(ctx, max_runtime, max_batches)
+        except _StopRequested:
+            return self._report(ctx, RunOutcome.WORK_LEFT, self._state, "stop requested")
+
+    def _run(self, ctx: RunContext, max_runtime: float | None, max_batches: int | None) -> RunReport:
+        record = self._step("get", lambda: self.store.get(self.name))
+        self._state = record.state
         if self.plan is None and self.settings.sizer is None:
             self.sizer = self.settings.policies(self.health, spec_batch_size=record.spec.batch_size)[1]
-        batch_size = self.settings.batch_size or record.spec.initial_batch_size
-        ctx = RunContext(self.name, batch_size, self.clock(), self.clock)
+        ctx.batch_size = self.settings.batch_size or record.spec.initial_batch_size
         if record.state in _EARLY:
             return self._report(ctx, _EARLY[record.state], record.state, error=record.last_error)
 
         self._backfill_id = record.id
-        self.store.start(record, self.plan)
+        self._step("start", lambda: self.store.start(record, self.plan))
         self.log.info(
             "run_started",
             table=record.spec.qualified_table,
-            batch_size=batch_size,
+            batch_size=ctx.batch_size,
             sizer=repr(self.sizer),
             throttle=repr(self.throttle),
             max_runtime=max_runtime,
@@ -174,13 +196,13 @@ class Executor:
                 self.log.warning("lock_lost", slice=piece.slice, error=str(exc))
                 ended = (RunOutcome.BUSY, RunState.RUNNING, "lock lost")
             finally:
-                self.store.release(record.id, piece.slice, self.owner)
+                self._step("release", lambda: self.store.release(record.id, piece.slice, self.owner))
             if ended is not None:
                 return self._report(ctx, *ended)
-        held_elsewhere = any(not piece.done for piece in self.store.slices(record.id))
+        held_elsewhere = any(not piece.done for piece in self._step("slices", lambda: self.store.slices(record.id)))
         if not held_elsewhere:
-            self.store.finish_if_done(record.id)
-        state = self.store.get(self.name).state
+            self._step("finish", lambda: self.store.finish_if_done(record.id))
+        state = self._step("get", lambda: self.store.get(self.name)).state
         if state is RunState.SUCCEEDED:
             return self._report(ctx, RunOutcome.FINISHED, state)
         if held_elsewhere:
@@ -188,9 +210,15 @@ class Executor:
             return self._report(ctx, outcome, state, reason="other runners hold the remaining slices")
         return self._report(ctx, RunOutcome.WORK_LEFT, state)
 
+    def _step(self, step: str, work: Callable[[], T]) -> T:
+        """A control-table step, retried through transient errors like a batch (see RetryPolicy.call)."""
+        return self.retry.call(step, work, self._timing, self.log)
+
     def _claim_next(self, backfill_id: int) -> SliceRecord | None:
-        for piece in self.store.slices(backfill_id):
-            if not piece.done and self.store.try_claim(backfill_id, piece.slice):
+        for piece in self._step("slices", lambda: self.store.slices(backfill_id)):
+            if not piece.done and self._step(
+                "claim", functools.partial(self.store.try_claim, backfill_id, piece.slice)
+            ):
                 return piece
         return None
 
@@ -210,7 +238,7 @@ class Executor:
             try:
                 stop = self._budget_spent(ctx, max_runtime, max_batches) or self._pace(ctx, max_runtime)
             except _HealthCheckFailed as exc:
-                return self._fail(backfill_id, f"health check failed: {_describe(exc.__cause__ or exc)}")
+                return self._fail(backfill_id, f"health check failed: {describe(exc.__cause__ or exc)}")
             if stop is not None:
                 return RunOutcome.WORK_LEFT, RunState.RUNNING, stop
             ctx.batch_size = max(1, self.sizer(ctx))
@@ -225,7 +253,7 @@ class Executor:
                 if isinstance(exc, psycopg.errors.QueryCanceled) and self.should_stop():
                     # Our own abort (a second signal cancels parallel workers' statements): the batch rolled back.
                     return RunOutcome.WORK_LEFT, RunState.RUNNING, "aborted"
-                return self._fail(backfill_id, _describe(exc))
+                return self._fail(backfill_id, describe(exc))
             if not result.applied:
                 outcome = {
                     RunState.PAUSED: RunOutcome.PAUSED,
@@ -254,7 +282,7 @@ class Executor:
                 return None
 
     def _fail(self, backfill_id: int, message: str) -> tuple[RunOutcome, RunState, str | None]:
-        self.store.fail(backfill_id, message)
+        self._step("fail", lambda: self.store.fail(backfill_id, message))
         self.log.error("backfill_failed", error=message, checkpoint_kept=True)
         return RunOutcome.FAILED, RunState.FAILED, message
 
@@ -281,7 +309,7 @@ class Executor:
             except Exception as exc:
                 if self.retry.classify(exc) is ErrorKind.PERMANENT:
                     raise _HealthCheckFailed from exc
-                self.log.warning("health_check_failed", error=_describe(exc), action="batch goes on")
+                self.log.warning("health_check_failed", error=describe(exc), action="batch goes on")
                 return None
             if seconds <= 0:
                 return None
@@ -319,38 +347,37 @@ class Executor:
         policy = self.retry
         first_try = self.clock()
         last_attempt = 0.0
+        timeouts_at_floor = 0
 
         def classify(exc: BaseException) -> ErrorKind:
             return policy.classify(exc, timed_out=last_attempt >= self.settings.statement_timeout)
 
+        def smaller() -> int:
+            return max(1, min(ctx.batch_size, max(policy.min_batch_size, ctx.batch_size // 2)))
+
         def retryable(exc: BaseException) -> bool:
             return not isinstance(exc, (LockLostError, _StopRequested)) and classify(exc) is not ErrorKind.PERMANENT
-
-        def out_of_budget(state: tenacity.RetryCallState) -> bool:
-            if policy.max_attempts is not None and state.attempt_number >= policy.max_attempts:
-                return True
-            return self.clock() - first_try >= policy.budget_seconds
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             assert exc is not None
             kind = classify(exc)
             if kind is ErrorKind.TOO_BIG:
-                ctx.batch_size = max(1, min(ctx.batch_size, max(policy.min_batch_size, ctx.batch_size // 2)))
+                ctx.batch_size = smaller()
                 ctx.timeouts += 1
             ctx.attempt = state.attempt_number
             self._retries += 1
             self.log.warning(
                 "batch_retry",
                 reason=_retry_reason(exc, kind),
-                error=_describe(exc),
+                error=describe(exc),
                 attempt=state.attempt_number,
                 wait_s=round(state.upcoming_sleep, 3),
                 batch_size=ctx.batch_size,
             )
 
         def attempt() -> BatchResult:
-            nonlocal last_attempt
+            nonlocal last_attempt, timeouts_at_floor
             request = BatchRequest(
                 backfill_id,
                 slice_no,
@@ -362,34 +389,38 @@ class Executor:
             started = self.clock()
             try:
                 return self.store.run_batch(self.plan, request)
+            except Exception as exc:
+                last_attempt = self.clock() - started
+                if classify(exc) is ErrorKind.TOO_BIG and smaller() >= ctx.batch_size:
+                    # The smallest batch timed out: shrinking cannot help, and each retry holds its row locks for
+                    # the whole statement_timeout. A few tries with backoff (the database may have been busy),
+                    # then stop and say what to change.
+                    timeouts_at_floor += 1
+                    if timeouts_at_floor >= policy.timeouts_at_min_size:
+                        raise BatchTooSlowError(_too_slow(ctx.batch_size, timeouts_at_floor, self.settings)) from exc
+                raise
             finally:
                 last_attempt = self.clock() - started
 
-        backoff = tenacity.wait_exponential(multiplier=policy.initial_wait, max=policy.max_wait) + tenacity.wait_random(
-            0, policy.initial_wait
-        )
+        backoff = policy.backoff(self.random)
 
         def wait(state: tenacity.RetryCallState) -> float:
             # A batch that hit statement_timeout is retried at half the size at once: it failed for its size,
-            # not for the state of the database, and the smaller batch is the lighter load.
+            # not for the state of the database, and the smaller batch is the lighter load. One that cannot get
+            # smaller waits like any other retry.
             exc = state.outcome.exception() if state.outcome else None
-            return 0.0 if exc is not None and classify(exc) is ErrorKind.TOO_BIG else float(backoff(state))
+            if exc is not None and classify(exc) is ErrorKind.TOO_BIG and smaller() < ctx.batch_size:
+                return 0.0
+            return float(backoff(state))
 
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(retryable),
-            wait=wait,
-            stop=out_of_budget,
-            sleep=self._retry_sleep,
-            before_sleep=before_sleep,
-            reraise=True,
-        )
+        retrying = policy.retrying(retryable, self._timing, wait=wait, before_sleep=before_sleep)
         try:
             return retrying(attempt)
         except Exception as exc:
             if retryable(exc):
                 self.log.error(
                     "retry_budget_spent",
-                    error=_describe(exc),
+                    error=describe(exc),
                     seconds=round(self.clock() - first_try, 1),
                     budget_seconds=policy.budget_seconds,
                 )
@@ -432,32 +463,17 @@ class Executor:
         return report
 
 
-_SQLSTATE_REASONS = {
-    "55P03": "lock_timeout",
-    "40P01": "deadlock",
-    "40001": "serialization_failure",
-    "57P01": "server_shutdown",
-    "57P02": "server_crash",
-    "57P03": "server_unavailable",
-    "57P05": "idle_session_timeout",
-}
-
-
 def _retry_reason(exc: BaseException, kind: ErrorKind) -> str:
     """A stable word for the log: why this batch is retried."""
     if kind is ErrorKind.TOO_BIG:
         return "statement_timeout"
-    if isinstance(exc, ConnectError):
-        return "cannot_connect"
-    sqlstate = str(getattr(exc, "sqlstate", None) or "")
-    if sqlstate in _SQLSTATE_REASONS:
-        return _SQLSTATE_REASONS[sqlstate]
-    if sqlstate.startswith("08") or isinstance(exc, psycopg.OperationalError):
-        return "connection_lost"
-    return str(kind.value)
+    return transient_reason(exc) or str(kind.value)
 
 
-def _describe(exc: BaseException) -> str:
-    sqlstate = getattr(exc, "sqlstate", None)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"{text} [SQLSTATE {sqlstate}]" if sqlstate else text
+def _too_slow(batch_size: int, timeouts: int, settings: RunSettings) -> str:
+    return (
+        f"a batch of {batch_size} rows of key range, the smallest allowed, exceeded statement_timeout "
+        f"({settings.statement_timeout:g}s) {timeouts} times in a row: raise statement_timeout "
+        "(--statement-timeout), lower min_batch_size (--min-batch-size), or check the batch's plan "
+        "(`backfill plan NAME`: its EXPLAIN should walk the key's index), then `backfill retry NAME`"
+    )

@@ -17,6 +17,7 @@ import structlog
 from backfill.executor import Executor, RunReport
 from backfill.plan import Plan
 from backfill.policies import HealthProbes
+from backfill.retrying import Timing
 from backfill.settings import RunSettings
 from backfill.state import RunOutcome, RunState
 from backfill.store import RunnerStore
@@ -116,7 +117,7 @@ def run_parallel(
     done = [report for report in reports if report is not None]
     last = make_store()
     try:
-        state = last.get(name).state
+        state = settings.retry_policy().call("get", lambda: last.get(name), Timing(clock=clock), log).state
     finally:
         last.close()
     return combine_reports(name, done, state, clock() - started)

@@ -13,11 +13,13 @@ import enum
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import psycopg
+import tenacity
 
-from backfill.errors import ConnectError
+from backfill.errors import describe, transient_reason
+from backfill.retrying import ExponentialBackoff, StopAfterBudget, Timing, retrying
 
 __all__ = [
     "RunContext",
@@ -44,8 +46,9 @@ __all__ = [
     "AdaptiveSize",
     "ErrorKind",
     "RetryPolicy",
-    "TRANSIENT_SQLSTATES",
 ]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -490,7 +493,7 @@ class ErrorKind(enum.Enum):
     """What a failed batch means for the run."""
 
     #: Retry the same batch after a wait: lock timeout, deadlock, serialization failure, a lost connection or a
-    #: server shutting down or starting up.
+    #: server shutting down or starting up (:data:`backfill.errors.TRANSIENT_ERRORS`).
     TRANSIENT = "transient"
     #: The batch exceeded statement_timeout: retry it smaller.
     TOO_BIG = "too_big"
@@ -498,23 +501,21 @@ class ErrorKind(enum.Enum):
     PERMANENT = "permanent"
 
 
-#: SQLSTATEs retried as they are: lock_not_available (lock_timeout), deadlock_detected, serialization_failure,
-#: admin_shutdown, crash_shutdown, cannot_connect_now (starting up or shutting down), idle_session_timeout (the
-#: server closed an idle runner connection). All of class 08 (connection exceptions) is retried too.
-TRANSIENT_SQLSTATES = frozenset({"55P03", "40P01", "40001", "57P01", "57P02", "57P03", "57P05"})
-
-
 @dataclass(frozen=True)
 class RetryPolicy:
     """Which errors are retried, with what backoff, for how long.
 
     Args:
-        budget_seconds: how long one batch may keep failing transiently before the run gives up and marks the
-            backfill failed; long enough by default to ride out a failover or a long lock holder.
+        budget_seconds: how long one batch (or one control-table step) may keep failing transiently before the run
+            gives up and marks the backfill failed; long enough by default to ride out a failover or a long lock
+            holder.
         max_attempts: an optional cap on attempts per batch.
         initial_wait, max_wait: exponential backoff bounds between attempts; each wait adds up to
             ``initial_wait`` of random jitter so runners that failed together do not retry together.
         min_batch_size: a statement timeout halves the batch down to this size.
+        timeouts_at_min_size: a batch of ``min_batch_size`` that exceeds statement_timeout is retried after a
+            backoff; after this many such timeouts in a row the backfill fails with
+            :class:`~backfill.errors.BatchTooSlowError` (each attempt held its row locks for the whole timeout).
     """
 
     budget_seconds: float = 900.0
@@ -522,6 +523,7 @@ class RetryPolicy:
     initial_wait: float = 0.5
     max_wait: float = 10.0
     min_batch_size: int = 1
+    timeouts_at_min_size: int = 3
 
     def classify(self, exc: BaseException, *, timed_out: bool = False) -> ErrorKind:
         """What ``exc`` means for the batch.
@@ -531,19 +533,49 @@ class RetryPolicy:
                 timeout and ``pg_cancel_backend``; the server's message tells them apart only in English, so the
                 attempt's duration is the locale-proof signal.
         """
-        if isinstance(exc, ConnectError):
-            return ErrorKind.TRANSIENT
         if isinstance(exc, psycopg.errors.QueryCanceled):
             # Only the timeout is ours to handle; a person who cancelled the statement wants the runner to stop.
             return ErrorKind.TOO_BIG if timed_out or "statement timeout" in str(exc) else ErrorKind.PERMANENT
-        if not isinstance(exc, psycopg.Error):
-            return ErrorKind.PERMANENT
-        sqlstate = exc.sqlstate or ""
-        if sqlstate in TRANSIENT_SQLSTATES or sqlstate.startswith("08"):
-            return ErrorKind.TRANSIENT
-        if isinstance(exc, psycopg.OperationalError) and not sqlstate:
-            return ErrorKind.TRANSIENT  # the connection broke: no SQLSTATE, just a dead socket
-        return ErrorKind.PERMANENT
+        return ErrorKind.TRANSIENT if transient_reason(exc) is not None else ErrorKind.PERMANENT
 
-    def is_retryable(self, exc: BaseException, *, timed_out: bool = False) -> bool:
-        return self.classify(exc, timed_out=timed_out) is not ErrorKind.PERMANENT
+    def backoff(self, random: Callable[[], float]) -> ExponentialBackoff:
+        """The wait between two attempts: exponential from ``initial_wait`` up to ``max_wait``, plus jitter."""
+        return ExponentialBackoff(self.initial_wait, self.max_wait, self.initial_wait, random)
+
+    def retrying(
+        self,
+        retry_if: Callable[[BaseException], bool],
+        timing: Timing,
+        *,
+        wait: Callable[[tenacity.RetryCallState], float] | None = None,
+        before_sleep: Callable[[tenacity.RetryCallState], None] | None = None,
+    ) -> tenacity.Retrying:
+        """A retry loop with this policy's budget and backoff (or ``wait``), on ``timing``'s clock and sleep."""
+        return retrying(
+            retry_if,
+            wait=wait or self.backoff(timing.random),
+            stop=StopAfterBudget(self.budget_seconds, timing.clock, max_attempts=self.max_attempts),
+            sleep=timing.sleep,
+            before_sleep=before_sleep,
+        )
+
+    def call(self, step: str, work: Callable[[], T], timing: Timing, logger: Any) -> T:
+        """Run one step that is not a batch (reading or writing the control tables, resolving the spec), riding
+        out the transient errors a batch rides out: a lost connection, a server restart, a lock timeout. The step
+        must reconnect by itself on its next attempt (the store does). Each retry is logged as ``step_retry``."""
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            assert exc is not None
+            logger.warning(
+                "step_retry",
+                step=step,
+                reason=transient_reason(exc),
+                error=describe(exc),
+                attempt=state.attempt_number,
+                wait_s=round(state.upcoming_sleep, 3),
+            )
+
+        retry_if = lambda exc: self.classify(exc) is ErrorKind.TRANSIENT  # noqa: E731
+        result: T = self.retrying(retry_if, timing, before_sleep=before_sleep)(work)
+        return result

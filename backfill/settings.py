@@ -122,6 +122,10 @@ class RunSettings:
         ``--chunk-size``), or adaptive sizing is off."""
         return self.target_batch_seconds is None or self.batch_size is not None or spec_batch_size is not None
 
+    def retry_policy(self) -> RetryPolicy:
+        """The retry policy of batches and control-table steps: ``retry``, or one from the fields above."""
+        return self.retry or RetryPolicy(budget_seconds=self.max_retry_seconds, min_batch_size=self.min_batch_size)
+
     def policies(
         self,
         health: HealthProbes | None = None,
@@ -137,7 +141,7 @@ class RunSettings:
             spec_batch_size: the spec's batch size (see :meth:`pins_batch_size`).
             sharers: how many runners work on the backfill now; they split ``max_rows_per_second`` between them.
         """
-        retry = self.retry or RetryPolicy(budget_seconds=self.max_retry_seconds, min_batch_size=self.min_batch_size)
+        retry = self.retry_policy()
         if self.sizer is not None:
             sizer: BatchSizer = self.sizer
         elif self.pins_batch_size(spec_batch_size):

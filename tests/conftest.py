@@ -36,6 +36,20 @@ def pg_server() -> Iterator[EmbeddedServer | None]:
         server.destroy()
 
 
+@pytest.fixture
+def own_server() -> Iterator[EmbeddedServer]:
+    """A server of this test's own, from the same binaries as the session's, so it can be stopped and started."""
+    server = EmbeddedServer.create(
+        os.environ.get("BACKFILL_TEST_PG_BIN") or None,
+        {"fsync": "off", "full_page_writes": "off", "max_connections": "50"},
+    )
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
 @pytest.fixture(scope="session")
 def admin_url(pg_server: EmbeddedServer | None) -> str:
     return os.environ.get("BACKFILL_TEST_DSN") or (pg_server.url if pg_server else "")

@@ -210,7 +210,8 @@ def test_a_health_check_that_fails_is_bad_input_and_nothing_runs(conn: psycopg.C
     result = invoke("run", "inc", "--health-check", "SELECT nope FROM nowhere", url=db_url)
 
     assert EXIT_USAGE == result.exit_code
-    assert 'Error: --health-check query failed: relation "nowhere" does not exist' == one_line_error(result)
+    expected = 'Error: --health-check query failed: relation "nowhere" does not exist [SQLSTATE 42P01]'
+    assert expected == one_line_error(result)
     record = backfill.get_backfill(db_url, "inc")
     assert (RunState.PENDING, 0) == (record.state, record.rows_updated)
 

@@ -47,7 +47,7 @@ def test_transient_errors_are_retried_with_growing_backoff_and_each_retry_is_log
     policy = RetryPolicy(initial_wait=1.0, max_wait=60.0)
 
     with capture_logs() as logs:
-        report = executor(store, clock, RunSettings(retry=policy)).run()
+        report = executor(store, clock, RunSettings(retry=policy), random=lambda: 0.25).run()
 
     retries = events(logs, "batch_retry")
     assert report.outcome is RunOutcome.FINISHED
@@ -61,10 +61,9 @@ def test_transient_errors_are_retried_with_growing_backoff_and_each_retry_is_log
         "cannot_connect",
     ]
     waits = [float(r["wait_s"]) for r in retries]  # type: ignore[arg-type]
-    # Exponential (1, 2, 4, 8, 16 s) plus up to 1 s of jitter each.
-    for n, wait in enumerate(waits):
-        assert 2**n <= wait <= 2**n + 1
-    assert clock.slept == pytest.approx(sum(waits), abs=0.01)
+    # Exponential (1, 2, 4, 8, 16 s) plus jitter: a quarter (the injected random number) of the 1 s jitter range.
+    assert waits == [1.25, 2.25, 4.25, 8.25, 16.25]
+    assert clock.slept == pytest.approx(sum(waits))
 
 
 def test_a_permanent_error_fails_the_backfill_at_once_with_the_error_stored() -> None:

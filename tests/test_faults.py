@@ -14,12 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import psycopg
-import pytest
 from structlog.testing import capture_logs
 
 import backfill
@@ -186,20 +185,6 @@ def test_terminated_connections_are_reconnected_and_the_run_goes_on(db_url: str)
 
 
 # --- the server restarts -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def own_server() -> Iterator[EmbeddedServer]:
-    """A server of this test's own, from the same binaries as the session's, so it can be stopped and started."""
-    server = EmbeddedServer.create(
-        os.environ.get("BACKFILL_TEST_PG_BIN") or None,
-        {"fsync": "off", "full_page_writes": "off", "max_connections": "50"},
-    )
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
 
 
 def test_a_server_restart_during_a_run_is_ridden_out(own_server: EmbeddedServer) -> None:

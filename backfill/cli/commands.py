@@ -36,7 +36,7 @@ from backfill.cli.params import (
     POSITIVE_NUMBER,
 )
 from backfill.cli.progress import LOG_FORMATS, Progress, configure_logging
-from backfill.errors import BackfillError
+from backfill.errors import BackfillError, describe
 from backfill.executor import RunReport
 from backfill.pg import statements
 from backfill.pg.connect import Database
@@ -126,8 +126,7 @@ class BackfillGroup(click.Group):
             raise CliError(str(exc)) from None
         except psycopg.Error as exc:
             _show_traceback(ctx)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DatabaseError(f"database error: {first}") from None
+            raise DatabaseError(f"database error: {describe(exc)}") from None
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         """Run the command line; with ``standalone_mode`` (the default) exit with the command's code."""
@@ -509,8 +508,7 @@ def _try_health_check(database: Database, query: str) -> None:
         try:
             PostgresHealth(lambda: conn, "", "").custom_check(query)
         except psycopg.Error as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CliError(f"--health-check query failed: {first}") from None
+            raise CliError(f"--health-check query failed: {describe(exc)}") from None
 
 
 def _exit_code(reports: Sequence[RunReport], *, work_left: bool) -> int:

@@ -10,18 +10,12 @@ from typing import Any
 
 import psycopg
 
-from backfill.errors import PlanError
+from backfill.errors import PlanError, describe
 from backfill.pg import statements as sql
 from backfill.plan import Plan, Target
 from backfill.spec import BackfillSpec
 
 __all__ = ["resolve"]
-
-
-def _pg_message(exc: psycopg.Error) -> str:
-    diag = exc.diag
-    text = diag.message_primary or str(exc).strip().splitlines()[0]
-    return f"{text} ({diag.message_hint})" if diag.message_hint else text
 
 
 def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: str = "5s") -> Plan:
@@ -100,6 +94,6 @@ def _check(conn: psycopg.Connection[Any], statement: psycopg.sql.Composed, what:
         with conn.transaction():
             conn.execute(statement, ())
     except psycopg.errors.LockNotAvailable as exc:
-        raise PlanError(f"{what}: could not lock the table to check it ({_pg_message(exc)})") from None
+        raise PlanError(f"{what}: could not lock the table to check it ({describe(exc, hint=True)})") from None
     except psycopg.Error as exc:
-        raise PlanError(f"{what} is not valid: {_pg_message(exc)}") from None
+        raise PlanError(f"{what} is not valid: {describe(exc, hint=True)}") from None

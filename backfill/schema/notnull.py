@@ -21,6 +21,7 @@ SQL for ``alembic upgrade --sql``.
 from __future__ import annotations
 
 import contextlib
+import random as _random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,9 +32,10 @@ import structlog
 import tenacity
 from psycopg import sql
 
-from backfill.errors import BackfillError
+from backfill.errors import LOCK_ERRORS, VIOLATION_ERRORS, BackfillError, database_error
 from backfill.pg import statements
 from backfill.pg.connect import Bind, Database
+from backfill.retrying import ExponentialBackoff, StopAfterBudget, retrying
 from backfill.schema import ddl
 
 __all__ = [
@@ -68,9 +70,6 @@ Params = Sequence[Any] | Mapping[str, Any]
 #: A statement psycopg can run.
 Query = sql.SQL | sql.Composed
 
-_LOCK_SQLSTATES = frozenset({"55P03", "40P01"})  # lock_not_available, deadlock_detected
-_VIOLATION_SQLSTATES = frozenset({"23502", "23514"})  # not_null_violation (PG18), check_violation
-
 
 class ConstraintError(BackfillError):
     """Raised when a NOT NULL change cannot be made: unknown table or column, nothing to validate, or an op used
@@ -101,8 +100,8 @@ class LockRetry:
         lock_timeout: seconds one attempt may wait for the lock; also the longest time the application's queries
             can queue behind the waiting step.
         budget_seconds: how long to keep trying before :class:`LockUnavailableError`.
-        initial_wait, max_wait: exponential backoff between attempts (with jitter).
-        sleep, clock: injected time, so tests count waits instead of sleeping.
+        initial_wait, max_wait: exponential backoff between attempts (with up to ``initial_wait / 2`` of jitter).
+        sleep, clock, random: injected time and jitter, so tests count waits instead of sleeping.
     """
 
     lock_timeout: float = 2.0
@@ -111,6 +110,7 @@ class LockRetry:
     max_wait: float = 15.0
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
+    random: Callable[[], float] = _random.random
 
 
 @dataclass(frozen=True)
@@ -348,20 +348,14 @@ def plan_drop(state: ColumnState, name: str | None = None) -> NotNullPlan:
 # --- running ---------------------------------------------------------------------------------------------------
 
 
-def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a psycopg error, also when SQLAlchemy wrapped it (``.orig``)."""
-    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
-        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
-        if code:
-            return str(code)
-    return None
+def _is_lock_error(exc: BaseException) -> bool:
+    return isinstance(database_error(exc), LOCK_ERRORS)
 
 
 def _run_step(session: DDLSession, step: Step, retry: LockRetry, *, capture: bool) -> tuple[list[str], int]:
     """One step in its own transaction, retried on lock timeouts and deadlocks. Only ACCESS EXCLUSIVE steps get the
     short lock_timeout: the validating scan's SHARE UPDATE EXCLUSIVE blocks no reader or writer while it waits,
     so it keeps the session's setting (and is retried only if that setting times it out)."""
-    started = retry.clock()
     attempts = 0
     body: list[Query] = [ddl.set_lock_timeout(retry.lock_timeout, local=True)] if step.exclusive else []
     if capture:
@@ -382,19 +376,17 @@ def _run_step(session: DDLSession, step: Step, retry: LockRetry, *, capture: boo
             lock_timeout_s=retry.lock_timeout,
         )
 
-    retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception(lambda exc: sqlstate(exc) in _LOCK_SQLSTATES),
-        wait=tenacity.wait_exponential(multiplier=retry.initial_wait, max=retry.max_wait)
-        + tenacity.wait_random(0, retry.initial_wait / 2),
-        stop=lambda state: retry.clock() - started >= retry.budget_seconds,
+    retry_loop = retrying(
+        _is_lock_error,
+        wait=ExponentialBackoff(retry.initial_wait, retry.max_wait, retry.initial_wait / 2, retry.random),
+        stop=StopAfterBudget(retry.budget_seconds, retry.clock),
         sleep=retry.sleep,
         before_sleep=before_sleep,
-        reraise=True,
     )
     try:
-        return retrying(attempt), attempts
+        return retry_loop(attempt), attempts
     except Exception as exc:
-        if sqlstate(exc) in _LOCK_SQLSTATES:
+        if _is_lock_error(exc):
             raise LockUnavailableError(
                 f"could not lock the table for {step.action} ({ddl.render(step.statement)}) within "
                 f"{retry.budget_seconds:g}s ({attempts} attempts of {retry.lock_timeout:g}s): a long transaction "
@@ -420,7 +412,7 @@ def apply_steps(session: DDLSession, plan: NotNullPlan, retry: LockRetry | None 
         try:
             notices, attempts = _run_step(session, step, retry, capture=capture)
         except Exception as exc:
-            if step.action == "validate" and sqlstate(exc) in _VIOLATION_SQLSTATES:
+            if step.action == "validate" and isinstance(database_error(exc), VIOLATION_ERRORS):
                 raise _nulls_found(session, plan, retry) from None
             raise
         proved = any("sufficient to prove" in n for n in notices) if capture and notices else None

@@ -27,9 +27,10 @@ from psycopg.conninfo import conninfo_to_dict
 from backfill import alembic as alembic_ops  # op.backfill and op.add_not_null_constraint, typed
 from backfill import api
 from backfill.cli.progress import Progress
-from backfill.errors import BackfillError
+from backfill.errors import LOCK_ERRORS, BackfillError
 from backfill.executor import RunReport
 from backfill.pg.connect import Database
+from backfill.retrying import ExponentialBackoff, StopAfterBudget, Timing, retrying
 from backfill.settings import RunSettings
 from backfill.state import RunOutcome
 from backfill.tools.appsim import AppSimulator, AppStats
@@ -125,17 +126,20 @@ def _add_nullable_column(conn: psycopg.Connection[Any], table: str) -> None:
     """Phase 1: a nullable column is a catalog change (no rewrite). New rows get a default, so only the rows that
     exist now need the backfill; a short lock_timeout keeps the ALTER from queueing the application behind it."""
     relation, column = _relation(table), sql.Identifier(COLUMN)
-    for attempt in range(20):
-        try:
-            with conn.transaction():
-                conn.execute("SET LOCAL lock_timeout = '1s'")
-                conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} text").format(relation, column))
-                conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT 'unknown'").format(relation, column))
-            return
-        except psycopg.errors.LockNotAvailable:
-            if attempt == 19:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+
+    def add() -> None:
+        with conn.transaction():
+            conn.execute("SET LOCAL lock_timeout = '1s'")
+            conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} text").format(relation, column))
+            conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT 'unknown'").format(relation, column))
+
+    timing = Timing()
+    retrying(
+        lambda exc: isinstance(exc, LOCK_ERRORS),
+        wait=ExponentialBackoff(0.2, 2.0, 0.1, timing.random),
+        stop=StopAfterBudget(60.0, timing.clock, max_attempts=20),
+        sleep=timing.sleep,
+    )(add)
 
 
 def _sqlalchemy_url(database: Database) -> sqlalchemy.URL:
