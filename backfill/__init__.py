@@ -41,6 +41,8 @@ from backfill.errors import (
     SpecMismatchError,
     StateTransitionError,
     UnknownBackfillError,
+    UnknownRoleError,
+    UntrustedControlTablesError,
 )
 from backfill.executor import BackfillFailedError, RunReport
 from backfill.pg.health import PostgresHealth
@@ -121,6 +123,8 @@ __all__ = [
     "BackfillFailedError",
     "SettingsError",
     "ConnectError",
+    "UnknownRoleError",
+    "UntrustedControlTablesError",
     "ControlTablesMissingError",
     "PlanError",
     "SpecError",

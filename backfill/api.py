@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import structlog
@@ -68,15 +68,22 @@ def _health(store: RunnerStore, plan: Plan) -> PostgresHealth | None:
     return PostgresHealth(lambda: postgres.conn, plan.target.schema, plan.target.table)
 
 
-def init_control_tables(bind: Bind, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> None:
-    """Create the control tables in ``control_schema`` if they do not exist. Idempotent; access is revoked from
-    PUBLIC.
+def init_control_tables(
+    bind: Bind, *, control_schema: str = DEFAULT_CONTROL_SCHEMA, grant: str | Sequence[str] = ()
+) -> None:
+    """Create the control tables in ``control_schema`` if they do not exist, and grant each role in ``grant``
+    exactly what a runner needs on them (it still needs SELECT and UPDATE on the tables it backfills). Idempotent;
+    access is revoked from PUBLIC. Tables that exist but were not made by backfill are refused, not adopted.
 
     Raises:
         ConnectError: the database cannot be reached.
+        UntrustedControlTablesError: the tables exist with an owner, trigger, rule, policy or PUBLIC grant that
+            backfill did not make (or that a role in ``grant`` would refuse).
+        UnknownRoleError: a role in ``grant`` does not exist.
     """
+    roles = [grant] if isinstance(grant, str) else list(grant)
     with open_store(bind, control_schema) as store:
-        store.init()
+        store.init(grant=roles)
 
 
 def plan_backfill(bind: Bind, spec: BackfillSpec) -> Plan:

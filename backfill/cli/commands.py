@@ -205,11 +205,20 @@ def cli(ctx: click.Context, url: str | None, control_schema: str, log_format: st
 
 
 @cli.command()
+@click.option(
+    "--grant",
+    "roles",
+    multiple=True,
+    metavar="ROLE",
+    help="Grant ROLE exactly what a runner needs on the control tables (repeatable).",
+)
 @pass_cli
-def init(obj: CliContext) -> None:
-    """Create the control tables (idempotent)."""
-    api.init_control_tables(obj.database, control_schema=obj.control_schema)
+def init(obj: CliContext, roles: tuple[str, ...]) -> None:
+    """Create the control tables (idempotent); refuse tables backfill did not create."""
+    api.init_control_tables(obj.database, control_schema=obj.control_schema, grant=roles)
     click.echo(f"control tables ready in schema {obj.control_schema!r}")
+    for role in roles:
+        click.echo(f"granted role {role!r} what a runner needs on them")
 
 
 def _parse_assignments(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> dict[str, str]:

@@ -209,19 +209,28 @@ class ControlTables:
         return self._t("backfill_meta")
 
     def create(self) -> list[sql.Composed]:
-        """Idempotent DDL for version 1, run in one transaction under an advisory lock (see the store)."""
+        """Idempotent DDL for version 1, run in one transaction (retried if a concurrent ``init`` wins a race on
+        the catalog: see the store)."""
         f = {
             "schema": sql.Identifier(self.schema),
+            "schema_name": sql.Literal(sql.Identifier(self.schema).as_string(None)),
             "b": self.backfills,
             "s": self.slices,
             "m": self.meta,
             "version": sql.Literal(CONTROL_VERSION),
         }
         statements = [
-            "CREATE SCHEMA IF NOT EXISTS {schema}",
+            # Only where the schema is missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even
+            # when the schema exists, which a runner role does not have.
+            "DO $$ BEGIN IF pg_catalog.to_regnamespace({schema_name}) IS NULL THEN CREATE SCHEMA {schema}; END IF; "
+            "END $$",
             """CREATE TABLE IF NOT EXISTS {m} (
                  singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
                  version integer NOT NULL)""",
+            # Serialises concurrent inits from here on (concurrent GRANT/REVOKE on one table fail with "tuple
+            # concurrently updated"). A table lock, not an advisory lock: only roles with privileges on the
+            # table can take it, so no other role can hold every init back.
+            "LOCK TABLE {m} IN SHARE ROW EXCLUSIVE MODE",
             """CREATE TABLE IF NOT EXISTS {b} (
                  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
                  name text NOT NULL UNIQUE,
@@ -255,10 +264,82 @@ class ControlTables:
         ]
         return [sql.SQL(s).format(**f) for s in statements]
 
-    def init_lock(self) -> sql.Composed:
-        """Serialises concurrent ``init`` calls: CREATE ... IF NOT EXISTS alone races on the catalog."""
-        return sql.SQL("SELECT pg_advisory_xact_lock(hashtextextended({}, 0))").format(
-            sql.Literal(f"backfill:init:{self.schema}")
+    def distrust(self) -> sql.SQL:
+        """(schema=, role=): one line per reason for ``role`` (NULL: the current user) not to trust the control
+        tables that exist in ``schema``; no row when there is none.
+
+        A control table's triggers, rules, policies, column defaults and spec rows all run as whoever uses it, so a
+        table some other role made (say, a low-privilege role that could create in ``public``) would run that
+        role's code with the runner's privileges. An owner is trusted when it gains nothing by that: ``role``
+        itself, a superuser, the database owner or a member of it, or a role that can already act as ``role``.
+        """
+        return sql.SQL(
+            """
+            WITH me AS (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = coalesce(%(role)s, current_user)),
+            trusted AS (
+                SELECT r.oid FROM pg_catalog.pg_roles r, pg_catalog.pg_database d, me
+                 WHERE d.datname = pg_catalog.current_database()
+                   AND (r.oid = me.oid OR r.rolsuper OR r.rolname = 'pg_database_owner'
+                        OR pg_catalog.pg_has_role(r.oid, d.datdba, 'MEMBER')
+                        OR pg_catalog.pg_has_role(r.oid, me.oid, 'MEMBER'))
+            ),
+            t AS (
+                SELECT c.oid, n.nspname, c.relname, c.relkind, c.relowner, c.relrowsecurity, c.relacl,
+                       pg_catalog.format('%%I.%%I', n.nspname, c.relname) AS label
+                  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = %(schema)s AND c.relname IN ('backfills', 'backfill_slices', 'backfill_meta')
+            )
+            SELECT pg_catalog.format('schema %%I is owned by role %%I', n.nspname, n.nspowner::regrole::text)
+              FROM pg_catalog.pg_namespace n
+             WHERE n.nspname = %(schema)s AND n.nspowner NOT IN (SELECT oid FROM trusted)
+            UNION ALL
+            SELECT t.label || ' is not a plain table' FROM t WHERE t.relkind <> 'r'
+            UNION ALL
+            SELECT pg_catalog.format('%%s is owned by role %%I', t.label, t.relowner::regrole::text)
+              FROM t WHERE t.relowner NOT IN (SELECT oid FROM trusted)
+            UNION ALL
+            SELECT pg_catalog.format('%%s has trigger %%I', t.label, g.tgname)
+              FROM t JOIN pg_catalog.pg_trigger g ON g.tgrelid = t.oid AND NOT g.tgisinternal
+            UNION ALL
+            SELECT pg_catalog.format('%%s has rule %%I', t.label, w.rulename)
+              FROM t JOIN pg_catalog.pg_rewrite w ON w.ev_class = t.oid
+            UNION ALL
+            SELECT t.label || ' has row-level security' FROM t
+             WHERE t.relrowsecurity OR EXISTS (SELECT 1 FROM pg_catalog.pg_policy p WHERE p.polrelid = t.oid)
+            UNION ALL
+            SELECT pg_catalog.format('%%s grants %%s to PUBLIC', t.label, pg_catalog.string_agg(a.privilege_type, ', '))
+              FROM t, pg_catalog.aclexplode(t.relacl) a WHERE a.grantee = 0 GROUP BY t.label
+            UNION ALL
+            SELECT pg_catalog.format('%%s grants %%s on column %%I to PUBLIC', t.label, a.privilege_type, c.attname)
+              FROM t JOIN pg_catalog.pg_attribute c ON c.attrelid = t.oid, pg_catalog.aclexplode(c.attacl) a
+             WHERE a.grantee = 0
+            """
+        )
+
+    def grant(self, role: str) -> list[sql.Composed]:
+        """What a runner needs on the control tables, and nothing more: read every table; add backfills (``run``
+        with a spec registers it) and slices (splitting); update both (state, checkpoints, claims). No DELETE,
+        no TRUNCATE, no DDL."""
+        f = {"schema": sql.Identifier(self.schema), "role": sql.Identifier(role)}
+        f.update(b=self.backfills, s=self.slices, m=self.meta)
+        return [
+            sql.SQL(text).format(**f)
+            for text in (
+                "GRANT USAGE ON SCHEMA {schema} TO {role}",
+                "GRANT SELECT, INSERT, UPDATE ON {b}, {s} TO {role}",
+                "GRANT SELECT ON {m} TO {role}",
+            )
+        ]
+
+    def role_exists(self) -> sql.SQL:
+        return sql.SQL("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s)")
+
+    def complete(self) -> sql.SQL:
+        """(schema): whether all three control tables exist (then ``init`` has nothing to create)."""
+        return sql.SQL(
+            """SELECT count(*) = 3 FROM pg_catalog.pg_class c
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname = %s AND c.relname IN ('backfills', 'backfill_slices', 'backfill_meta')"""
         )
 
     def exists(self) -> sql.SQL:

@@ -22,6 +22,8 @@ from backfill.errors import (
     SpecMismatchError,
     StateTransitionError,
     UnknownBackfillError,
+    UnknownRoleError,
+    UntrustedControlTablesError,
 )
 from backfill.pg import statements as sql
 from backfill.pg.connect import Database
@@ -40,6 +42,13 @@ from backfill.store import (
 )
 
 __all__ = ["PostgresStore"]
+
+#: Tries of a first-time ``init`` that lost a race on the catalog to another one.
+_INIT_ATTEMPTS = 3
+_TRUST_RULE = (
+    "backfill only uses control tables owned by you, a superuser, or a member of the database owner or of your "
+    "role, with no triggers, rules, row-level security or PUBLIC grants"
+)
 
 
 def _ms(seconds: float) -> str:
@@ -65,6 +74,7 @@ class PostgresStore:
         self.tables = sql.ControlTables(schema)
         self._conn: psycopg.Connection[Any] | None = None
         self._claims: set[tuple[int, int]] = set()
+        self._verified: psycopg.Connection[Any] | None = None
 
     # --- connection ------------------------------------------------------------------------------------------
 
@@ -105,14 +115,63 @@ class PostgresStore:
 
     # --- control tables --------------------------------------------------------------------------------------
 
-    def init(self) -> None:
-        """Create the control tables if they do not exist (idempotent, safe to race)."""
+    def init(self, grant: Sequence[str] = ()) -> None:
+        """Create the control tables if they do not exist (idempotent, safe to race), refuse tables it did not
+        create, and grant each role in ``grant`` what a runner needs on them.
+
+        Raises:
+            UntrustedControlTablesError: the tables exist with an owner, trigger, rule, policy or grant backfill
+                did not make (nothing is created or changed).
+            UnknownRoleError: a role in ``grant`` does not exist (nothing is granted).
+        """
         conn = self.conn
-        with conn.transaction():
-            conn.execute(self.tables.init_lock())
-            for statement in self.tables.create():
-                conn.execute(statement)
+        complete = conn.execute(self.tables.complete(), (self.tables.schema,)).fetchone()
+        if complete and complete[0] and not grant:
+            # Nothing to create: no DDL, no lock, so a runner role without DDL rights can call it (registering).
+            self._check_version()
+            return
+        for attempt in range(_INIT_ATTEMPTS):
+            try:
+                with conn.transaction():
+                    # Checked first so that nothing of ours (the meta row's INSERT) runs on an adopted table.
+                    self._refuse_untrusted()
+                    for statement in self.tables.create():
+                        conn.execute(statement)
+                    self._refuse_untrusted()
+                    self._grant(grant)
+                break
+            except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable, psycopg.errors.DuplicateObject):
+                # Two first-time inits raced on the catalog; the loser's next attempt finds the tables. (No lock
+                # serialises them: any role that can connect could hold an advisory lock forever.)
+                if attempt == _INIT_ATTEMPTS - 1:
+                    raise
         self._check_version()
+
+    def _grant(self, roles: Sequence[str]) -> None:
+        for role in roles:
+            found = self.conn.execute(self.tables.role_exists(), (role,)).fetchone()
+            if not found or not found[0]:
+                raise UnknownRoleError(f"cannot grant the control tables to {role!r}: no such role")
+            problems = self._problems(role)
+            if problems:
+                raise UntrustedControlTablesError(
+                    f"role {role!r} would refuse the control tables in schema {self.tables.schema!r}: "
+                    f"{'; '.join(problems)} ({_TRUST_RULE})"
+                )
+            for statement in self.tables.grant(role):
+                self.conn.execute(statement)
+
+    def _problems(self, role: str | None = None) -> list[str]:
+        params = {"schema": self.tables.schema, "role": role}
+        return [row[0] for row in self.conn.execute(self.tables.distrust(), params)]
+
+    def _refuse_untrusted(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise UntrustedControlTablesError(
+                f"refusing the control tables in schema {self.tables.schema!r}: {'; '.join(problems)} "
+                f"({_TRUST_RULE}: drop them, or choose another control schema)"
+            )
 
     def _check_version(self) -> None:
         exists = self.conn.execute(self.tables.exists(), (self.tables.schema,)).fetchone()
@@ -120,6 +179,10 @@ class PostgresStore:
             raise ControlTablesMissingError(
                 f"no backfill control tables in schema {self.tables.schema!r}: run `backfill init` first"
             )
+        if self._verified is not self._conn:
+            # Once per connection: only a trusted owner could change the tables after this.
+            self._refuse_untrusted()
+            self._verified = self._conn
         row = self.conn.execute(self.tables.version()).fetchone()
         if row is None or row[0] > sql.CONTROL_VERSION:
             raise ControlTablesMissingError(
