@@ -137,6 +137,8 @@ def describe(exc: BaseException, *, hint: bool = False) -> str:
     if hint and diag.message_hint:
         line = f"{line} ({diag.message_hint})"
     return f"{line} [SQLSTATE {error.sqlstate}]" if error.sqlstate else line
+
+
 class UntrustedControlTablesError(BackfillError):
     """Raised when the control tables exist but backfill did not make them so: an owner it does not trust, a
     trigger, rule or row-level security policy, or privileges granted to PUBLIC. Nothing is read or written."""
