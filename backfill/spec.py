@@ -14,12 +14,20 @@ from typing import Any
 
 from backfill.errors import SpecError
 
-__all__ = ["BackfillSpec", "DEFAULT_BATCH_SIZE"]
+__all__ = ["BackfillSpec", "DEFAULT_BATCH_SIZE", "split_table"]
 
 #: Where batches start when the spec leaves ``batch_size`` open (they then adapt to a target duration).
 DEFAULT_BATCH_SIZE = 10_000
 
 _MAX_NAME = 200
+
+
+def split_table(table: str, schema: str | None = None) -> tuple[str | None, str]:
+    """``(schema, table)`` from a table name that may be schema-qualified (``"app.events"``). A ``schema`` given
+    apart wins, and the name is then taken whole."""
+    if schema is None and "." in table:
+        schema, table = table.split(".", 1)
+    return schema, table
 
 
 def _text(value: object, what: str) -> str:
@@ -60,9 +68,7 @@ class BackfillSpec:
         name = _text(self.name, "backfill name")
         if len(name) > _MAX_NAME:
             raise SpecError(f"backfill name is longer than {_MAX_NAME} characters")
-        table, schema = _text(self.table, "table"), self.schema
-        if schema is None and "." in table:
-            schema, table = table.split(".", 1)
+        schema, table = split_table(_text(self.table, "table"), self.schema)
         if schema is not None:
             _text(schema, "schema")
         if not isinstance(self.values, Mapping) or not self.values:

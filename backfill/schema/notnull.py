@@ -37,6 +37,7 @@ from backfill.pg import statements
 from backfill.pg.connect import Bind, Database
 from backfill.retrying import ExponentialBackoff, StopAfterBudget, retrying
 from backfill.schema import ddl
+from backfill.spec import split_table
 
 __all__ = [
     "ConstraintError",
@@ -223,8 +224,7 @@ def read_state(session: DDLSession, table: str, column: str, *, schema: str | No
     Raises:
         ConstraintError: the table or column does not exist.
     """
-    if schema is None and "." in table:
-        schema, table = table.split(".", 1)
+    schema, table = split_table(table, schema)
     shown = f"{schema}.{table}" if schema else table
     found = session.fetchall(statements.FIND_TABLE, {"schema": schema, "table": table})
     if not found:
@@ -261,8 +261,7 @@ def offline_state(table: str, column: str, *, schema: str | None, existing: str)
     """The state assumed when rendering SQL without a database: ``existing`` is ``nothing`` (before an add),
     ``invalid`` (a NOT VALID CHECK from an earlier add with validate=False) or ``any`` (before a drop: a CHECK
     may be left and the column may be NOT NULL; both drops render, the CHECK's with IF EXISTS)."""
-    if schema is None and "." in table:
-        schema, table = table.split(".", 1)
+    schema, table = split_table(table, schema)
     return ColumnState(
         schema=schema,
         table=table,
