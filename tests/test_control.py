@@ -54,6 +54,16 @@ def test_init_is_idempotent_and_safe_to_race(conn: psycopg.Connection[Any], db_u
     assert conn.execute("SELECT version FROM backfill_meta").fetchall() == [(1,)]
 
 
+def test_the_state_column_accepts_exactly_the_run_states(items: psycopg.Connection[Any], db_url: str) -> None:
+    backfill.register_backfill(db_url, SPEC)
+
+    assert ("pending",) == items.execute("SELECT state FROM backfills").fetchone()
+    for state in RunState:
+        items.execute("UPDATE backfills SET state = %s", (state.value,))
+    with pytest.raises(psycopg.errors.CheckViolation):
+        items.execute("UPDATE backfills SET state = 'done'")
+
+
 def test_control_tables_are_not_readable_by_public(conn: psycopg.Connection[Any], db_url: str) -> None:
     backfill.init_control_tables(db_url)
     conn.execute("CREATE ROLE app_reader NOLOGIN")

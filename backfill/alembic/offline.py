@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 from psycopg import sql
 
-from backfill.pg.statements import ControlTables, TargetSQL
+from backfill.pg.statements import ControlTables, TargetSQL, state_literal
 from backfill.schema.ddl import timeout_literal
+from backfill.state import RunState
 
 __all__ = ["batched_script", "finished_gate"]
 
@@ -170,7 +171,7 @@ def finished_gate(name: str, control_schema: str) -> sql.Composed:
     body = sql.SQL(
         """BEGIN
   IF pg_catalog.to_regclass({backfills_name}) IS NOT NULL THEN
-    IF EXISTS (SELECT 1 FROM {backfills} WHERE name = {name} AND state <> 'succeeded') THEN
+    IF EXISTS (SELECT 1 FROM {backfills} WHERE name = {name} AND state <> {succeeded}) THEN
       RAISE EXCEPTION 'backfill % is not finished: run `backfill run %` first', {name}, {name};
     END IF;
   END IF;
@@ -179,5 +180,6 @@ END"""
         backfills_name=sql.Literal(tables.backfills.as_string(None)),
         backfills=tables.backfills,
         name=sql.Literal(name),
+        succeeded=state_literal(RunState.SUCCEEDED),
     )
     return sql.SQL("DO {}").format(_dollar_quote(body.as_string(None), "gate"))

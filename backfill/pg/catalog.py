@@ -6,9 +6,11 @@ cannot be walked cheaply, an expression or filter PostgreSQL rejects.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.rows import class_row
 
 from backfill.errors import PlanError, describe
 from backfill.pg import statements as sql
@@ -16,6 +18,27 @@ from backfill.plan import Plan, Target
 from backfill.spec import BackfillSpec
 
 __all__ = ["resolve"]
+
+
+@dataclass(frozen=True)
+class _Relation:
+    """A row of ``FIND_TABLE``."""
+
+    oid: int
+    schema: str
+    name: str
+    kind: str
+    estimated_rows: int
+
+
+@dataclass(frozen=True)
+class _Column:
+    """A row of ``TABLE_COLUMNS``."""
+
+    name: str
+    type: str
+    not_null: bool
+    generated: bool
 
 
 def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: str = "5s") -> Plan:
@@ -33,18 +56,22 @@ def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: 
     name = spec.qualified_table
     with conn.transaction():
         conn.execute(sql.SET_TIMEOUTS, (lock_timeout, "60s"))
-        found = conn.execute(sql.FIND_TABLE, {"schema": spec.schema, "table": spec.table}).fetchone()
+        found = (
+            conn.cursor(row_factory=class_row(_Relation))
+            .execute(sql.FIND_TABLE, {"schema": spec.schema, "table": spec.table})
+            .fetchone()
+        )
         if found is None:
             raise PlanError(f"table {name} does not exist")
-        oid, schema, table, relkind, reltuples = found
+        oid, schema, table = found.oid, found.schema, found.name
         name = f"{schema}.{table}"
-        if relkind not in ("r", "p"):
+        if found.kind not in ("r", "p"):
             raise PlanError(f"{name} is not a table (a view, sequence or foreign table cannot be backfilled)")
-        columns = {row[0]: row[1:] for row in conn.execute(sql.TABLE_COLUMNS, (oid,))}
+        columns = {c.name: c for c in conn.cursor(row_factory=class_row(_Column)).execute(sql.TABLE_COLUMNS, (oid,))}
         for column in spec.values:
             if column not in columns:
                 raise PlanError(f"column {column!r} does not exist in table {name}")
-            if columns[column][2]:
+            if columns[column].generated:
                 raise PlanError(f"column {column!r} of {name} is generated and cannot be set")
 
         key = spec.key or tuple(row[0] for row in conn.execute(sql.PRIMARY_KEY, (oid,)))
@@ -55,7 +82,7 @@ def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: 
         for column in key:
             if column not in columns:
                 raise PlanError(f"key column {column!r} does not exist in table {name}")
-            if not columns[column][1]:
+            if not columns[column].not_null:
                 raise PlanError(f"key column {column!r} of {name} is nullable: rows with a NULL key would be skipped")
             if column in spec.values:
                 raise PlanError(f"column {column!r} is part of the key and cannot be set by the backfill")
@@ -69,7 +96,7 @@ def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: 
             schema=schema,
             table=table,
             key=key,
-            key_types=tuple(columns[c][0] for c in key),
+            key_types=tuple(columns[c].type for c in key),
             values=tuple(spec.values.items()),
             where=spec.where,
         )
@@ -83,7 +110,7 @@ def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: 
     return Plan(
         spec=spec.with_changes(schema=schema, table=table, key=key),
         target=target,
-        estimated_rows=int(reltuples) if reltuples >= 0 else None,
+        estimated_rows=found.estimated_rows if found.estimated_rows >= 0 else None,
         server_version=int(version[0]),
     )
 

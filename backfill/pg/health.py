@@ -8,11 +8,12 @@ timeouts, never inside a batch's transaction (a probe must not extend how long a
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
 from psycopg import sql as pgsql
+from psycopg.rows import RowFactory, class_row, tuple_row
 
 from backfill.pg import statements as sql
 from backfill.policies import LagReading, TransactionReading, VacuumReading
@@ -20,6 +21,8 @@ from backfill.policies import LagReading, TransactionReading, VacuumReading
 __all__ = ["PostgresHealth"]
 
 log = structlog.get_logger("backfill")
+
+_Row = TypeVar("_Row")
 
 #: A probe that cannot get its answer within these gives up (the throttle then logs it and the batch goes on).
 _PROBE_LOCK_TIMEOUT = "1s"
@@ -40,9 +43,12 @@ class PostgresHealth:
         self._oid: int | None = None
         self._privileges_checked = False
 
-    def _rows(
-        self, statement: pgsql.SQL | pgsql.Composed, params: Sequence[Any] | Mapping[str, Any] = ()
-    ) -> list[tuple[Any, ...]]:
+    def _read(
+        self,
+        factory: RowFactory[_Row],
+        statement: pgsql.SQL | pgsql.Composed,
+        params: Sequence[Any] | Mapping[str, Any] = (),
+    ) -> list[_Row]:
         conn = self.connection()
         with conn.transaction():
             conn.execute(sql.SET_TIMEOUTS, (_PROBE_LOCK_TIMEOUT, _PROBE_STATEMENT_TIMEOUT))
@@ -55,8 +61,12 @@ class PostgresHealth:
                         detail="the runner's role cannot read other sessions' statistics, so replica lag, "
                         "vacuums and long transactions look healthy: GRANT pg_monitor to it",
                     )
-            rows: list[tuple[Any, ...]] = conn.execute(statement, params).fetchall()
-        return rows
+            return conn.cursor(row_factory=factory).execute(statement, params).fetchall()
+
+    def _rows(
+        self, statement: pgsql.SQL | pgsql.Composed, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> list[tuple[Any, ...]]:
+        return self._read(tuple_row, statement, params)
 
     def _table_oid(self) -> int | None:
         if self._oid is None:
@@ -66,12 +76,11 @@ class PostgresHealth:
 
     def replica_lag(self) -> LagReading:
         """The largest replay lag among the replicas streaming from this server (``pg_stat_replication``)."""
-        replicas, lag_bytes, lag_seconds = self._rows(sql.REPLICA_LAG)[0]
-        return LagReading(replicas, lag_bytes, lag_seconds)
+        return self._read(class_row(LagReading), sql.REPLICA_LAG)[0]
 
     def vacuums(self) -> list[VacuumReading]:
         """Vacuums at work on the table, its partitions or their TOAST tables (``pg_stat_progress_vacuum``)."""
-        return [VacuumReading(*row) for row in self._rows(sql.VACUUMS, {"oid": self._table_oid()})]
+        return self._read(class_row(VacuumReading), sql.VACUUMS, {"oid": self._table_oid()})
 
     def custom_check(self, query: str) -> bool:
         """Whether the user's query returns true (first column of the first row; no row or NULL is false)."""
@@ -80,8 +89,8 @@ class PostgresHealth:
 
     def oldest_transaction(self) -> TransactionReading | None:
         """The oldest transaction of another session of this database that holds back the xmin horizon."""
-        rows = self._rows(sql.OLDEST_TRANSACTION)
-        return TransactionReading(*rows[0]) if rows else None
+        rows = self._read(class_row(TransactionReading), sql.OLDEST_TRANSACTION)
+        return rows[0] if rows else None
 
     def lock_waiters(self) -> int:
         """How many sessions wait for a lock on the table."""

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from psycopg import sql
 
 from backfill.plan import Target
+from backfill.state import RunState
 
-__all__ = ["TargetSQL", "for_target", "ControlTables", "CONTROL_VERSION"]
+__all__ = ["TargetSQL", "for_target", "ControlTables", "CONTROL_VERSION", "state_literal"]
 
 #: Version of the control tables' layout; stored in ``backfill_meta`` so later releases can migrate it.
 CONTROL_VERSION = 1
@@ -37,7 +38,8 @@ def _ident(*names: str) -> sql.SQL:
 #: The relation a (schema, table) pair names, or NULL; with schema NULL, the search path decides.
 FIND_TABLE = sql.SQL(
     """
-    SELECT c.oid::bigint, n.nspname, c.relname, c.relkind::text, c.reltuples::bigint
+    SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name, c.relkind::text AS kind,
+           c.reltuples::bigint AS estimated_rows
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = CASE WHEN %(schema)s::text IS NULL THEN pg_catalog.to_regclass(pg_catalog.quote_ident(%(table)s))
                         ELSE pg_catalog.to_regclass(pg_catalog.quote_ident(%(schema)s) || '.'
@@ -48,8 +50,8 @@ FIND_TABLE = sql.SQL(
 #: Columns of a relation: name, type name (quoted by PostgreSQL), NOT NULL, generated or identity-always.
 TABLE_COLUMNS = sql.SQL(
     """
-    SELECT a.attname, pg_catalog.format_type(a.atttypid, NULL), a.attnotnull,
-           a.attgenerated <> '' OR a.attidentity = 'a'
+    SELECT a.attname AS name, pg_catalog.format_type(a.atttypid, NULL) AS type, a.attnotnull AS not_null,
+           a.attgenerated <> '' OR a.attidentity = 'a' AS generated
       FROM pg_catalog.pg_attribute a
      WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
      ORDER BY a.attnum
@@ -184,7 +186,9 @@ def for_target(target: Target) -> TargetSQL:
     return target if isinstance(target, TargetSQL) else TargetSQL(**dataclasses.asdict(target))
 
 
-_STATES = "'pending', 'running', 'paused', 'succeeded', 'failed', 'cancelled'"
+def state_literal(value: RunState) -> sql.Literal:
+    """A state as the control table stores it: the enum's value, never retyped in SQL text."""
+    return sql.Literal(value.value)
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,8 @@ class ControlTables:
             "s": self.slices,
             "m": self.meta,
             "version": sql.Literal(CONTROL_VERSION),
+            "pending": state_literal(RunState.PENDING),
+            "states": sql.SQL(", ").join(state_literal(value) for value in RunState),
         }
         statements = [
             # Only where the schema is missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even
@@ -236,9 +242,7 @@ class ControlTables:
                  name text NOT NULL UNIQUE,
                  spec jsonb NOT NULL,
                  fingerprint text NOT NULL,
-                 state text NOT NULL DEFAULT 'pending' CHECK (state IN ("""
-            + _STATES
-            + """)),
+                 state text NOT NULL DEFAULT {pending} CHECK (state IN ({states})),
                  upper_bound jsonb,
                  estimated_rows bigint,
                  last_error text,
@@ -382,11 +386,11 @@ class ControlTables:
     def start(self) -> sql.Composed:
         """(upper_bound, estimated_rows, id): fix the run's key range on its first start."""
         return sql.SQL(
-            """UPDATE {} SET state = 'running', upper_bound = coalesce(upper_bound, %s),
+            """UPDATE {b} SET state = {running}, upper_bound = coalesce(upper_bound, %s),
                       estimated_rows = coalesce(estimated_rows, %s),
                       started_at = coalesce(started_at, now()), updated_at = now()
                 WHERE id = %s"""
-        ).format(self.backfills)
+        ).format(b=self.backfills, running=state_literal(RunState.RUNNING))
 
     def insert_slice(self) -> sql.Composed:
         return sql.SQL(
@@ -402,8 +406,8 @@ class ControlTables:
     def slice_totals(self) -> sql.Composed:
         """Per backfill id: rows updated, batches, and the freshest heartbeat, summed over its slices."""
         return sql.SQL(
-            """SELECT backfill_id, sum(rows_updated)::bigint, sum(batches)::bigint, max(heartbeat_at),
-                      string_agg(DISTINCT owner, ', ')
+            """SELECT backfill_id, sum(rows_updated)::bigint AS rows_updated, sum(batches)::bigint AS batches,
+                      max(heartbeat_at) AS heartbeat_at, string_agg(DISTINCT owner, ', ') AS owner
                  FROM {} GROUP BY backfill_id"""
         ).format(self.slices)
 
@@ -430,10 +434,15 @@ class ControlTables:
         """(id, id): mark the backfill succeeded once no slice is left; in the last batch's transaction, after
         :meth:`lock_backfill` (see :meth:`PostgresStore.finish_if_done`)."""
         return sql.SQL(
-            """UPDATE {b} SET state = 'succeeded', finished_at = now(), updated_at = now(), last_error = NULL
-                WHERE id = %s AND state = 'running'
+            """UPDATE {b} SET state = {succeeded}, finished_at = now(), updated_at = now(), last_error = NULL
+                WHERE id = %s AND state = {running}
                   AND NOT EXISTS (SELECT 1 FROM {s} WHERE backfill_id = %s AND NOT done)"""
-        ).format(b=self.backfills, s=self.slices)
+        ).format(
+            b=self.backfills,
+            s=self.slices,
+            succeeded=state_literal(RunState.SUCCEEDED),
+            running=state_literal(RunState.RUNNING),
+        )
 
     def lock_backfill(self) -> sql.Composed:
         """(id): serialises changes to a backfill's set of slices (slice numbers are taken under this lock)."""
@@ -511,12 +520,12 @@ HEALTH_CAN_READ_STATS = sql.SQL("SELECT pg_catalog.pg_has_role(current_user, 'pg
 #: Replicas streaming from this server: how many, and the largest replay lag in bytes and in seconds.
 REPLICA_LAG = sql.SQL(
     """
-    SELECT count(*)::int,
+    SELECT count(*)::int AS replicas,
            max(pg_catalog.pg_wal_lsn_diff(
                  CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn()
                       ELSE pg_catalog.pg_current_wal_lsn() END,
-                 r.replay_lsn))::bigint,
-           max(extract(epoch FROM r.replay_lag))::float8
+                 r.replay_lsn))::bigint AS lag_bytes,
+           max(extract(epoch FROM r.replay_lag))::float8 AS lag_seconds
       FROM pg_catalog.pg_stat_replication r
     """
 )
@@ -531,7 +540,8 @@ VACUUMS = sql.SQL(
          WHERE c.oid = %(oid)s::oid
             OR c.oid IN (SELECT t.relid FROM pg_catalog.pg_partition_tree(%(oid)s::oid::regclass) t)
     )
-    SELECT p.pid, p.relid::regclass::text, p.phase, coalesce(a.backend_type = 'autovacuum worker', false)
+    SELECT p.pid, p.relid::regclass::text AS relation, p.phase,
+           coalesce(a.backend_type = 'autovacuum worker', false) AS autovacuum
       FROM pg_catalog.pg_stat_progress_vacuum p
       LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = p.pid
      WHERE p.datid = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database())
@@ -543,8 +553,8 @@ VACUUMS = sql.SQL(
 #: The oldest open transaction of another client session of this database that holds a snapshot or an xid.
 OLDEST_TRANSACTION = sql.SQL(
     """
-    SELECT a.pid, extract(epoch FROM (pg_catalog.clock_timestamp() - a.xact_start))::float8, a.state,
-           a.application_name
+    SELECT a.pid, extract(epoch FROM (pg_catalog.clock_timestamp() - a.xact_start))::float8 AS age_seconds,
+           a.state, a.application_name
       FROM pg_catalog.pg_stat_activity a
      WHERE a.backend_type = 'client backend' AND a.pid <> pg_catalog.pg_backend_pid()
        AND a.datname = pg_catalog.current_database()

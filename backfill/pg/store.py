@@ -9,12 +9,15 @@ a committed batch nor skips one, and two runners that somehow reach the same sli
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql as pgsql
+from psycopg.rows import RowFactory, class_row, dict_row, kwargs_row
 from psycopg.types.json import Jsonb
 
 from backfill.errors import (
@@ -49,6 +52,37 @@ _TRUST_RULE = (
     "backfill only uses control tables owned by you, a superuser, or a member of the database owner or of your "
     "role, with no triggers, rules, row-level security or PUBLIC grants"
 )
+
+
+_Row = TypeVar("_Row")
+
+
+def _fetch(
+    conn: psycopg.Connection[Any],
+    row: type[_Row] | RowFactory[_Row],
+    statement: pgsql.Composed,
+    params: Sequence[Any] = (),
+) -> psycopg.Cursor[_Row]:
+    """Execute ``statement`` with its rows read by column name: into ``row`` if it is a dataclass, else through the
+    row factory ``row``."""
+    factory = class_row(row) if isinstance(row, type) else row
+    return conn.cursor(row_factory=factory).execute(statement, params)
+
+
+def _backfill(*, spec: dict[str, Any], state: str, **columns: Any) -> BackfillRecord:
+    """A row of the backfills table (``ControlTables.select``), its counters not yet summed."""
+    return BackfillRecord(spec=BackfillSpec.from_dict(spec), state=RunState(state), **columns)
+
+
+@dataclass(frozen=True)
+class _LockedSlice:
+    """A slice as a batch (``lock_slice``, with its backfill's state) or a split (``lock_slice_for_split``) reads it."""
+
+    checkpoint: Key | None
+    upper_bound: Key
+    done: bool
+    state: str | None = None
+    lower_bound: Key | None = None
 
 
 def _ms(seconds: float) -> str:
@@ -190,29 +224,17 @@ class PostgresStore:
                 f"newer than this release of backfill understands ({sql.CONTROL_VERSION}): upgrade backfill"
             )
 
-    def _record(self, row: Sequence[Any], totals: dict[int, tuple[Any, ...]]) -> BackfillRecord:
-        rows, batches, heartbeat, owner = totals.get(row[0], (0, 0, None, None))
-        return BackfillRecord(
-            id=row[0],
-            name=row[1],
-            spec=BackfillSpec.from_dict(row[2]),
-            fingerprint=row[3],
-            state=RunState(row[4]),
-            upper_bound=row[5],
-            estimated_rows=row[6],
-            last_error=row[7],
-            created_at=row[8],
-            started_at=row[9],
-            updated_at=row[10],
-            finished_at=row[11],
-            rows_updated=rows or 0,
-            batches=batches or 0,
-            heartbeat_at=heartbeat,
-            owner=owner,
-        )
+    def _with_totals(self, record: BackfillRecord, totals: dict[int, dict[str, Any]]) -> BackfillRecord:
+        summed = totals.get(record.id)
+        return dataclasses.replace(record, **summed) if summed else record
 
-    def _totals(self) -> dict[int, tuple[Any, ...]]:
-        return {row[0]: tuple(row[1:]) for row in self.conn.execute(self.tables.slice_totals())}
+    def _totals(self) -> dict[int, dict[str, Any]]:
+        """Per backfill id, its slices' counters summed, by the names of :class:`BackfillRecord`'s fields."""
+        return {row.pop("backfill_id"): row for row in _fetch(self.conn, dict_row, self.tables.slice_totals())}
+
+    def _select(self, name: str, *, lock: bool = False) -> BackfillRecord | None:
+        """The backfill's row (its counters not summed), optionally locked until the transaction ends."""
+        return _fetch(self.conn, kwargs_row(_backfill), self.tables.select(one=True, lock=lock), (name,)).fetchone()
 
     def get(self, name: str) -> BackfillRecord:
         """The backfill called ``name``.
@@ -221,18 +243,19 @@ class PostgresStore:
             UnknownBackfillError: there is none.
         """
         self._check_version()
-        row = self.conn.execute(self.tables.select(one=True), (name,)).fetchone()
+        row = self._select(name)
         if row is None:
             raise UnknownBackfillError(f"no backfill named {name!r}")
-        return self._record(row, self._totals())
+        return self._with_totals(row, self._totals())
 
     def list_all(self) -> list[BackfillRecord]:
         self._check_version()
         totals = self._totals()
-        return [self._record(row, totals) for row in self.conn.execute(self.tables.select(one=False))]
+        rows = _fetch(self.conn, kwargs_row(_backfill), self.tables.select(one=False))
+        return [self._with_totals(row, totals) for row in rows]
 
     def slices(self, backfill_id: int) -> list[SliceRecord]:
-        return [SliceRecord(*row) for row in self.conn.execute(self.tables.select_slices(), (backfill_id,))]
+        return _fetch(self.conn, SliceRecord, self.tables.select_slices(), (backfill_id,)).fetchall()
 
     def live_runners(self, backfill_id: int) -> int:
         """Runners that committed a batch of this backfill lately and still hold an unfinished slice."""
@@ -251,9 +274,9 @@ class PostgresStore:
         with conn.transaction():
             inserted = conn.execute(self.tables.insert(), (spec.name, Jsonb(spec.to_dict()), fingerprint)).fetchone()
             if inserted is None:
-                row = conn.execute(self.tables.select(one=True, lock=True), (spec.name,)).fetchone()
+                row = self._select(spec.name, lock=True)
                 assert row is not None
-                old = self._record(row, {})
+                old = row
                 if old.fingerprint != fingerprint:
                     if not force:
                         raise SpecMismatchError(_mismatch(old.spec, spec))
@@ -279,16 +302,16 @@ class PostgresStore:
         sources, target = TRANSITIONS[action]
         conn = self.conn
         with conn.transaction():
-            row = conn.execute(self.tables.select(one=True, lock=True), (name,)).fetchone()
+            row = self._select(name, lock=True)
             if row is None:
                 raise UnknownBackfillError(f"no backfill named {name!r}")
-            current = RunState(row[4])
+            current = row.state
             if current not in sources:
                 raise StateTransitionError(f"cannot {action.value} backfill {name!r}: it is {current.value}")
-            if action is OperatorAction.RESUME and row[9] is None:
+            if action is OperatorAction.RESUME and row.started_at is None:
                 target = RunState.PENDING  # never started: no key range fixed yet
-            error = row[7] if action is OperatorAction.CANCEL else None
-            conn.execute(self.tables.set_state(), (target.value, error, target.terminal, row[0]))
+            error = row.last_error if action is OperatorAction.CANCEL else None
+            conn.execute(self.tables.set_state(), (target.value, error, target.terminal, row.id))
         return self.get(name)
 
     # --- runner side -----------------------------------------------------------------------------------------
@@ -322,9 +345,9 @@ class PostgresStore:
         conn = self.conn
         with conn.transaction():
             # The row lock makes two runners starting at once agree on one set of slices.
-            row = conn.execute(self.tables.select(one=True, lock=True), (record.name,)).fetchone()
+            row = self._select(record.name, lock=True)
             assert row is not None
-            state = RunState(row[4])
+            state = row.state
             if not state.runnable:
                 return self.slices(record.id)
             existing = self.slices(record.id)
@@ -370,11 +393,12 @@ class PostgresStore:
         with conn.transaction():
             conn.execute(sql.SET_TIMEOUTS, ("5s", "300s"))
             conn.execute(self.tables.lock_backfill(), (backfill_id,))
-            found = conn.execute(self.tables.lock_slice_for_split(), (backfill_id, slice_no)).fetchone()
-            if found is None or found[3]:
+            found = _fetch(conn, _LockedSlice, self.tables.lock_slice_for_split(), (backfill_id, slice_no)).fetchone()
+            if found is None or found.done:
                 return
-            checkpoint, lower, upper = found[0], found[1], found[2]
-            points = _split_points(conn, target, checkpoint if checkpoint is not None else lower, upper, parts)
+            upper = found.upper_bound
+            start = found.checkpoint if found.checkpoint is not None else found.lower_bound
+            points = _split_points(conn, target, start, upper, parts)
             if not points:
                 return
             first = conn.execute(self.tables.next_slice(), (backfill_id,)).fetchone()
@@ -392,9 +416,9 @@ class PostgresStore:
         try:
             with conn.transaction():
                 conn.execute(sql.BATCH_SETTINGS, (_ms(request.lock_timeout), _ms(request.statement_timeout), "off"))
-                found = conn.execute(tables.lock_slice(), (request.backfill_id, request.slice)).fetchone()
-                assert found is not None, "slice vanished"
-                state, checkpoint, upper, done = RunState(found[0]), found[1], found[2], found[3]
+                found = _fetch(conn, _LockedSlice, tables.lock_slice(), (request.backfill_id, request.slice)).fetchone()
+                assert found is not None and found.state is not None, "slice vanished"
+                state, checkpoint, upper, done = RunState(found.state), found.checkpoint, found.upper_bound, found.done
                 if state is not RunState.RUNNING or done:
                     return BatchResult(state=state, applied=False, slice_done=done)
                 lookahead, update = _batch_statements(plan.target, checkpoint is not None)
