@@ -61,6 +61,10 @@ from backfill.policies import (
     VacuumRunning,
     Wait,
 )
+from backfill.schema.check import add_check_constraint, drop_check_constraint, validate_check_constraint
+from backfill.schema.constraint import ChangeResult, ViolationError
+from backfill.schema.foreign_key import add_foreign_key, drop_foreign_key, validate_foreign_key
+from backfill.schema.index import DuplicateKeyError, add_index_concurrently, drop_index_concurrently
 from backfill.schema.notnull import (
     ConstraintError,
     LockUnavailableError,
@@ -119,6 +123,17 @@ __all__ = [
     "ConstraintError",
     "NullValuesError",
     "LockUnavailableError",
+    "add_check_constraint",
+    "validate_check_constraint",
+    "drop_check_constraint",
+    "add_foreign_key",
+    "validate_foreign_key",
+    "drop_foreign_key",
+    "add_index_concurrently",
+    "drop_index_concurrently",
+    "ChangeResult",
+    "ViolationError",
+    "DuplicateKeyError",
     "BackfillError",
     "BackfillFailedError",
     "SettingsError",

@@ -1,5 +1,8 @@
 """Alembic operations for safe online data migrations: ``op.backfill``, ``op.ensure_backfill_finished``,
-``op.add_not_null_constraint``, ``op.validate_not_null_constraint`` and ``op.drop_not_null_constraint``.
+``op.add_not_null_constraint``, ``op.validate_not_null_constraint`` and ``op.drop_not_null_constraint``;
+``op.add_check_constraint``, ``op.validate_check_constraint``, ``op.drop_check_constraint``; ``op.add_foreign_key``,
+``op.validate_foreign_key``, ``op.drop_foreign_key``; ``op.add_index_concurrently`` and
+``op.drop_index_concurrently``.
 
 Alembic >= 1.18 loads this module through the ``alembic.plugins`` entry point, so the ``op.`` names work without
 touching env.py; with older Alembic, add ``import backfill.alembic`` to env.py. Type checkers do not see custom
@@ -8,7 +11,7 @@ touching env.py; with older Alembic, add ``import backfill.alembic`` to env.py. 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,17 +33,26 @@ from backfill.alembic import toimpl as _toimpl  # noqa: E402,F401 -- registers t
 from backfill.alembic.ops import (  # noqa: E402
     DEFAULT_LOCK_RETRY_SECONDS,
     DEFAULT_LOCK_TIMEOUT,
+    AddCheckConstraintOp,
+    AddForeignKeyOp,
+    AddIndexConcurrentlyOp,
     AddNotNullConstraintOp,
     BackfillOp,
+    DropCheckConstraintOp,
+    DropForeignKeyOp,
+    DropIndexConcurrentlyOp,
     DropNotNullConstraintOp,
     EnsureBackfillFinishedOp,
     SQLText,
+    ValidateCheckConstraintOp,
+    ValidateForeignKeyOp,
     ValidateNotNullConstraintOp,
 )
 from backfill.alembic.toimpl import BackfillNotFinishedError, MigrationContextError  # noqa: E402
 
 if TYPE_CHECKING:
     from backfill.executor import RunReport
+    from backfill.schema.constraint import ChangeResult
     from backfill.settings import RunSettings
     from backfill.store import BackfillRecord
 
@@ -55,6 +67,22 @@ __all__ = [
     "AddNotNullConstraintOp",
     "ValidateNotNullConstraintOp",
     "DropNotNullConstraintOp",
+    "add_check_constraint",
+    "validate_check_constraint",
+    "drop_check_constraint",
+    "add_foreign_key",
+    "validate_foreign_key",
+    "drop_foreign_key",
+    "add_index_concurrently",
+    "drop_index_concurrently",
+    "AddCheckConstraintOp",
+    "ValidateCheckConstraintOp",
+    "DropCheckConstraintOp",
+    "AddForeignKeyOp",
+    "ValidateForeignKeyOp",
+    "DropForeignKeyOp",
+    "AddIndexConcurrentlyOp",
+    "DropIndexConcurrentlyOp",
     "MigrationContextError",
     "BackfillNotFinishedError",
     "setup",
@@ -189,3 +217,161 @@ def drop_not_null_constraint(
         lock_timeout=lock_timeout,
         lock_retry_seconds=lock_retry_seconds,
     )
+
+
+def add_check_constraint(
+    table: str,
+    name: str,
+    condition: SQLText,
+    *,
+    validate: bool = True,
+    schema: str | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
+    operations: Operations | None = None,
+) -> ChangeResult | None:
+    """``op.add_check_constraint``, typed. See :meth:`AddCheckConstraintOp.add_check_constraint`."""
+    return AddCheckConstraintOp.add_check_constraint(
+        _operations(operations),
+        table,
+        name,
+        condition,
+        validate=validate,
+        schema=schema,
+        lock_timeout=lock_timeout,
+        lock_retry_seconds=lock_retry_seconds,
+    )
+
+
+def validate_check_constraint(
+    table: str,
+    name: str,
+    *,
+    schema: str | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
+    operations: Operations | None = None,
+) -> ChangeResult | None:
+    """``op.validate_check_constraint``, typed. See :meth:`ValidateCheckConstraintOp.validate_check_constraint`."""
+    return ValidateCheckConstraintOp.validate_check_constraint(
+        _operations(operations),
+        table,
+        name,
+        schema=schema,
+        lock_timeout=lock_timeout,
+        lock_retry_seconds=lock_retry_seconds,
+    )
+
+
+def drop_check_constraint(
+    table: str,
+    name: str,
+    *,
+    schema: str | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
+    operations: Operations | None = None,
+) -> ChangeResult | None:
+    """``op.drop_check_constraint``, typed. See :meth:`DropCheckConstraintOp.drop_check_constraint`."""
+    return DropCheckConstraintOp.drop_check_constraint(
+        _operations(operations),
+        table,
+        name,
+        schema=schema,
+        lock_timeout=lock_timeout,
+        lock_retry_seconds=lock_retry_seconds,
+    )
+
+
+def add_foreign_key(
+    table: str,
+    columns: str | Sequence[str],
+    referent_table: str,
+    referent_columns: str | Sequence[str],
+    *,
+    name: str | None = None,
+    on_delete: str | None = None,
+    validate: bool = True,
+    schema: str | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
+    operations: Operations | None = None,
+) -> ChangeResult | None:
+    """``op.add_foreign_key``, typed. See :meth:`AddForeignKeyOp.add_foreign_key`."""
+    return AddForeignKeyOp.add_foreign_key(
+        _operations(operations),
+        table,
+        columns,
+        referent_table,
+        referent_columns,
+        name=name,
+        on_delete=on_delete,
+        validate=validate,
+        schema=schema,
+        lock_timeout=lock_timeout,
+        lock_retry_seconds=lock_retry_seconds,
+    )
+
+
+def validate_foreign_key(
+    table: str,
+    name: str,
+    *,
+    schema: str | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
+    operations: Operations | None = None,
+) -> ChangeResult | None:
+    """``op.validate_foreign_key``, typed. See :meth:`ValidateForeignKeyOp.validate_foreign_key`."""
+    return ValidateForeignKeyOp.validate_foreign_key(
+        _operations(operations),
+        table,
+        name,
+        schema=schema,
+        lock_timeout=lock_timeout,
+        lock_retry_seconds=lock_retry_seconds,
+    )
+
+
+def drop_foreign_key(
+    table: str,
+    name: str,
+    *,
+    schema: str | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
+    operations: Operations | None = None,
+) -> ChangeResult | None:
+    """``op.drop_foreign_key``, typed. See :meth:`DropForeignKeyOp.drop_foreign_key`."""
+    return DropForeignKeyOp.drop_foreign_key(
+        _operations(operations),
+        table,
+        name,
+        schema=schema,
+        lock_timeout=lock_timeout,
+        lock_retry_seconds=lock_retry_seconds,
+    )
+
+
+def add_index_concurrently(
+    table: str,
+    columns: str | Sequence[str],
+    *,
+    name: str | None = None,
+    unique: bool = False,
+    where: SQLText | None = None,
+    using: str | None = None,
+    schema: str | None = None,
+    operations: Operations | None = None,
+) -> ChangeResult | None:
+    """``op.add_index_concurrently``, typed. See :meth:`AddIndexConcurrentlyOp.add_index_concurrently`."""
+    return AddIndexConcurrentlyOp.add_index_concurrently(
+        _operations(operations), table, columns, name=name, unique=unique, where=where, using=using, schema=schema
+    )
+
+
+def drop_index_concurrently(
+    name: str, *, table: str | None = None, schema: str | None = None, operations: Operations | None = None
+) -> ChangeResult | None:
+    """``op.drop_index_concurrently``, typed. See :meth:`DropIndexConcurrentlyOp.drop_index_concurrently`."""
+    return DropIndexConcurrentlyOp.drop_index_concurrently(_operations(operations), name, table=table, schema=schema)

@@ -7,15 +7,18 @@ entry point; older versions need ``import backfill.alembic`` in env.py).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
 from alembic.operations import MigrateOperation, Operations
+
+from backfill.schema.ddl import derived_name
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ClauseElement
 
     from backfill.executor import RunReport
+    from backfill.schema.constraint import ChangeResult
     from backfill.settings import RunSettings
     from backfill.store import BackfillRecord
 
@@ -26,6 +29,14 @@ __all__ = [
     "AddNotNullConstraintOp",
     "ValidateNotNullConstraintOp",
     "DropNotNullConstraintOp",
+    "AddCheckConstraintOp",
+    "ValidateCheckConstraintOp",
+    "DropCheckConstraintOp",
+    "AddForeignKeyOp",
+    "ValidateForeignKeyOp",
+    "DropForeignKeyOp",
+    "AddIndexConcurrentlyOp",
+    "DropIndexConcurrentlyOp",
 ]
 
 #: An SQL expression: text, or a SQLAlchemy expression (compiled for PostgreSQL with its values inlined).
@@ -351,3 +362,438 @@ class DropNotNullConstraintOp(_NotNullOp):
             lock_timeout=self.lock_timeout,
             lock_retry_seconds=self.lock_retry_seconds,
         )
+
+
+# --- CHECK constraints -----------------------------------------------------------------------------------------------
+
+
+class _TableOp(MigrateOperation):
+    """An op on a named constraint of a table, with the lock settings of its ACCESS EXCLUSIVE steps."""
+
+    def __init__(
+        self,
+        table: str,
+        name: str,
+        *,
+        schema: str | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
+    ) -> None:
+        self.table = table
+        self.name = name
+        self.schema = schema
+        self.lock_timeout = lock_timeout
+        self.lock_retry_seconds = lock_retry_seconds
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return (type(self).__name__, self.schema, self.table, self.name)
+
+
+@Operations.register_operation("add_check_constraint")
+class AddCheckConstraintOp(_TableOp):
+    """Add a CHECK constraint without an ACCESS EXCLUSIVE table scan."""
+
+    def __init__(
+        self,
+        table: str,
+        name: str,
+        condition: SQLText,
+        *,
+        validate: bool = True,
+        schema: str | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
+    ) -> None:
+        super().__init__(table, name, schema=schema, lock_timeout=lock_timeout, lock_retry_seconds=lock_retry_seconds)
+        self.condition = condition
+        self.validate = validate
+
+    @classmethod
+    def add_check_constraint(
+        cls,
+        operations: Operations,
+        table: str,
+        name: str,
+        condition: SQLText,
+        *,
+        validate: bool = True,
+        schema: str | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
+    ) -> ChangeResult | None:
+        """Add ``CHECK (condition)`` to ``table`` while the application reads and writes it.
+
+        ``ADD CONSTRAINT name CHECK (condition) NOT VALID`` first: ACCESS EXCLUSIVE for an instant (no row is
+        read), waiting at most ``lock_timeout`` seconds per attempt and retried with backoff, so the application
+        never queues behind it for longer. Then ``VALIDATE CONSTRAINT``: a scan under SHARE UPDATE EXCLUSIVE, which
+        blocks neither reads nor writes. Each step is its own transaction, outside the migration's.
+
+        Idempotent from the catalog: a revision that died between the two steps validates when run again. If
+        existing rows violate the condition, the upgrade fails naming one of them, and the constraint this call
+        added is dropped again::
+
+            op.add_check_constraint("orders", "orders_amount_positive", "amount >= 0")
+
+        :param table: the table, optionally ``schema.table``.
+        :param name: the constraint's name.
+        :param condition: one SQL expression, as text or a SQLAlchemy expression (compiled with its values inlined).
+        :param validate: False stops after ``NOT VALID`` (rows written from now on are checked); validate in a
+            later revision with ``op.validate_check_constraint``.
+        :param schema: the table's schema.
+        :param lock_timeout: seconds each attempt of the ``ADD`` may wait for its lock.
+        :param lock_retry_seconds: how long to keep retrying before the upgrade fails.
+        :return: a :class:`backfill.ChangeResult` (the steps that ran); None offline.
+
+        Downgrade: ``op.drop_check_constraint(table, name)`` (this op's ``reverse()``).
+        """
+        result: ChangeResult | None = operations.invoke(
+            cls(
+                table,
+                name,
+                condition,
+                validate=validate,
+                schema=schema,
+                lock_timeout=lock_timeout,
+                lock_retry_seconds=lock_retry_seconds,
+            )
+        )
+        return result
+
+    def reverse(self) -> DropCheckConstraintOp:
+        return DropCheckConstraintOp(
+            self.table,
+            self.name,
+            schema=self.schema,
+            lock_timeout=self.lock_timeout,
+            lock_retry_seconds=self.lock_retry_seconds,
+        )
+
+
+@Operations.register_operation("validate_check_constraint")
+class ValidateCheckConstraintOp(_TableOp):
+    """Validate a NOT VALID CHECK constraint added earlier."""
+
+    @classmethod
+    def validate_check_constraint(
+        cls,
+        operations: Operations,
+        table: str,
+        name: str,
+        *,
+        schema: str | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
+    ) -> ChangeResult | None:
+        """Finish ``op.add_check_constraint(..., validate=False)`` from an earlier revision: ``VALIDATE
+        CONSTRAINT``, a scan under SHARE UPDATE EXCLUSIVE that blocks neither reads nor writes. Nothing to do if it
+        is valid already. Fails naming a violating row if there is one (the constraint stays NOT VALID), or if the
+        table has no CHECK constraint of that name. Arguments as for ``op.add_check_constraint``.
+        """
+        result: ChangeResult | None = operations.invoke(
+            cls(table, name, schema=schema, lock_timeout=lock_timeout, lock_retry_seconds=lock_retry_seconds)
+        )
+        return result
+
+
+@Operations.register_operation("drop_check_constraint")
+class DropCheckConstraintOp(_TableOp):
+    """Drop a CHECK constraint under a short lock_timeout (for downgrade())."""
+
+    @classmethod
+    def drop_check_constraint(
+        cls,
+        operations: Operations,
+        table: str,
+        name: str,
+        *,
+        schema: str | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
+    ) -> ChangeResult | None:
+        """Undo ``op.add_check_constraint``: ``DROP CONSTRAINT IF EXISTS``, valid or not. ACCESS EXCLUSIVE for an
+        instant, waiting at most ``lock_timeout`` seconds per attempt, retried with backoff. Arguments as for
+        ``op.add_check_constraint``.
+        """
+        result: ChangeResult | None = operations.invoke(
+            cls(table, name, schema=schema, lock_timeout=lock_timeout, lock_retry_seconds=lock_retry_seconds)
+        )
+        return result
+
+
+# --- foreign keys ------------------------------------------------------------------------------------------------
+
+
+@Operations.register_operation("add_foreign_key")
+class AddForeignKeyOp(MigrateOperation):
+    """Add a foreign key without blocking writes for its validating scan."""
+
+    def __init__(
+        self,
+        table: str,
+        columns: str | Sequence[str],
+        referent_table: str,
+        referent_columns: str | Sequence[str],
+        *,
+        name: str | None = None,
+        on_delete: str | None = None,
+        validate: bool = True,
+        schema: str | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
+    ) -> None:
+        self.table = table
+        self.columns = columns
+        self.referent_table = referent_table
+        self.referent_columns = referent_columns
+        self.name = name
+        self.on_delete = on_delete
+        self.validate = validate
+        self.schema = schema
+        self.lock_timeout = lock_timeout
+        self.lock_retry_seconds = lock_retry_seconds
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return (type(self).__name__, self.schema, self.table, self.name, self.columns, self.referent_table)
+
+    @classmethod
+    def add_foreign_key(
+        cls,
+        operations: Operations,
+        table: str,
+        columns: str | Sequence[str],
+        referent_table: str,
+        referent_columns: str | Sequence[str],
+        *,
+        name: str | None = None,
+        on_delete: str | None = None,
+        validate: bool = True,
+        schema: str | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
+    ) -> ChangeResult | None:
+        """Add a foreign key from ``table`` (``columns``) to ``referent_table`` (``referent_columns``) while the
+        application reads and writes both tables.
+
+        ``ADD CONSTRAINT ... FOREIGN KEY ... NOT VALID`` first: SHARE ROW EXCLUSIVE on both tables for an instant
+        (no row is read), waiting at most ``lock_timeout`` seconds per attempt, retried with backoff. Then
+        ``VALIDATE CONSTRAINT``: a scan of ``table`` under SHARE UPDATE EXCLUSIVE (ROW SHARE on the referenced
+        table), which blocks neither reads nor writes. A plain ``ADD FOREIGN KEY`` would block every write to
+        either table for the whole scan.
+
+        Idempotent from the catalog: a revision that died between the steps validates when run again. Rows whose
+        key is missing from the referenced table fail the upgrade, naming one; the constraint this call added is
+        dropped again. Without an index on ``columns``, every delete on ``referent_table`` scans ``table``: a
+        ``foreign_key_unindexed`` warning says so and names the ``op.add_index_concurrently`` call that fixes it::
+
+            op.add_index_concurrently("orders", ["customer_id"])
+            op.add_foreign_key("orders", ["customer_id"], "customers", ["id"], on_delete="CASCADE")
+
+        :param table: the referencing table, optionally ``schema.table``.
+        :param columns: its column(s).
+        :param referent_table: the referenced table, optionally ``schema.table``.
+        :param referent_columns: its column(s) (a primary key or unique constraint).
+        :param name: the constraint's name (default ``table_col_fkey``).
+        :param on_delete: ``CASCADE``, ``SET NULL``, ``SET DEFAULT``, ``RESTRICT`` or ``NO ACTION``.
+        :param validate: False stops after ``NOT VALID``; validate later with ``op.validate_foreign_key``.
+        :param schema: ``table``'s schema.
+        :param lock_timeout: seconds each attempt of the ``ADD`` may wait for its locks.
+        :param lock_retry_seconds: how long to keep retrying before the upgrade fails.
+        :return: a :class:`backfill.ChangeResult` (steps that ran, advice); None offline.
+
+        Downgrade: ``op.drop_foreign_key(table, name)`` (this op's ``reverse()``).
+        """
+        result: ChangeResult | None = operations.invoke(
+            cls(
+                table,
+                columns,
+                referent_table,
+                referent_columns,
+                name=name,
+                on_delete=on_delete,
+                validate=validate,
+                schema=schema,
+                lock_timeout=lock_timeout,
+                lock_retry_seconds=lock_retry_seconds,
+            )
+        )
+        return result
+
+    def constraint_name(self) -> str:
+        """The name given, or the default ``table_col_fkey``."""
+        columns = (self.columns,) if isinstance(self.columns, str) else tuple(self.columns)
+        return self.name or derived_name(self.table.rsplit(".", 1)[-1], columns, "fkey")
+
+    def reverse(self) -> DropForeignKeyOp:
+        return DropForeignKeyOp(
+            self.table,
+            self.constraint_name(),
+            schema=self.schema,
+            lock_timeout=self.lock_timeout,
+            lock_retry_seconds=self.lock_retry_seconds,
+        )
+
+
+@Operations.register_operation("validate_foreign_key")
+class ValidateForeignKeyOp(_TableOp):
+    """Validate a NOT VALID foreign key added earlier."""
+
+    @classmethod
+    def validate_foreign_key(
+        cls,
+        operations: Operations,
+        table: str,
+        name: str,
+        *,
+        schema: str | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
+    ) -> ChangeResult | None:
+        """Finish ``op.add_foreign_key(..., validate=False)`` from an earlier revision: ``VALIDATE CONSTRAINT``, a
+        scan that blocks neither reads nor writes. Nothing to do if it is valid already. Fails naming a row whose
+        key is missing (the constraint stays NOT VALID), or if ``table`` has no foreign key of that name.
+
+        :param table: the referencing table, optionally ``schema.table``.
+        :param name: the foreign key's name.
+        """
+        result: ChangeResult | None = operations.invoke(
+            cls(table, name, schema=schema, lock_timeout=lock_timeout, lock_retry_seconds=lock_retry_seconds)
+        )
+        return result
+
+
+@Operations.register_operation("drop_foreign_key")
+class DropForeignKeyOp(_TableOp):
+    """Drop a foreign key under a short lock_timeout (for downgrade())."""
+
+    @classmethod
+    def drop_foreign_key(
+        cls,
+        operations: Operations,
+        table: str,
+        name: str,
+        *,
+        schema: str | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
+    ) -> ChangeResult | None:
+        """Undo ``op.add_foreign_key``: ``DROP CONSTRAINT IF EXISTS``, valid or not. ACCESS EXCLUSIVE on ``table``
+        for an instant, waiting at most ``lock_timeout`` seconds per attempt, retried with backoff."""
+        result: ChangeResult | None = operations.invoke(
+            cls(table, name, schema=schema, lock_timeout=lock_timeout, lock_retry_seconds=lock_retry_seconds)
+        )
+        return result
+
+
+# --- indexes -------------------------------------------------------------------------------------------------------
+
+
+@Operations.register_operation("add_index_concurrently")
+class AddIndexConcurrentlyOp(MigrateOperation):
+    """Build an index with CREATE INDEX CONCURRENTLY, outside the migration's transaction."""
+
+    def __init__(
+        self,
+        table: str,
+        columns: str | Sequence[str],
+        *,
+        name: str | None = None,
+        unique: bool = False,
+        where: SQLText | None = None,
+        using: str | None = None,
+        schema: str | None = None,
+    ) -> None:
+        self.table = table
+        self.columns = columns
+        self.name = name
+        self.unique = unique
+        self.where = where
+        self.using = using
+        self.schema = schema
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return (type(self).__name__, self.schema, self.table, self.index_name())
+
+    def index_name(self) -> str:
+        """The name given, or the default ``table_col_idx``."""
+        columns = (self.columns,) if isinstance(self.columns, str) else tuple(self.columns)
+        return self.name or derived_name(self.table.rsplit(".", 1)[-1], columns, "idx")
+
+    @classmethod
+    def add_index_concurrently(
+        cls,
+        operations: Operations,
+        table: str,
+        columns: str | Sequence[str],
+        *,
+        name: str | None = None,
+        unique: bool = False,
+        where: SQLText | None = None,
+        using: str | None = None,
+        schema: str | None = None,
+    ) -> ChangeResult | None:
+        """Build an index on ``table`` with ``CREATE INDEX CONCURRENTLY``: reads and writes go on throughout.
+
+        What the migration did so far is committed first (``CONCURRENTLY`` cannot run inside a transaction). The
+        build holds SHARE UPDATE EXCLUSIVE, which blocks no application query, and waits as long as other
+        sessions' transactions need: first those writing the table, then every older snapshot. Each time the
+        sessions it waits for change, a ``index_build_waiting`` warning names them (pid, application name, age of
+        their transaction) so you know whom to ask. No ``lock_timeout`` ends those waits: a build cut short
+        leaves an INVALID index and loses its work.
+
+        Idempotent from the catalog: a valid index of that name is left alone; an INVALID one, left by a build
+        that failed or was killed, is dropped and built again. A unique build that fails on duplicates fails the
+        upgrade naming one duplicated key, and the INVALID index it left is dropped at once (PostgreSQL would
+        otherwise keep enforcing it on new rows)::
+
+            op.add_index_concurrently("users", ["email"], unique=True)
+
+        :param table: the table, optionally ``schema.table``.
+        :param columns: the column(s), in order.
+        :param name: the index's name (default ``table_col_idx``).
+        :param unique: a unique index.
+        :param where: a partial index's predicate: one SQL expression (text or SQLAlchemy).
+        :param using: the index method (``btree``, ``gin``, ``gist``, ``brin``, ``hash``, ...).
+        :param schema: the table's schema.
+        :return: a :class:`backfill.ChangeResult` (statements that ran, sessions waited for); None offline.
+
+        Offline (``--sql``), a psql ``\\gexec`` line drops an INVALID index of that name if the script finds one,
+        then ``CREATE INDEX CONCURRENTLY IF NOT EXISTS`` builds it: run the script with psql.
+
+        Downgrade: ``op.drop_index_concurrently(name)`` (this op's ``reverse()``).
+        """
+        result: ChangeResult | None = operations.invoke(
+            cls(table, columns, name=name, unique=unique, where=where, using=using, schema=schema)
+        )
+        return result
+
+    def reverse(self) -> DropIndexConcurrentlyOp:
+        return DropIndexConcurrentlyOp(self.index_name(), table=self.table, schema=self.schema)
+
+
+@Operations.register_operation("drop_index_concurrently")
+class DropIndexConcurrentlyOp(MigrateOperation):
+    """Drop an index with DROP INDEX CONCURRENTLY, outside the migration's transaction."""
+
+    def __init__(self, name: str, *, table: str | None = None, schema: str | None = None) -> None:
+        self.name = name
+        self.table = table
+        self.schema = schema
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return (type(self).__name__, self.schema, self.table, self.name)
+
+    @classmethod
+    def drop_index_concurrently(
+        cls, operations: Operations, name: str, *, table: str | None = None, schema: str | None = None
+    ) -> ChangeResult | None:
+        """Drop the index ``name`` with ``DROP INDEX CONCURRENTLY`` if it exists: SHARE UPDATE EXCLUSIVE on its
+        table, so reads and writes go on; it waits for the transactions using the index (named in
+        ``index_build_waiting`` warnings). What the migration did so far is committed first.
+
+        :param name: the index, optionally ``schema.name``.
+        :param table: its table (optionally ``schema.table``), which gives the schema when ``name`` has none.
+        :param schema: the index's schema.
+        :return: a :class:`backfill.ChangeResult`; None offline.
+        """
+        result: ChangeResult | None = operations.invoke(cls(name, table=table, schema=schema))
+        return result

@@ -3,29 +3,40 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy
 from alembic.operations import Operations
+from psycopg import sql
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.sql.elements import ClauseElement
 
 from backfill import api
 from backfill.alembic import offline
 from backfill.alembic.ops import (
+    AddCheckConstraintOp,
+    AddForeignKeyOp,
+    AddIndexConcurrentlyOp,
     AddNotNullConstraintOp,
     BackfillOp,
+    DropCheckConstraintOp,
+    DropForeignKeyOp,
+    DropIndexConcurrentlyOp,
     DropNotNullConstraintOp,
     EnsureBackfillFinishedOp,
     SQLText,
+    ValidateCheckConstraintOp,
+    ValidateForeignKeyOp,
     ValidateNotNullConstraintOp,
     _NotNullOp,
+    _TableOp,
 )
 from backfill.errors import BackfillError, ControlTablesMissingError, UnknownBackfillError
 from backfill.executor import RunReport
 from backfill.pg.connect import Database
-from backfill.schema import ddl
+from backfill.schema import check, constraint, ddl, foreign_key, index
 from backfill.schema import notnull as constraints
 from backfill.spec import BackfillSpec
 from backfill.state import RunOutcome, RunState
@@ -122,6 +133,10 @@ class SQLAlchemySession:
             if raw is not None:
                 raw.remove_notice_handler(handler)
         return seen
+
+    def execute(self, statement: constraints.Query) -> None:
+        # The connection is in Alembic's autocommit block: no BEGIN is sent, so this runs outside any transaction.
+        self.connection.exec_driver_sql(ddl.render(statement))
 
 
 # --- op.backfill -------------------------------------------------------------------------------------------------
@@ -301,3 +316,200 @@ def validate_not_null_constraint(operations: Operations, operation: ValidateNotN
 @Operations.implementation_for(DropNotNullConstraintOp)
 def drop_not_null_constraint(operations: Operations, operation: DropNotNullConstraintOp) -> None:
     _not_null(operations, operation, "drop_not_null_constraint", "any")
+
+
+# --- CHECK constraints and foreign keys ------------------------------------------------------------------------------
+
+#: Builds a constraint change's plan (and any advice) from its state; the session is None offline.
+_PlanFor = Callable[
+    [constraints.DDLSession | None, constraint.ConstraintState], tuple[constraint.ConstraintPlan, tuple[str, ...]]
+]
+
+
+def _constraint_change(
+    operations: Operations,
+    operation: _TableOp | AddForeignKeyOp,
+    what: str,
+    name: str,
+    existing: bool,
+    kind: str,
+    plan_for: _PlanFor,
+    describe: constraint.Describe,
+) -> constraint.ChangeResult | None:
+    ctx = _context(operations, what)
+    if ctx.as_sql:
+        state = constraint.offline_constraint(
+            operation.table, name, schema=operation.schema, existing=existing, kind=kind
+        )
+        plan, _ = plan_for(None, state)
+        # Outside the migration's transaction, as online: the instant ADD commits before the scan starts.
+        with _outside_transaction(ctx, what):
+            for line in constraints.render_steps(plan.steps, operation.lock_timeout):
+                _output(ctx, line)
+        return None
+    retry = constraints.LockRetry(lock_timeout=operation.lock_timeout, budget_seconds=operation.lock_retry_seconds)
+    with _outside_transaction(ctx, what) as connection:
+        session = SQLAlchemySession(connection)
+        state = constraint.read_constraint(session, operation.table, name, schema=operation.schema)
+        plan, advice = plan_for(session, state)
+        return constraint.apply_plan(session, plan, retry, describe, advice)
+
+
+@Operations.implementation_for(AddCheckConstraintOp)
+def add_check_constraint(operations: Operations, operation: AddCheckConstraintOp) -> constraint.ChangeResult | None:
+    condition = check.checked_condition(_sql_text(operation.condition))
+    return _constraint_change(
+        operations,
+        operation,
+        "add_check_constraint",
+        operation.name,
+        False,
+        check.KIND,
+        lambda _, state: (check.plan_add_check(state, condition, validate=operation.validate), ()),
+        check.describe_violation,
+    )
+
+
+@Operations.implementation_for(ValidateCheckConstraintOp)
+def validate_check_constraint(
+    operations: Operations, operation: ValidateCheckConstraintOp
+) -> constraint.ChangeResult | None:
+    return _constraint_change(
+        operations,
+        operation,
+        "validate_check_constraint",
+        operation.name,
+        True,
+        check.KIND,
+        lambda _, state: (check.plan_validate_check(state), ()),
+        check.describe_violation,
+    )
+
+
+@Operations.implementation_for(DropCheckConstraintOp)
+def drop_check_constraint(operations: Operations, operation: DropCheckConstraintOp) -> constraint.ChangeResult | None:
+    return _constraint_change(
+        operations,
+        operation,
+        "drop_check_constraint",
+        operation.name,
+        True,
+        check.KIND,
+        lambda _, state: (check.plan_drop_check(state), ()),
+        check.describe_violation,
+    )
+
+
+@Operations.implementation_for(AddForeignKeyOp)
+def add_foreign_key(operations: Operations, operation: AddForeignKeyOp) -> constraint.ChangeResult | None:
+    key = foreign_key.foreign_key(
+        operation.columns, operation.referent_table, operation.referent_columns, on_delete=operation.on_delete
+    )
+
+    def plan_for(
+        session: constraints.DDLSession | None, state: constraint.ConstraintState
+    ) -> tuple[constraint.ConstraintPlan, tuple[str, ...]]:
+        if session is None:
+            schema = key.referent_schema
+            referent = sql.Identifier(schema, key.referent) if schema else sql.Identifier(key.referent)
+            return foreign_key.plan_add_foreign_key(state, key, referent, validate=operation.validate), ()
+        _, referent_found = foreign_key.read_foreign_key(
+            session, operation.table, state.name, schema=operation.schema, key=key
+        )
+        assert referent_found is not None
+        plan = foreign_key.plan_add_foreign_key(state, key, referent_found, validate=operation.validate)
+        advice = foreign_key.index_advice(session, state, key)
+        return plan, () if advice is None else (advice,)
+
+    return _constraint_change(
+        operations,
+        operation,
+        "add_foreign_key",
+        operation.constraint_name(),
+        False,
+        foreign_key.KIND,
+        plan_for,
+        foreign_key.describe_violation,
+    )
+
+
+@Operations.implementation_for(ValidateForeignKeyOp)
+def validate_foreign_key(operations: Operations, operation: ValidateForeignKeyOp) -> constraint.ChangeResult | None:
+    return _constraint_change(
+        operations,
+        operation,
+        "validate_foreign_key",
+        operation.name,
+        True,
+        foreign_key.KIND,
+        lambda _, state: (foreign_key.plan_validate_foreign_key(state), ()),
+        foreign_key.describe_violation,
+    )
+
+
+@Operations.implementation_for(DropForeignKeyOp)
+def drop_foreign_key(operations: Operations, operation: DropForeignKeyOp) -> constraint.ChangeResult | None:
+    return _constraint_change(
+        operations,
+        operation,
+        "drop_foreign_key",
+        operation.name,
+        True,
+        foreign_key.KIND,
+        lambda _, state: (foreign_key.plan_drop_foreign_key(state), ()),
+        foreign_key.describe_violation,
+    )
+
+
+# --- indexes -------------------------------------------------------------------------------------------------------
+
+
+def _render_index(ctx: MigrationContext, what: str, lines: Sequence[str]) -> None:
+    # CONCURRENTLY refuses to run in a transaction block: after the migration's COMMIT, in psql's autocommit.
+    with _outside_transaction(ctx, what):
+        for line in lines:
+            if line.endswith("\\gexec"):
+                ctx.impl.static_output(line + "\n")
+            else:
+                _output(ctx, line)
+
+
+@Operations.implementation_for(AddIndexConcurrentlyOp)
+def add_index_concurrently(operations: Operations, operation: AddIndexConcurrentlyOp) -> constraint.ChangeResult | None:
+    what = "add_index_concurrently"
+    ctx = _context(operations, what)
+    where = _sql_text(operation.where) if operation.where is not None else None
+    options: dict[str, Any] = {"unique": operation.unique, "where": where, "using": operation.using}
+    if ctx.as_sql:
+        state = index.offline_index(operation.table, operation.index_name(), schema=operation.schema)
+        plan = index.plan_add_index(state, operation.columns, if_not_exists=True, **options)
+        _render_index(ctx, what, index.render_index_plan(plan))
+        return None
+    with _outside_transaction(ctx, what) as connection:
+        session = SQLAlchemySession(connection)
+        state = index.read_index_of_table(session, operation.table, operation.index_name(), schema=operation.schema)
+        plan = index.plan_add_index(state, operation.columns, **options)
+        return index.apply_index_plan(session, plan, watch=Database.from_bind(connection, "backfill-ddl"))
+
+
+@Operations.implementation_for(DropIndexConcurrentlyOp)
+def drop_index_concurrently(
+    operations: Operations, operation: DropIndexConcurrentlyOp
+) -> constraint.ChangeResult | None:
+    what = "drop_index_concurrently"
+    ctx = _context(operations, what)
+    if ctx.as_sql:
+        # Offline the index may or may not exist: DROP ... IF EXISTS covers both.
+        state = index.offline_index(operation.table, operation.name, schema=operation.schema)
+        state = dataclasses.replace(state, exists=True)
+        plan = index.plan_drop_index(state)
+        _render_index(ctx, what, index.render_index_plan(plan))
+        return None
+    with _outside_transaction(ctx, what) as connection:
+        session = SQLAlchemySession(connection)
+        schema = operation.schema
+        if schema is None and "." not in operation.name and operation.table is not None:
+            _, schema, _ = constraints.find_table(session, operation.table, None)
+        state = index.read_index(session, operation.name, schema=schema)
+        plan = index.plan_drop_index(state)
+        return index.apply_index_plan(session, plan, watch=Database.from_bind(connection, "backfill-ddl"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from psycopg import sql
 
 __all__ = [
@@ -17,6 +19,13 @@ __all__ = [
     "drop_constraint",
     "count_nulls",
     "render",
+    "derived_name",
+    "add_check_expression_not_valid",
+    "first_violation",
+    "add_foreign_key_not_valid",
+    "create_index_concurrently",
+    "drop_index_concurrently",
+    "drop_invalid_index_gexec",
 ]
 
 #: PostgreSQL keeps the first 63 bytes of an identifier (NAMEDATALEN - 1).
@@ -131,3 +140,175 @@ def drop_constraint(relation: sql.Identifier, name: str, *, if_exists: bool = Fa
 def render(statement: sql.Composable) -> str:
     """A composed statement as text, without a connection (for offline scripts and log lines)."""
     return statement.as_string(None)
+
+
+# --- CHECK constraints and foreign keys ------------------------------------------------------------------------------
+
+#: (relation oid, constraint name): its type, whether it is validated, the table it references (0 for none) and its
+#: definition as PostgreSQL prints it.
+CONSTRAINT = sql.SQL(
+    """
+    SELECT c.contype::text, c.convalidated, c.confrelid::bigint, pg_catalog.pg_get_constraintdef(c.oid)
+      FROM pg_catalog.pg_constraint c
+     WHERE c.conrelid = %s AND c.conname = %s
+    """
+)
+
+#: (relation oid, number of columns, column names): whether a valid, non-partial index of the relation starts with
+#: exactly these columns, in any order (what the foreign key's checks on deletes and key updates of the referenced
+#: table look rows up with).
+INDEX_LEADS_WITH = sql.SQL(
+    """
+    SELECT EXISTS (
+      SELECT 1 FROM pg_catalog.pg_index i
+       WHERE i.indrelid = %(oid)s AND i.indisvalid AND i.indpred IS NULL
+         AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text)
+                FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+                JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+               WHERE k.ord <= %(n)s)
+             = (SELECT array_agg(c ORDER BY c) FROM unnest(%(columns)s::text[]) AS c))
+    """
+)
+
+#: The referential actions ``ON DELETE`` accepts, as the SQL that says them.
+ON_DELETE_ACTIONS = {
+    "CASCADE": "CASCADE",
+    "SET NULL": "SET NULL",
+    "SET DEFAULT": "SET DEFAULT",
+    "RESTRICT": "RESTRICT",
+    "NO ACTION": "NO ACTION",
+}
+
+
+def derived_name(table: str, columns: Sequence[str], suffix: str) -> str:
+    """``table_col1_col2_suffix`` (PostgreSQL's own pattern for ``fkey`` and ``idx``), clipped like the server."""
+    return _clip("_".join([table, *columns, suffix]))
+
+
+def _columns(columns: Sequence[str]) -> sql.Composed:
+    return sql.SQL(", ").join(sql.Identifier(column) for column in columns)
+
+
+def _expression(fragment: str) -> sql.Composed:
+    # The author's expression on lines of its own, so a trailing -- comment cannot swallow the closing parenthesis.
+    return sql.SQL("(\n{}\n)").format(sql.SQL(fragment))
+
+
+def add_check_expression_not_valid(relation: sql.Identifier, name: str, condition: str) -> sql.Composed:
+    """ACCESS EXCLUSIVE for an instant, no scan; rows written from now on are checked."""
+    return sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK {} NOT VALID").format(
+        relation, sql.Identifier(name), _expression(condition)
+    )
+
+
+def first_violation(relation: sql.Identifier, key: Sequence[str], condition: str) -> sql.Composed:
+    """The key of one row for which ``condition`` is false (a CHECK passes on NULL): only run after a validation
+    failed, to name a row."""
+    return sql.SQL("SELECT {} FROM {} WHERE {} IS FALSE LIMIT 1").format(
+        _columns(key) if key else sql.SQL("ctid"), relation, _expression(condition)
+    )
+
+
+def add_foreign_key_not_valid(
+    relation: sql.Identifier,
+    name: str,
+    columns: Sequence[str],
+    referent: sql.Identifier,
+    referent_columns: Sequence[str],
+    on_delete: str | None,
+) -> sql.Composed:
+    """SHARE ROW EXCLUSIVE on both tables for an instant, no scan; rows written from now on are checked."""
+    action = sql.SQL(" ON DELETE {}").format(sql.SQL(ON_DELETE_ACTIONS[on_delete])) if on_delete else sql.SQL("")
+    return sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}){} NOT VALID").format(
+        relation, sql.Identifier(name), _columns(columns), referent, _columns(referent_columns), action
+    )
+
+
+# --- indexes -------------------------------------------------------------------------------------------------------
+
+#: (schema or NULL, name): the relation of that name (the search path decides without a schema): its kind, and if
+#: it is an index its table (oid, schema, name), whether it is valid, whether unique, the constraint it backs (or
+#: NULL), and its definition.
+INDEX = sql.SQL(
+    """
+    SELECT c.relkind::text, i.indrelid::bigint, tn.nspname, t.relname, i.indisvalid, i.indisunique,
+           (SELECT con.conname FROM pg_catalog.pg_constraint con WHERE con.conindid = c.oid
+               AND con.conrelid = i.indrelid LIMIT 1),
+           pg_catalog.pg_get_indexdef(c.oid), n.nspname
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid
+      LEFT JOIN pg_catalog.pg_class t ON t.oid = i.indrelid
+      LEFT JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace
+     WHERE c.oid = CASE WHEN %(schema)s::text IS NULL THEN pg_catalog.to_regclass(pg_catalog.quote_ident(%(name)s))
+                        ELSE pg_catalog.to_regclass(pg_catalog.quote_ident(%(schema)s) || '.'
+                                                     || pg_catalog.quote_ident(%(name)s)) END
+    """
+)
+
+#: (backend pid): the sessions that the backend waits for (pid, application name, seconds since their transaction
+#: or query started, state), oldest first.
+BLOCKING_SESSIONS = sql.SQL(
+    """
+    SELECT a.pid, a.application_name,
+           extract(epoch FROM now() - coalesce(a.xact_start, a.query_start, a.backend_start))::float8, a.state
+      FROM unnest(pg_catalog.pg_blocking_pids(%s)) AS b(pid)
+      JOIN pg_catalog.pg_stat_activity a ON a.pid = b.pid
+     ORDER BY 3 DESC
+    """
+)
+
+BACKEND_PID = sql.SQL("SELECT pg_catalog.pg_backend_pid()")
+
+
+def create_index_concurrently(
+    relation: sql.Identifier,
+    name: str,
+    columns: Sequence[str],
+    *,
+    unique: bool,
+    where: str | None,
+    using: str | None,
+    if_not_exists: bool = False,
+) -> sql.Composed:
+    """SHARE UPDATE EXCLUSIVE on the table (reads and writes go on); waits for the transactions that might still
+    use the table without the index, and later for every older snapshot. Runs outside a transaction block."""
+    return sql.SQL("CREATE {}INDEX CONCURRENTLY {}{} ON {}{} ({}){}").format(
+        sql.SQL("UNIQUE " if unique else ""),
+        sql.SQL("IF NOT EXISTS " if if_not_exists else ""),
+        sql.Identifier(name),
+        relation,
+        sql.SQL(" USING {}").format(sql.Identifier(using)) if using else sql.SQL(""),
+        _columns(columns),
+        sql.SQL(" WHERE {}").format(_expression(where)) if where else sql.SQL(""),
+    )
+
+
+def drop_index_concurrently(index: sql.Identifier, *, if_exists: bool = True) -> sql.Composed:
+    """SHARE UPDATE EXCLUSIVE on the table; waits for the transactions using the index. Outside a transaction."""
+    return sql.SQL("DROP INDEX CONCURRENTLY {}{}").format(sql.SQL("IF EXISTS " if if_exists else ""), index)
+
+
+def drop_invalid_index_gexec(schema: str | None, name: str) -> sql.Composed:
+    """For psql (``\\gexec`` runs each row it returns as a statement): ``DROP INDEX CONCURRENTLY`` of the index
+    if it exists and is INVALID (left by a failed build), so the ``CREATE ... IF NOT EXISTS`` after it builds it
+    anew instead of skipping it."""
+    index = sql.Identifier(schema, name) if schema else sql.Identifier(name)
+    return sql.SQL(
+        "SELECT {drop} FROM pg_catalog.pg_index i WHERE i.indexrelid = pg_catalog.to_regclass({index})"
+        " AND NOT i.indisvalid \\gexec"
+    ).format(
+        drop=sql.Literal(drop_index_concurrently(index).as_string(None)),
+        index=sql.Literal(index.as_string(None)),
+    )
+
+
+def set_timeouts(lock_timeout: str, statement_timeout: str) -> sql.Composed:
+    """Session-wide (an index build runs outside any transaction, so ``SET LOCAL`` would not last)."""
+    return sql.SQL(
+        "SELECT pg_catalog.set_config('lock_timeout', {}, false), pg_catalog.set_config('statement_timeout', {}, false)"
+    ).format(sql.Literal(lock_timeout), sql.Literal(statement_timeout))
+
+
+#: The session's lock_timeout and statement_timeout, to put back after an index build.
+TIMEOUTS = sql.SQL("SELECT pg_catalog.current_setting('lock_timeout'), pg_catalog.current_setting('statement_timeout')")

@@ -50,12 +50,14 @@ __all__ = [
     "NotNullPlan",
     "DDLSession",
     "PsycopgSession",
+    "find_table",
     "read_state",
     "offline_state",
     "plan_add",
     "plan_validate",
     "plan_drop",
     "apply_steps",
+    "run_step",
     "render_steps",
     "add_not_null_constraint",
     "validate_not_null_constraint",
@@ -73,8 +75,9 @@ Query = sql.SQL | sql.Composed
 
 
 class ConstraintError(BackfillError):
-    """Raised when a NOT NULL change cannot be made: unknown table or column, nothing to validate, or an op used
-    where it cannot run (not PostgreSQL, or inside a transaction it may not commit)."""
+    """Raised when an online schema change (NOT NULL, CHECK, foreign key, index) cannot be made: unknown table,
+    column, constraint or index, nothing to validate, a statement PostgreSQL rejects, or an op used where it cannot
+    run (not PostgreSQL, or inside a transaction it may not commit). The message says what was left behind."""
 
 
 class NullValuesError(ConstraintError):
@@ -187,6 +190,10 @@ class DDLSession(Protocol):
         """Run ``statements`` in one transaction and return the server notices seen if asked to."""
         ...
 
+    def execute(self, statement: Query) -> None:
+        """Run one statement outside any transaction block (``CREATE INDEX CONCURRENTLY`` refuses to run in one)."""
+        ...
+
 
 class PsycopgSession:
     """A :class:`DDLSession` on an autocommit psycopg connection."""
@@ -195,7 +202,8 @@ class PsycopgSession:
         self.conn = conn
 
     def fetchall(self, statement: Query, params: Params = ()) -> list[tuple[Any, ...]]:
-        return list(self.conn.execute(statement, params).fetchall())
+        # Without parameters none are parsed (as on Alembic's connection): a % in author SQL stays a %.
+        return list(self.conn.execute(statement, params or None).fetchall())
 
     def run(self, statements: Sequence[Query], *, capture_notices: bool = False) -> list[str]:
         seen: list[str] = []
@@ -214,15 +222,19 @@ class PsycopgSession:
                 self.conn.remove_notice_handler(handler)
         return seen
 
+    def execute(self, statement: Query) -> None:
+        self.conn.execute(statement)
+
 
 # --- reading the catalog -------------------------------------------------------------------------------------------
 
 
-def read_state(session: DDLSession, table: str, column: str, *, schema: str | None, name: str | None) -> ColumnState:
-    """The column's state, read from the catalog.
+def find_table(session: DDLSession, table: str, schema: str | None) -> tuple[int, str, str]:
+    """The table's (oid, schema, name), ``table`` optionally ``schema.table``; without a schema the search path
+    decides.
 
     Raises:
-        ConstraintError: the table or column does not exist.
+        ConstraintError: there is no such table, or it is not a table.
     """
     schema, table = split_table(table, schema)
     shown = f"{schema}.{table}" if schema else table
@@ -232,6 +244,16 @@ def read_state(session: DDLSession, table: str, column: str, *, schema: str | No
     oid, schema, table, relkind, _ = found[0]
     if relkind not in ("r", "p"):
         raise ConstraintError(f"{schema}.{table} is not a table")
+    return int(oid), str(schema), str(table)
+
+
+def read_state(session: DDLSession, table: str, column: str, *, schema: str | None, name: str | None) -> ColumnState:
+    """The column's state, read from the catalog.
+
+    Raises:
+        ConstraintError: the table or column does not exist.
+    """
+    oid, schema, table = find_table(session, table, schema)
     attribute = session.fetchall(ddl.COLUMN, (oid, column))
     if not attribute:
         raise ConstraintError(f"column {column!r} does not exist in table {schema}.{table}")
@@ -394,6 +416,16 @@ def _run_step(session: DDLSession, step: Step, retry: LockRetry, *, capture: boo
         raise
 
 
+def run_step(session: DDLSession, step: Step, retry: LockRetry) -> int:
+    """Run one step in its own transaction (an ACCESS EXCLUSIVE one under ``retry``'s lock_timeout, retried with
+    backoff) and return how many attempts it took. Used by the other online schema changes (``schema.sync``).
+
+    Raises:
+        LockUnavailableError: the lock could not be taken within the retry budget.
+    """
+    return _run_step(session, step, retry, capture=False)[1]
+
+
 def apply_steps(session: DDLSession, plan: NotNullPlan, retry: LockRetry | None = None) -> list[StepResult]:
     """Run a plan's steps in order, each in its own transaction.
 
@@ -449,12 +481,13 @@ def _nulls_found(session: DDLSession, plan: NotNullPlan, retry: LockRetry) -> Nu
     )
 
 
-def render_steps(plan: NotNullPlan, lock_timeout: float) -> list[str]:
-    """The plan as SQL for an offline script: each ACCESS EXCLUSIVE step after its ``SET lock_timeout``, the scan
-    without one (it blocks nobody), ``RESET lock_timeout`` at the end. Meant to run outside a transaction block."""
+def render_steps(plan: NotNullPlan | Sequence[Step], lock_timeout: float) -> list[str]:
+    """The plan (or steps) as SQL for an offline script: each ACCESS EXCLUSIVE step after its ``SET
+    lock_timeout``, the others without one (they block nobody), ``RESET lock_timeout`` at the end. Meant to run
+    outside a transaction block."""
     out: list[str] = []
     current: bool | None = None
-    for step in plan.steps:
+    for step in plan.steps if isinstance(plan, NotNullPlan) else plan:
         if step.exclusive and current is not True:
             out.append(ddl.render(ddl.set_lock_timeout(lock_timeout, local=False)))
         elif not step.exclusive and current is True:
@@ -470,12 +503,13 @@ def render_steps(plan: NotNullPlan, lock_timeout: float) -> list[str]:
 
 
 @contextlib.contextmanager
-def _session(bind: Bind) -> Iterator[PsycopgSession]:
+def own_session(bind: Bind) -> Iterator[PsycopgSession]:
+    """A :class:`PsycopgSession` on a new autocommit connection of the plain functions' own, closed on exit."""
     with Database.from_bind(bind, "backfill-ddl").connect() as conn:
         yield PsycopgSession(conn)
 
 
-def _retry(lock_timeout: float, retry_seconds: float, sleep: Callable[[float], None]) -> LockRetry:
+def lock_retry(lock_timeout: float, retry_seconds: float, sleep: Callable[[float], None]) -> LockRetry:
     return LockRetry(lock_timeout=lock_timeout, budget_seconds=retry_seconds, sleep=sleep)
 
 
@@ -517,10 +551,10 @@ def add_not_null_constraint(
         NullValuesError: the column still has NULLs (names how many); nothing this call added is left behind.
         LockUnavailableError: a lock could not be taken within ``retry_seconds``.
     """
-    with _session(bind) as session:
+    with own_session(bind) as session:
         state = read_state(session, table, column, schema=schema, name=name)
         plan = plan_add(state, name, validate=validate)
-        return apply_steps(session, plan, _retry(lock_timeout, retry_seconds, sleep))
+        return apply_steps(session, plan, lock_retry(lock_timeout, retry_seconds, sleep))
 
 
 def validate_not_null_constraint(
@@ -543,9 +577,9 @@ def validate_not_null_constraint(
         NullValuesError: the column still has NULLs; the NOT VALID constraint stays.
         LockUnavailableError: a lock could not be taken within ``retry_seconds``.
     """
-    with _session(bind) as session:
+    with own_session(bind) as session:
         state = read_state(session, table, column, schema=schema, name=name)
-        return apply_steps(session, plan_validate(state, name), _retry(lock_timeout, retry_seconds, sleep))
+        return apply_steps(session, plan_validate(state, name), lock_retry(lock_timeout, retry_seconds, sleep))
 
 
 def drop_not_null_constraint(
@@ -567,6 +601,6 @@ def drop_not_null_constraint(
         ConstraintError: no such table or column.
         LockUnavailableError: a lock could not be taken within ``retry_seconds``.
     """
-    with _session(bind) as session:
+    with own_session(bind) as session:
         state = read_state(session, table, column, schema=schema, name=name)
-        return apply_steps(session, plan_drop(state, name), _retry(lock_timeout, retry_seconds, sleep))
+        return apply_steps(session, plan_drop(state, name), lock_retry(lock_timeout, retry_seconds, sleep))

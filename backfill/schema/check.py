@@ -1,0 +1,178 @@
+"""CHECK constraints on a live table: ``ADD CONSTRAINT ... CHECK (...) NOT VALID`` (ACCESS EXCLUSIVE for an instant,
+under a short ``lock_timeout``, retried with backoff), then ``VALIDATE CONSTRAINT`` (a scan under SHARE UPDATE
+EXCLUSIVE: reads and writes go on). ``ADD CONSTRAINT ... CHECK`` without NOT VALID would scan the whole table while
+holding ACCESS EXCLUSIVE. Steps are planned from the catalog (see :mod:`backfill.schema.constraint`), so a change that
+died between them is finished by running it again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from psycopg import sql
+
+from backfill.pg import statements
+from backfill.pg.connect import Bind
+from backfill.schema import ddl
+from backfill.schema.constraint import (
+    ChangeResult,
+    ConstraintPlan,
+    ConstraintState,
+    apply_plan,
+    key_text,
+    plan_add,
+    plan_drop,
+    plan_validate,
+    read_constraint,
+)
+from backfill.schema.notnull import ConstraintError, DDLSession, Step, lock_retry, own_session
+
+__all__ = [
+    "plan_add_check",
+    "plan_validate_check",
+    "plan_drop_check",
+    "describe_violation",
+    "add_check_constraint",
+    "validate_check_constraint",
+    "drop_check_constraint",
+]
+
+KIND = "c"
+WHAT = "CHECK constraint"
+
+#: (relation oid, name): the CHECK constraint's expression as PostgreSQL prints it.
+_EXPRESSION = sql.SQL(
+    "SELECT pg_catalog.pg_get_expr(c.conbin, c.conrelid) FROM pg_catalog.pg_constraint c "
+    "WHERE c.conrelid = %s AND c.conname = %s"
+)
+
+
+def checked_condition(condition: str) -> str:
+    """``condition`` if it is a non-empty SQL expression.
+
+    Raises:
+        ConstraintError: it is empty.
+    """
+    if not isinstance(condition, str) or not condition.strip():
+        raise ConstraintError("a CHECK constraint needs a condition: a non-empty SQL expression")
+    return condition
+
+
+def plan_add_check(state: ConstraintState, condition: str, *, validate: bool = True) -> ConstraintPlan:
+    """``ADD CONSTRAINT ... CHECK (condition) NOT VALID`` unless it exists, then ``VALIDATE`` (unless
+    ``validate`` is false or it is valid already). An existing constraint of that name is taken as this one (its
+    condition is not compared)."""
+    statement = ddl.add_check_expression_not_valid(state.relation, state.name, checked_condition(condition))
+    add = Step("add", statement, True)
+    return plan_add(state, add, kind=KIND, what=WHAT, validate=validate)
+
+
+def plan_validate_check(state: ConstraintState) -> ConstraintPlan:
+    return plan_validate(state, kind=KIND, what=WHAT)
+
+
+def plan_drop_check(state: ConstraintState) -> ConstraintPlan:
+    return plan_drop(state, what=WHAT)
+
+
+def describe_violation(session: DDLSession, state: ConstraintState, exc: BaseException) -> str | None:
+    """One row that violates the CHECK constraint, by primary key when the table has one (VALIDATE does not say)."""
+    del exc
+    expression = session.fetchall(_EXPRESSION, (state.oid, state.name))
+    if not expression or expression[0][0] is None:
+        return None
+    key = [row[0] for row in session.fetchall(statements.PRIMARY_KEY, (state.oid,))] or ["ctid"]
+    found = session.fetchall(ddl.first_violation(state.relation, key, str(expression[0][0])))
+    return f"e.g. the row with {key_text(key, found[0])}" if found else None
+
+
+def add_check_constraint(
+    bind: Bind,
+    table: str,
+    name: str,
+    condition: str,
+    *,
+    schema: str | None = None,
+    validate: bool = True,
+    lock_timeout: float = 2.0,
+    retry_seconds: float = 300.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ChangeResult:
+    """Add ``CHECK (condition)`` to ``table`` without an ACCESS EXCLUSIVE table scan: ``NOT VALID`` first (an
+    instant), then ``VALIDATE CONSTRAINT`` (a scan that blocks neither reads nor writes).
+
+    Idempotent: what is done already (read from the catalog) is skipped, so a call that died between the two
+    steps can simply be repeated. Runs on a connection of its own: do not call it while your own transaction holds
+    locks on the table.
+
+    Args:
+        bind: the database (URL, SQLAlchemy URL, Engine or Connection: only its URL is used).
+        table: the table, optionally ``schema.table``.
+        name: the constraint's name.
+        condition: one SQL expression over the table's columns, e.g. ``"amount >= 0"``.
+        schema: the table's schema; defaults to the search path.
+        validate: False stops after ``NOT VALID`` (rows written from now on are checked; existing rows are checked
+            later by :func:`validate_check_constraint`).
+        lock_timeout: seconds the ``ADD`` may wait for its lock per attempt (the longest the application's queries
+            can queue behind it).
+        retry_seconds: how long to keep retrying it.
+        sleep: injected for tests.
+
+    Returns:
+        A :class:`ChangeResult` with the steps that ran (none if the constraint was there and valid already).
+
+    Raises:
+        ConstraintError: no such table, an empty condition, a condition PostgreSQL rejects, or another kind of
+            constraint with that name (nothing is changed).
+        ViolationError: existing rows violate the condition (one is named); the constraint is dropped again.
+        LockUnavailableError: a lock could not be taken within ``retry_seconds``.
+    """
+    checked_condition(condition)
+    with own_session(bind) as session:
+        state = read_constraint(session, table, name, schema=schema)
+        plan = plan_add_check(state, condition, validate=validate)
+        return apply_plan(session, plan, lock_retry(lock_timeout, retry_seconds, sleep), describe_violation)
+
+
+def validate_check_constraint(
+    bind: Bind,
+    table: str,
+    name: str,
+    *,
+    schema: str | None = None,
+    lock_timeout: float = 2.0,
+    retry_seconds: float = 300.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ChangeResult:
+    """Validate the NOT VALID CHECK constraint ``name`` (from ``add_check_constraint(..., validate=False)``): a
+    scan under SHARE UPDATE EXCLUSIVE, which blocks neither reads nor writes. Nothing to do if it is valid.
+    Arguments as for :func:`add_check_constraint`.
+
+    Raises:
+        ConstraintError: there is no CHECK constraint of that name.
+        ViolationError: existing rows violate it (one is named); it stays NOT VALID.
+    """
+    with own_session(bind) as session:
+        state = read_constraint(session, table, name, schema=schema)
+        plan = plan_validate_check(state)
+        return apply_plan(session, plan, lock_retry(lock_timeout, retry_seconds, sleep), describe_violation)
+
+
+def drop_check_constraint(
+    bind: Bind,
+    table: str,
+    name: str,
+    *,
+    schema: str | None = None,
+    lock_timeout: float = 2.0,
+    retry_seconds: float = 300.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ChangeResult:
+    """Drop the constraint ``name`` if it exists, valid or not (the downgrade of :func:`add_check_constraint`):
+    ACCESS EXCLUSIVE for an instant, under ``lock_timeout`` with retries. Arguments as for
+    :func:`add_check_constraint`."""
+    with own_session(bind) as session:
+        state = read_constraint(session, table, name, schema=schema)
+        retry = lock_retry(lock_timeout, retry_seconds, sleep)
+        return apply_plan(session, plan_drop_check(state), retry, describe_violation)

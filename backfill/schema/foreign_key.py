@@ -1,0 +1,267 @@
+"""Foreign keys on live tables: ``ADD CONSTRAINT ... FOREIGN KEY ... NOT VALID`` (SHARE ROW EXCLUSIVE on both tables
+for an instant, under a short ``lock_timeout``, retried with backoff), then ``VALIDATE CONSTRAINT`` (a scan of the
+referencing table under SHARE UPDATE EXCLUSIVE, ROW SHARE on the referenced one: reads and writes go on). A plain
+``ADD FOREIGN KEY`` would hold SHARE ROW EXCLUSIVE on both tables, blocking every write to either, for the whole scan.
+
+Without an index on the referencing columns, every delete (and key update) on the referenced table scans the
+referencing table: the plan says so, with the index to build.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+from psycopg import sql
+
+from backfill.pg.connect import Bind
+from backfill.schema import ddl
+from backfill.schema.constraint import (
+    ChangeResult,
+    ConstraintPlan,
+    ConstraintState,
+    apply_plan,
+    plan_add,
+    plan_drop,
+    plan_validate,
+    read_constraint,
+    server_detail,
+)
+from backfill.schema.notnull import ConstraintError, DDLSession, Step, find_table, lock_retry, own_session
+
+__all__ = [
+    "ForeignKey",
+    "foreign_key",
+    "fk_name",
+    "read_foreign_key",
+    "plan_add_foreign_key",
+    "plan_validate_foreign_key",
+    "plan_drop_foreign_key",
+    "index_advice",
+    "describe_violation",
+    "add_foreign_key",
+    "validate_foreign_key",
+    "drop_foreign_key",
+]
+
+log = structlog.get_logger("backfill")
+
+KIND = "f"
+WHAT = "foreign key"
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    """A foreign key as asked for: ``columns`` of the table reference ``referent_columns`` of ``referent``."""
+
+    columns: tuple[str, ...]
+    referent: str
+    referent_columns: tuple[str, ...]
+    on_delete: str | None = None
+    referent_schema: str | None = None
+
+
+def _names(value: str | Sequence[str], what: str) -> tuple[str, ...]:
+    names = (value,) if isinstance(value, str) else tuple(value)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ConstraintError(f"{what} must be a column name or a non-empty list of column names, got {value!r}")
+    return names
+
+
+def foreign_key(
+    columns: str | Sequence[str],
+    referent_table: str,
+    referent_columns: str | Sequence[str],
+    *,
+    on_delete: str | None = None,
+) -> ForeignKey:
+    """Check the arguments of a foreign key.
+
+    Raises:
+        ConstraintError: no columns, different numbers of columns on both sides, or an unknown ON DELETE action.
+    """
+    local = _names(columns, "columns")
+    remote = _names(referent_columns, "referent_columns")
+    if len(local) != len(remote):
+        raise ConstraintError(
+            f"a foreign key needs as many referent_columns as columns: {list(local)} -> {list(remote)}"
+        )
+    action = None
+    if on_delete is not None:
+        action = " ".join(str(on_delete).upper().split())
+        if action not in ddl.ON_DELETE_ACTIONS:
+            raise ConstraintError(
+                f"on_delete must be one of {', '.join(ddl.ON_DELETE_ACTIONS)} (or None), got {on_delete!r}"
+            )
+    schema = None
+    if "." in referent_table:
+        schema, referent_table = referent_table.split(".", 1)
+    return ForeignKey(local, referent_table, remote, action, schema)
+
+
+def fk_name(table: str, key: ForeignKey, name: str | None = None) -> str:
+    """``name``, or PostgreSQL's own pattern ``table_col_fkey``."""
+    return name or ddl.derived_name(table.rsplit(".", 1)[-1], key.columns, "fkey")
+
+
+def read_foreign_key(
+    session: DDLSession, table: str, name: str, *, schema: str | None, key: ForeignKey | None = None
+) -> tuple[ConstraintState, sql.Identifier | None]:
+    """The constraint's state and, when ``key`` is given, the referenced table (checked to exist) and the columns
+    on both sides (checked to exist).
+
+    Raises:
+        ConstraintError: a table or column does not exist.
+    """
+    state = read_constraint(session, table, name, schema=schema)
+    if key is None:
+        return state, None
+    _check_columns(session, state.oid, state.qualified, key.columns)
+    oid, ref_schema, ref_table = find_table(session, key.referent, key.referent_schema)
+    _check_columns(session, oid, f"{ref_schema}.{ref_table}", key.referent_columns)
+    return state, sql.Identifier(ref_schema, ref_table)
+
+
+def _check_columns(session: DDLSession, oid: int | None, table: str, columns: Sequence[str]) -> None:
+    for column in columns:
+        if not session.fetchall(ddl.COLUMN, (oid, column)):
+            raise ConstraintError(f"column {column!r} does not exist in table {table}")
+
+
+def plan_add_foreign_key(
+    state: ConstraintState, key: ForeignKey, referent: sql.Identifier, *, validate: bool = True
+) -> ConstraintPlan:
+    """``ADD CONSTRAINT ... FOREIGN KEY ... NOT VALID`` unless it exists, then ``VALIDATE`` (unless ``validate``
+    is false or it is valid already)."""
+    statement = ddl.add_foreign_key_not_valid(
+        state.relation, state.name, key.columns, referent, key.referent_columns, key.on_delete
+    )
+    return plan_add(state, Step("add", statement, True), kind=KIND, what=WHAT, validate=validate)
+
+
+def plan_validate_foreign_key(state: ConstraintState) -> ConstraintPlan:
+    return plan_validate(state, kind=KIND, what=WHAT)
+
+
+def plan_drop_foreign_key(state: ConstraintState) -> ConstraintPlan:
+    return plan_drop(state, what=WHAT)
+
+
+def index_advice(session: DDLSession, state: ConstraintState, key: ForeignKey) -> str | None:
+    """Advice when no valid index of the referencing table starts with the key's columns (logged as
+    ``foreign_key_unindexed``): deletes and key updates on the referenced table would scan this table."""
+    if session.fetchall(ddl.INDEX_LEADS_WITH, {"oid": state.oid, "n": len(key.columns), "columns": list(key.columns)})[
+        0
+    ][0]:
+        return None
+    columns = key.columns[0] if len(key.columns) == 1 else list(key.columns)
+    advice = (
+        f"no index on {state.qualified} ({', '.join(key.columns)}): every delete or key update on {key.referent} "
+        f"scans {state.qualified} to check foreign key {state.name!r}; build one with "
+        f"op.add_index_concurrently({state.table!r}, {columns!r})"
+    )
+    log.warning("foreign_key_unindexed", table=state.qualified, constraint=state.name, advice=advice)
+    return advice
+
+
+def describe_violation(session: DDLSession, state: ConstraintState, exc: BaseException) -> str | None:
+    """The server names the first row it found: ``Key (owner_id)=(7) is not present in table "owners"``."""
+    del session, state
+    detail = server_detail(exc)
+    return f"e.g. {detail[0].lower()}{detail[1:]}" if detail else None
+
+
+def add_foreign_key(
+    bind: Bind,
+    table: str,
+    columns: str | Sequence[str],
+    referent_table: str,
+    referent_columns: str | Sequence[str],
+    *,
+    name: str | None = None,
+    on_delete: str | None = None,
+    validate: bool = True,
+    schema: str | None = None,
+    lock_timeout: float = 2.0,
+    retry_seconds: float = 300.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ChangeResult:
+    """Add a foreign key from ``table`` (``columns``) to ``referent_table`` (``referent_columns``) without blocking
+    writes for a scan: ``NOT VALID`` first (an instant of SHARE ROW EXCLUSIVE on both tables), then ``VALIDATE
+    CONSTRAINT`` (a scan that blocks neither reads nor writes).
+
+    Idempotent from the catalog: a call that died between the two steps can be repeated. If no index of ``table``
+    starts with ``columns``, the result's ``advice`` (and a ``foreign_key_unindexed`` warning) names the index to
+    build: without it, deletes on the referenced table scan this one.
+
+    Args:
+        bind: the database (URL, SQLAlchemy URL, Engine or Connection: only its URL is used).
+        table: the referencing table, optionally ``schema.table``.
+        columns: its column(s).
+        referent_table: the referenced table, optionally ``schema.table``.
+        referent_columns: its column(s), with a primary key or unique constraint over them.
+        name: the constraint's name (default ``table_col_fkey``).
+        on_delete: ``CASCADE``, ``SET NULL``, ``SET DEFAULT``, ``RESTRICT`` or ``NO ACTION``.
+        validate: False stops after ``NOT VALID`` (finish with :func:`validate_foreign_key`).
+        schema: ``table``'s schema; defaults to the search path.
+        lock_timeout: seconds the ``ADD`` may wait for its locks per attempt.
+        retry_seconds: how long to keep retrying it.
+        sleep: injected for tests.
+
+    Raises:
+        ConstraintError: bad arguments, an unknown table or column, a key PostgreSQL refuses (no unique constraint
+            on the referenced columns, types that do not match), or another kind of constraint with that name.
+        ViolationError: rows reference keys that do not exist (one is named); the constraint is dropped again.
+        LockUnavailableError: a lock could not be taken within ``retry_seconds``.
+    """
+    key = foreign_key(columns, referent_table, referent_columns, on_delete=on_delete)
+    with own_session(bind) as session:
+        state, referent = read_foreign_key(session, table, fk_name(table, key, name), schema=schema, key=key)
+        assert referent is not None
+        plan = plan_add_foreign_key(state, key, referent, validate=validate)
+        advice = index_advice(session, state, key)
+        retry = lock_retry(lock_timeout, retry_seconds, sleep)
+        return apply_plan(session, plan, retry, describe_violation, () if advice is None else (advice,))
+
+
+def validate_foreign_key(
+    bind: Bind,
+    table: str,
+    name: str,
+    *,
+    schema: str | None = None,
+    lock_timeout: float = 2.0,
+    retry_seconds: float = 300.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ChangeResult:
+    """Validate the NOT VALID foreign key ``name`` of ``table``: a scan that blocks neither reads nor writes.
+    Nothing to do if it is valid. Arguments as for :func:`add_foreign_key`.
+
+    Raises:
+        ConstraintError: ``table`` has no foreign key of that name.
+        ViolationError: rows reference keys that do not exist (one is named); it stays NOT VALID.
+    """
+    with own_session(bind) as session:
+        state, _ = read_foreign_key(session, table, name, schema=schema)
+        plan = plan_validate_foreign_key(state)
+        return apply_plan(session, plan, lock_retry(lock_timeout, retry_seconds, sleep), describe_violation)
+
+
+def drop_foreign_key(
+    bind: Bind,
+    table: str,
+    name: str,
+    *,
+    schema: str | None = None,
+    lock_timeout: float = 2.0,
+    retry_seconds: float = 300.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ChangeResult:
+    """Drop the foreign key ``name`` of ``table`` if it exists, valid or not (the downgrade of
+    :func:`add_foreign_key`): ACCESS EXCLUSIVE on ``table`` for an instant, under ``lock_timeout`` with retries."""
+    with own_session(bind) as session:
+        state, _ = read_foreign_key(session, table, name, schema=schema)
+        plan = plan_drop_foreign_key(state)
+        return apply_plan(session, plan, lock_retry(lock_timeout, retry_seconds, sleep), describe_violation)

@@ -1,0 +1,466 @@
+"""CHECK constraints, foreign keys and concurrent indexes as plain functions on real PostgreSQL: NOT VALID then
+VALIDATE, idempotent from the catalog, violations named with nothing half-applied, INVALID indexes rebuilt, the
+sessions a build waits for named. Planning is also tested without a database."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+from structlog.testing import capture_logs
+from support import wait_for
+
+import backfill
+from backfill.schema import check, ddl, foreign_key, index
+from backfill.schema.constraint import ConstraintState
+from backfill.schema.notnull import ConstraintError, PsycopgSession
+
+
+def _make_orders(conn: psycopg.Connection[Any], rows: int = 2_000) -> None:
+    conn.execute("CREATE TABLE customers (id integer PRIMARY KEY, email text)")
+    conn.execute("INSERT INTO customers SELECT g, 'c' || g || '@example.com' FROM generate_series(1, 100) g")
+    conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, customer_id integer, amount integer NOT NULL)")
+    conn.execute("INSERT INTO orders SELECT g, g %% 100 + 1, g FROM generate_series(1, %s) g", (rows,))
+
+
+def _constraint(conn: psycopg.Connection[Any], name: str) -> tuple[str, bool] | None:
+    row = conn.execute("SELECT contype::text, convalidated FROM pg_constraint WHERE conname = %s", (name,)).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def _index(conn: psycopg.Connection[Any], name: str) -> tuple[bool, bool] | None:
+    row = conn.execute(
+        "SELECT indisvalid, indisunique FROM pg_index WHERE indexrelid = to_regclass(%s)", (name,)
+    ).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+# --- CHECK ---------------------------------------------------------------------------------------------------------
+
+
+def test_check_is_added_not_valid_then_validated_and_a_second_call_does_nothing(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    _make_orders(conn)
+
+    first = backfill.add_check_constraint(db_url, "orders", "orders_amount_positive", "amount > 0")
+    second = backfill.add_check_constraint(db_url, "orders", "orders_amount_positive", "amount > 0")
+
+    assert first.actions == ["add", "validate"]
+    assert second.actions == []
+    assert _constraint(conn, "orders_amount_positive") == ("c", True)
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO orders VALUES (0, 1, -5)")
+
+
+def test_check_validate_false_checks_new_rows_and_validate_finishes_it(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    _make_orders(conn)
+
+    added = backfill.add_check_constraint(db_url, "orders", "amount_positive", "amount > 0", validate=False)
+
+    assert added.actions == ["add"]
+    assert _constraint(conn, "amount_positive") == ("c", False)
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO orders VALUES (0, 1, -5)")
+    assert backfill.validate_check_constraint(db_url, "orders", "amount_positive").actions == ["validate"]
+    assert backfill.validate_check_constraint(db_url, "orders", "amount_positive").actions == []
+    assert _constraint(conn, "amount_positive") == ("c", True)
+
+
+def test_check_violated_names_a_row_by_primary_key_and_drops_what_it_added(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    _make_orders(conn)
+    conn.execute("UPDATE orders SET amount = -1 WHERE id = 1234")
+
+    with pytest.raises(backfill.ViolationError) as caught:
+        backfill.add_check_constraint(db_url, "orders", "amount_positive", "amount > 0")
+
+    assert str(caught.value) == (
+        "cannot validate CHECK constraint 'amount_positive' on public.orders, existing rows violate it: e.g. the row "
+        "with (id)=(1234); the CHECK constraint this call added was dropped again, nothing changed. Fix those rows "
+        "and run again"
+    )
+    assert _constraint(conn, "amount_positive") is None
+
+
+def test_check_validate_with_violations_keeps_the_not_valid_constraint(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    _make_orders(conn)
+    backfill.add_check_constraint(db_url, "orders", "amount_large", "amount > 10", validate=False)
+
+    with pytest.raises(backfill.ViolationError, match=r"\(id\)=\(\d+\); the CHECK constraint stays NOT VALID"):
+        backfill.validate_check_constraint(db_url, "orders", "amount_large")
+
+    assert _constraint(conn, "amount_large") == ("c", False)
+
+
+def test_check_condition_keeps_percent_signs_and_a_trailing_comment(conn: psycopg.Connection[Any], db_url: str) -> None:
+    _make_orders(conn)
+
+    backfill.add_check_constraint(db_url, "orders", "amount_even_or_big", "amount % 1 = 0 -- every integer")
+
+    assert _constraint(conn, "amount_even_or_big") == ("c", True)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda url: backfill.add_check_constraint(url, "nope", "c", "true"),
+            "table nope does not exist",
+        ),
+        (
+            lambda url: backfill.add_check_constraint(url, "orders", "orders_pkey", "true"),
+            "public.orders already has a primary key named 'orders_pkey' (PRIMARY KEY (id)), not a CHECK constraint: "
+            "choose another name",
+        ),
+        (
+            lambda url: backfill.add_check_constraint(url, "orders", "c", "   "),
+            "a CHECK constraint needs a condition: a non-empty SQL expression",
+        ),
+        (
+            lambda url: backfill.validate_check_constraint(url, "orders", "nope"),
+            "public.orders has no CHECK constraint named 'nope' to validate: add it first",
+        ),
+        (
+            lambda url: backfill.add_check_constraint(url, "orders", "c", "nope > 0"),
+            "cannot add CHECK constraint 'c' on public.orders: column \"nope\" does not exist (nothing was changed)",
+        ),
+    ],
+    ids=["table", "other-kind", "empty", "validate-missing", "bad-expression"],
+)
+def test_check_bad_input_is_one_line_and_changes_nothing(
+    conn: psycopg.Connection[Any], db_url: str, call: Any, message: str
+) -> None:
+    _make_orders(conn)
+
+    with pytest.raises(ConstraintError) as caught:
+        call(db_url)
+
+    assert str(caught.value) == message
+    assert conn.execute(
+        "SELECT count(*) FROM pg_constraint WHERE contype = 'c' AND conrelid = 'orders'::regclass"
+    ).fetchone() == (0,)
+
+
+def test_drop_check_drops_a_valid_or_not_valid_constraint_and_is_idempotent(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    _make_orders(conn)
+    backfill.add_check_constraint(db_url, "orders", "amount_positive", "amount > 0", validate=False)
+
+    assert backfill.drop_check_constraint(db_url, "orders", "amount_positive").actions == ["drop"]
+    assert backfill.drop_check_constraint(db_url, "orders", "amount_positive").actions == []
+    assert _constraint(conn, "amount_positive") is None
+
+
+# --- foreign keys --------------------------------------------------------------------------------------------------
+
+
+def test_foreign_key_is_added_not_valid_then_validated_and_advises_the_missing_index(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    _make_orders(conn)
+
+    with capture_logs() as logs:
+        first = backfill.add_foreign_key(db_url, "orders", ["customer_id"], "customers", ["id"], on_delete="cascade")
+    second = backfill.add_foreign_key(db_url, "orders", "customer_id", "customers", "id", on_delete="CASCADE")
+
+    assert first.actions == ["add", "validate"]
+    assert second.actions == []
+    assert _constraint(conn, "orders_customer_id_fkey") == ("f", True)
+    advice = (
+        "no index on public.orders (customer_id): every delete or key update on customers scans public.orders to "
+        "check foreign key 'orders_customer_id_fkey'; build one with op.add_index_concurrently('orders', "
+        "'customer_id')"
+    )
+    assert first.advice == (advice,)
+    assert [e["advice"] for e in logs if e["event"] == "foreign_key_unindexed"] == [advice]
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        conn.execute("INSERT INTO orders VALUES (0, 999, 1)")
+    conn.execute("DELETE FROM customers WHERE id = 5")
+    assert conn.execute("SELECT count(*) FROM orders WHERE customer_id = 5").fetchone() == (0,)
+
+
+def test_an_index_leading_with_the_columns_silences_the_advice(conn: psycopg.Connection[Any], db_url: str) -> None:
+    _make_orders(conn)
+    conn.execute("CREATE INDEX ON orders (customer_id, amount)")
+
+    result = backfill.add_foreign_key(db_url, "orders", "customer_id", "customers", "id", name="orders_customer")
+
+    assert result.advice == ()
+    assert _constraint(conn, "orders_customer") == ("f", True)
+
+
+def test_foreign_key_violated_names_the_missing_key_and_drops_what_it_added(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    _make_orders(conn)
+    conn.execute("UPDATE orders SET customer_id = 4242 WHERE id = 17")
+
+    with pytest.raises(backfill.ViolationError) as caught:
+        backfill.add_foreign_key(db_url, "orders", "customer_id", "customers", "id")
+
+    assert 'e.g. key (customer_id)=(4242) is not present in table "customers"' in str(caught.value)
+    assert "dropped again, nothing changed" in str(caught.value)
+    assert _constraint(conn, "orders_customer_id_fkey") is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"referent_columns": ["id", "email"]},
+            "a foreign key needs as many referent_columns as columns: ['customer_id'] -> ['id', 'email']",
+        ),
+        (
+            {"on_delete": "explode"},
+            "on_delete must be one of CASCADE, SET NULL, SET DEFAULT, RESTRICT, NO ACTION (or None), got 'explode'",
+        ),
+        ({"referent_table": "nope"}, "table nope does not exist"),
+        ({"columns": "nope"}, "column 'nope' does not exist in table public.orders"),
+        (
+            {"referent_columns": "email"},
+            "cannot add foreign key 'orders_customer_id_fkey' on public.orders: there is no unique constraint "
+            'matching given keys for referenced table "customers" (nothing was changed)',
+        ),
+    ],
+    ids=["arity", "on-delete", "referent", "column", "no-unique"],
+)
+def test_foreign_key_bad_input_is_one_line_and_changes_nothing(
+    conn: psycopg.Connection[Any], db_url: str, kwargs: dict[str, Any], message: str
+) -> None:
+    _make_orders(conn)
+    arguments = {"columns": "customer_id", "referent_table": "customers", "referent_columns": "id", **kwargs}
+
+    with pytest.raises(ConstraintError) as caught:
+        backfill.add_foreign_key(db_url, "orders", **arguments)
+
+    assert str(caught.value) == message
+    assert conn.execute("SELECT count(*) FROM pg_constraint WHERE contype = 'f'").fetchone() == (0,)
+
+
+# --- indexes -----------------------------------------------------------------------------------------------------
+
+
+def test_index_is_built_concurrently_and_a_second_call_does_nothing(conn: psycopg.Connection[Any], db_url: str) -> None:
+    _make_orders(conn)
+
+    first = backfill.add_index_concurrently(db_url, "orders", ["customer_id"], where="amount > 10")
+    second = backfill.add_index_concurrently(db_url, "orders", ["customer_id"], where="amount > 10")
+
+    assert first.actions == ["create_index"]
+    assert second.actions == []
+    assert _index(conn, "orders_customer_id_idx") == (True, False)
+    definition = conn.execute("SELECT pg_get_indexdef('orders_customer_id_idx'::regclass)").fetchone()
+    assert definition == (
+        "CREATE INDEX orders_customer_id_idx ON public.orders USING btree (customer_id) WHERE (amount > 10)",
+    )
+
+
+def test_an_invalid_index_left_by_a_failed_build_is_dropped_and_rebuilt(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    _make_orders(conn)
+    conn.execute("INSERT INTO customers VALUES (101, 'c1@example.com')")
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        conn.execute("CREATE UNIQUE INDEX CONCURRENTLY customers_email_idx ON customers (email)")
+    assert _index(conn, "customers_email_idx") == (False, True)
+    conn.execute("DELETE FROM customers WHERE id = 101")
+
+    result = backfill.add_index_concurrently(db_url, "customers", "email", unique=True)
+
+    assert result.actions == ["drop_invalid_index", "create_index"]
+    assert _index(conn, "customers_email_idx") == (True, True)
+
+
+def test_a_unique_build_on_duplicates_names_the_key_and_leaves_no_index(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    _make_orders(conn)
+    conn.execute("INSERT INTO customers VALUES (101, 'c7@example.com')")
+
+    with pytest.raises(backfill.DuplicateKeyError) as caught:
+        backfill.add_index_concurrently(db_url, "customers", ["email"], unique=True)
+
+    assert str(caught.value) == (
+        "cannot build unique index 'customers_email_idx' on public.customers, rows share a key: key "
+        "(email)=(c7@example.com) is duplicated; the INVALID index the build left was dropped again. Remove the "
+        "duplicates and run again"
+    )
+    assert caught.value.key == "Key (email)=(c7@example.com)"
+    assert _index(conn, "customers_email_idx") is None
+    conn.execute("INSERT INTO customers VALUES (102, 'c7@example.com')")  # nothing enforces it: no index is left
+
+
+def test_the_build_names_the_sessions_it_waits_for(conn: psycopg.Connection[Any], db_url: str) -> None:
+    """A transaction with an old snapshot (a report, say) holds the build back before it is marked valid: the
+    watcher names its pid, application name and age, and the build finishes once it commits."""
+    _make_orders(conn)
+    report = psycopg.connect(db_url, application_name="monthly-report")
+    report.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    report.execute("SELECT count(*) FROM customers")
+    report_pid = report.info.backend_pid
+    outcome: list[Any] = []
+
+    def build() -> None:
+        try:
+            outcome.append(backfill.add_index_concurrently(db_url, "orders", "amount", watch_interval=0.05))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with capture_logs() as logs:
+        builder = threading.Thread(target=build, daemon=True)
+        builder.start()
+        try:
+            wait_for(lambda: any(e["event"] == "index_build_waiting" for e in logs), "the build to report its wait")
+        finally:
+            report.commit()
+            report.close()
+        builder.join(60)
+
+    waiting = next(e for e in logs if e["event"] == "index_build_waiting")
+    assert waiting["index"] == "orders_amount_idx"
+    assert [(s["pid"], s["application_name"]) for s in waiting["sessions"]] == [(report_pid, "monthly-report")]
+    assert waiting["sessions"][0]["age_s"] >= 0
+    [result] = outcome
+    assert isinstance(result, backfill.ChangeResult)
+    assert [(pid, name) for pid, name, _ in result.waited_for] == [(report_pid, "monthly-report")]
+    assert _index(conn, "orders_amount_idx") == (True, False)
+
+
+def test_the_build_runs_without_the_session_timeouts_and_puts_them_back(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    """A lock_timeout (of the role, say) would cut the build's waits short and leave an INVALID index."""
+    _make_orders(conn)
+    report = psycopg.connect(db_url)
+    report.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    report.execute("SELECT 1")
+    with psycopg.connect(db_url, autocommit=True) as own:
+        own.execute("SET lock_timeout = '10ms'")
+        session = PsycopgSession(own)
+        state = index.read_index_of_table(session, "orders", "orders_amount_idx", schema=None)
+        releaser = threading.Timer(0.5, report.commit)
+        releaser.start()
+        try:
+            index.apply_index_plan(session, index.plan_add_index(state, "amount"))
+        finally:
+            releaser.join()
+            report.close()
+        after = session.fetchall(ddl.TIMEOUTS)[0]
+
+    assert after == ("10ms", "0")
+    assert _index(conn, "orders_amount_idx") == (True, False)
+
+
+def test_drop_index_concurrently_is_idempotent_and_refuses_a_constraint_index(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    _make_orders(conn)
+    conn.execute("CREATE INDEX orders_amount_idx ON orders (amount)")
+
+    assert backfill.drop_index_concurrently(db_url, "orders_amount_idx").actions == ["drop_index"]
+    assert backfill.drop_index_concurrently(db_url, "orders_amount_idx", table="orders").actions == []
+    assert _index(conn, "orders_amount_idx") is None
+    with pytest.raises(ConstraintError, match=r"backs constraint 'orders_pkey' of public.orders: drop the constraint"):
+        backfill.drop_index_concurrently(db_url, "public.orders_pkey")
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda url: backfill.add_index_concurrently(url, "orders", "amount", name="customers"),
+            "public.customers exists and is not an index",
+        ),
+        (
+            lambda url: backfill.add_index_concurrently(url, "orders", "amount", name="customers_pkey"),
+            "index public.customers_pkey already exists on table public.customers, not public.orders: choose another "
+            "name",
+        ),
+        (
+            lambda url: backfill.add_index_concurrently(url, "orders", "amount", name="orders_pkey"),
+            None,
+        ),
+        (
+            lambda url: backfill.add_index_concurrently(url, "orders", "nope"),
+            "cannot build index 'orders_nope_idx' on public.orders: column \"nope\" does not exist; no index was left "
+            "behind",
+        ),
+        (
+            lambda url: backfill.add_index_concurrently(url, "orders", []),
+            "columns must be a column name or a non-empty list of column names, got []",
+        ),
+    ],
+    ids=["a-table", "other-table", "same-name", "column", "no-columns"],
+)
+def test_index_bad_input_is_one_line(
+    conn: psycopg.Connection[Any], db_url: str, call: Any, message: str | None
+) -> None:
+    _make_orders(conn)
+
+    if message is None:
+        # A valid unique index of that name (the primary key's) is taken as this one only if uniqueness matches.
+        with pytest.raises(ConstraintError, match="exists .* but the one asked for is not unique"):
+            call(db_url)
+        return
+    with pytest.raises(ConstraintError) as caught:
+        call(db_url)
+
+    assert str(caught.value) == message
+
+
+# --- planning, without a database ----------------------------------------------------------------------------------
+
+
+def _state(kind: str | None, validated: bool) -> ConstraintState:
+    return ConstraintState("public", "orders", "c", kind, validated)
+
+
+@pytest.mark.parametrize(
+    ("kind", "validated", "validate", "actions"),
+    [
+        (None, False, True, ["add", "validate"]),
+        (None, False, False, ["add"]),
+        ("c", False, True, ["validate"]),
+        ("c", False, False, []),
+        ("c", True, True, []),
+    ],
+)
+def test_plan_add_runs_only_what_the_catalog_says_is_left(
+    kind: str | None, validated: bool, validate: bool, actions: list[str]
+) -> None:
+    plan = check.plan_add_check(_state(kind, validated), "amount > 0", validate=validate)
+
+    assert [step.action for step in plan.steps] == actions
+    assert [step.exclusive for step in plan.steps] == [action == "add" for action in actions]
+    assert plan.adds is (kind is None)
+
+
+def test_plan_drop_only_when_the_constraint_exists() -> None:
+    assert [s.action for s in check.plan_drop_check(_state("c", False)).steps] == ["drop"]
+    assert check.plan_drop_check(_state(None, False)).steps == ()
+
+
+def test_foreign_key_arguments_are_checked_before_any_connection() -> None:
+    key = foreign_key.foreign_key(["a", "b"], "app.parents", ["x", "y"], on_delete="set  null")
+
+    assert (key.referent_schema, key.referent, key.on_delete) == ("app", "parents", "SET NULL")
+    assert foreign_key.fk_name("app.children", key) == "children_a_b_fkey"
+
+
+@pytest.mark.parametrize(
+    ("exists", "valid", "actions"),
+    [(False, False, ["create_index"]), (True, False, ["drop_invalid_index", "create_index"]), (True, True, [])],
+)
+def test_plan_add_index_rebuilds_an_invalid_index(exists: bool, valid: bool, actions: list[str]) -> None:
+    state = index.IndexState("public", "orders_amount_idx", "orders", exists, valid)
+
+    assert [step.action for step in index.plan_add_index(state, ["amount"]).steps] == actions
