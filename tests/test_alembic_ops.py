@@ -51,15 +51,18 @@ def alembic_config(url: str, project: Path = EXAMPLE, *x: str) -> Config:
     )
 
 
-def make_project(tmp_path: Path, *revisions: str) -> Path:
-    """A copy of the example's environment with its own revisions: each string is the body of an upgrade()."""
+def make_project(tmp_path: Path, *revisions: str | tuple[str, str]) -> Path:
+    """A copy of the example's environment with its own revisions: each string is the body of an upgrade(), or a
+    pair of the bodies of upgrade() and downgrade()."""
     project = tmp_path / "project"
     (project / "versions").mkdir(parents=True)
     for name in ("alembic.ini", "env.py", "script.py.mako"):
         shutil.copy(EXAMPLE / name, project / name)
-    for number, body in enumerate(revisions, start=1):
+    for number, bodies in enumerate(revisions, start=1):
+        body, down_body = (bodies, "pass") if isinstance(bodies, str) else bodies
         down = f"{number - 1:04d}" if number > 1 else None
         upgrade = textwrap.indent(textwrap.dedent(body).strip(), "    ")
+        downgrade = textwrap.indent(textwrap.dedent(down_body).strip(), "    ")
         source = "\n".join(
             [
                 f'"""Revision {number}."""',
@@ -79,7 +82,7 @@ def make_project(tmp_path: Path, *revisions: str) -> Path:
                 "",
                 "",
                 "def downgrade() -> None:",
-                "    pass",
+                downgrade,
                 "",
             ]
         )

@@ -469,7 +469,7 @@ def _render_index(ctx: MigrationContext, what: str, lines: Sequence[str]) -> Non
     with _outside_transaction(ctx, what):
         for line in lines:
             if line.endswith("\\gexec"):
-                ctx.impl.static_output(line + "\n")
+                ctx.impl.static_output(line)
             else:
                 _output(ctx, line)
 
