@@ -14,6 +14,7 @@ unique build that fails on duplicates names one duplicated key.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -238,7 +239,7 @@ class BuildWatcher(threading.Thread):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(name=f"backfill-index-watch-{pid}", daemon=True)
-        self.database = database.with_application_name("backfill-index-watch")
+        self.database = dataclasses.replace(database, application_name="backfill-index-watch")
         self.pid, self.index, self.table = pid, index, table
         self.interval, self.log_every, self.clock = interval, log_every, clock
         self.finished = threading.Event()
