@@ -130,7 +130,8 @@ def test_check_condition_keeps_percent_signs_and_a_trailing_comment(conn: psycop
         ),
         (
             lambda url: backfill.add_check_constraint(url, "orders", "c", "nope > 0"),
-            "cannot add CHECK constraint 'c' on public.orders: column \"nope\" does not exist (nothing was changed)",
+            "cannot add CHECK constraint 'c' on public.orders: column \"nope\" does not exist [SQLSTATE 42703] "
+            "(nothing was changed)",
         ),
     ],
     ids=["table", "other-kind", "empty", "validate-missing", "bad-expression"],
@@ -228,7 +229,7 @@ def test_foreign_key_violated_names_the_missing_key_and_drops_what_it_added(
         (
             {"referent_columns": "email"},
             "cannot add foreign key 'orders_customer_id_fkey' on public.orders: there is no unique constraint "
-            'matching given keys for referenced table "customers" (nothing was changed)',
+            'matching given keys for referenced table "customers" [SQLSTATE 42830] (nothing was changed)',
         ),
     ],
     ids=["arity", "on-delete", "referent", "column", "no-unique"],
@@ -391,7 +392,8 @@ def test_drop_index_concurrently_is_idempotent_and_refuses_a_constraint_index(
         ),
         (
             lambda url: backfill.add_index_concurrently(url, "orders", "nope"),
-            "cannot build index 'orders_nope_idx' on public.orders: column \"nope\" does not exist; no index was left "
+            "cannot build index 'orders_nope_idx' on public.orders: column \"nope\" does not exist [SQLSTATE 42703]; "
+            "no index was left "
             "behind",
         ),
         (

@@ -17,9 +17,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 import structlog
+from psycopg import errors as pg_errors
 from psycopg import sql
 
+from backfill.errors import database_error, describe
 from backfill.schema import ddl
 from backfill.schema.notnull import (
     ConstraintError,
@@ -30,7 +33,6 @@ from backfill.schema.notnull import (
     StepResult,
     find_table,
     run_step,
-    sqlstate,
 )
 
 __all__ = [
@@ -44,14 +46,13 @@ __all__ = [
     "plan_validate",
     "plan_drop",
     "apply_plan",
-    "server_message",
     "server_detail",
 ]
 
 log = structlog.get_logger("backfill")
 
-#: check_violation, foreign_key_violation
-_VIOLATION_SQLSTATES = frozenset({"23514", "23503"})
+#: What a validating scan raises when a row breaks the constraint.
+_VIOLATIONS = (pg_errors.CheckViolation, pg_errors.ForeignKeyViolation)
 
 _KINDS = {"c": "CHECK constraint", "f": "foreign key", "p": "primary key", "u": "unique constraint", "n": "not-null"}
 
@@ -192,26 +193,11 @@ def plan_drop(state: ConstraintState, *, what: str) -> ConstraintPlan:
     )
 
 
-def server_message(exc: BaseException) -> str:
-    """The server's one-line message of a database error (also when SQLAlchemy wrapped it)."""
-    original = getattr(exc, "orig", None) or exc
-    primary = getattr(getattr(original, "diag", None), "message_primary", None)
-    if primary:
-        return str(primary)
-    lines = [line.strip() for line in str(original).splitlines() if line.strip()]
-    return lines[0] if lines else type(original).__name__
-
-
 def server_detail(exc: BaseException) -> str | None:
-    """The server's DETAIL line of a database error, e.g. ``Key (id)=(7) is duplicated.``"""
-    original = getattr(exc, "orig", None) or exc
-    detail = getattr(getattr(original, "diag", None), "message_detail", None)
-    if detail:
-        return str(detail).rstrip(".")
-    for line in str(original).splitlines():
-        if line.startswith("DETAIL:"):
-            return line.removeprefix("DETAIL:").strip().rstrip(".")
-    return None
+    """The server's DETAIL line of a database error, e.g. ``Key (id)=(7) is duplicated``."""
+    error = database_error(exc)
+    detail = error.diag.message_detail if isinstance(error, psycopg.Error) else None
+    return detail.rstrip(".") if detail else None
 
 
 def _left(done: Sequence[str], plan: ConstraintPlan) -> str:
@@ -224,12 +210,12 @@ Describe = Callable[[DDLSession, ConstraintState, BaseException], "str | None"]
 
 
 def apply_plan(
-    session: DDLSession, plan: ConstraintPlan, retry: LockRetry, describe: Describe, advice: Sequence[str] = ()
+    session: DDLSession, plan: ConstraintPlan, retry: LockRetry, example: Describe, advice: Sequence[str] = ()
 ) -> ChangeResult:
     """Run the plan's steps in order, each in its own transaction.
 
     Raises:
-        ViolationError: existing rows violate the constraint (``describe`` names one); a constraint this plan
+        ViolationError: existing rows violate the constraint (``example`` names one); a constraint this plan
             added is dropped again.
         LockUnavailableError: a step did not get its lock within the retry budget; the steps before it stay done.
         ConstraintError: PostgreSQL refused a step (its message, and what was left behind).
@@ -243,12 +229,13 @@ def apply_plan(
         except LockUnavailableError:
             raise
         except Exception as exc:
-            if step.action == "validate" and sqlstate(exc) in _VIOLATION_SQLSTATES:
-                raise _violated(session, plan, retry, describe(session, state, exc)) from None
-            if sqlstate(exc) is None:
+            error = database_error(exc)
+            if step.action == "validate" and isinstance(error, _VIOLATIONS):
+                raise _violated(session, plan, retry, example(session, state, exc)) from None
+            if not isinstance(error, psycopg.Error):
                 raise
             raise ConstraintError(
-                f"cannot {step.action} {plan.what} {state.name!r} on {state.qualified}: {server_message(exc)} "
+                f"cannot {step.action} {plan.what} {state.name!r} on {state.qualified}: {describe(exc)} "
                 f"({_left([r.action for r in results], plan)})"
             ) from None
         result = StepResult(step.action, ddl.render(step.statement), attempts, time.monotonic() - started)

@@ -25,10 +25,11 @@ import psycopg
 import structlog
 from psycopg import sql
 
+from backfill.errors import database_error, describe
 from backfill.pg.connect import Bind, Database
 from backfill.schema import ddl
-from backfill.schema.constraint import ChangeResult, server_detail, server_message
-from backfill.schema.notnull import ConstraintError, DDLSession, Step, StepResult, find_table, own_session, sqlstate
+from backfill.schema.constraint import ChangeResult, server_detail
+from backfill.schema.notnull import ConstraintError, DDLSession, Step, StepResult, find_table, own_session
 
 __all__ = [
     "DuplicateKeyError",
@@ -49,7 +50,6 @@ __all__ = [
 
 log = structlog.get_logger("backfill")
 
-_UNIQUE_VIOLATION = "23505"
 _INDEX_KINDS = ("i", "I")
 
 
@@ -301,8 +301,7 @@ def _cleanup_after_failure(session: DDLSession, state: IndexState) -> str:
         session.execute(ddl.drop_index_concurrently(state.index))
     except Exception as exc:
         return (
-            f"an INVALID index {state.name!r} may be left behind ({server_message(exc)}); the next run drops and "
-            "rebuilds it"
+            f"an INVALID index {state.name!r} may be left behind ({describe(exc)}); the next run drops and rebuilds it"
         )
     return "the INVALID index the build left was dropped again"
 
@@ -310,9 +309,9 @@ def _cleanup_after_failure(session: DDLSession, state: IndexState) -> str:
 def _failed(session: DDLSession, state: IndexState, step: Step, exc: BaseException) -> ConstraintError:
     where = f"index {state.name!r} on {state.qualified_table}"
     if step.action != "create_index":
-        return ConstraintError(f"cannot drop {where}: {server_message(exc)}; nothing was changed, run again")
+        return ConstraintError(f"cannot drop {where}: {describe(exc)}; nothing was changed, run again")
     left = _cleanup_after_failure(session, state)
-    if sqlstate(exc) == _UNIQUE_VIOLATION:
+    if isinstance(database_error(exc), psycopg.errors.UniqueViolation):
         detail = server_detail(exc)
         key = detail.removesuffix(" is duplicated") if detail else None
         shown = f": {key[0].lower()}{key[1:]} is duplicated" if key else ""
@@ -322,7 +321,7 @@ def _failed(session: DDLSession, state: IndexState, step: Step, exc: BaseExcepti
             index=state.name,
             key=key,
         )
-    return ConstraintError(f"cannot build {where}: {server_message(exc)}; {left}")
+    return ConstraintError(f"cannot build {where}: {describe(exc)}; {left}")
 
 
 def apply_index_plan(
@@ -356,7 +355,7 @@ def apply_index_plan(
             try:
                 session.execute(step.statement)
             except Exception as exc:
-                if sqlstate(exc) is None:
+                if not isinstance(database_error(exc), psycopg.Error):
                     raise
                 raise _failed(session, state, step, exc) from None
             result = StepResult(step.action, ddl.render(step.statement), 1, time.monotonic() - started)
