@@ -26,6 +26,7 @@ __all__ = [
     "describe",
     "UntrustedControlTablesError",
     "UnknownRoleError",
+    "PoolerError",
 ]
 
 
@@ -146,3 +147,8 @@ class UntrustedControlTablesError(BackfillError):
 
 class UnknownRoleError(BackfillError):
     """Raised when ``init --grant`` names a role that does not exist."""
+
+
+class PoolerError(BackfillError):
+    """Raised when a slice's claim is not held by the server session the runner's connection runs on, as behind a
+    connection pooler in transaction mode: claims and session settings would not survive there."""

@@ -199,7 +199,8 @@ class Executor:
                 self._step("release", lambda: self.store.release(record.id, piece.slice, self.owner))
             if ended is not None:
                 return self._report(ctx, *ended)
-        held_elsewhere = any(not piece.done for piece in self._step("slices", lambda: self.store.slices(record.id)))
+        left = [piece for piece in self._step("slices", lambda: self.store.slices(record.id)) if not piece.done]
+        held_elsewhere = bool(left)
         if not held_elsewhere:
             self._step("finish", lambda: self.store.finish_if_done(record.id))
         state = self._step("get", lambda: self.store.get(self.name)).state
@@ -207,7 +208,9 @@ class Executor:
             return self._report(ctx, RunOutcome.FINISHED, state)
         if held_elsewhere:
             outcome = RunOutcome.BUSY if ctx.batches == 0 else RunOutcome.WORK_LEFT
-            return self._report(ctx, outcome, state, reason="other runners hold the remaining slices")
+            holders = "; ".join(f"slice {piece.slice}: {piece.holder}" for piece in left if piece.holder)
+            reason = "other runners hold the remaining slices" + (f" ({holders})" if holders else "")
+            return self._report(ctx, outcome, state, reason=reason)
         return self._report(ctx, RunOutcome.WORK_LEFT, state)
 
     def _step(self, step: str, work: Callable[[], T]) -> T:

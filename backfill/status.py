@@ -116,6 +116,7 @@ class BackfillStatus:
                     "rows_updated": piece.rows_updated,
                     "batches": piece.batches,
                     "owner": piece.owner,
+                    "holder": piece.holder,
                 }
                 for piece in self.slices
             ],

@@ -45,6 +45,7 @@ class SliceRecord:
     batches: int
     owner: str | None
     heartbeat_at: dt.datetime | None
+    holder: str | None = None  #: the live session holding its claim: "pid N, role R, application A"
 
 
 @dataclass(frozen=True)

@@ -547,8 +547,9 @@ def _status_row(status: BackfillStatus) -> list[str]:
 
 
 def _slice_lines(status: BackfillStatus) -> list[str]:
-    """One indented line per slice of a split backfill: its range, where it stands, its counters, who works it."""
-    if len(status.slices) < 2:
+    """One indented line per slice of a split backfill (or of one whose claim is held): its range, where it stands,
+    its counters, who works it and which session holds it."""
+    if len(status.slices) < 2 and not any(piece.holder for piece in status.slices):
         return []
     columns = status.record.spec.key or ("key",)
     name = columns[0] if len(columns) == 1 else "(" + ", ".join(columns) + ")"
@@ -561,6 +562,7 @@ def _slice_lines(status: BackfillStatus) -> list[str]:
         rows.append([
             f"slice {piece.slice}", f"{lower}{name} <= {_key(piece.upper_bound)}", where,
             f"{piece.rows_updated:,} rows", f"{piece.batches:,} batches", f"owner {owner}" if owner else "",
+            f"held by {piece.holder}" if piece.holder else "",
         ])  # fmt: skip
     return ["  " + line for line in _align(rows, right={3, 4})]
 

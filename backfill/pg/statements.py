@@ -262,6 +262,9 @@ class ControlTables:
                  owner text,
                  heartbeat_at timestamptz,
                  updated_at timestamptz NOT NULL DEFAULT now(),
+                 claim_pid integer,
+                 claim_role oid,
+                 claim_started timestamptz,
                  PRIMARY KEY (backfill_id, slice))""",
             "INSERT INTO {m} (version) VALUES ({version}) ON CONFLICT DO NOTHING",
             "REVOKE ALL ON {m}, {b}, {s} FROM PUBLIC",
@@ -398,10 +401,16 @@ class ControlTables:
         ).format(self.slices)
 
     def select_slices(self) -> sql.Composed:
+        """(backfill_id): every slice, with who holds its claim (pid, role, application) if that session lives."""
         return sql.SQL(
-            """SELECT slice, lower_bound, upper_bound, checkpoint, done, rows_updated, batches, owner, heartbeat_at
-                 FROM {} WHERE backfill_id = %s ORDER BY slice"""
-        ).format(self.slices)
+            """SELECT s.slice, s.lower_bound, s.upper_bound, s.checkpoint, s.done, s.rows_updated, s.batches,
+                      s.owner, s.heartbeat_at,
+                      (SELECT pg_catalog.format('pid %%s, role %%s, application %%s', a.pid, r.rolname,
+                                                coalesce(nullif(a.application_name, ''), '-'))
+                         FROM pg_catalog.pg_stat_activity a LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.usesysid
+                        WHERE {holder}) AS holder
+                 FROM {s} s WHERE s.backfill_id = %s ORDER BY s.slice"""
+        ).format(s=self.slices, holder=_HOLDER)
 
     def slice_totals(self) -> sql.Composed:
         """Per backfill id: rows updated, batches, and the freshest heartbeat, summed over its slices."""
@@ -414,9 +423,11 @@ class ControlTables:
     def lock_slice(self) -> sql.Composed:
         """(backfill_id, slice): the batch's first statement. The row lock serialises any two runners that ever
         reach the same slice, and the checkpoint is read under it, so a batch always starts where the last
-        committed one ended, whatever the runner believes."""
+        committed one ended, whatever the runner believes. The last column says whether this backend holds the
+        slice's claim."""
         return sql.SQL(
-            """SELECT b.state, s.checkpoint, s.upper_bound, s.done
+            """SELECT b.state, s.checkpoint, s.upper_bound, s.done,
+                      s.claim_pid IS NOT DISTINCT FROM pg_catalog.pg_backend_pid() AS mine
                  FROM {s} s JOIN {b} b ON b.id = s.backfill_id
                 WHERE s.backfill_id = %s AND s.slice = %s
                   FOR UPDATE OF s"""
@@ -471,22 +482,49 @@ class ControlTables:
             "UPDATE {} SET upper_bound = %s, updated_at = now() WHERE backfill_id = %s AND slice = %s"
         ).format(self.slices)
 
+    def claim(self) -> sql.Composed:
+        """(backfill_id, slice): claim the slice for this session unless a live session holds it; one row if it
+        did. Only roles that may UPDATE the slices can claim, and a claim counts only while the session that made
+        it lives (its pid, role and start time in ``pg_stat_activity``), so it dies with a crashed runner's
+        connection, and no other role can hold it. (Advisory locks could be taken by any role that can connect.)
+        SKIP LOCKED: a slice whose row a batch or a split holds is busy, not worth waiting for."""
+        return sql.SQL(
+            """WITH me AS (SELECT a.pid, a.usesysid, a.backend_start FROM pg_catalog.pg_stat_activity a
+                             WHERE a.pid = pg_catalog.pg_backend_pid()),
+                    free AS (SELECT s.backfill_id, s.slice FROM {s} s
+                              WHERE s.backfill_id = %s AND s.slice = %s
+                                AND (s.claim_pid IS NULL OR s.claim_pid = pg_catalog.pg_backend_pid()
+                                     OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE {holder}))
+                                FOR UPDATE OF s SKIP LOCKED)
+               UPDATE {s} s SET claim_pid = me.pid, claim_role = me.usesysid, claim_started = me.backend_start
+                 FROM free, me
+                WHERE s.backfill_id = free.backfill_id AND s.slice = free.slice
+               RETURNING s.claim_pid"""
+        ).format(s=self.slices, holder=_HOLDER)
+
+    def claim_is_mine(self) -> sql.Composed:
+        """(backfill_id, slice): whether this statement's backend holds the slice's claim."""
+        return sql.SQL(
+            "SELECT claim_pid IS NOT DISTINCT FROM pg_catalog.pg_backend_pid() FROM {} "
+            "WHERE backfill_id = %s AND slice = %s"
+        ).format(self.slices)
+
     def release_slice(self) -> sql.Composed:
-        return sql.SQL("UPDATE {} SET owner = NULL WHERE backfill_id = %s AND slice = %s AND owner = %s").format(
-            self.slices
-        )
+        """(owner, backfill_id, slice): give up this session's claim (and the owner name, if it is ours)."""
+        return sql.SQL(
+            """UPDATE {} SET owner = CASE WHEN owner = %s THEN NULL ELSE owner END,
+                      claim_pid = NULL, claim_role = NULL, claim_started = NULL
+                WHERE backfill_id = %s AND slice = %s AND claim_pid = pg_catalog.pg_backend_pid()"""
+        ).format(self.slices)
 
-    def try_lock(self) -> sql.Composed:
-        """(backfill_id, slice): a session advisory lock per slice. It dies with the runner's connection, so a
-        runner whose process died never blocks the backfill; a live one keeps others out."""
-        return sql.SQL("SELECT pg_try_advisory_lock(hashtextextended({} || %s::text || ':' || %s::text, 0))").format(
-            sql.Literal(f"backfill:{self.schema}:")
-        )
 
-    def unlock(self) -> sql.Composed:
-        return sql.SQL("SELECT pg_advisory_unlock(hashtextextended({} || %s::text || ':' || %s::text, 0))").format(
-            sql.Literal(f"backfill:{self.schema}:")
-        )
+#: The session that made a slice's claim (``s``), as a condition on ``pg_stat_activity a``: same pid and role, and
+#: the same start time where we may see it (another role's start time is hidden without pg_read_all_stats), so a
+#: recycled pid does not inherit a dead runner's claim.
+_HOLDER = sql.SQL(
+    "a.pid = s.claim_pid AND a.usesysid = s.claim_role "
+    "AND (a.backend_start IS NULL OR a.backend_start = s.claim_started)"
+)
 
 
 SET_TIMEOUTS = sql.SQL("SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)")

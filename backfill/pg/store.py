@@ -22,6 +22,7 @@ from psycopg.types.json import Jsonb
 
 from backfill.errors import (
     ControlTablesMissingError,
+    PoolerError,
     SpecMismatchError,
     StateTransitionError,
     UnknownBackfillError,
@@ -48,6 +49,11 @@ __all__ = ["PostgresStore"]
 
 #: Tries of a first-time ``init`` that lost a race on the catalog to another one.
 _INIT_ATTEMPTS = 3
+_POOLER = (
+    "the claim on slice {slice} belongs to another server session than the one this connection now runs on: a "
+    "connection pooler in transaction mode (e.g. PgBouncer pool_mode=transaction) sits between backfill and "
+    "PostgreSQL; connect backfill directly or through a session-mode pool"
+)
 _TRUST_RULE = (
     "backfill only uses control tables owned by you, a superuser, or a member of the database owner or of your "
     "role, with no triggers, rules, row-level security or PUBLIC grants"
@@ -83,6 +89,7 @@ class _LockedSlice:
     done: bool
     state: str | None = None
     lower_bound: Key | None = None
+    mine: bool = True  #: whether this session holds the slice's claim (``lock_slice``)
 
 
 def _ms(seconds: float) -> str:
@@ -99,8 +106,8 @@ def _batch_statements(target: Target, has_lower: bool) -> tuple[pgsql.Composed, 
 class PostgresStore:
     """The control tables in one schema, reached through one connection of the runner's own.
 
-    The connection is opened lazily, reopened after it breaks, and holds the advisory locks of the slices this
-    runner claimed (re-taken after a reconnect, or :class:`LockLostError`).
+    The connection is opened lazily, reopened after it breaks, and its session holds the claims of the slices this
+    runner works (re-taken after a reconnect, or :class:`LockLostError`).
     """
 
     def __init__(self, database: Database, schema: str = "public") -> None:
@@ -318,11 +325,21 @@ class PostgresStore:
 
     def _lock(self, backfill_id: int, slice: int) -> bool:
         assert self._conn is not None
-        row = self._conn.execute(self.tables.try_lock(), (backfill_id, slice)).fetchone()
-        return bool(row and row[0])
+        if self._conn.execute(self.tables.claim(), (backfill_id, slice)).fetchone() is None:
+            return False
+        # A claim is only as good as the session it names. Behind a pooler in transaction mode the next
+        # statement may run on another server session: the claim would then guard nothing.
+        mine = self._conn.execute(self.tables.claim_is_mine(), (backfill_id, slice)).fetchone()
+        if not mine or not mine[0]:
+            raise PoolerError(_POOLER.format(slice=slice))
+        return True
 
     def try_claim(self, backfill_id: int, slice: int) -> bool:
-        """Take the slice's advisory lock on this store's connection; False if another live runner holds it."""
+        """Claim the slice for this store's session; False if another live runner's session holds it.
+
+        Raises:
+            PoolerError: the claim is not visible as this session's own right after it was made.
+        """
         self.conn  # noqa: B018 -- connects (and re-takes existing claims) first
         if not self._lock(backfill_id, slice):
             return False
@@ -335,8 +352,7 @@ class PostgresStore:
         self._claims.discard((backfill_id, slice))
         if self._conn is None or self._conn.closed or self._conn.broken:
             return
-        self._conn.execute(self.tables.release_slice(), (backfill_id, slice, owner))
-        self._conn.execute(self.tables.unlock(), (backfill_id, slice))
+        self._conn.execute(self.tables.release_slice(), (owner, backfill_id, slice))
 
     def start(self, record: BackfillRecord, plan: Plan | None) -> list[SliceRecord]:
         """Fix the key range on the first start (one slice up to the current largest key) and mark the backfill
@@ -419,6 +435,10 @@ class PostgresStore:
                 found = _fetch(conn, _LockedSlice, tables.lock_slice(), (request.backfill_id, request.slice)).fetchone()
                 assert found is not None and found.state is not None, "slice vanished"
                 state, checkpoint, upper, done = RunState(found.state), found.checkpoint, found.upper_bound, found.done
+                if not found.mine and (request.backfill_id, request.slice) in self._claims:
+                    # This connection claimed the slice, yet the claim names another session: the server session
+                    # under the connection changed between two transactions.
+                    raise PoolerError(_POOLER.format(slice=request.slice))
                 if state is not RunState.RUNNING or done:
                     return BatchResult(state=state, applied=False, slice_done=done)
                 lookahead, update = _batch_statements(plan.target, checkpoint is not None)
