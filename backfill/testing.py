@@ -1,7 +1,7 @@
 """An in-memory store, so the executor's real loop can be unit-tested without a database.
 
 :class:`MemoryDatabase` plays the database: a "table" of integer keys with a counter per row, the control tables
-(backfills and their slices) and the advisory locks. :class:`InMemoryStore` plays one runner's connection to it,
+(backfills and their slices) and the slice claims. :class:`InMemoryStore` plays one runner's connection to it,
 with the same protocol and semantics as :class:`~backfill.pg.store.PostgresStore` (``tests/test_store_contract.py``
 runs one set of tests against both): a slice is claimed by one store at a time, a batch moves the checkpoint and the
 rows together or not at all, a lost connection loses the claims it held. Several stores over one database are several

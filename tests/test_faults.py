@@ -139,7 +139,7 @@ def test_sigkill_at_random_instants_then_resume_applies_every_row_once(db_url: s
         else:
             assert child.returncode == 0, stderr.decode()
 
-    # The last run resumes from the checkpoint. The killed runner's session (and its advisory lock) may take a
+    # The last run resumes from the checkpoint. The killed runner's session (and so its claim) may take a
     # moment to go away: until then this run politely reports the backfill busy.
     final = poll(
         lambda: (r := backfill.run_backfill(db_url, "inc")).outcome is not RunOutcome.BUSY and r,

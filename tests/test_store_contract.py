@@ -96,7 +96,7 @@ def postgres_bed(conn: psycopg.Connection[Any], db_url: str) -> Iterator[MakeBed
         assert isinstance(store, PostgresStore)
         pid = store.conn.info.backend_pid
         conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        # The advisory locks are gone once the backend has exited.
+        # The claims are gone once the backend has exited.
         wait_for(
             lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() == (0,),
             "the runner's backend to exit",
