@@ -264,3 +264,23 @@ def test_library_logs_at_debug_and_statuses_keep_the_password(app_db: dict[str, 
     assert logs
     statuses = backfill.backfill_status(url)
     _assert_no_password(json.dumps(logs, default=repr) + repr(statuses) + repr([s.to_json() for s in statuses]))
+
+
+def test_alembic_messages_name_the_database_without_its_password(app_db: dict[str, Any]) -> None:
+    from alembic.operations import Operations
+    from alembic.runtime.migration import MigrationContext
+
+    import backfill.alembic  # noqa: F401 -- registers the ops
+    from backfill.alembic import BackfillNotFinishedError
+
+    engine = sa.create_engine(_url(app_db, "psycopg"), poolclass=sa.pool.NullPool)
+    with engine.connect() as connection:
+        op = Operations(MigrationContext.configure(connection))
+        with pytest.raises(BackfillNotFinishedError) as unknown:
+            op.ensure_backfill_finished("nope")
+        backfill.register_backfill(engine, SPEC)
+        with pytest.raises(BackfillNotFinishedError) as pending:
+            op.ensure_backfill_finished("fill_n", finish=False)
+    for raised in (unknown, pending):
+        assert f"postgresql://app:***@127.0.0.1:{app_db['port']}/appdb" in str(raised.value)
+        _assert_no_password(str(raised.value))
