@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import structlog
 
-from backfill.errors import SpecError
+from backfill.errors import PlanError, SpecError
 from backfill.executor import Executor, RunReport
 from backfill.parallel import run_parallel
 from backfill.pg.catalog import resolve
@@ -17,11 +19,12 @@ from backfill.pg.connect import Bind, Database
 from backfill.pg.health import PostgresHealth
 from backfill.pg.preview import BatchPreview, preview_next_batch
 from backfill.pg.store import PostgresStore
+from backfill.pg.walk import check_walk
 from backfill.plan import Plan
 from backfill.retrying import Timing
 from backfill.settings import RunSettings
 from backfill.spec import BackfillSpec
-from backfill.state import OperatorAction
+from backfill.state import OperatorAction, RunOutcome, RunState
 from backfill.status import BackfillStatus
 from backfill.store import BackfillRecord, RunnerStore, SliceRecord
 
@@ -29,6 +32,8 @@ __all__ = [
     "init_control_tables",
     "register_backfill",
     "run_backfill",
+    "run_backfills",
+    "RunAllReport",
     "get_backfill",
     "get_slices",
     "list_backfills",
@@ -151,9 +156,7 @@ def run_backfill(
         PlanError, SpecMismatchError, UnknownBackfillError, ConnectError: before any batch runs.
         SpecError: ``workers`` or ``slices`` is not a positive integer.
     """
-    for label, count in (("workers", workers), ("slices", slices if slices is not None else 1)):
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise SpecError(f"{label} must be a positive integer, got {count!r}")
+    _check_counts(workers, slices)
     settings = settings or RunSettings()
     database = Database.from_bind(bind, settings.application_name)
     with PostgresStore(database, control_schema) as store:
@@ -168,28 +171,176 @@ def run_backfill(
             name = backfill
             record = step("get", lambda: store.get(name))
             plan = step("resolve", lambda: resolve(store.conn, record.spec))
-        parts = max(workers, slices or 1)
-        if parts > 1 and record.state.runnable:
+        run = _Run(database, control_schema, settings, workers, slices, should_stop, step)
+        return run(store, record, plan, max_runtime, max_batches)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """How one process runs resolved backfills: shared by :func:`run_backfill` and :func:`run_backfills`."""
+
+    database: Database
+    control_schema: str
+    settings: RunSettings
+    workers: int
+    slices: int | None
+    should_stop: Callable[[], bool] | None
+    step: Callable[[str, Callable[[], Any]], Any]
+
+    def __call__(
+        self,
+        store: PostgresStore,
+        record: BackfillRecord,
+        plan: Plan | None,
+        max_runtime: float | None,
+        max_batches: int | None,
+    ) -> RunReport:
+        parts = max(self.workers, self.slices or 1)
+        if plan is not None and parts > 1 and record.state.runnable:
             # Split once, before any worker starts, so no worker finds the whole range claimed by the splitter.
-            step("start", lambda: store.start(record, plan))
-            step("split", lambda: store.split(plan, record.id, parts))
-        if workers == 1:
+            self.step("start", lambda: store.start(record, plan))
+            self.step("split", lambda: store.split(plan, record.id, parts))
+        if self.workers == 1 or plan is None:
             executor = Executor(
-                store, plan, record.name, settings, should_stop=should_stop, health=_health(store, plan)
+                store,
+                plan,
+                record.name,
+                self.settings,
+                should_stop=self.should_stop,
+                health=_health(store, plan) if plan is not None else None,
+                check_walk=_walk_checker(store, plan),
             )
             return executor.run(max_runtime=max_runtime, max_batches=max_batches)
-    return run_parallel(
-        lambda: PostgresStore(database, control_schema),
-        plan,
-        record.name,
-        settings,
-        workers=workers,
-        max_runtime=max_runtime,
-        max_batches=max_batches,
-        should_stop=should_stop,
-        clock=time.monotonic,
-        health_for=lambda store: _health(store, plan),
-    )
+        resolved = plan
+        return run_parallel(
+            lambda: PostgresStore(self.database, self.control_schema),
+            resolved,
+            record.name,
+            self.settings,
+            workers=self.workers,
+            max_runtime=max_runtime,
+            max_batches=max_batches,
+            should_stop=self.should_stop,
+            clock=time.monotonic,
+            health_for=lambda worker: _health(worker, resolved),
+            check_walk_for=lambda worker: _walk_checker(worker, resolved),
+        )
+
+
+@dataclass(frozen=True)
+class RunAllReport:
+    """What :func:`run_backfills` did: one report per backfill it ran, in order, and the ones it did not reach."""
+
+    reports: tuple[RunReport, ...]
+    #: backfills not started: the time or batch budget was spent, or a stop was requested, before their turn
+    not_run: tuple[str, ...] = ()
+    #: the backfill whose running batch a KeyboardInterrupt (a second signal) rolled back, if any
+    aborted: str | None = None
+
+
+def run_backfills(
+    bind: Bind,
+    names: Sequence[str] | None = None,
+    *,
+    max_runtime: float | None = None,
+    max_batches: int | None = None,
+    settings: RunSettings | None = None,
+    workers: int = 1,
+    slices: int | None = None,
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
+    should_stop: Callable[[], bool] | None = None,
+    on_start: Callable[[BackfillRecord, Plan | None], None] | None = None,
+) -> RunAllReport:
+    """Run registered backfills one after another under one time and batch budget (what ``backfill run`` does).
+
+    A backfill that is broken (its table or a column was dropped, its index no longer serves the walk: its spec
+    no longer resolves) is marked failed with the error stored, and the others still run. All of it runs on one
+    connection (plus one per extra worker).
+
+    Args:
+        bind: the database.
+        names: the backfills to run, in this order; None runs every pending or running backfill, oldest first.
+        max_runtime: seconds after which no new batch starts, over all the backfills.
+        max_batches: batches after which the whole run stops.
+        settings, workers, slices, control_schema, should_stop: as for :func:`run_backfill`.
+        on_start: called with each backfill's record and plan (None when it is not runnable) before it runs.
+
+    Returns:
+        A :class:`RunAllReport`. A ``KeyboardInterrupt`` (a second signal) aborts the running batch, which rolls
+        back; the report names that backfill as ``aborted`` and the rest as not run.
+
+    Raises:
+        UnknownBackfillError: a named backfill does not exist (checked before any runs).
+        ControlTablesMissingError, ConnectError: no control tables, or the database cannot be reached.
+        SpecError: ``workers`` or ``slices`` is not a positive integer.
+    """
+    _check_counts(workers, slices)
+    settings = settings or RunSettings()
+    database = Database.from_bind(bind, settings.application_name)
+    clock = time.monotonic
+    started = clock()
+    reports: list[RunReport] = []
+    not_run: list[str] = []
+    with PostgresStore(database, control_schema) as store:
+        store.conn  # noqa: B018 -- the first connection is not retried: a wrong URL or a server down fails now
+        step = _stepper(settings)
+        if names is None:
+            todo = [record.name for record in step("list", store.list_all) if record.state.runnable]
+        else:
+            todo = [step("get", functools.partial(store.get, name)).name for name in dict.fromkeys(names)]
+        run = _Run(database, control_schema, settings, workers, slices, should_stop, step)
+        for index, name in enumerate(todo):
+            time_left = None if max_runtime is None else max_runtime - (clock() - started)
+            batches_left = None if max_batches is None else max_batches - sum(r.batches for r in reports)
+            stop = should_stop is not None and should_stop()
+            if stop or (time_left is not None and time_left <= 0) or batches_left == 0:
+                not_run.append(name)
+                continue
+            try:
+                reports.append(_run_by_name(store, run, name, time_left, batches_left, on_start))
+            except KeyboardInterrupt:
+                # The second signal: psycopg has cancelled the running statement and the batch's transaction
+                # rolled back, so the checkpoint still matches the data.
+                log.warning("run_aborted", backfill=name, detail="second signal: the running batch was rolled back")
+                return RunAllReport(tuple(reports), (*not_run, *todo[index + 1 :]), name)
+    return RunAllReport(tuple(reports), tuple(not_run))
+
+
+def _run_by_name(
+    store: PostgresStore,
+    run: _Run,
+    name: str,
+    max_runtime: float | None,
+    max_batches: int | None,
+    on_start: Callable[[BackfillRecord, Plan | None], None] | None,
+) -> RunReport:
+    record: BackfillRecord = run.step("get", functools.partial(store.get, name))
+    plan: Plan | None = None
+    if record.state.runnable:
+        try:
+            plan = run.step("resolve", lambda: resolve(store.conn, record.spec))
+        except PlanError as exc:
+            # This backfill no longer fits its table: it fails, with the reason stored for `status`; the others go on.
+            message = str(exc)
+            run.step("fail", lambda: store.fail(record.id, message))
+            log.error("backfill_failed", backfill=name, error=message, checkpoint_kept=True)
+            return RunReport(name, RunOutcome.FAILED, RunState.FAILED, error=message)
+    if on_start is not None:
+        on_start(record, plan)
+    return run(store, record, plan, max_runtime, max_batches)
+
+
+def _check_counts(workers: int, slices: int | None) -> None:
+    for label, count in (("workers", workers), ("slices", slices if slices is not None else 1)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise SpecError(f"{label} must be a positive integer, got {count!r}")
+
+
+def _walk_checker(store: RunnerStore, plan: Plan | None) -> Callable[[], None] | None:
+    if not isinstance(store, PostgresStore) or plan is None:
+        return None
+    postgres, target = store, plan.target
+    return lambda: check_walk(postgres.conn, target)
 
 
 def _stepper(settings: RunSettings) -> Callable[[str, Callable[[], T]], T]:

@@ -43,6 +43,10 @@ T = TypeVar("T")
 
 #: Waits and retry backoffs are slept in steps this long, so a stop request or a pause cuts them short.
 _WAIT_STEP = 0.5
+#: A batch this many times slower per row than the usual pace, and at least this long, has the walk checked.
+_SLOWDOWN = 4.0
+_SLOW_BATCH_SECONDS = 0.005
+_PACE_SMOOTHING = 0.3
 
 
 class BackfillFailedError(BackfillError):
@@ -111,6 +115,9 @@ class Executor:
         clock, sleep: injected time.
         random: the random source of the retry jitter (a float in [0, 1) per call).
         should_stop: polled between batches and during waits; True ends the run after the current batch.
+        check_walk: asks the database whether an index still serves the batches' walk, raising
+            :class:`~backfill.errors.PlanError` if not; called when batches slow down sharply (a dropped index turns
+            every batch into a scan of the whole table), so the run stops instead of scanning it thousands of times.
         health: the database probes the throttles read (the caller hands in ``backfill.pg.health.PostgresHealth``);
             without any (an in-memory store), only the time-based throttles apply.
     """
@@ -128,6 +135,7 @@ class Executor:
         random: Callable[[], float] = _random.random,
         should_stop: Callable[[], bool] | None = None,
         health: HealthProbes | None = None,
+        check_walk: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.plan = plan
@@ -141,6 +149,9 @@ class Executor:
         self._timing = Timing(clock, self._retry_sleep, random)
         self.should_stop = should_stop or (lambda: False)
         self.health = health
+        self.check_walk = check_walk
+        #: smoothed seconds per row of key range of recent batches, what a sharp slowdown is measured against
+        self._usual_pace: float | None = None
         spec_batch_size = plan.spec.batch_size if plan is not None else None
         self._backfill_id: int | None = None
         self.throttle, self.sizer, self.retry = self.settings.policies(
@@ -283,6 +294,29 @@ class Executor:
                 return RunOutcome.FINISHED, RunState.SUCCEEDED, None
             if result.slice_done:
                 return None
+            walk_error = self._watch_pace(ctx)
+            if walk_error is not None:
+                return self._fail(backfill_id, walk_error)
+
+    def _watch_pace(self, ctx: RunContext) -> str | None:
+        """After a batch much slower per row than the ones before, ask whether an index still serves the walk;
+        the error to fail with if not. A slowdown with a sound plan becomes the new usual pace."""
+        if self.check_walk is None or not ctx.last_batch_seconds or ctx.last_batch_size <= 0:
+            return None
+        pace = ctx.last_batch_seconds / ctx.last_batch_size
+        usual = self._usual_pace
+        if usual is None or pace <= _SLOWDOWN * usual or ctx.last_batch_seconds < _SLOW_BATCH_SECONDS:
+            self._usual_pace = pace if usual is None else _PACE_SMOOTHING * pace + (1 - _PACE_SMOOTHING) * usual
+            return None
+        self.log.info("walk_check", reason="batches slowed down", times_slower=round(pace / usual, 1))
+        try:
+            self.check_walk()
+        except BackfillError as exc:
+            return str(exc)
+        except Exception as exc:  # the check could not run (e.g. the connection dropped): the batches go on
+            self.log.warning("walk_check_failed", error=describe(exc), action="batch goes on")
+        self._usual_pace = pace
+        return None
 
     def _fail(self, backfill_id: int, message: str) -> tuple[RunOutcome, RunState, str | None]:
         self._step("fail", lambda: self.store.fail(backfill_id, message))

@@ -68,10 +68,12 @@ def run_parallel(
     should_stop: Callable[[], bool] | None = None,
     clock: Callable[[], float],
     health_for: Callable[[RunnerStore], HealthProbes | None] = lambda store: None,
+    check_walk_for: Callable[[RunnerStore], Callable[[], None] | None] = lambda store: None,
 ) -> RunReport:
     """Run ``workers`` executors on backfill ``name`` until none finds a slice to work on.
 
-    Each worker gets a store of its own from ``make_store`` and the health probes ``health_for`` gives for it.
+    Each worker gets a store of its own from ``make_store``, and the health probes and walk check (see
+    :class:`Executor`) ``health_for`` and ``check_walk_for`` give for it.
     ``max_batches`` is shared out between the workers. A ``KeyboardInterrupt`` in the calling thread (a second
     signal) cancels every worker's running statement, so their batches roll back, and is raised again.
     """
@@ -88,7 +90,15 @@ def run_parallel(
     def work(index: int) -> None:
         try:
             store = stores[index]
-            executor = Executor(store, plan, name, settings, should_stop=stop, health=health_for(store))
+            executor = Executor(
+                store,
+                plan,
+                name,
+                settings,
+                should_stop=stop,
+                health=health_for(store),
+                check_walk=check_walk_for(store),
+            )
             reports[index] = executor.run(max_runtime=max_runtime, max_batches=per_worker)
         except BaseException as exc:  # re-raised in the calling thread below
             errors.append(exc)

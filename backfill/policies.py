@@ -304,6 +304,8 @@ class ReplicaLag(ProbingThrottle):
     Args:
         probe: reads the lag (``pg_stat_replication`` on the primary).
         max_bytes, max_seconds: thresholds; None ignores that measure.
+        every, poll: see :class:`ProbingThrottle`. The interval adapts: while the lag is above ``near`` times a
+            threshold it is probed before every batch; each reading far below doubles the interval up to ``every``.
     """
 
     def __init__(
@@ -314,12 +316,40 @@ class ReplicaLag(ProbingThrottle):
         max_seconds: float | None = None,
         every: float = 1.0,
         poll: float = 1.0,
+        near: float = 0.25,
     ) -> None:
         super().__init__(every=every, poll=poll)
         self.probe, self.max_bytes, self.max_seconds = probe, max_bytes, max_seconds
+        self.near = near
+        self._last: LagReading | None = None
+        self._interval = 0.0
+
+    def __call__(self, ctx: RunContext) -> float:
+        # Probed once per interval, a fast backfill writes a whole interval's WAL past the last reading (38 MB
+        # against a 4 MB limit). So the interval adapts: while the lag is within ``near`` of a limit (or over it),
+        # every batch is preceded by a probe; each reading far from the limits doubles the interval, from a
+        # sixteenth of ``every`` up to ``every``, so a lag that starts growing is seen before it gets far.
+        now = ctx.clock()
+        if now < self._next_check:
+            return 0.0
+        wait = self.check(ctx)
+        if wait > 0 or self._close_to_limit():
+            self._interval = 0.0
+        else:
+            self._interval = min(self.every, max(2 * self._interval, self.every / 16))
+        self._next_check = now + self._interval
+        return wait
+
+    def _close_to_limit(self) -> bool:
+        lag = self._last
+        if lag is None:
+            return False
+        near_bytes = self.max_bytes is not None and (lag.lag_bytes or 0) > self.max_bytes * self.near
+        near_time = self.max_seconds is not None and (lag.lag_seconds or 0.0) > self.max_seconds * self.near
+        return near_bytes or near_time
 
     def check(self, ctx: RunContext) -> float:
-        lag = self.probe()
+        lag = self._last = self.probe()
         over_bytes = self.max_bytes is not None and lag.lag_bytes is not None and lag.lag_bytes > self.max_bytes
         over_time = self.max_seconds is not None and lag.lag_seconds is not None and lag.lag_seconds > self.max_seconds
         if not (over_bytes or over_time):

@@ -149,10 +149,11 @@ def test_replica_lag_waits_while_a_replica_is_too_far_behind_in_bytes_or_seconds
 
 
 def test_a_healthy_probe_is_rechecked_at_most_every_interval_but_each_time_while_waiting(clock: FakeClock) -> None:
+    # (The replica-lag throttle adapts its interval to the lag instead: see test_replica_lag.py.)
     ctx = context(clock)
-    lagging, fine = LagReading(1, 10**9), LagReading(1, 0)
-    probe = Probe(fine, fine, lagging, lagging, fine, fine)
-    throttle = ReplicaLag(probe, max_bytes=1_000, every=5.0, poll=1.0)
+    busy, fine = [VacuumReading(4242, "public.items", "scanning heap", True)], []
+    probe = Probe(fine, fine, busy, busy, fine, fine)
+    throttle = VacuumRunning(probe, every=5.0, poll=1.0)
 
     results = []
     for step in (0.0, 1.0, 1.0, 3.5, 1.0, 1.0, 1.0, 1.0):  # time between successive questions
@@ -162,7 +163,7 @@ def test_a_healthy_probe_is_rechecked_at_most_every_interval_but_each_time_while
     # t=0 probe (fine); t=1,2 cached; t=5.5 probe (fine); t=6.5 cached; t=7.5 cached...
     assert results == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert probe.calls == 2
-    clock.advance(3.0)  # t=13.5: due again, and now the replica lags
+    clock.advance(3.0)  # t=13.5: due again, and now a vacuum runs
     assert float(throttle(ctx)) == 1.0
     clock.advance(1.0)
     assert float(throttle(ctx)) == 1.0  # waiting: probed again at once

@@ -41,10 +41,12 @@ from backfill.executor import RunReport
 from backfill.pg import statements
 from backfill.pg.connect import Database
 from backfill.pg.health import PostgresHealth
+from backfill.plan import Plan
 from backfill.settings import RunSettings, SettingsError
 from backfill.spec import BackfillSpec
 from backfill.state import RunOutcome
 from backfill.status import BackfillStatus, live_owner
+from backfill.store import BackfillRecord
 
 __all__ = ["main", "cli", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_WORK_LEFT", "OUTCOME_EXIT_CODES"]
 
@@ -395,15 +397,10 @@ class StopSignals:
             announcer.join()
 
 
-def _unique(names: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys(names))
-
-
-def _log_batch_sql(obj: CliContext, spec: BackfillSpec) -> None:
-    plan = api.plan_backfill(obj.database, spec)
+def _log_batch_sql(name: str, plan: Plan) -> None:
     log.debug(
         "batch_sql",
-        backfill=spec.name,
+        backfill=name,
         lookahead=statements.for_target(plan.target).lookahead(True).as_string(),
         update=statements.for_target(plan.target).update(True).as_string(),
     )
@@ -448,64 +445,43 @@ def run(
     if not run_all and not names:
         raise click.UsageError("name the backfills to run, or pass --all", ctx)
     settings = run_settings(setting_values, no_replica_lag_check=no_replica_lag_check)
-    database, schema = obj.database, obj.control_schema
+    database = obj.database
     if settings.health_check_sql is not None:
         _try_health_check(database, settings.health_check_sql)
-    if run_all:
-        todo = [record.name for record in api.list_backfills(database, control_schema=schema) if record.state.runnable]
-    else:
-        todo = [api.get_backfill(database, name, control_schema=schema).name for name in _unique(names)]
 
-    clock, started = time.monotonic, time.monotonic()
-    reports: list[RunReport] = []
-    not_run: list[str] = []
-    aborted: str | None = None
+    def begin(record: BackfillRecord, plan: Plan | None) -> None:
+        estimate = record.estimated_rows
+        if plan is not None:
+            estimate = plan.estimated_rows if estimate is None else estimate
+            if obj.verbose:
+                _log_batch_sql(record.name, plan)
+        obj.progress.begin(record.name, record.rows_updated, estimate)
+
+    started = time.monotonic()
     stop = StopSignals()
     with stop.installed():
-        current = 0
-        try:
-            for current, name in enumerate(todo):  # noqa: B007 -- `current` names the backfill a signal aborted
-                time_left = None if max_runtime is None else max_runtime - (clock() - started)
-                batches_left = None if max_batches is None else max_batches - sum(r.batches for r in reports)
-                if stop.should_stop() or (time_left is not None and time_left <= 0) or batches_left == 0:
-                    not_run.append(name)
-                    continue
-                record = api.get_backfill(database, name, control_schema=schema)
-                estimate = record.estimated_rows
-                if estimate is None and record.state.runnable:
-                    estimate = api.plan_backfill(database, record.spec).estimated_rows
-                if obj.verbose:
-                    _log_batch_sql(obj, record.spec)
-                obj.progress.begin(name, record.rows_updated, estimate)
-                reports.append(
-                    api.run_backfill(
-                        database,
-                        name,
-                        max_runtime=time_left,
-                        max_batches=batches_left,
-                        settings=settings,
-                        workers=workers,
-                        slices=slices,
-                        control_schema=schema,
-                        should_stop=stop.should_stop,
-                    )
-                )
-        except KeyboardInterrupt:
-            # The second signal: psycopg has cancelled the running statement and the batch's transaction rolled
-            # back, so the checkpoint still matches the data.
-            aborted = todo[current]
-            log.warning("run_aborted", backfill=aborted, detail="second signal: the running batch was rolled back")
-            not_run.extend(todo[current + 1 :])
-
-    code = _exit_code(reports, work_left=bool(not_run) or aborted is not None)
+        result = api.run_backfills(
+            database,
+            None if run_all else names,
+            max_runtime=max_runtime,
+            max_batches=max_batches,
+            settings=settings,
+            workers=workers,
+            slices=slices,
+            control_schema=obj.control_schema,
+            should_stop=stop.should_stop,
+            on_start=begin,
+        )
+    reports = result.reports
+    code = _exit_code(reports, work_left=bool(result.not_run) or result.aborted is not None)
     log.info(
         "run_summary",
         outcomes={report.name: report.outcome.value for report in reports},
-        not_run=not_run or None,
-        aborted=aborted,
+        not_run=list(result.not_run) or None,
+        aborted=result.aborted,
         rows=sum(report.rows_updated for report in reports),
         batches=sum(report.batches for report in reports),
-        seconds=round(clock() - started, 3),
+        seconds=round(time.monotonic() - started, 3),
         exit_code=code,
     )
     ctx.exit(code)

@@ -70,19 +70,51 @@ PRIMARY_KEY = sql.SQL(
     """
 )
 
-#: Column lists of the valid, non-partial btree indexes of a relation (expression columns show as NULL).
+#: Key-column lists of the valid, non-partial btree indexes of a relation, in index order. A column shows as NULL
+#: where the index cannot serve a walk by that column: an expression, a collation other than the column's, or an
+#: operator class other than the type's default (``text_pattern_ops`` orders by bytes, not by the column's ``<``).
+#: INCLUDE columns are not listed: they are not ordered.
 BTREE_INDEXES = sql.SQL(
     """
-    SELECT array_agg(a.attname ORDER BY k.ord)
+    SELECT array_agg(CASE WHEN a.attcollation = k.coll AND opc.opcdefault THEN a.attname END ORDER BY k.ord)
       FROM pg_catalog.pg_index i
       JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
       JOIN pg_catalog.pg_am am ON am.oid = ic.relam AND am.amname = 'btree'
-      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      CROSS JOIN LATERAL unnest(i.indkey::int2[], i.indcollation::oid[], i.indclass::oid[])
+                 WITH ORDINALITY AS k(attnum, coll, opclass, ord)
       LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-     WHERE i.indrelid = %s AND i.indisvalid AND i.indpred IS NULL
+      LEFT JOIN pg_catalog.pg_opclass opc ON opc.oid = k.opclass
+     WHERE i.indrelid = %s AND i.indisvalid AND i.indpred IS NULL AND k.ord <= i.indnkeyatts
      GROUP BY i.indexrelid
     """
 )
+
+#: Key-column lists of the valid, non-partial unique indexes (primary key included) of a relation; NULL for an
+#: expression column. A key holding all the columns of one of them is unique.
+UNIQUE_INDEXES = sql.SQL(
+    """
+    SELECT array_agg(a.attname ORDER BY k.ord)
+      FROM pg_catalog.pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+      LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = %s AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND k.ord <= i.indnkeyatts
+     GROUP BY i.indexrelid
+    """
+)
+
+#: (schema, table): the table and every partition under it, as (schema, name) pairs.
+RELATIONS_OF = sql.SQL(
+    """
+    WITH t AS (SELECT (pg_catalog.quote_ident(%s) || '.' || pg_catalog.quote_ident(%s))::regclass AS oid)
+    SELECT n.nspname, c.relname
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = (SELECT oid FROM t)
+        OR c.oid IN (SELECT p.relid FROM pg_catalog.pg_partition_tree((SELECT oid FROM t)) p)
+    """
+)
+
+#: Prices sequential scans out for the rest of the transaction (see ``backfill.pg.walk``).
+NO_SEQSCAN = sql.SQL("SELECT set_config('enable_seqscan', 'off', true)")
 
 SERVER_VERSION = sql.SQL("SELECT current_setting('server_version_num')::int")
 
@@ -129,6 +161,10 @@ class TargetSQL(Target):
         return sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
             self._key_text(), self.relation, self._order(" DESC")
         )
+
+    def any_key(self) -> sql.Composed:
+        """The key of some row: the first one a sequential read meets (one page), a value to plan batches with."""
+        return sql.SQL("SELECT {} FROM {} LIMIT 1").format(self._key_text(), self.relation)
 
     def lookahead(self, has_lower: bool) -> sql.Composed:
         """The key ``n`` rows ahead (params: [lower...], upper..., offset): an index-only walk of n index entries.
@@ -541,6 +577,11 @@ BATCH_SETTINGS = sql.SQL(
 def explain(statement: sql.Composable) -> sql.Composed:
     """EXPLAIN of a composed statement (used by ``plan`` and by the tests that check batch plans)."""
     return sql.SQL("EXPLAIN {}").format(statement)
+
+
+def explain_json(statement: sql.Composable) -> sql.Composed:
+    """The plan of a composed statement as JSON, with each scanned relation's schema (nothing is executed)."""
+    return sql.SQL("EXPLAIN (FORMAT JSON, VERBOSE) {}").format(statement)
 
 
 # --- health checks -------------------------------------------------------------------------------------------------

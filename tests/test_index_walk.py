@@ -1,0 +1,120 @@
+"""An index must serve the walk, checked with the planner and not only the catalog: an index of another collation
+or operator class cannot serve ``key > $1 ORDER BY key``, and a dropped index serves nothing; every batch would then
+scan the whole table. Such a backfill is refused at the start, and a run whose batches slow down sharply asks the
+planner again and stops with the reason instead of scanning the table thousands of times."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+from structlog.testing import capture_logs
+from support import wait_for
+
+import backfill
+from backfill import BackfillSpec, PlanError, RunOutcome, RunState
+from backfill.pg.catalog import resolve
+from backfill.pg.walk import check_walk
+
+SPEC = BackfillSpec("w", "items", {"n": "n + 1"}, key=("k",))
+
+
+@pytest.fixture
+def items(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+    """A text key ``k``, unique through a constraint of the "C" collation (which cannot serve the walk of a column
+    of the database's collation), and a plain btree index on (k) the tests replace or drop."""
+    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, k text NOT NULL, n integer NOT NULL DEFAULT 0)")
+    conn.execute("INSERT INTO items (id, k) SELECT g, lpad(g::text, 8, '0') FROM generate_series(1, 3000) g")
+    conn.execute('CREATE UNIQUE INDEX items_k_unique ON items ((k COLLATE "C"))')
+    conn.execute("ANALYZE items")
+    return conn
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        'CREATE INDEX walk ON items ((k COLLATE "C"))',
+        'CREATE INDEX walk ON items ((k COLLATE "POSIX"))',
+        "CREATE INDEX walk ON items (k text_pattern_ops)",
+        "CREATE INDEX walk ON items USING hash (k)",
+        "CREATE INDEX walk ON items (id) INCLUDE (k)",
+        "CREATE INDEX walk ON items (k) WHERE n = 0",
+        "CREATE INDEX walk ON items (lower(k))",
+    ],
+    ids=["collation-C", "collation-POSIX", "text_pattern_ops", "hash", "include", "partial", "expression"],
+)
+def test_an_index_that_cannot_serve_the_walk_is_refused_before_anything_is_written(
+    items: psycopg.Connection[Any], db_url: str, index: str
+) -> None:
+    items.execute(index)
+
+    for attempt in (backfill.run_backfill, backfill.register_backfill):
+        with pytest.raises(PlanError) as caught:
+            attempt(db_url, SPEC)
+        assert "(k)" in str(caught.value) and "scan" in str(caught.value)
+    assert items.execute("SELECT to_regclass('public.backfills')").fetchone() == (None,)
+    assert items.execute("SELECT count(*) FROM items WHERE n <> 0").fetchone() == (0,)
+
+
+def test_the_check_asks_the_planner_not_the_catalog(items: psycopg.Connection[Any]) -> None:
+    items.execute("CREATE INDEX walk ON items (k)")
+    target = resolve(items, SPEC).target
+    check_walk(items, target)  # the plain index serves it
+
+    items.execute("DROP INDEX walk")  # the catalog check has passed; now only the planner can tell
+
+    with pytest.raises(PlanError) as caught:
+        check_walk(items, target)
+    assert str(caught.value).startswith("no index of public.items serves the walk by (k): the batch look-ahead")
+    assert "without a key range" in str(caught.value)  # a sequential scan, or a whole index read as a bitmap
+
+
+def test_an_index_dropped_between_runs_is_found_at_the_next_start(items: psycopg.Connection[Any], db_url: str) -> None:
+    items.execute("CREATE INDEX walk ON items (k)")
+    first = backfill.run_backfill(db_url, SPEC.with_changes(batch_size=500), max_batches=2)
+    assert first.outcome is RunOutcome.WORK_LEFT
+    items.execute("DROP INDEX walk")
+
+    with pytest.raises(PlanError, match="no btree index of public.items leads with"):
+        backfill.run_backfill(db_url, "w")
+    assert items.execute("SELECT count(*) FROM items WHERE n = 1").fetchone() == (1000,)
+
+
+def test_an_index_dropped_mid_run_stops_the_run_after_the_first_slow_batch(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    rows = 100_000
+    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, k text NOT NULL, n integer NOT NULL DEFAULT 0)")
+    conn.execute("INSERT INTO items (id, k) SELECT g, lpad(g::text, 8, '0') FROM generate_series(1, %s) g", (rows,))
+    conn.execute('CREATE UNIQUE INDEX items_k_unique ON items ((k COLLATE "C"))')
+    conn.execute("CREATE INDEX walk ON items (k)")
+    conn.execute("VACUUM ANALYZE items")
+    spec = SPEC.with_changes(batch_size=200)
+    reports: list[backfill.RunReport] = []
+
+    def batches() -> int:
+        row = conn.execute("SELECT coalesce(sum(batches), 0)::int FROM backfill_slices").fetchone()
+        return int(row[0]) if row else 0
+
+    with capture_logs() as logs:
+        runner = threading.Thread(target=lambda: reports.append(backfill.run_backfill(db_url, spec)))
+        runner.start()
+        wait_for(lambda: conn.execute("SELECT to_regclass('backfill_slices')").fetchone() != (None,), "a start")
+        wait_for(lambda: batches() >= 20, "twenty batches")
+        conn.execute("DROP INDEX walk")
+        dropped_at = batches()
+        runner.join(120)
+
+    assert not runner.is_alive()
+    report = reports[0]
+    assert (report.outcome, report.state) == (RunOutcome.FAILED, RunState.FAILED)
+    assert report.error is not None and "no index of public.items serves the walk by (k)" in report.error
+    assert batches() - dropped_at <= 3  # not the 480 full scans it would take to finish
+    assert [e for e in logs if e["event"] == "walk_check"]
+    record = backfill.get_backfill(db_url, "w")
+    assert record.last_error == report.error
+    done = conn.execute("SELECT count(*) FROM items WHERE n = 1").fetchone()
+    assert done is not None and done[0] == record.rows_updated
+    assert conn.execute("SELECT count(*) FROM items WHERE n > 1").fetchone() == (0,)
