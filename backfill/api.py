@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from backfill.errors import PlanError, SpecError
+from backfill.errors import LOCK_ERRORS, PlanError, SpecError
 from backfill.executor import Executor, RunReport
 from backfill.parallel import run_parallel
 from backfill.pg.catalog import resolve
@@ -320,8 +320,13 @@ def _run_by_name(
         try:
             plan = run.step("resolve", lambda: resolve(store.conn, record.spec))
         except PlanError as exc:
-            # This backfill no longer fits its table: it fails, with the reason stored for `status`; the others go on.
             message = str(exc)
+            if isinstance(exc.__cause__, LOCK_ERRORS):
+                # Its table is busy (a schema change holds or waits for it): nothing is wrong with the backfill,
+                # and the next run tries again.
+                log.warning("backfill_skipped", backfill=name, reason=message)
+                return RunReport(name, RunOutcome.BUSY, record.state, reason=message)
+            # This backfill no longer fits its table: it fails, with the reason stored for `status`; the others go on.
             run.step("fail", lambda: store.fail(record.id, message))
             log.error("backfill_failed", backfill=name, error=message, checkpoint_kept=True)
             return RunReport(name, RunOutcome.FAILED, RunState.FAILED, error=message)

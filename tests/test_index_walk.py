@@ -6,6 +6,7 @@ planner again and stops with the reason instead of scanning the table thousands 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -14,9 +15,11 @@ from structlog.testing import capture_logs
 from support import wait_for
 
 import backfill
-from backfill import BackfillSpec, PlanError, RunOutcome, RunState
+from backfill import BackfillSpec, PlanError, RunOutcome, RunSettings, RunState
+from backfill.executor import Executor
 from backfill.pg.catalog import resolve
 from backfill.pg.walk import check_walk
+from backfill.testing import FakeClock, InMemoryStore
 
 SPEC = BackfillSpec("w", "items", {"n": "n + 1"}, key=("k",))
 
@@ -118,3 +121,49 @@ def test_an_index_dropped_mid_run_stops_the_run_after_the_first_slow_batch(
     done = conn.execute("SELECT count(*) FROM items WHERE n = 1").fetchone()
     assert done is not None and done[0] == record.rows_updated
     assert conn.execute("SELECT count(*) FROM items WHERE n > 1").fetchone() == (0,)
+
+
+# --- the slowdown check, on the executor's loop with injected time -------------------------------------------------
+
+
+def run_with_pace(paces: list[float], check: Callable[[], None]) -> tuple[backfill.RunReport, InMemoryStore]:
+    store, clock = InMemoryStore.for_keys(range(1_000), batch_size=10), FakeClock()
+    durations = iter(paces)
+    store.before_batch = lambda request: clock.advance(next(durations, paces[-1]))
+    executor = Executor(store, None, "test", RunSettings(), clock=clock, sleep=clock.sleep, check_walk=check)
+    return executor.run(), store
+
+
+def test_a_sharp_slowdown_asks_the_planner_and_a_lost_index_fails_the_run_at_once() -> None:
+    calls: list[int] = []
+
+    def lost_index() -> None:
+        calls.append(1)
+        raise PlanError("no index of public.t serves the walk by (id): ...")
+
+    report, store = run_with_pace([0.01] * 10 + [0.08], lost_index)
+
+    assert (report.outcome, report.batches, len(calls)) == (RunOutcome.FAILED, 11, 1)
+    assert store.last_error == "no index of public.t serves the walk by (id): ..."
+
+
+def test_a_slowdown_with_a_sound_plan_becomes_the_new_pace() -> None:
+    calls: list[int] = []
+    report, _ = run_with_pace([0.01] * 10 + [0.08] * 90, lambda: calls.append(1))
+
+    assert report.outcome is RunOutcome.FINISHED
+    assert len(calls) == 1  # checked once at the drop, not on every slow batch after it
+
+
+@pytest.mark.parametrize(
+    "paces",
+    [[0.01, 0.03] * 50, [0.0005] * 10 + [0.004] * 90],
+    ids=["3x-noise", "8x-but-4ms"],
+)
+def test_noise_or_a_slowdown_of_tiny_batches_is_not_checked(paces: list[float]) -> None:
+    calls: list[int] = []
+
+    report, _ = run_with_pace(paces, lambda: calls.append(1))
+
+    assert report.outcome is RunOutcome.FINISHED
+    assert calls == []

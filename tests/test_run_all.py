@@ -103,3 +103,16 @@ def test_a_budget_spent_before_a_backfill_leaves_it_not_run(three: psycopg.Conne
     assert [r.name for r in report.reports] == ["a"]
     assert report.not_run == ("c",)
     assert done(three, "c") == [(0, 500)]
+
+
+def test_a_backfill_whose_table_is_locked_is_left_for_the_next_run_not_failed(
+    three: psycopg.Connection[Any], db_url: str
+) -> None:
+    with psycopg.connect(db_url) as holder:
+        holder.execute("LOCK TABLE a IN ACCESS EXCLUSIVE MODE")  # a schema change holding the table
+        report = run_backfills(db_url, ["a", "c"])
+
+    assert [(r.name, r.outcome) for r in report.reports] == [("a", RunOutcome.BUSY), ("c", RunOutcome.FINISHED)]
+    assert report.reports[0].reason is not None and "could not lock the table" in report.reports[0].reason
+    assert backfill.get_backfill(db_url, "a").state is RunState.PENDING
+    assert done(three, "a") == [(0, 500)]

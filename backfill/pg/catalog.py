@@ -146,6 +146,7 @@ def _check(conn: psycopg.Connection[Any], statement: psycopg.sql.Composed, what:
         with conn.transaction():
             conn.execute(statement, ())
     except psycopg.errors.LockNotAvailable as exc:
-        raise PlanError(f"{what}: could not lock the table to check it ({describe(exc, hint=True)})") from None
+        # Chained: the table is busy, not the spec wrong (``run_backfills`` tries it again next run).
+        raise PlanError(f"{what}: could not lock the table to check it ({describe(exc, hint=True)})") from exc
     except psycopg.Error as exc:
         raise PlanError(f"{what} is not valid: {describe(exc, hint=True)}") from None

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from backfill.errors import PlanError
+from backfill.errors import PlanError, describe
 from backfill.pg import statements as sql
 from backfill.plan import Target
 
@@ -30,6 +30,15 @@ def check_walk(conn: psycopg.Connection[Any], target: Target) -> None:
     Runs in a transaction of its own on ``conn`` (autocommit): reads one key of the table (a one-page read), then
     EXPLAINs the look-ahead and the update of a batch ending at that key. An empty table passes (nothing to walk).
     """
+    try:
+        _check_walk(conn, target)
+    except psycopg.errors.LockNotAvailable as exc:
+        # Chained: the table is busy, not the spec wrong (``run_backfills`` tries it again next run).
+        name = f"{target.schema}.{target.table}"
+        raise PlanError(f"could not lock {name} to check its batches' plan ({describe(exc)})") from exc
+
+
+def _check_walk(conn: psycopg.Connection[Any], target: Target) -> None:
     statements = sql.for_target(target)
     with conn.transaction():
         conn.execute(sql.SET_TIMEOUTS, ("5s", "60s"))
