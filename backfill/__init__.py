@@ -18,6 +18,7 @@ with a checkpoint in a control table so a crash, a deploy or a cron boundary nev
 from __future__ import annotations
 
 from backfill.api import (
+    RunAllReport,
     backfill_status,
     cancel_backfill,
     get_backfill,
@@ -31,6 +32,7 @@ from backfill.api import (
     resume_backfill,
     retry_backfill,
     run_backfill,
+    run_backfills,
 )
 from backfill.errors import (
     BackfillError,
@@ -106,6 +108,8 @@ __all__ = [
     "init_control_tables",
     "register_backfill",
     "run_backfill",
+    "run_backfills",
+    "RunAllReport",
     "plan_backfill",
     "get_backfill",
     "get_slices",
