@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import re
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -24,14 +24,14 @@ from support import wait_for
 from test_cli_process import Runner, _counts, _items, run
 
 import backfill
-from backfill import BackfillSpec, RunState, api
+from backfill import BackfillSpec, RunAllReport, RunState, api
 from backfill.cli import EXIT_OK, EXIT_USAGE, EXIT_WORK_LEFT, cli
 from backfill.cli.commands import RUN_SETTING_OPTIONS
 from backfill.executor import RunReport
 from backfill.settings import RunSettings
 from backfill.state import RunOutcome
 from backfill.status import LIVE_SECONDS, live_owner
-from backfill.store import BackfillRecord, SliceRecord
+from backfill.store import SliceRecord
 
 spawn = test_cli_process.spawn  # the fixture: background runners, killed at the end of the test
 NOWHERE = "postgresql://nobody@127.0.0.1:1/nothing"  # parsing tests must never reach a database
@@ -60,23 +60,17 @@ def one_line_error(result: Result) -> str:
     return lines[0]
 
 
-def _record(name: str) -> BackfillRecord:
-    now = dt.datetime.now(dt.timezone.utc)
-    spec = BackfillSpec(name, "items", {"n": "n + 1"}, schema="public", key=("id",))
-    return BackfillRecord(1, name, spec, "f", RunState.PENDING, None, 100, None, now, None, now, None)
-
-
 @pytest.fixture
 def captured(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """``run``'s calls of ``api.run_backfill``, with the backfill looked up and the health query tried in memory."""
+    """What ``run`` asks ``api.run_backfills`` to do, one entry per backfill named, with the health query tried in
+    memory (the budget shared between the backfills is the API's: see test_run_all.py)."""
     calls: list[dict[str, Any]] = []
 
-    def run_backfill(bind: Any, name: str, **kwargs: Any) -> RunReport:
-        calls.append({"name": name, **kwargs})
-        return RunReport(name, RunOutcome.FINISHED, RunState.SUCCEEDED)
+    def run_backfills(bind: Any, names: Sequence[str] | None, **kwargs: Any) -> RunAllReport:
+        calls.extend({"name": name, **kwargs} for name in names or ())
+        return RunAllReport(tuple(RunReport(name, RunOutcome.FINISHED, RunState.SUCCEEDED) for name in names or ()))
 
-    monkeypatch.setattr(api, "get_backfill", lambda bind, name, **kwargs: _record(name))
-    monkeypatch.setattr(api, "run_backfill", run_backfill)
+    monkeypatch.setattr(api, "run_backfills", run_backfills)
     monkeypatch.setattr("backfill.cli.commands._try_health_check", lambda database, query: None)
     return calls
 
@@ -150,7 +144,7 @@ def test_workers_and_slices_reach_every_backfill_run_and_max_batches_is_passed_w
     assert EXIT_OK == result.exit_code, result.stderr
     assert [("a", 3, 8, 10), ("b", 3, 8, 10)] == [
         (c["name"], c["workers"], c["slices"], c["max_batches"]) for c in captured
-    ]  # the api shares max_batches out between the workers; b gets all of it since a ran none here
+    ]  # the api shares max_batches out between the backfills and their workers
 
 
 @pytest.mark.parametrize(
