@@ -152,14 +152,18 @@ def test_schema_qualified_table_and_quoted_identifiers(conn: psycopg.Connection[
 
 
 def test_explicit_non_primary_key_with_an_index(conn: psycopg.Connection[Any], db_url: str) -> None:
-    conn.execute("CREATE TABLE items (created_at timestamptz NOT NULL, payload text, n integer NOT NULL DEFAULT 0)")
-    # A non-unique key: equal keys always fall in the same batch, so none is skipped or done twice.
     conn.execute(
-        "INSERT INTO items (created_at) SELECT '2024-01-01'::timestamptz + (g / 3) * interval '1 minute' "
+        "CREATE TABLE items (created_at timestamptz NOT NULL, seq integer NOT NULL, payload text, "
+        "n integer NOT NULL DEFAULT 0)"
+    )
+    # No primary key; created_at repeats, so the key adds seq to be unique (a non-unique key is refused: see
+    # test_unique_key.py), walked through an index leading with both.
+    conn.execute(
+        "INSERT INTO items (created_at, seq) SELECT '2024-01-01'::timestamptz + (g / 3) * interval '1 minute', g "
         "FROM generate_series(1, 999) g"
     )
-    conn.execute("CREATE INDEX ON items (created_at)")
-    spec = BackfillSpec("inc", "items", {"n": "n + 1"}, key=("created_at",), batch_size=10)
+    conn.execute("CREATE UNIQUE INDEX ON items (created_at, seq)")
+    spec = BackfillSpec("inc", "items", {"n": "n + 1"}, key=("created_at", "seq"), batch_size=10)
 
     report = backfill.run_backfill(db_url, spec)
 
