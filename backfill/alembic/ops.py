@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Union
 
 from alembic.operations import MigrateOperation, Operations
 
-from backfill.schema.ddl import derived_name
+from backfill.schema.foreign_key import fk_name
+from backfill.schema.index import index_name
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ClauseElement
@@ -620,8 +621,7 @@ class AddForeignKeyOp(MigrateOperation):
 
     def constraint_name(self) -> str:
         """The name given, or the default ``table_col_fkey``."""
-        columns = (self.columns,) if isinstance(self.columns, str) else tuple(self.columns)
-        return self.name or derived_name(self.table.rsplit(".", 1)[-1], columns, "fkey")
+        return fk_name(self.table, self.columns, self.name)
 
     def reverse(self) -> DropForeignKeyOp:
         return DropForeignKeyOp(
@@ -715,8 +715,7 @@ class AddIndexConcurrentlyOp(MigrateOperation):
 
     def index_name(self) -> str:
         """The name given, or the default ``table_col_idx``."""
-        columns = (self.columns,) if isinstance(self.columns, str) else tuple(self.columns)
-        return self.name or derived_name(self.table.rsplit(".", 1)[-1], columns, "idx")
+        return index_name(self.table, self.columns, self.name)
 
     @classmethod
     def add_index_concurrently(

@@ -34,6 +34,7 @@ from backfill.schema.notnull import (
     find_table,
     run_step,
 )
+from backfill.spec import split_table
 
 __all__ = [
     "ViolationError",
@@ -137,8 +138,7 @@ def read_constraint(session: DDLSession, table: str, name: str, *, schema: str |
 def offline_constraint(table: str, name: str, *, schema: str | None, existing: bool, kind: str) -> ConstraintState:
     """The state assumed without a database: nothing yet (before an add) or a NOT VALID constraint (before a
     validate or a drop). An unqualified table stays unqualified: the search path decides when the script runs."""
-    if schema is None and "." in table:
-        schema, table = table.split(".", 1)
+    schema, table = split_table(table, schema)
     return ConstraintState(schema, table, name, kind if existing else None, False)
 
 

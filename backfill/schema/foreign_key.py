@@ -30,6 +30,7 @@ from backfill.schema.constraint import (
     server_detail,
 )
 from backfill.schema.notnull import ConstraintError, DDLSession, Step, find_table, lock_retry, own_session
+from backfill.spec import split_table
 
 __all__ = [
     "ForeignKey",
@@ -95,15 +96,13 @@ def foreign_key(
             raise ConstraintError(
                 f"on_delete must be one of {', '.join(ddl.ON_DELETE_ACTIONS)} (or None), got {on_delete!r}"
             )
-    schema = None
-    if "." in referent_table:
-        schema, referent_table = referent_table.split(".", 1)
+    schema, referent_table = split_table(referent_table)
     return ForeignKey(local, referent_table, remote, action, schema)
 
 
-def fk_name(table: str, key: ForeignKey, name: str | None = None) -> str:
+def fk_name(table: str, columns: str | Sequence[str], name: str | None = None) -> str:
     """``name``, or PostgreSQL's own pattern ``table_col_fkey``."""
-    return name or ddl.derived_name(table.rsplit(".", 1)[-1], key.columns, "fkey")
+    return name or ddl.derived_name(split_table(table)[1], _names(columns, "columns"), "fkey")
 
 
 def read_foreign_key(
@@ -218,7 +217,7 @@ def add_foreign_key(
     """
     key = foreign_key(columns, referent_table, referent_columns, on_delete=on_delete)
     with own_session(bind) as session:
-        state, referent = read_foreign_key(session, table, fk_name(table, key, name), schema=schema, key=key)
+        state, referent = read_foreign_key(session, table, fk_name(table, key.columns, name), schema=schema, key=key)
         assert referent is not None
         plan = plan_add_foreign_key(state, key, referent, validate=validate)
         advice = index_advice(session, state, key)

@@ -30,6 +30,7 @@ from backfill.pg.connect import Bind, Database
 from backfill.schema import ddl
 from backfill.schema.constraint import ChangeResult, server_detail
 from backfill.schema.notnull import ConstraintError, DDLSession, Step, StepResult, find_table, own_session
+from backfill.spec import split_table
 
 __all__ = [
     "DuplicateKeyError",
@@ -100,9 +101,9 @@ class IndexPlan:
     steps: tuple[Step, ...]
 
 
-def index_name(table: str, columns: Sequence[str], name: str | None = None) -> str:
+def index_name(table: str, columns: str | Sequence[str], name: str | None = None) -> str:
     """``name``, or PostgreSQL's own pattern ``table_col_idx``."""
-    return name or ddl.derived_name(table.rsplit(".", 1)[-1], columns, "idx")
+    return name or ddl.derived_name(split_table(table)[1], _column_names(columns), "idx")
 
 
 def read_index(session: DDLSession, name: str, *, schema: str | None) -> IndexState:
@@ -111,8 +112,7 @@ def read_index(session: DDLSession, name: str, *, schema: str | None) -> IndexSt
     Raises:
         ConstraintError: a relation of that name exists and is not an index.
     """
-    if schema is None and "." in name:
-        schema, name = name.split(".", 1)
+    schema, name = split_table(name, schema)
     rows = session.fetchall(ddl.INDEX, {"schema": schema, "name": name})
     if not rows:
         return IndexState(schema, name, None)
@@ -144,10 +144,9 @@ def _rest(state: IndexState) -> tuple[bool, bool, bool, str | None, str | None]:
 
 def offline_index(table: str | None, name: str, *, schema: str | None) -> IndexState:
     """The state assumed without a database (an unqualified name stays unqualified: the search path decides)."""
-    if schema is None and table is not None and "." in table:
-        schema, table = table.split(".", 1)
-    if schema is None and "." in name:
-        schema, name = name.split(".", 1)
+    if table is not None:
+        schema, table = split_table(table, schema)
+    schema, name = split_table(name, schema)
     return IndexState(schema, name, table)
 
 
