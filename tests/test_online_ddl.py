@@ -455,7 +455,7 @@ def test_foreign_key_arguments_are_checked_before_any_connection() -> None:
     key = foreign_key.foreign_key(["a", "b"], "app.parents", ["x", "y"], on_delete="set  null")
 
     assert (key.referent_schema, key.referent, key.on_delete) == ("app", "parents", "SET NULL")
-    assert foreign_key.fk_name("app.children", key) == "children_a_b_fkey"
+    assert foreign_key.fk_name("app.children", key.columns) == "children_a_b_fkey"
 
 
 @pytest.mark.parametrize(
