@@ -76,6 +76,7 @@ from backfill.schema.notnull import (
     drop_not_null_constraint,
     validate_not_null_constraint,
 )
+from backfill.schema.sequence import KeyHeadroom, key_headroom
 from backfill.settings import RunSettings, SettingsError
 from backfill.spec import DEFAULT_BATCH_SIZE, BackfillSpec
 from backfill.state import OperatorAction, RunOutcome, RunState
@@ -139,6 +140,8 @@ __all__ = [
     "ChangeResult",
     "ViolationError",
     "DuplicateKeyError",
+    "key_headroom",
+    "KeyHeadroom",
     "BackfillError",
     "BackfillFailedError",
     "SettingsError",

@@ -466,3 +466,53 @@ def test_plan_add_index_rebuilds_an_invalid_index(exists: bool, valid: bool, act
     state = index.IndexState("public", "orders_amount_idx", "orders", exists, valid)
 
     assert [step.action for step in index.plan_add_index(state, ["amount"]).steps] == actions
+
+
+# --- how far an integer key is from its limit ----------------------------------------------------------------------
+
+
+def test_headroom_of_a_serial_key_near_its_limit(conn: psycopg.Connection[Any], db_url: str) -> None:
+    conn.execute("CREATE TABLE tickets (id serial PRIMARY KEY, note text)")
+    conn.execute("SELECT setval('tickets_id_seq', 2000000000)")
+
+    headroom = backfill.key_headroom(db_url, "tickets")
+
+    assert (headroom.column, headroom.column_type, headroom.sequence) == ("id", "integer", "public.tickets_id_seq")
+    assert (headroom.current, headroom.limit, headroom.remaining) == (2_000_000_000, 2_147_483_647, 147_483_647)
+    assert headroom.describe() == (
+        "public.tickets.id (integer, sequence public.tickets_id_seq): 2,000,000,000 of 2,147,483,647 used (93.1%), "
+        "147,483,647 left"
+    )
+
+
+def test_headroom_of_identity_bigint_and_keys_without_a_sequence(conn: psycopg.Connection[Any], db_url: str) -> None:
+    conn.execute('CREATE SCHEMA "App"')
+    conn.execute('CREATE TABLE "App"."Big" (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY)')
+    conn.execute("CREATE TABLE small (id smallint PRIMARY KEY, n integer)")
+    conn.execute("INSERT INTO small VALUES (30000, 1)")
+
+    fresh = backfill.key_headroom(db_url, "Big", schema="App")
+    manual = backfill.key_headroom(db_url, "small")
+
+    assert (fresh.sequence, fresh.current, fresh.limit, fresh.used) == ('"App"."Big_id_seq"', None, 2**63 - 1, 0.0)
+    assert (manual.sequence, manual.current, manual.limit, manual.remaining) == (None, 30_000, 32_767, 2_767)
+    assert "no sequence: its largest value" in manual.describe()
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "message"),
+    [
+        ("pairs", None, "public.pairs has no single-column primary key: name the column"),
+        ("pairs", "label", "public.pairs.label is text, not an integer column"),
+        ("pairs", "nope", "column 'nope' does not exist in table public.pairs"),
+    ],
+)
+def test_headroom_of_what_is_not_one_integer_key_is_a_clear_error(
+    conn: psycopg.Connection[Any], db_url: str, table: str, column: str | None, message: str
+) -> None:
+    conn.execute("CREATE TABLE pairs (a integer, b integer, label text, PRIMARY KEY (a, b))")
+
+    with pytest.raises(ConstraintError) as caught:
+        backfill.key_headroom(db_url, table, column)
+
+    assert str(caught.value) == message
