@@ -2,14 +2,116 @@
 
 from __future__ import annotations
 
+import json
+import random
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+
+import backfill
+from backfill import BackfillSpec, RunOutcome, RunReport
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
-    """Poll ``condition`` until it is true: synchronisation on an observable state, with a deadline."""
+def wait_for(condition: Callable[[], T], what: str, timeout: float = 60.0) -> T:
+    """Poll ``condition`` until it is true, and return what it returned: synchronisation on an observable state,
+    with a deadline."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (value := condition()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+    return value
+
+
+# --- runners in processes of their own, to be killed without warning --------------------------------------------
+
+_RUNNER = """
+import json, sys, backfill
+spec = backfill.BackfillSpec.from_dict(json.loads(sys.argv[2]))
+print(backfill.run_backfill(sys.argv[1], spec, **json.loads(sys.argv[3])).outcome.value, flush=True)
+"""
+
+
+def start_runner(url: str, spec: BackfillSpec, *, stderr: int | None = None, **options: Any) -> subprocess.Popen[bytes]:
+    """``run_backfill(url, spec, **options)`` in a new process (it prints the outcome to a discarded stdout)."""
+    argv = [sys.executable, "-c", _RUNNER, url, json.dumps(spec.to_dict()), json.dumps(options)]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)  # noqa: S603
+
+
+def rows_done(url: str) -> int:
+    """Rows the backfills in ``url`` have updated, by their slices' counters (0 before the control tables exist)."""
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=2) as conn:
+            row = conn.execute("SELECT coalesce(sum(rows_updated), 0) FROM backfill_slices").fetchone()
+    except psycopg.errors.UndefinedTable:
+        return 0
+    return int(row[0]) if row else 0
+
+
+def kill_runners_at_random_instants(
+    url: str,
+    spec: BackfillSpec,
+    *,
+    rows: int,
+    rng: random.Random,
+    kills: int,
+    rounds: int,
+    batches_ahead: tuple[int, int] = (1, 1),
+    max_delay: float,
+    what: str = "progress",
+) -> int:
+    """Start a runner on ``spec``, let it commit between ``batches_ahead`` batches, then a random moment of up to
+    ``max_delay`` seconds more (inside a batch, between two, or while it commits), and SIGKILL it; again, for up to
+    ``rounds`` runners, until ``kills`` kills landed or all ``rows`` are done. Returns the kills that landed (a
+    runner may finish first; it must then have succeeded)."""
+    assert spec.batch_size is not None
+    landed = 0
+    for _ in range(rounds):
+        done = rows_done(url)
+        if done >= rows or landed == kills:
+            break
+        target = min(done + rng.randint(*batches_ahead) * spec.batch_size, rows)
+        runner = start_runner(url, spec, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: rows_done(url) >= target or runner.poll() is not None, what)  # noqa: B023
+            time.sleep(rng.uniform(0, max_delay))  # picks the kill instant; not a synchronisation
+            runner.send_signal(signal.SIGKILL)
+            _, stderr = runner.communicate(timeout=30)
+            if runner.returncode == -signal.SIGKILL:
+                landed += 1
+            else:
+                assert runner.returncode == 0, stderr.decode()
+        finally:
+            if runner.poll() is None:
+                runner.kill()
+                runner.wait()
+    return landed
+
+
+def run_until(
+    url: str,
+    backfill_ref: BackfillSpec | str,
+    done: Callable[[RunReport], bool] = lambda report: report.outcome is not RunOutcome.BUSY,
+    timeout: float = 30.0,
+    **options: Any,
+) -> RunReport:
+    """Run the backfill again until ``done`` holds for the report (by default: until it is not busy). A killed
+    runner's server sessions end a moment after its process, and until then still hold their slices."""
+
+    def attempt() -> RunReport | None:
+        report = backfill.run_backfill(url, backfill_ref, **options)
+        return report if done(report) else None
+
+    report = wait_for(attempt, "a killed runner's sessions to go away", timeout)
+    assert report is not None
+    return report

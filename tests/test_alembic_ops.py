@@ -35,6 +35,7 @@ import backfill
 import backfill.alembic
 from backfill.alembic import BackfillNotFinishedError, MigrationContextError
 from backfill.schema.notnull import PG18, NullValuesError
+from backfill.tools.appsim import AppSimulator
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "alembic"
 
@@ -185,30 +186,6 @@ def test_a_finished_backfill_is_not_run_again(conn: psycopg.Connection[Any], db_
 # --- concurrency and crashes ---------------------------------------------------------------------------------------
 
 
-class Writer(threading.Thread):
-    """The application: single-row updates in a loop, recording the longest one."""
-
-    def __init__(self, url: str, table: str, rows: int) -> None:
-        super().__init__(daemon=True)
-        self.url, self.table, self.rows = url, table, rows
-        self.stop = threading.Event()
-        self.longest = 0.0
-        self.writes = 0
-        self.errors: list[BaseException] = []
-
-    def run(self) -> None:
-        statement = f"UPDATE {self.table} SET id = id WHERE id = %s"  # noqa: S608
-        try:
-            with psycopg.connect(self.url, autocommit=True) as conn:
-                while not self.stop.is_set():
-                    started = time.monotonic()
-                    conn.execute(statement, (self.writes % self.rows + 1,))
-                    self.longest = max(self.longest, time.monotonic() - started)
-                    self.writes += 1
-        except BaseException as exc:
-            self.errors.append(exc)
-
-
 def test_a_writer_never_waits_longer_than_the_lock_timeout_during_the_whole_upgrade(
     tmp_path: Path, conn: psycopg.Connection[Any], db_url: str
 ) -> None:
@@ -227,8 +204,8 @@ def test_a_writer_never_waits_longer_than_the_lock_timeout_during_the_whole_upgr
     )
     config = alembic_config(db_url, project)
     command.upgrade(config, "0001")
-    writer = Writer(db_url, "items", 30_000)
-    writer.start()
+    app = AppSimulator(db_url, update_sql="UPDATE items SET id = id WHERE id = %s", writers=1, key_range=(1, 30_000))
+    app.start()
     holder = psycopg.connect(db_url)
     held = 0.0
 
@@ -258,16 +235,16 @@ def test_a_writer_never_waits_longer_than_the_lock_timeout_during_the_whole_upgr
         command.upgrade(config, "head")
         releaser.join(60)
     finally:
-        writer.stop.set()
-        writer.join(30)
+        writes = app.stop()
         holder.close()
 
-    assert writer.errors == []
+    assert (writes.errors, writes.last_error) == (0, None)
     assert scalar(conn, "SELECT version_num FROM alembic_version") == "0003"
     assert scalar(conn, "SELECT attnotnull FROM pg_attribute WHERE attrelid = 'items'::regclass AND attname = 'kind'")
     assert held > lock_timeout + margin, "the lock holder must outlast the bound for the bound to mean anything"
-    assert writer.writes > 100
-    assert writer.longest < lock_timeout + margin, f"longest write {writer.longest:.3f}s, lock held {held:.3f}s"
+    assert writes.writes > 100
+    longest = writes.max_stall_ms / 1000
+    assert longest < lock_timeout + margin, f"longest write {longest:.3f}s, lock held {held:.3f}s"
 
 
 def test_an_upgrade_killed_mid_backfill_is_finished_by_the_next_one_updating_every_row_once(

@@ -25,6 +25,7 @@ from backfill.schema.notnull import (
     PsycopgSession,
     Step,
 )
+from backfill.tools.appsim import AppSimulator
 
 
 def server_version(conn: psycopg.Connection[Any]) -> int:
@@ -245,29 +246,6 @@ def test_validate_without_a_not_valid_constraint_is_a_clear_error(conn: psycopg.
 # --- lock waits ----------------------------------------------------------------------------------------------------
 
 
-class _Writer(threading.Thread):
-    """Single-row updates in a loop, each on an autocommit connection; records the longest one."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url = url
-        self.stop = threading.Event()
-        self.longest = 0.0
-        self.writes = 0
-        self.errors: list[BaseException] = []
-
-    def run(self) -> None:
-        try:
-            with psycopg.connect(self.url, autocommit=True) as conn:
-                while not self.stop.is_set():
-                    started = time.monotonic()
-                    conn.execute("UPDATE events SET kind = kind WHERE id = %s", (self.writes % 1000 + 1,))
-                    self.longest = max(self.longest, time.monotonic() - started)
-                    self.writes += 1
-        except BaseException as exc:  # surfaced by the test
-            self.errors.append(exc)
-
-
 def test_a_long_lock_holder_makes_steps_retry_while_writers_wait_at_most_the_lock_timeout(
     conn: psycopg.Connection[Any], db_url: str
 ) -> None:
@@ -285,8 +263,8 @@ def test_a_long_lock_holder_makes_steps_retry_while_writers_wait_at_most_the_loc
     holder = psycopg.connect(db_url)
     holder.execute("SELECT count(*) FROM events")  # ACCESS SHARE until commit
     held_since = time.monotonic()
-    writer = _Writer(db_url)
-    writer.start()
+    app = AppSimulator(db_url, update_sql="UPDATE events SET kind = kind WHERE id = %s", writers=1, key_range=(1, 1000))
+    app.start()
     held = 0.0
 
     def release_after_retries() -> None:
@@ -301,16 +279,15 @@ def test_a_long_lock_holder_makes_steps_retry_while_writers_wait_at_most_the_loc
         results = constraints.add_not_null_constraint(db_url, "events", "kind", lock_timeout=lock_timeout, sleep=sleep)
     finally:
         releaser.join(30)
-        writer.stop.set()
-        writer.join(30)
+        writes = app.stop()
         holder.close()
 
-    assert writer.errors == []
+    assert (writes.errors, writes.last_error) == (0, None)
     assert results[0].action == "add" and results[0].attempts >= 4
     assert _not_null(conn)
     assert held > lock_timeout + margin, "the holder must outlast the bound for the bound to mean anything"
-    assert writer.writes > 0
-    assert writer.longest < lock_timeout + margin
+    assert writes.writes > 0
+    assert writes.max_stall_ms / 1000 < lock_timeout + margin
 
 
 def test_a_lock_never_granted_within_the_budget_fails_cleanly(conn: psycopg.Connection[Any], db_url: str) -> None:

@@ -9,36 +9,18 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import TypeVar
 
 import psycopg
 from structlog.testing import capture_logs
+from support import kill_runners_at_random_instants, run_until, wait_for
 
 import backfill
 from backfill import BackfillSpec, RetryPolicy, RunOutcome, RunReport, RunSettings, RunState
 from backfill.tools.embedded import EmbeddedServer
 
-T = TypeVar("T")
-
 #: Quick retries: the faults below heal in well under a second; production defaults wait longer.
 QUICK = RetryPolicy(initial_wait=0.02, max_wait=0.25, budget_seconds=60)
-
-
-def poll(condition: Callable[[], T], what: str, timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def make_items(url: str, rows: int) -> None:
@@ -99,52 +81,28 @@ class Runner:
 
 # --- the runner process is killed ----------------------------------------------------------------------------------
 
-RUNNER_SCRIPT = """
-import sys
-import backfill
-spec = backfill.BackfillSpec("inc", "items", {"n": "n + 1"}, batch_size=int(sys.argv[2]))
-report = backfill.run_backfill(sys.argv[1], spec)
-print(report.outcome.value)
-"""
-
 
 def test_sigkill_at_random_instants_then_resume_applies_every_row_once(db_url: str) -> None:
-    rows, batch_size, kills_wanted = 40_000, 50, 22
+    rows, kills_wanted = 40_000, 22
     make_items(db_url, rows)
     seed = int(os.environ.get("BACKFILL_FAULT_SEED", random.randrange(1_000_000)))
-    rng = random.Random(seed)
-    root = Path(__file__).resolve().parent.parent
-    kills = 0
-    for _ in range(kills_wanted * 2):
-        before, state = progress(db_url)
-        if state == "succeeded" or kills == kills_wanted:
-            break
-        child = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-c", RUNNER_SCRIPT, db_url, str(batch_size)],
-            cwd=root,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        # Wait until it is working (it committed a batch), then let it run a random moment more and kill it:
-        # inside a batch transaction, between two, or while it commits.
-        poll(
-            lambda before=before, child=child: progress(db_url)[0] > before or child.poll() is not None,  # type: ignore[misc]
-            f"progress (seed {seed})",
-        )
-        time.sleep(rng.uniform(0, 0.03))
-        child.send_signal(signal.SIGKILL)
-        _, stderr = child.communicate(timeout=30)
-        if child.returncode == -signal.SIGKILL:
-            kills += 1
-        else:
-            assert child.returncode == 0, stderr.decode()
+    spec = BackfillSpec("inc", "items", {"n": "n + 1"}, batch_size=50)
 
+    # Each runner is killed once it committed a batch, a random moment later: inside a batch transaction, between
+    # two, or while it commits.
+    kills = kill_runners_at_random_instants(
+        db_url,
+        spec,
+        rows=rows,
+        rng=random.Random(seed),
+        kills=kills_wanted,
+        rounds=kills_wanted * 2,
+        max_delay=0.03,
+        what=f"progress (seed {seed})",
+    )
     # The last run resumes from the checkpoint. The killed runner's session (and so its claim) may take a
     # moment to go away: until then this run politely reports the backfill busy.
-    final = poll(
-        lambda: (r := backfill.run_backfill(db_url, "inc")).outcome is not RunOutcome.BUSY and r,
-        f"the killed runner's lock to go away (seed {seed})",
-    )
+    final = run_until(db_url, "inc")
 
     assert final.outcome is RunOutcome.FINISHED, f"seed {seed}"
     assert kills == kills_wanted, f"seed {seed}: the backfill finished after only {kills} kills"
@@ -165,7 +123,7 @@ def test_terminated_connections_are_reconnected_and_the_run_goes_on(db_url: str)
         runner = Runner(db_url, spec, settings)
         for _ in range(terminations):
             seen = progress(db_url)[0]
-            poll(lambda seen=seen: progress(db_url)[0] >= seen + 3, "the runner to make progress again")  # type: ignore[misc]
+            wait_for(lambda seen=seen: progress(db_url)[0] >= seen + 3, "the runner to make progress again")  # type: ignore[misc]
             killed = admin.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
                 ("backfill-fault-terminate",),
@@ -194,10 +152,10 @@ def test_a_server_restart_during_a_run_is_ridden_out(own_server: EmbeddedServer)
 
     with capture_logs() as logs:
         runner = Runner(url, spec, RunSettings(retry=QUICK))
-        poll(lambda: progress(url)[0] >= 5, "the first batches")
+        wait_for(lambda: progress(url)[0] >= 5, "the first batches")
         own_server.stop()  # fast shutdown: the runner's session is terminated, new connections are refused
         down = [e for e in logs if e["event"] == "batch_retry"]
-        poll(lambda: len([e for e in logs if e["event"] == "batch_retry"]) > len(down) + 2, "failed reconnects")
+        wait_for(lambda: len([e for e in logs if e["event"] == "batch_retry"]) > len(down) + 2, "failed reconnects")
         assert runner.thread.is_alive()
         own_server.start()
         report = runner.join()
@@ -221,7 +179,7 @@ def test_rows_locked_past_lock_timeout_are_retried_until_the_holder_commits(db_u
         # Another transaction holds rows of the sixth batch's range, for far longer than lock_timeout.
         holder.execute("SELECT id FROM items WHERE id BETWEEN 555 AND 560 FOR UPDATE")
         runner = Runner(db_url, spec, settings)
-        poll(lambda: sum(e.get("reason") == "lock_timeout" for e in logs) >= 3, "the batch to hit lock_timeout")
+        wait_for(lambda: sum(e.get("reason") == "lock_timeout" for e in logs) >= 3, "the batch to hit lock_timeout")
         assert progress(db_url)[0] == 5  # the batches before the locked range committed; the blocked one did not
         holder.commit()
         report = runner.join()
@@ -258,8 +216,8 @@ def test_a_cancel_by_a_person_fails_the_backfill_and_retry_resumes_it(db_url: st
 
     with capture_logs() as logs, psycopg.connect(db_url, autocommit=True) as admin:
         runner = Runner(db_url, spec, settings)
-        poll(lambda: progress(db_url)[0] >= 2, "two batches")
-        cancelled = poll(
+        wait_for(lambda: progress(db_url)[0] >= 2, "two batches")
+        cancelled = wait_for(
             lambda: admin.execute(
                 "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
                 "WHERE application_name = %s AND state = 'active' AND query LIKE 'UPDATE%%'",

@@ -4,25 +4,19 @@ PostgreSQL alone; every slice processed exactly once, even when a runner dies an
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from support import wait_for
+from support import run_until, start_runner, wait_for
 
 import backfill
-from backfill import BackfillSpec, RunOutcome, RunReport
+from backfill import BackfillSpec, RunOutcome
 from backfill.api import open_store
 from backfill.pg.catalog import resolve
 from backfill.policies import MaxRowsPerSecond, RunContext
 from backfill.testing import FakeClock
 
-ROOT = Path(__file__).resolve().parent.parent
 SLOW = BackfillSpec("inc", "items", {"n": "n + 1 + length(pg_sleep(0.0005)::text)"}, batch_size=20)
 
 
@@ -92,7 +86,7 @@ def test_uneven_keys_still_get_even_slices(conn: psycopg.Connection[Any], db_url
 def test_a_runner_elsewhere_takes_another_slice(conn: psycopg.Connection[Any], db_url: str) -> None:
     """Two separate runs (as on two machines) on a backfill split in two work at the same time, one slice each."""
     rows = _make_items(conn, "SELECT generate_series(1, 2000)")
-    first = _start_runner(db_url, SLOW, slices=2)
+    first = start_runner(db_url, SLOW, slices=2)
     try:
         wait_for(lambda: _slices_started(conn) > 0, "the first runner's first batch")
         second = backfill.run_backfill(db_url, "inc")
@@ -106,32 +100,11 @@ def test_a_runner_elsewhere_takes_another_slice(conn: psycopg.Connection[Any], d
     assert all(done and in_range == updated for in_range, updated, done, _ in slices)
 
 
-def _start_runner(db_url: str, spec: BackfillSpec, **kwargs: int) -> subprocess.Popen[bytes]:
-    script = textwrap.dedent(
-        f"""
-        import sys, backfill
-        spec = backfill.BackfillSpec.from_dict({spec.to_dict()!r})
-        print(backfill.run_backfill(sys.argv[1], spec, **{kwargs!r}).outcome.value, flush=True)
-        """
-    )
-    return subprocess.Popen([sys.executable, "-c", script, db_url], cwd=ROOT, stdout=subprocess.DEVNULL)
-
-
-def _run_until_not_busy(db_url: str, **kwargs: int) -> RunReport:
-    # A killed runner's sessions end a moment after its process: until then they still hold their slices.
-    deadline = time.monotonic() + 30
-    while True:
-        report = backfill.run_backfill(db_url, "inc", **kwargs)
-        if report.outcome is RunOutcome.FINISHED or time.monotonic() > deadline:
-            return report
-        time.sleep(0.02)
-
-
 def test_killed_workers_slices_are_taken_over_from_their_checkpoints_exactly_once(
     conn: psycopg.Connection[Any], db_url: str
 ) -> None:
     rows = _make_items(conn, "SELECT generate_series(1, 2400)")
-    runner = _start_runner(db_url, SLOW, workers=2, slices=4)
+    runner = start_runner(db_url, SLOW, workers=2, slices=4)
     try:
         # Both workers have committed batches in their slices: kill the whole process without warning.
         wait_for(lambda: _slices_started(conn) >= 2, "two workers' batches")
@@ -143,7 +116,8 @@ def test_killed_workers_slices_are_taken_over_from_their_checkpoints_exactly_onc
     before = _slice_rows(conn)
     half_done = [i for i, (in_range, updated, done, _) in enumerate(before) if 0 < updated < in_range]
 
-    final = _run_until_not_busy(db_url, workers=3)
+    # The killed process's sessions end a moment after it: until then they still hold their slices.
+    final = run_until(db_url, "inc", lambda report: report.outcome is RunOutcome.FINISHED, workers=3)
 
     assert half_done  # the kill did leave slices in the middle, to be taken over from their checkpoints
     assert final.outcome is RunOutcome.FINISHED

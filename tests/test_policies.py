@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
 from structlog.testing import capture_logs
+from support import wait_for
 
 import backfill
 from backfill import BackfillSpec, RunOutcome, RunSettings, SettingsError
@@ -415,16 +415,6 @@ def health(db_url: str, items: psycopg.Connection[Any]) -> Iterator[PostgresHeal
         yield PostgresHealth(lambda: probe_conn, "public", "items")
 
 
-def poll(condition: Any, what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @contextlib.contextmanager
 def slow_vacuum(db_url: str) -> Iterator[int]:
     """A manual VACUUM of ``items`` slowed to a crawl by cost-based delay; yields its pid, cancels it on exit."""
@@ -445,7 +435,7 @@ def slow_vacuum(db_url: str) -> Iterator[int]:
         yield pid
     finally:
         with psycopg.connect(db_url, autocommit=True) as admin:
-            poll(
+            wait_for(
                 lambda: done.is_set() or admin.execute("SELECT pg_cancel_backend(%s)", (pid,)) and done.wait(0.2),
                 "the vacuum to stop",
             )
@@ -462,7 +452,7 @@ def test_probes_on_a_quiet_server_see_no_replica_no_vacuum_and_no_waiters(health
 
 def test_vacuum_probe_sees_a_vacuum_working_on_the_table(db_url: str, health: PostgresHealth) -> None:
     with slow_vacuum(db_url) as pid:
-        seen = poll(health.vacuums, "the vacuum to show in pg_stat_progress_vacuum")
+        seen = wait_for(health.vacuums, "the vacuum to show in pg_stat_progress_vacuum")
 
     assert [(v.pid, v.relation, v.autovacuum) for v in seen] == [(pid, "items", False)]
 
@@ -486,7 +476,7 @@ def test_lock_waiters_probe_counts_sessions_queued_for_the_table(db_url: str, he
         holder.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
         blocked = threading.Thread(target=lambda: waiter.execute("SELECT count(*) FROM items"), daemon=True)
         blocked.start()
-        assert poll(health.lock_waiters, "a session to queue for the table") == 1
+        assert wait_for(health.lock_waiters, "a session to queue for the table") == 1
         holder.commit()
         blocked.join()
 
@@ -505,12 +495,12 @@ def test_a_backfill_waits_while_vacuum_works_on_its_table_then_finishes(
     settings = RunSettings(health_check_interval=0.05)
     result: list[backfill.RunReport] = []
     with capture_logs() as logs, slow_vacuum(db_url):
-        poll(lambda: items.execute("SELECT count(*) FROM pg_stat_progress_vacuum").fetchone() == (1,), "vacuum")
+        wait_for(lambda: items.execute("SELECT count(*) FROM pg_stat_progress_vacuum").fetchone() == (1,), "vacuum")
         runner = threading.Thread(
             target=lambda: result.append(backfill.run_backfill(db_url, SPEC, settings=settings)), daemon=True
         )
         runner.start()
-        poll(lambda: any(e.get("reason") == "vacuum_running" for e in logs), "the runner to wait for vacuum")
+        wait_for(lambda: any(e.get("reason") == "vacuum_running" for e in logs), "the runner to wait for vacuum")
         assert items.execute("SELECT count(*) FROM items WHERE n > 0").fetchone() == (0,)
     runner.join(timeout=30)
 
