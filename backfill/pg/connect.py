@@ -28,6 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy.engine import make_url
 
 from backfill.errors import ConnectError
+from backfill.pg.session import pin_session
 
 __all__ = ["Bind", "Database"]
 
@@ -269,4 +270,5 @@ class Database:
             reason = self._secret_free(_reason(exc))
             raise ConnectError(f"cannot connect to {self.display}: {reason}") from None
         conn.execute(_SESSION_SETTINGS)
+        pin_session(conn)
         return conn
