@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from backfill.errors import BackfillError
+from backfill.fragments import fragment_problem
 from backfill.policies import (
     AdaptiveSize,
     BatchSizer,
@@ -114,8 +115,12 @@ class RunSettings:
             raise SettingsError(
                 f"min_batch_size ({self.min_batch_size}) is larger than max_batch_size ({self.max_batch_size})"
             )
-        if self.health_check_sql is not None and not self.health_check_sql.strip():
-            raise SettingsError("health_check_sql is empty")
+        if self.health_check_sql is not None:
+            query = self.health_check_sql.strip().rstrip(";").rstrip()
+            if not query:
+                raise SettingsError("health_check_sql is empty")
+            if problem := fragment_problem(query):
+                raise SettingsError(f"health_check_sql is not one query: {problem}")
 
     def pins_batch_size(self, spec_batch_size: int | None) -> bool:
         """Whether batches keep one size: the run or the spec chose it (like pt-online-schema-change's explicit

@@ -48,9 +48,13 @@ class PostgresHealth:
         factory: RowFactory[_Row],
         statement: pgsql.SQL | pgsql.Composed,
         params: Sequence[Any] | Mapping[str, Any] = (),
+        *,
+        read_only: bool = False,
     ) -> list[_Row]:
         conn = self.connection()
         with conn.transaction():
+            if read_only:
+                conn.execute(sql.READ_ONLY)
             conn.execute(sql.SET_TIMEOUTS, (_PROBE_LOCK_TIMEOUT, _PROBE_STATEMENT_TIMEOUT))
             if not self._privileges_checked:
                 self._privileges_checked = True
@@ -64,9 +68,13 @@ class PostgresHealth:
             return conn.cursor(row_factory=factory).execute(statement, params).fetchall()
 
     def _rows(
-        self, statement: pgsql.SQL | pgsql.Composed, params: Sequence[Any] | Mapping[str, Any] = ()
+        self,
+        statement: pgsql.SQL | pgsql.Composed,
+        params: Sequence[Any] | Mapping[str, Any] = (),
+        *,
+        read_only: bool = False,
     ) -> list[tuple[Any, ...]]:
-        return self._read(tuple_row, statement, params)
+        return self._read(tuple_row, statement, params, read_only=read_only)
 
     def _table_oid(self) -> int | None:
         if self._oid is None:
@@ -84,7 +92,8 @@ class PostgresHealth:
 
     def custom_check(self, query: str) -> bool:
         """Whether the user's query returns true (first column of the first row; no row or NULL is false)."""
-        rows = self._rows(sql.custom_check(query))
+        # A probe only reads: a query that writes (an UPDATE ... RETURNING, a function with side effects) fails.
+        rows = self._rows(sql.custom_check(query), read_only=True)
         return bool(rows and rows[0] and rows[0][0])
 
     def oldest_transaction(self) -> TransactionReading | None:
