@@ -171,6 +171,7 @@ def run_backfill(
             name = backfill
             record = step("get", lambda: store.get(name))
             plan = step("resolve", lambda: resolve(store.conn, record.spec))
+            record = step("check key", lambda: store.check_key(record, plan))
         run = _Run(database, control_schema, settings, workers, slices, should_stop, step)
         return run(store, record, plan, max_runtime, max_batches)
 
@@ -319,6 +320,8 @@ def _run_by_name(
     if record.state.runnable:
         try:
             plan = run.step("resolve", lambda: resolve(store.conn, record.spec))
+            resolved = plan
+            record = run.step("check key", lambda: store.check_key(record, resolved))
         except PlanError as exc:
             message = str(exc)
             if isinstance(exc.__cause__, LOCK_ERRORS):
@@ -379,6 +382,10 @@ def list_backfills(bind: Bind, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) 
 
 def _transition(bind: Bind, name: str, action: OperatorAction, control_schema: str) -> BackfillRecord:
     with open_store(bind, control_schema) as store:
+        if action in (OperatorAction.RETRY, OperatorAction.RESUME):
+            # Refuse now, not at the next run, when the table no longer fits the stored checkpoint.
+            record = store.get(name)
+            store.check_key(record, resolve(store.conn, record.spec))
         return store.transition(name, action)
 
 
@@ -405,7 +412,8 @@ def cancel_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONT
 
 def retry_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> BackfillRecord:
     """Put a failed backfill back to pending; the next ``run`` continues from its checkpoint. Raises
-    :class:`StateTransitionError` unless the backfill failed."""
+    :class:`StateTransitionError` unless the backfill failed, :class:`PlanError` (:class:`KeyChangedError`) if its
+    spec no longer fits the table or the key changed under its checkpoint."""
     return _transition(bind, name, OperatorAction.RETRY, control_schema)
 
 

@@ -27,6 +27,8 @@ __all__ = [
     "UntrustedControlTablesError",
     "UnknownRoleError",
     "PoolerError",
+    "KeyChangedError",
+    "KeyRoundTripError",
 ]
 
 
@@ -67,6 +69,17 @@ class BatchTooSlowError(BackfillError):
     """Raised (and stored on the backfill, which fails) when a batch of the smallest size still exceeds
     ``statement_timeout`` again and again: shrinking cannot help, and retrying would only hold row locks for the
     whole timeout each time. The message says which setting to change."""
+
+
+class KeyChangedError(PlanError):
+    """Raised when the key a backfill walks is no longer what its checkpoint was written in: a key column's type,
+    type modifier or collation changed since the backfill was registered, so the stored checkpoint would be read
+    in a different order and rows skipped or updated twice."""
+
+
+class KeyRoundTripError(PlanError):
+    """Raised when a key's text form (the checkpoint is stored as text) does not read back as the same key, so the
+    walk could skip or repeat rows; the batch it happens in rolls back."""
 
 
 # --- the database's errors -----------------------------------------------------------------------------------------

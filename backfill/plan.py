@@ -35,3 +35,6 @@ class Plan:
     #: ``pg_class.reltuples``: the planner's row estimate, or None when the table was never analysed.
     estimated_rows: int | None
     server_version: int
+    #: What a checkpoint of this walk means: each key column's type with its modifier, and its collation
+    #: (``"text COLLATE pg_catalog.\"C\""``). Stored with the spec; a change makes stored checkpoints unreadable.
+    key_signature: tuple[str, ...] = ()

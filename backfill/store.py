@@ -68,6 +68,9 @@ class BackfillRecord:
     batches: int = 0
     heartbeat_at: dt.datetime | None = None
     owner: str | None = None
+    #: What the checkpoint means (see :attr:`backfill.plan.Plan.key_signature`), stored when it was registered;
+    #: None for a backfill registered by an older release.
+    key_signature: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

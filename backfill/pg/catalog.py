@@ -7,19 +7,24 @@ PostgreSQL rejects.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import structlog
 from psycopg.rows import class_row
 
-from backfill.errors import PlanError, describe
+from backfill.errors import KeyRoundTripError, PlanError, describe
 from backfill.pg import statements as sql
 from backfill.pg.walk import check_walk
 from backfill.plan import Plan, Target
 from backfill.spec import BackfillSpec
 
-__all__ = ["resolve"]
+__all__ = ["resolve", "checked_key"]
+
+log = structlog.get_logger("backfill")
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,13 @@ class _Column:
     type: str
     not_null: bool
     generated: bool
+    collation: str | None
+    oid_alias: bool
+
+    @property
+    def signature(self) -> str:
+        """What a key value of this column means: its type with modifier, and its collation."""
+        return self.type + (f" COLLATE {self.collation}" if self.collation else "")
 
 
 def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: str = "5s") -> Plan:
@@ -69,6 +81,7 @@ def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: 
         name = f"{schema}.{table}"
         if found.kind not in ("r", "p"):
             raise PlanError(f"{name} is not a table (a view, sequence or foreign table cannot be backfilled)")
+        _check_row_security(conn, oid, name)
         columns = {c.name: c for c in conn.cursor(row_factory=class_row(_Column)).execute(sql.TABLE_COLUMNS, (oid,))}
         for column in spec.values:
             if column not in columns:
@@ -88,6 +101,11 @@ def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: 
                 raise PlanError(f"key column {column!r} of {name} is nullable: rows with a NULL key would be skipped")
             if column in spec.values:
                 raise PlanError(f"column {column!r} is part of the key and cannot be set by the backfill")
+            if columns[column].oid_alias:
+                raise PlanError(
+                    f"key column {column!r} of {name} is of type {columns[column].type}, whose text form depends on "
+                    "search_path: a checkpoint could name a different object later; walk another key"
+                )
         indexes = [tuple(row[0]) for row in conn.execute(sql.BTREE_INDEXES, (oid,))]
         if not any(index[: len(key)] == key for index in indexes):
             raise PlanError(
@@ -109,6 +127,8 @@ def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: 
             _check(conn, statements.check_expression(column, expression), f"expression for column {column!r} of {name}")
         if spec.where is not None:
             _check(conn, statements.check_where(), f"filter (where) on {name}")
+        _check_key_round_trip(conn, target)
+        _check_moving_keys(conn, oid, name, key, spec.key is not None)
         version = conn.execute(sql.SERVER_VERSION).fetchone()
     assert version is not None
     # The catalog says an index leads with the key; only the planner says whether the batches can use it.
@@ -118,6 +138,9 @@ def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: 
         target=target,
         estimated_rows=found.estimated_rows if found.estimated_rows >= 0 else None,
         server_version=int(version[0]),
+        key_signature=tuple(
+            columns[c].type + (f" COLLATE {columns[c].collation}" if columns[c].collation else "") for c in key
+        ),
     )
 
 
@@ -140,6 +163,59 @@ def _check_unique(conn: psycopg.Connection[Any], oid: int, name: str, key: tuple
     )
 
 
+def _check_row_security(conn: psycopg.Connection[Any], oid: int, name: str) -> None:
+    # Row-level security filters a batch's look-ahead and UPDATE without an error: the rows it hides would be
+    # skipped and the backfill reported done. (Runner connections also pin row_security = off, which makes
+    # PostgreSQL raise instead of filter if policies appear later.)
+    row = conn.execute(sql.ROW_SECURITY, (oid,)).fetchone()
+    assert row is not None
+    enabled, forced, owner, bypass, role = row
+    if enabled and not bypass and (forced or not owner):
+        why = "FORCE ROW LEVEL SECURITY applies it even to the owner" if forced else "the role is not its owner"
+        raise PlanError(
+            f"row-level security on {name} would hide rows from role {role} ({why}): run the backfill as a role "
+            "with BYPASSRLS" + ("" if forced else " or as the table's owner")
+        )
+
+
+def _check_key_round_trip(conn: psycopg.Connection[Any], target: Target) -> None:
+    # The smallest and largest keys stand for the rest: a type whose text form loses information fails here,
+    # before anything is written (every key the walk keeps is checked again in its batch).
+    statements = sql.for_target(target)
+    for statement in (statements.min_key(verified=True), statements.max_key(verified=True)):
+        row = conn.execute(statement, ()).fetchone()
+        if row is not None:
+            checked_key(target, row)
+
+
+def _check_moving_keys(conn: psycopg.Connection[Any], oid: int, name: str, key: tuple[str, ...], chosen: bool) -> None:
+    # A row whose key changes during the run can move across the checkpoint: updated twice if it moves ahead,
+    # skipped if it moves behind. What can be seen in the catalog is checked; the rest is the README's contract.
+    for trigger, function, source in conn.execute(sql.BEFORE_UPDATE_TRIGGERS, (oid,)):
+        for column in key:
+            if _assigns(source, column):
+                raise PlanError(
+                    f"trigger {trigger} on {name} ({function}) sets key column {column!r} on UPDATE: rows would "
+                    "move across the checkpoint and be skipped or updated twice; walk a key no trigger changes"
+                )
+    if chosen and tuple(row[0] for row in conn.execute(sql.PRIMARY_KEY, (oid,))) != key:
+        log.warning(
+            "key_not_primary_key",
+            table=name,
+            key=list(key),
+            detail="rows whose key the application changes during the run may be skipped or updated twice",
+        )
+    for (constraint,) in conn.execute(sql.CASCADING_KEY_UPDATES, (oid, list(key))):
+        log.warning(
+            "key_updated_by_cascade",
+            table=name,
+            key=list(key),
+            constraint=constraint,
+            detail="ON UPDATE CASCADE changes key columns: rows whose key moves during the run may be skipped or "
+            "updated twice",
+        )
+
+
 def _check(conn: psycopg.Connection[Any], statement: psycopg.sql.Composed, what: str) -> None:
     # A savepoint keeps the surrounding transaction usable after PostgreSQL rejects the statement.
     try:
@@ -150,3 +226,28 @@ def _check(conn: psycopg.Connection[Any], statement: psycopg.sql.Composed, what:
         raise PlanError(f"{what}: could not lock the table to check it ({describe(exc, hint=True)})") from exc
     except psycopg.Error as exc:
         raise PlanError(f"{what} is not valid: {describe(exc, hint=True)}") from None
+
+
+def checked_key(target: Target, row: Sequence[Any]) -> list[str]:
+    """The key of a row read with a ``verified=True`` statement (its text form, then whether that form reads back
+    as the same key).
+
+    Raises:
+        KeyRoundTripError: it does not; the caller's transaction must roll back.
+    """
+    *key, same = row
+    if not same:
+        raise KeyRoundTripError(
+            f"key ({', '.join(target.key)}) of {target.schema}.{target.table}: the text form {key} does not read "
+            f"back as the same value of type {', '.join(target.key_types)}, so a checkpoint cannot hold it exactly"
+        )
+    return [str(part) for part in key]
+
+
+def _assigns(source: str, column: str) -> bool:
+    """Whether a PL/pgSQL or SQL function body has a statement assigning ``NEW.column`` (a heuristic: statements
+    start after ``;``, ``BEGIN``, ``THEN``, ``ELSE`` or ``LOOP``; an ``IF NEW.col = ...`` test is not one)."""
+    quoted = '"' + column.replace('"', '""') + '"'
+    names = [re.escape(quoted)] + ([re.escape(column)] if re.fullmatch(r"[a-z_][a-z0-9_$]*", column) else [])
+    pattern = r"(?:^|;|\bbegin\b|\bthen\b|\belse\b|\bloop\b)\s*new\s*\.\s*(?:" + "|".join(names) + r")\s*(?::=|=(?!=))"
+    return re.search(pattern, source, re.IGNORECASE | re.MULTILINE) is not None

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
+from backfill.errors import PlanError
+from backfill.fragments import ends_in_line_comment, fragment_problem
 from backfill.plan import Target
 from backfill.state import RunState
 
@@ -24,8 +26,9 @@ CONTROL_VERSION = 1
 
 def _fragment(text: str) -> sql.SQL:
     # The author's SQL goes into statements with placeholders: a literal % must not read as one. (So every
-    # statement holding a fragment is executed with a parameter sequence, if only an empty one.)
-    return sql.SQL(text.replace("%", "%%"))
+    # statement holding a fragment is executed with a parameter sequence, if only an empty one.) A -- comment at
+    # its end would swallow whatever follows on the line, such as the parenthesis around it: end the line first.
+    return sql.SQL(text.replace("%", "%%") + ("\n" if ends_in_line_comment(text) else ""))
 
 
 def _ident(*names: str) -> sql.SQL:
@@ -47,11 +50,25 @@ FIND_TABLE = sql.SQL(
     """
 )
 
-#: Columns of a relation: name, type name (quoted by PostgreSQL), NOT NULL, generated or identity-always.
+#: Columns of a relation: name, type name with its modifier (``character(6)``, quoted by PostgreSQL), NOT NULL,
+#: generated or identity-always, the collation (qualified and quoted, or NULL), and whether the type, looked at
+#: through domains and arrays, is an OID alias (``regclass``...: its text form depends on ``search_path``).
 TABLE_COLUMNS = sql.SQL(
     """
-    SELECT a.attname AS name, pg_catalog.format_type(a.atttypid, NULL) AS type, a.attnotnull AS not_null,
-           a.attgenerated <> '' OR a.attidentity = 'a' AS generated
+    SELECT a.attname AS name, pg_catalog.format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS not_null,
+           a.attgenerated <> '' OR a.attidentity = 'a' AS generated,
+           (SELECT pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(co.collname)
+              FROM pg_catalog.pg_collation co JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
+             WHERE co.oid = a.attcollation) AS collation,
+           EXISTS (WITH RECURSIVE under(oid) AS (
+                       SELECT a.atttypid
+                       UNION
+                       SELECT CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.typelem END
+                         FROM under u JOIN pg_catalog.pg_type t ON t.oid = u.oid
+                        WHERE t.typtype = 'd' OR t.typelem <> 0)
+                   SELECT 1 FROM under u JOIN pg_catalog.pg_type t ON t.oid = u.oid
+                    WHERE t.typnamespace = 'pg_catalog'::regnamespace AND t.typname LIKE 'reg%%'
+                      AND t.typcategory = 'N') AS oid_alias
       FROM pg_catalog.pg_attribute a
      WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
      ORDER BY a.attnum
@@ -116,6 +133,45 @@ RELATIONS_OF = sql.SQL(
 #: Prices sequential scans out for the rest of the transaction (see ``backfill.pg.walk``).
 NO_SEQSCAN = sql.SQL("SELECT set_config('enable_seqscan', 'off', true)")
 
+#: (oid): whether row-level security is enabled and forced on the table, whether the current role owns it (or
+#: inherits its owner's rights), whether it bypasses RLS (superuser or BYPASSRLS), and its name.
+ROW_SECURITY = sql.SQL(
+    """
+    SELECT c.relrowsecurity, c.relforcerowsecurity,
+           pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE'),
+           r.rolsuper OR r.rolbypassrls, current_user::text
+      FROM pg_catalog.pg_class c, pg_catalog.pg_roles r
+     WHERE c.oid = %s AND r.rolname = current_user
+    """
+)
+
+#: (oid): enabled BEFORE UPDATE row triggers of the table with a PL/pgSQL or SQL function: name, function, source.
+BEFORE_UPDATE_TRIGGERS = sql.SQL(
+    """
+    SELECT t.tgname, p.oid::regprocedure::text, p.prosrc
+      FROM pg_catalog.pg_trigger t
+      JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+      JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+     WHERE t.tgrelid = %s AND NOT t.tgisinternal AND t.tgenabled <> 'D'
+       AND t.tgtype::int & 1 = 1 AND t.tgtype::int & 2 = 2 AND t.tgtype::int & 16 = 16
+       AND l.lanname IN ('plpgsql', 'sql')
+     ORDER BY t.tgname
+    """
+)
+
+#: (oid, key columns): foreign keys of the table over key columns whose ON UPDATE action changes them.
+CASCADING_KEY_UPDATES = sql.SQL(
+    """
+    SELECT con.conname
+      FROM pg_catalog.pg_constraint con
+     WHERE con.conrelid = %s AND con.contype = 'f' AND con.confupdtype IN ('c', 'n', 'd')
+       AND EXISTS (SELECT 1 FROM unnest(con.conkey) AS k(attnum)
+                     JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+                    WHERE a.attname::text = ANY(%s::text[]))
+     ORDER BY con.conname
+    """
+)
+
 SERVER_VERSION = sql.SQL("SELECT current_setting('server_version_num')::int")
 
 
@@ -126,6 +182,15 @@ SERVER_VERSION = sql.SQL("SELECT current_setting('server_version_num')::int")
 class TargetSQL(Target):
     """The batch statements for one resolved table, key and set of expressions. Execute them with a parameter
     sequence, if only an empty one: their % signs are escaped for psycopg's placeholder parsing."""
+
+    def __post_init__(self) -> None:
+        # Every statement built from a target puts its fragments between parentheses: each must stay inside them.
+        name = f"{self.schema}.{self.table}"
+        for column, expression in self.values:
+            if problem := fragment_problem(expression):
+                raise PlanError(f"expression for column {column!r} of {name} is not valid: {problem}")
+        if self.where is not None and (problem := fragment_problem(self.where)):
+            raise PlanError(f"filter (where) on {name} is not valid: {problem}")
 
     @property
     def relation(self) -> sql.SQL:
@@ -150,31 +215,53 @@ class TargetSQL(Target):
         # cast back to the column type on the way in, so a checkpoint stored as JSON round-trips any key type.
         return sql.SQL(", ").join(sql.SQL("{}::text").format(_ident(c)) for c in self.key)
 
+    def _round_trip(self) -> sql.Composable:
+        # Whether the key's text form reads back as the same key: the checkpoint is that text, so a form that loses
+        # anything (a rounded float, a truncating cast) would silently skip or repeat rows. Checked on every key
+        # the walk keeps (one row per batch), so a type or setting nobody thought of fails loudly instead.
+        return sql.SQL(" AND ").join(
+            sql.SQL("CAST({c}::text AS {t}) = {c}").format(c=_ident(c), t=sql.SQL(t))
+            for c, t in zip(self.key, self.key_types, strict=True)
+        )
+
     def _range(self, has_lower: bool) -> sql.Composable:
         upper = sql.SQL("{} <= {}").format(self._key_row(), self._key_params())
         if not has_lower:
             return upper
         return sql.SQL("{} > {} AND {}").format(self._key_row(), self._key_params(), upper)
 
-    def max_key(self) -> sql.Composed:
-        """The largest key: where the run's range ends (rows inserted later are not the backfill's job)."""
+    def _keys(self, verified: bool) -> sql.Composable:
+        if not verified:
+            return self._key_text()
+        return sql.SQL("{}, {}").format(self._key_text(), self._round_trip())
+
+    def max_key(self, *, verified: bool = False) -> sql.Composed:
+        """The largest key: where the run's range ends (rows inserted later are not the backfill's job). With
+        ``verified``, a last column says whether its text form reads back as the same key."""
         return sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
-            self._key_text(), self.relation, self._order(" DESC")
+            self._keys(verified), self.relation, self._order(" DESC")
         )
 
     def any_key(self) -> sql.Composed:
         """The key of some row: the first one a sequential read meets (one page), a value to plan batches with."""
         return sql.SQL("SELECT {} FROM {} LIMIT 1").format(self._key_text(), self.relation)
 
-    def lookahead(self, has_lower: bool) -> sql.Composed:
+    def min_key(self, *, verified: bool = False) -> sql.Composed:
+        """The smallest key (as :meth:`max_key`)."""
+        return sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
+            self._keys(verified), self.relation, self._order()
+        )
+
+    def lookahead(self, has_lower: bool, *, verified: bool = False) -> sql.Composed:
         """The key ``n`` rows ahead (params: [lower...], upper..., offset): an index-only walk of n index entries.
+        With ``verified``, a last column says whether its text form reads back as the same key.
 
         Deciding the batch's upper key first and then updating a closed key range keeps both statements on the
         key's index; an ``UPDATE ... WHERE id IN (SELECT ... LIMIT n)`` is often planned as a hash join over a
         sequential scan of the whole table.
         """
         return sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {} OFFSET %s LIMIT 1").format(
-            self._key_text(), self.relation, self._range(has_lower), self._order()
+            self._keys(verified), self.relation, self._range(has_lower), self._order()
         )
 
     def update(self, has_lower: bool) -> sql.Composed:
@@ -191,7 +278,7 @@ class TargetSQL(Target):
         """Sorted keys of a random sample of the table's pages within a key range (params: percent, [lower...],
         upper...): split points for a range too large to walk, read from a small fraction of the table."""
         return sql.SQL("SELECT {} FROM {} TABLESAMPLE SYSTEM (%s) WHERE {} ORDER BY {}").format(
-            self._key_text(), self.relation, self._range(has_lower), self._order()
+            self._keys(True), self.relation, self._range(has_lower), self._order()
         )
 
     def check_expression(self, column: str, expression: str) -> sql.Composed:
@@ -562,6 +649,9 @@ _HOLDER = sql.SQL(
     "AND (a.backend_start IS NULL OR a.backend_start = s.claim_started)"
 )
 
+
+#: First statement of a transaction that must not write (the user's health query).
+READ_ONLY = sql.SQL("SET TRANSACTION READ ONLY")
 
 SET_TIMEOUTS = sql.SQL("SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)")
 

@@ -22,6 +22,7 @@ from psycopg.types.json import Jsonb
 
 from backfill.errors import (
     ControlTablesMissingError,
+    KeyChangedError,
     PoolerError,
     SpecMismatchError,
     StateTransitionError,
@@ -30,6 +31,7 @@ from backfill.errors import (
     UntrustedControlTablesError,
 )
 from backfill.pg import statements as sql
+from backfill.pg.catalog import checked_key
 from backfill.pg.connect import Database
 from backfill.plan import Plan, Target
 from backfill.spec import BackfillSpec
@@ -76,8 +78,15 @@ def _fetch(
 
 
 def _backfill(*, spec: dict[str, Any], state: str, **columns: Any) -> BackfillRecord:
-    """A row of the backfills table (``ControlTables.select``), its counters not yet summed."""
-    return BackfillRecord(spec=BackfillSpec.from_dict(spec), state=RunState(state), **columns)
+    """A row of the backfills table (``ControlTables.select``), its counters not yet summed. The stored spec
+    carries the key's signature beside the spec's own fields (see ``_document``)."""
+    signature = spec.get("key_signature")
+    return BackfillRecord(
+        spec=BackfillSpec.from_dict(spec),
+        state=RunState(state),
+        key_signature=tuple(signature) if signature is not None else None,
+        **columns,
+    )
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,7 @@ def _ms(seconds: float) -> str:
 def _batch_statements(target: Target, has_lower: bool) -> tuple[pgsql.Composed, pgsql.Composed]:
     # Composed once per target and range shape, not once per batch.
     statements = sql.for_target(target)
-    return statements.lookahead(has_lower), statements.update(has_lower)
+    return statements.lookahead(has_lower, verified=True), statements.update(has_lower)
 
 
 class PostgresStore:
@@ -279,7 +288,7 @@ class PostgresStore:
         spec, fingerprint = plan.spec, plan.spec.fingerprint()
         conn = self.conn
         with conn.transaction():
-            inserted = conn.execute(self.tables.insert(), (spec.name, Jsonb(spec.to_dict()), fingerprint)).fetchone()
+            inserted = conn.execute(self.tables.insert(), (spec.name, _document(plan), fingerprint)).fetchone()
             if inserted is None:
                 row = self._select(spec.name, lock=True)
                 assert row is not None
@@ -294,9 +303,33 @@ class PostgresStore:
                             f"({', '.join(old.spec.key or ())}); its checkpoint cannot carry over to a different "
                             "table or key: register the new spec under a new name"
                         )
-                if old.fingerprint != fingerprint or old.spec.batch_size != spec.batch_size:
-                    conn.execute(self.tables.replace_spec(), (Jsonb(spec.to_dict()), fingerprint, old.id))
+                _check_key_signature(old, plan)
+                if (
+                    old.fingerprint != fingerprint
+                    or old.spec.batch_size != spec.batch_size
+                    or old.key_signature != plan.key_signature
+                ):
+                    conn.execute(self.tables.replace_spec(), (_document(plan), fingerprint, old.id))
         return self.get(spec.name)
+
+    def check_key(self, record: BackfillRecord, plan: Plan) -> BackfillRecord:
+        """Check that the key still means what the stored checkpoints were written in (see
+        :attr:`Plan.key_signature`); a backfill that never started takes the key as it is now.
+
+        Raises:
+            KeyChangedError: the backfill has started and a key column's type, modifier or collation changed.
+        """
+        if record.key_signature == plan.key_signature:
+            return record
+        _check_key_signature(record, plan)
+        conn = self.conn
+        with conn.transaction():
+            current = self._select(record.name, lock=True)
+            if current is None:
+                raise UnknownBackfillError(f"no backfill named {record.name!r}")
+            _check_key_signature(current, plan)
+            conn.execute(self.tables.replace_spec(), (_document(plan, current.spec), current.fingerprint, current.id))
+        return self.get(record.name)
 
     def transition(self, name: str, action: OperatorAction) -> BackfillRecord:
         """Apply an operator action (pause, resume, cancel, retry) to the backfill ``name``.
@@ -372,11 +405,11 @@ class PostgresStore:
                     conn.execute(self.tables.start(), (None, None, record.id))
                 return existing
             conn.execute(sql.SET_TIMEOUTS, ("5s", "60s"))
-            top = conn.execute(sql.for_target(plan.target).max_key(), ()).fetchone()
+            top = conn.execute(sql.for_target(plan.target).max_key(verified=True), ()).fetchone()
             if top is None:
                 conn.execute(self.tables.set_state(), (RunState.SUCCEEDED.value, None, True, record.id))
                 return []
-            upper = Jsonb(list(top))
+            upper = Jsonb(checked_key(plan.target, top))
             conn.execute(self.tables.start(), (upper, plan.estimated_rows, record.id))
             conn.execute(self.tables.insert_slice(), (record.id, 0, None, upper, None))
         return self.slices(record.id)
@@ -444,7 +477,7 @@ class PostgresStore:
                 lookahead, update = _batch_statements(plan.target, checkpoint is not None)
                 lower = list(checkpoint or [])
                 ahead = conn.execute(lookahead, [*lower, *upper, request.batch_size - 1]).fetchone()
-                end = list(ahead) if ahead is not None else upper
+                end = checked_key(plan.target, ahead) if ahead is not None else upper
                 rows = conn.execute(update, [*lower, *end]).rowcount
                 slice_done = end == upper
                 conn.execute(
@@ -494,21 +527,40 @@ def _split_points(
     if estimate <= _WALK_LIMIT:
         # Exact row counts from the index: parts - 1 look-aheads of estimate/parts entries each.
         step, cursor = max(1, estimate // parts), start
-        lookahead = {has: statements.lookahead(has) for has in (False, True)}
+        lookahead = {has: statements.lookahead(has, verified=True) for has in (False, True)}
         for _ in range(parts - 1):
             row = conn.execute(lookahead[cursor is not None], [*(cursor or []), *upper, step - 1]).fetchone()
-            if row is None or list(row) == upper:
+            if row is None or (ahead := checked_key(target, row)) == upper:
                 break
-            cursor = list(row)
+            cursor = ahead
             points.append(cursor)
         return points
     percent = min(100.0, 100.0 * _SAMPLE_PER_PIECE * parts / estimate)
-    keys = [list(row) for row in conn.execute(statements.sample_keys(start is not None), [percent, *lower, *upper])]
+    sampled = conn.execute(statements.sample_keys(start is not None), [percent, *lower, *upper])
+    keys = [checked_key(target, row) for row in sampled]
     for j in range(1, parts):
         key = keys[len(keys) * j // parts] if keys else None
         if key is not None and key != upper and (not points or key != points[-1]):
             points.append(key)
     return points
+
+
+def _document(plan: Plan, spec: BackfillSpec | None = None) -> Jsonb:
+    """The stored spec, with what its checkpoints mean (the key's types and collations) beside it."""
+    return Jsonb({**(spec or plan.spec).to_dict(), "key_signature": list(plan.key_signature)})
+
+
+def _check_key_signature(record: BackfillRecord, plan: Plan) -> None:
+    # Before the first start no checkpoint exists, and a backfill registered by an older release has no signature
+    # to compare: both take the key as it is now.
+    if record.started_at is None or record.key_signature is None or record.key_signature == plan.key_signature:
+        return
+    was, now = ", ".join(record.key_signature), ", ".join(plan.key_signature)
+    raise KeyChangedError(
+        f"backfill {record.name!r}: the key ({', '.join(plan.target.key)}) of {record.spec.qualified_table} was "
+        f"{was} when it started and is {now} now; its checkpoint would be read in a different order: "
+        "register the backfill again under a new name"
+    )
 
 
 def _mismatch(old: BackfillSpec, new: BackfillSpec) -> str:
