@@ -52,10 +52,15 @@ log = structlog.get_logger("backfill")
 
 T = TypeVar("T")
 
+#: Each worker is a thread with a connection of its own: more than this is a typo, not a plan.
+_MAX_WORKERS = 1_000
+#: Slices are numbered with an integer and each costs a look-ahead to cut.
+_MAX_SLICES = 100_000
+
 
 @contextlib.contextmanager
 def open_store(
-    bind: Bind, control_schema: str = DEFAULT_CONTROL_SCHEMA, application_name: str = "backfill"
+    bind: Bind, control_schema: str = DEFAULT_CONTROL_SCHEMA, application_name: str | None = None
 ) -> Iterator[PostgresStore]:
     """A :class:`PostgresStore` on a connection of its own, closed on exit."""
     store = PostgresStore(Database.from_bind(bind, application_name), control_schema)
@@ -339,9 +344,11 @@ def _run_by_name(
 
 
 def _check_counts(workers: int, slices: int | None) -> None:
-    for label, count in (("workers", workers), ("slices", slices if slices is not None else 1)):
+    for label, count, most in (("workers", workers, _MAX_WORKERS), ("slices", slices or 1, _MAX_SLICES)):
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise SpecError(f"{label} must be a positive integer, got {count!r}")
+        if count > most:
+            raise SpecError(f"{label} must be at most {most:,}, got {count:,}")
 
 
 def _walk_checker(store: RunnerStore, plan: Plan | None) -> Callable[[], None] | None:

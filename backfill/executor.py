@@ -161,6 +161,10 @@ class Executor:
         self._state = RunState.PENDING
         self._retries = 0
         self._throttled = 0.0
+        #: slice -> [its rows before this run's first batch on it, its rows after the latest one]
+        self._slice_rows: dict[int, list[int]] = {}
+        #: rows of batches whose store does not report slice totals
+        self._uncounted_rows = 0
 
     def run(self, *, max_runtime: float | None = None, max_batches: int | None = None) -> RunReport:
         """Run batches until the backfill is done, a budget is spent, or it is paused, cancelled or fails.
@@ -281,6 +285,7 @@ class Executor:
                 return outcome or RunOutcome.WORK_LEFT, result.state, f"backfill is {result.state.value}"
             seconds = self.clock() - started
             ctx.record_batch(result.rows, seconds, ctx.batch_size)
+            self._count(piece.slice, result)
             self.log.info(
                 "batch_committed",
                 slice=piece.slice,
@@ -317,6 +322,20 @@ class Executor:
             self.log.warning("walk_check_failed", error=describe(exc), action="batch goes on")
         self._usual_pace = pace
         return None
+
+    def _count(self, slice_no: int, result: BatchResult) -> None:
+        # A batch acknowledged as committed can still be lost in a server crash (batches commit asynchronously);
+        # it is then run again. The slice's committed total tells the two apart, so the report counts rows once.
+        if result.slice_rows is None:
+            self._uncounted_rows += result.rows
+            return
+        counted = self._slice_rows.setdefault(slice_no, [result.slice_rows - result.rows, result.slice_rows])
+        counted[1] = result.slice_rows
+
+    @property
+    def rows_updated(self) -> int:
+        """Rows this run updated, each counted once."""
+        return self._uncounted_rows + sum(max(0, last - first) for first, last in self._slice_rows.values())
 
     def _fail(self, backfill_id: int, message: str) -> tuple[RunOutcome, RunState, str | None]:
         self._step("fail", lambda: self.store.fail(backfill_id, message))
@@ -477,7 +496,7 @@ class Executor:
             name=self.name,
             outcome=outcome,
             state=state,
-            rows_updated=ctx.rows,
+            rows_updated=self.rows_updated,
             batches=ctx.batches,
             seconds=ctx.elapsed,
             longest_batch_seconds=ctx.longest_batch_seconds,
@@ -490,7 +509,7 @@ class Executor:
             "run_finished",
             outcome=outcome.value,
             state=state.value,
-            rows=ctx.rows,
+            rows=self.rows_updated,
             batches=ctx.batches,
             seconds=round(ctx.elapsed, 3),
             retries=self._retries,

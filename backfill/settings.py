@@ -25,8 +25,12 @@ from backfill.policies import (
     VacuumRunning,
     no_throttle,
 )
+from backfill.spec import MAX_BATCH_SIZE
 
 __all__ = ["RunSettings", "SettingsError"]
+
+#: PostgreSQL takes lock_timeout and statement_timeout in milliseconds up to INT_MAX.
+_MAX_TIMEOUT_SECONDS = 2_147_483
 
 
 class SettingsError(BackfillError, ValueError):
@@ -106,6 +110,18 @@ class RunSettings:
         for name, value in positive.items():
             if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise SettingsError(f"{name} must be a positive number, got {value!r}")
+        for name, value in (
+            ("batch_size", self.batch_size),
+            ("min_batch_size", self.min_batch_size),
+            ("max_batch_size", self.max_batch_size),
+        ):
+            if value is not None and value > MAX_BATCH_SIZE:
+                raise SettingsError(f"{name} must be at most {MAX_BATCH_SIZE:,}, got {value:,}")
+        for name, value in (("lock_timeout", self.lock_timeout), ("statement_timeout", self.statement_timeout)):
+            if value > _MAX_TIMEOUT_SECONDS:
+                raise SettingsError(
+                    f"{name} must be at most {_MAX_TIMEOUT_SECONDS:,} seconds (PostgreSQL's limit), got {value!r}"
+                )
         for name, value in (("sleep_between", self.sleep_between), ("max_retry_seconds", self.max_retry_seconds)):
             if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
                 raise SettingsError(f"{name} must be a number >= 0, got {value!r}")

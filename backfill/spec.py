@@ -14,10 +14,14 @@ from typing import Any
 
 from backfill.errors import SpecError
 
-__all__ = ["BackfillSpec", "DEFAULT_BATCH_SIZE", "split_table"]
+__all__ = ["BackfillSpec", "DEFAULT_BATCH_SIZE", "MAX_BATCH_SIZE", "split_table"]
 
 #: Where batches start when the spec leaves ``batch_size`` open (they then adapt to a target duration).
 DEFAULT_BATCH_SIZE = 10_000
+
+#: The largest batch size accepted anywhere: a billion rows of key range in one transaction is never a batch, and
+#: the look-ahead's OFFSET and the stored counters stay far from the limits of bigint.
+MAX_BATCH_SIZE = 1_000_000_000
 
 _MAX_NAME = 200
 
@@ -88,6 +92,8 @@ class BackfillSpec:
         size = self.batch_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
             raise SpecError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if size is not None and size > MAX_BATCH_SIZE:
+            raise SpecError(f"batch_size must be at most {MAX_BATCH_SIZE:,}, got {size:,}")
         object.__setattr__(self, "table", table)
         object.__setattr__(self, "schema", schema)
         object.__setattr__(self, "values", values)

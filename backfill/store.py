@@ -96,6 +96,10 @@ class BatchResult:
     checkpoint: Key | None = None
     slice_done: bool = False
     finished: bool = False
+    #: The slice's rows updated so far, as committed with this batch (None if the store does not count them). A
+    #: crash can lose the newest batches of a runner (they commit asynchronously) and they are run again: counting
+    #: from these totals, a run reports each row once.
+    slice_rows: int | None = None
 
 
 class LockLostError(Exception):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from psycopg import sql
 
-from backfill.pg.statements import ControlTables, TargetSQL, state_literal
+from backfill.pg.statements import TargetSQL, state_literal
 from backfill.schema.ddl import timeout_literal
 from backfill.state import RunState
 
@@ -166,7 +166,8 @@ def finished_gate(name: str, control_schema: str) -> sql.Composed:
     Offline, an inline backfill runs to its end before the script goes on, so only a backfill registered in the
     control tables (deferred, or started by the CLI) can be unfinished here.
     """
-    tables = ControlTables(control_schema)
+    # Rendered text for psql, not a statement psycopg executes: the plain identifier, no % escaping.
+    backfills = sql.Identifier(control_schema, "backfills")
     # The inner IF is planned only when reached, so a database without control tables never resolves the table.
     body = sql.SQL(
         """BEGIN
@@ -177,8 +178,8 @@ def finished_gate(name: str, control_schema: str) -> sql.Composed:
   END IF;
 END"""
     ).format(
-        backfills_name=sql.Literal(tables.backfills.as_string(None)),
-        backfills=tables.backfills,
+        backfills_name=sql.Literal(backfills.as_string(None)),
+        backfills=backfills,
         name=sql.Literal(name),
         succeeded=state_literal(RunState.SUCCEEDED),
     )

@@ -164,17 +164,19 @@ class Database:
     _engine: sqlalchemy.Engine | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_bind(cls, bind: Bind, application_name: str = "backfill") -> Database:
+    def from_bind(cls, bind: Bind, application_name: str | None = None) -> Database:
         """Accept a URL string (SQLAlchemy form or ``postgresql://``), a libpq ``key=value`` string, a
         ``sqlalchemy.URL``, an ``Engine`` or a ``Connection`` (see the module docstring for what is taken from
-        each).
+        each). ``application_name`` (default ``backfill``) replaces a given
+        :class:`Database`'s only when given.
 
         Raises:
             ConnectError: the URL is malformed, not a PostgreSQL URL, carries an option libpq has no equivalent
                 for, or the engine's connections come from code backfill cannot call for its driver.
         """
         if isinstance(bind, Database):
-            return bind
+            return bind if application_name is None else bind.with_application_name(application_name)
+        application_name = application_name or "backfill"
         if isinstance(bind, sqlalchemy.Connection):
             bind = bind.engine
         if isinstance(bind, sqlalchemy.Engine):

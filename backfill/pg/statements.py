@@ -36,6 +36,11 @@ def _ident(*names: str) -> sql.SQL:
     return sql.SQL(sql.Identifier(*names).as_string(None).replace("%", "%%"))
 
 
+def _literal(text: str) -> sql.SQL:
+    # A literal built from a name (the control schema's) goes into statements with placeholders too.
+    return sql.SQL(sql.Literal(text).as_string(None).replace("%", "%%"))
+
+
 # --- catalog -----------------------------------------------------------------------------------------------------
 
 #: The relation a (schema, table) pair names, or NULL; with schema NULL, the search path decides.
@@ -316,31 +321,32 @@ def state_literal(value: RunState) -> sql.Literal:
 
 @dataclass(frozen=True)
 class ControlTables:
-    """Statements on the control tables in one schema."""
+    """Statements on the control tables in one schema. Execute each with a parameter sequence, if only an empty
+    one: a % in the schema name is escaped for psycopg's placeholder parsing (as in the batch statements)."""
 
     schema: str
 
-    def _t(self, name: str) -> sql.Identifier:
-        return sql.Identifier(self.schema, name)
+    def _t(self, name: str) -> sql.SQL:
+        return _ident(self.schema, name)
 
     @property
-    def backfills(self) -> sql.Identifier:
+    def backfills(self) -> sql.SQL:
         return self._t("backfills")
 
     @property
-    def slices(self) -> sql.Identifier:
+    def slices(self) -> sql.SQL:
         return self._t("backfill_slices")
 
     @property
-    def meta(self) -> sql.Identifier:
+    def meta(self) -> sql.SQL:
         return self._t("backfill_meta")
 
     def create(self) -> list[sql.Composed]:
         """Idempotent DDL for version 1, run in one transaction (retried if a concurrent ``init`` wins a race on
         the catalog: see the store)."""
         f = {
-            "schema": sql.Identifier(self.schema),
-            "schema_name": sql.Literal(sql.Identifier(self.schema).as_string(None)),
+            "schema": _ident(self.schema),
+            "schema_name": _literal(sql.Identifier(self.schema).as_string(None)),
             "b": self.backfills,
             "s": self.slices,
             "m": self.meta,
@@ -450,7 +456,7 @@ class ControlTables:
         """What a runner needs on the control tables, and nothing more: read every table; add backfills (``run``
         with a spec registers it) and slices (splitting); update both (state, checkpoints, claims). No DELETE,
         no TRUNCATE, no DDL."""
-        f = {"schema": sql.Identifier(self.schema), "role": sql.Identifier(role)}
+        f = {"schema": _ident(self.schema), "role": _ident(role)}
         f.update(b=self.backfills, s=self.slices, m=self.meta)
         return [
             sql.SQL(text).format(**f)
@@ -557,11 +563,13 @@ class ControlTables:
         ).format(s=self.slices, b=self.backfills)
 
     def checkpoint(self) -> sql.Composed:
-        """(checkpoint, done, rows, owner, backfill_id, slice): written in the batch's own transaction."""
+        """(checkpoint, done, rows, owner, backfill_id, slice): written in the batch's own transaction; returns
+        the slice's rows updated so far."""
         return sql.SQL(
             """UPDATE {} SET checkpoint = %s, done = %s, rows_updated = rows_updated + %s, batches = batches + 1,
                       owner = %s, heartbeat_at = now(), updated_at = now()
-                WHERE backfill_id = %s AND slice = %s"""
+                WHERE backfill_id = %s AND slice = %s
+            RETURNING rows_updated"""
         ).format(self.slices)
 
     def finish_if_done(self) -> sql.Composed:

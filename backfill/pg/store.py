@@ -186,7 +186,7 @@ class PostgresStore:
                     # Checked first so that nothing of ours (the meta row's INSERT) runs on an adopted table.
                     self._refuse_untrusted()
                     for statement in self.tables.create():
-                        conn.execute(statement)
+                        conn.execute(statement, ())
                     self._refuse_untrusted()
                     self._grant(grant)
                 break
@@ -209,7 +209,7 @@ class PostgresStore:
                     f"{'; '.join(problems)} ({_TRUST_RULE})"
                 )
             for statement in self.tables.grant(role):
-                self.conn.execute(statement)
+                self.conn.execute(statement, ())
 
     def _problems(self, role: str | None = None) -> list[str]:
         params = {"schema": self.tables.schema, "role": role}
@@ -233,7 +233,7 @@ class PostgresStore:
             # Once per connection: only a trusted owner could change the tables after this.
             self._refuse_untrusted()
             self._verified = self._conn
-        row = self.conn.execute(self.tables.version()).fetchone()
+        row = self.conn.execute(self.tables.version(), ()).fetchone()
         if row is None or row[0] > sql.CONTROL_VERSION:
             raise ControlTablesMissingError(
                 f"the control tables in schema {self.tables.schema!r} are version {row[0] if row else '?'}, "
@@ -480,10 +480,10 @@ class PostgresStore:
                 end = checked_key(plan.target, ahead) if ahead is not None else upper
                 rows = conn.execute(update, [*lower, *end]).rowcount
                 slice_done = end == upper
-                conn.execute(
+                total = conn.execute(
                     tables.checkpoint(),
                     (Jsonb(end), slice_done, rows, request.owner, request.backfill_id, request.slice),
-                )
+                ).fetchone()
                 finished = slice_done and self._finish_if_done(request.backfill_id)
         except psycopg.Error:
             if conn.broken or conn.closed:
@@ -496,6 +496,7 @@ class PostgresStore:
             checkpoint=end,
             slice_done=slice_done,
             finished=finished,
+            slice_rows=int(total[0]) if total is not None else None,
         )
 
     def fail(self, backfill_id: int, error: str) -> None:
