@@ -19,7 +19,7 @@ What is taken from where:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 import psycopg
@@ -175,7 +175,7 @@ class Database:
                 for, or the engine's connections come from code backfill cannot call for its driver.
         """
         if isinstance(bind, Database):
-            return bind if application_name is None else bind.with_application_name(application_name)
+            return bind if application_name is None else replace(bind, application_name=application_name)
         application_name = application_name or "backfill"
         if isinstance(bind, sqlalchemy.Connection):
             bind = bind.engine
