@@ -10,6 +10,7 @@ import pytest
 
 import backfill
 from backfill import BackfillSpec, KeyRoundTripError, PlanError, RunOutcome
+from backfill.alembic import offline as offline_sql
 from backfill.pg.catalog import resolve
 from backfill.pg.connect import Database
 from backfill.pg.store import PostgresStore
@@ -112,3 +113,17 @@ def test_a_key_text_form_that_does_not_read_back_fails_the_batch_not_the_data(
 
     assert conn.execute("SELECT count(*) FROM backfill_slices").fetchone() == (0,)
     assert conn.execute("SELECT sum(n) FROM items").fetchone() == (0,)
+
+
+def test_the_offline_script_casts_keys_with_their_type_modifier(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("CREATE TABLE items (id character(6) PRIMARY KEY, n integer NOT NULL DEFAULT 0)")
+    conn.execute("INSERT INTO items (id) SELECT lpad(g::text, 6, '0') FROM generate_series(1, 2000) g")
+    script = offline_sql.batched_script(
+        name="inc", schema="public", table="items", key=("id",), values=(("n", "n + 1"),), where=None,
+        batch_size=100, lock_timeout=2.0,
+    )  # fmt: skip
+    conn.execute("SET statement_timeout = '60s'")  # a key read back as character(1) walks forever
+
+    conn.execute(script)
+
+    assert dict(conn.execute("SELECT n, count(*) FROM items GROUP BY n").fetchall()) == {1: 2000}

@@ -84,7 +84,7 @@ def batched_script(
     declarations = [f"t_{i} text; lo_{i} text; up_{i} text; en_{i} text;" for i in range(1, n + 1)]
     type_lookups = sql.SQL("\n  ").join(
         sql.SQL(
-            "SELECT pg_catalog.format_type(a.atttypid, NULL) INTO t_{i} FROM pg_catalog.pg_attribute a "
+            "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) INTO t_{i} FROM pg_catalog.pg_attribute a "
             "WHERE a.attrelid = pg_catalog.to_regclass({rel}) AND a.attname = {col} AND NOT a.attisdropped;\n  "
             "IF t_{i} IS NULL THEN RAISE EXCEPTION 'backfill %: no key column % in %', {bf}, {col}, {rel}; END IF;"
         ).format(i=sql.SQL(str(i)), rel=relation, col=sql.Literal(column), bf=sql.Literal(name))
