@@ -411,6 +411,7 @@ class InMemoryStore:
                 checkpoint=[str(end)],
                 slice_done=piece.done,
                 finished=finished,
+                slice_rows=piece.rows_updated,
             )
 
     def fail(self, backfill_id: int, error: str) -> None:

@@ -207,7 +207,7 @@ def test_a_batch_moves_the_rows_and_the_checkpoint_together(bed: MakeBed) -> Non
 
     result = b.batch(10, owner="a")
 
-    assert BatchResult(RunState.RUNNING, True, 10, ["10"], False, False) == result
+    assert BatchResult(RunState.RUNNING, True, 10, ["10"], False, False, slice_rows=10) == result
     assert dict.fromkeys(range(1, 11), 1) == b.counts()
     piece = b.store.slices(b.id)[0]
     assert (piece.checkpoint, piece.rows_updated, piece.batches, piece.owner) == (["10"], 10, 1, "a")
