@@ -1,8 +1,8 @@
 """Several runners on one backfill in one process: one executor per worker thread, each on its own connection.
 
 Workers coordinate through PostgreSQL only, exactly as runners on different machines do: each claims an unfinished
-slice (a claim in its control row), works it to its end and claims the next, so a slice is never worked twice and a slice
-left by a runner that died is taken over from its checkpoint. The rate cap is shared through the control table
+slice (a claim in its control row), works it to its end and claims the next, so a slice is never worked twice and a
+slice left by a runner that died is taken over from its checkpoint. The rate cap is shared through the control table
 (``MaxRowsPerSecond`` divides it by the live runners); replica-lag and vacuum checks run in every worker.
 """
 
