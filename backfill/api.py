@@ -9,11 +9,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import sqlalchemy
 import structlog
 
 from backfill.errors import LOCK_ERRORS, PlanError, SpecError
 from backfill.executor import Executor, RunReport
 from backfill.parallel import run_parallel
+from backfill.pg.borrowed import qualify
 from backfill.pg.catalog import resolve
 from backfill.pg.connect import Bind, Database
 from backfill.pg.health import PostgresHealth
@@ -78,6 +80,15 @@ def _health(store: RunnerStore, plan: Plan) -> PostgresHealth | None:
     return PostgresHealth(lambda: postgres.conn, plan.target.schema, plan.target.table)
 
 
+def _named_by_caller(bind: Bind, spec: BackfillSpec) -> BackfillSpec:
+    # An unqualified table means what the caller's own connection (its search_path) makes of it. Batches run on
+    # connections of their own, where it may mean another table: resolve it here and pin the schema in the spec.
+    if not isinstance(bind, sqlalchemy.Connection):
+        return spec
+    schema, table = qualify(bind, spec.table, spec.schema)
+    return spec.with_changes(schema=schema, table=table)
+
+
 def init_control_tables(
     bind: Bind, *, control_schema: str = DEFAULT_CONTROL_SCHEMA, grant: str | Sequence[str] = ()
 ) -> None:
@@ -102,6 +113,7 @@ def plan_backfill(bind: Bind, spec: BackfillSpec) -> Plan:
     Raises:
         PlanError: unknown table or column, no usable key, an expression or filter PostgreSQL rejects.
     """
+    spec = _named_by_caller(bind, spec)
     database = Database.from_bind(bind)
     with database.connect() as conn:
         return resolve(conn, spec)
@@ -117,6 +129,7 @@ def register_backfill(
         PlanError: the spec does not fit the database (nothing is written).
         SpecMismatchError: the name holds a different spec and ``force`` is false.
     """
+    spec = _named_by_caller(bind, spec)
     with open_store(bind, control_schema) as store:
         plan = resolve(store.conn, spec)
         store.init()
@@ -140,7 +153,8 @@ def run_backfill(
 
     Args:
         bind: the database (URL, SQLAlchemy URL, Engine or Connection). Batches run on connections of their own,
-            never inside the caller's transaction.
+            never inside the caller's transaction; a Connection's search_path decides which table an unqualified
+            name means (its schema is pinned in the stored spec; a temporary table is refused).
         backfill: a spec (registered first, or checked against the registered one), or the name of a registered
             backfill (its stored spec is used: no application code is needed to resume it).
         max_runtime: seconds after which no new batch starts.
@@ -163,6 +177,8 @@ def run_backfill(
     """
     _check_counts(workers, slices)
     settings = settings or RunSettings()
+    if isinstance(backfill, BackfillSpec):
+        backfill = _named_by_caller(bind, backfill)
     database = Database.from_bind(bind, settings.application_name)
     with PostgresStore(database, control_schema) as store:
         store.conn  # noqa: B018 -- the first connection is not retried: a wrong URL or a server down fails now

@@ -22,6 +22,7 @@ __all__ = [
     "LOCK_ERRORS",
     "VIOLATION_ERRORS",
     "database_error",
+    "database_error_class",
     "transient_reason",
     "describe",
     "UntrustedControlTablesError",
@@ -120,6 +121,23 @@ def database_error(exc: BaseException) -> BaseException:
         if isinstance(candidate, psycopg.Error):
             return candidate
     return exc
+
+
+def database_error_class(exc: BaseException) -> type[BaseException]:
+    """The psycopg error class behind ``exc``: its own, or, for another driver's error (psycopg2's or asyncpg's,
+    usually wrapped by SQLAlchemy: a migration's connection may use any driver), the class psycopg has for its
+    SQLSTATE; else ``type(exc)``."""
+    error = database_error(exc)
+    if isinstance(error, psycopg.Error) or isinstance(exc, BackfillError):
+        return type(error)
+    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str) and code:
+            try:
+                return pg_errors.lookup(code)
+            except KeyError:
+                break
+    return type(exc)
 
 
 def transient_reason(exc: BaseException) -> str | None:

@@ -423,9 +423,51 @@ def test_the_retry_budget_is_measured_on_the_injected_clock() -> None:
     assert len(session.transactions) < 100
 
 
-def test_other_errors_are_not_retried() -> None:
+def test_other_errors_are_not_retried_and_become_a_constraint_error_naming_what_is_left() -> None:
     session = _FlakySession(1, psycopg.errors.InsufficientPrivilege("must be owner of table events"))
 
-    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+    with pytest.raises(ConstraintError) as caught:
         constraints.apply_steps(session, _one_step_plan(), LockRetry(sleep=lambda s: None))
     assert len(session.transactions) == 1
+    assert str(caught.value) == (
+        "add step on public.events.kind failed: must be owner of table events [SQLSTATE 42501] (nothing changed); "
+        "run it again: it continues from what the catalog shows"
+    )
+
+
+class _ScanCancelledSession(_FlakySession):
+    """The validating scan is cancelled (a timeout); every other transaction succeeds."""
+
+    def __init__(self) -> None:
+        super().__init__(0, psycopg.errors.QueryCanceled("canceling statement due to statement timeout"))
+
+    def run(self, statements: Sequence[sql.Composable], *, capture_notices: bool = False) -> list[str]:
+        self.transactions.append([ddl.render(s) for s in statements])
+        if any("VALIDATE" in line for line in self.transactions[-1]):
+            raise self.error
+        return []
+
+
+def test_a_cancelled_scan_drops_the_constraint_this_call_added_and_says_so() -> None:
+    session = _ScanCancelledSession()
+
+    with pytest.raises(ConstraintError) as caught:
+        constraints.apply_steps(session, constraints.plan_add(_state()), validate_timeout=0.5)
+
+    assert str(caught.value) == (
+        "validate step on public.events.kind failed: canceling statement due to statement timeout [SQLSTATE 57014] "
+        "(the constraint added by this call was dropped again, nothing changed); run it again: it continues from "
+        "what the catalog shows"
+    )
+    validate, undo = session.transactions[1:]
+    assert validate[0] == "SET LOCAL statement_timeout = '500ms'"
+    assert undo[-1] == 'ALTER TABLE "public"."events" DROP CONSTRAINT IF EXISTS "events_kind_not_null_check"'
+
+
+def test_every_step_sets_its_own_statement_timeout_so_a_role_default_cannot_cancel_it() -> None:
+    session = _FlakySession(0, RuntimeError("unused"))
+
+    constraints.apply_steps(session, constraints.plan_add(_state()))
+
+    timeouts = [next(s for s in t if "statement_timeout" in s) for t in session.transactions]
+    assert timeouts == ["SET LOCAL statement_timeout = '0'"] * 4

@@ -12,7 +12,7 @@ touching env.py; with older Alembic, add ``import backfill.alembic`` to env.py. 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from alembic.runtime.plugins import Plugin
@@ -49,6 +49,7 @@ from backfill.alembic.ops import (  # noqa: E402
     ValidateNotNullConstraintOp,
 )
 from backfill.alembic.toimpl import BackfillNotFinishedError, MigrationContextError  # noqa: E402
+from backfill.api import DEFAULT_CONTROL_SCHEMA  # noqa: E402
 
 if TYPE_CHECKING:
     from backfill.executor import RunReport
@@ -89,9 +90,11 @@ __all__ = [
 ]
 
 
-def _operations(operations: Operations | None) -> Operations:
+def _running(arguments: dict[str, Any]) -> tuple[Operations, dict[str, Any]]:
+    """Split a typed function's ``locals()`` into the running migration's Operations and the op's arguments."""
+    operations: Operations | None = arguments.pop("operations")
     if operations is not None:
-        return operations
+        return operations, arguments
     from alembic import op
 
     # The Operations of the migration that is running (alembic.op is a proxy to it while one runs).
@@ -100,7 +103,7 @@ def _operations(operations: Operations | None) -> Operations:
         raise MigrationContextError(
             "no Alembic migration is running: call this from upgrade() or downgrade(), or pass operations="
         )
-    return running
+    return running, arguments
 
 
 def backfill(
@@ -115,25 +118,13 @@ def backfill(
     defer: bool = False,
     settings: RunSettings | None = None,
     force: bool = False,
-    control_schema: str = "public",
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
     operations: Operations | None = None,
 ) -> RunReport | None:
     """``op.backfill``, typed; ``operations`` defaults to the running migration's ``op``. See
     :meth:`BackfillOp.backfill`."""
-    return BackfillOp.backfill(
-        _operations(operations),
-        name,
-        table,
-        values,
-        where=where,
-        key=key,
-        batch_size=batch_size,
-        schema=schema,
-        defer=defer,
-        settings=settings,
-        force=force,
-        control_schema=control_schema,
-    )
+    running, arguments = _running(locals())
+    return BackfillOp.backfill(running, **arguments)
 
 
 def ensure_backfill_finished(
@@ -141,13 +132,12 @@ def ensure_backfill_finished(
     *,
     finish: bool = True,
     settings: RunSettings | None = None,
-    control_schema: str = "public",
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
     operations: Operations | None = None,
 ) -> BackfillRecord | None:
     """``op.ensure_backfill_finished``, typed. See :meth:`EnsureBackfillFinishedOp.ensure_backfill_finished`."""
-    return EnsureBackfillFinishedOp.ensure_backfill_finished(
-        _operations(operations), name, finish=finish, settings=settings, control_schema=control_schema
-    )
+    running, arguments = _running(locals())
+    return EnsureBackfillFinishedOp.ensure_backfill_finished(running, **arguments)
 
 
 def add_not_null_constraint(
@@ -157,21 +147,14 @@ def add_not_null_constraint(
     schema: str | None = None,
     name: str | None = None,
     validate: bool = True,
+    validate_timeout: float | None = None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
     operations: Operations | None = None,
 ) -> None:
     """``op.add_not_null_constraint``, typed. See :meth:`AddNotNullConstraintOp.add_not_null_constraint`."""
-    AddNotNullConstraintOp.add_not_null_constraint(
-        _operations(operations),
-        table,
-        column,
-        schema=schema,
-        name=name,
-        validate=validate,
-        lock_timeout=lock_timeout,
-        lock_retry_seconds=lock_retry_seconds,
-    )
+    running, arguments = _running(locals())
+    AddNotNullConstraintOp.add_not_null_constraint(running, **arguments)
 
 
 def validate_not_null_constraint(
@@ -180,21 +163,15 @@ def validate_not_null_constraint(
     *,
     schema: str | None = None,
     name: str | None = None,
+    validate_timeout: float | None = None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
     operations: Operations | None = None,
 ) -> None:
     """``op.validate_not_null_constraint``, typed. See
     :meth:`ValidateNotNullConstraintOp.validate_not_null_constraint`."""
-    ValidateNotNullConstraintOp.validate_not_null_constraint(
-        _operations(operations),
-        table,
-        column,
-        schema=schema,
-        name=name,
-        lock_timeout=lock_timeout,
-        lock_retry_seconds=lock_retry_seconds,
-    )
+    running, arguments = _running(locals())
+    ValidateNotNullConstraintOp.validate_not_null_constraint(running, **arguments)
 
 
 def drop_not_null_constraint(
@@ -208,15 +185,8 @@ def drop_not_null_constraint(
     operations: Operations | None = None,
 ) -> None:
     """``op.drop_not_null_constraint``, typed. See :meth:`DropNotNullConstraintOp.drop_not_null_constraint`."""
-    DropNotNullConstraintOp.drop_not_null_constraint(
-        _operations(operations),
-        table,
-        column,
-        schema=schema,
-        name=name,
-        lock_timeout=lock_timeout,
-        lock_retry_seconds=lock_retry_seconds,
-    )
+    running, arguments = _running(locals())
+    DropNotNullConstraintOp.drop_not_null_constraint(running, **arguments)
 
 
 def add_check_constraint(
@@ -231,16 +201,8 @@ def add_check_constraint(
     operations: Operations | None = None,
 ) -> ChangeResult | None:
     """``op.add_check_constraint``, typed. See :meth:`AddCheckConstraintOp.add_check_constraint`."""
-    return AddCheckConstraintOp.add_check_constraint(
-        _operations(operations),
-        table,
-        name,
-        condition,
-        validate=validate,
-        schema=schema,
-        lock_timeout=lock_timeout,
-        lock_retry_seconds=lock_retry_seconds,
-    )
+    running, arguments = _running(locals())
+    return AddCheckConstraintOp.add_check_constraint(running, **arguments)
 
 
 def validate_check_constraint(
@@ -253,14 +215,8 @@ def validate_check_constraint(
     operations: Operations | None = None,
 ) -> ChangeResult | None:
     """``op.validate_check_constraint``, typed. See :meth:`ValidateCheckConstraintOp.validate_check_constraint`."""
-    return ValidateCheckConstraintOp.validate_check_constraint(
-        _operations(operations),
-        table,
-        name,
-        schema=schema,
-        lock_timeout=lock_timeout,
-        lock_retry_seconds=lock_retry_seconds,
-    )
+    running, arguments = _running(locals())
+    return ValidateCheckConstraintOp.validate_check_constraint(running, **arguments)
 
 
 def drop_check_constraint(
@@ -273,14 +229,8 @@ def drop_check_constraint(
     operations: Operations | None = None,
 ) -> ChangeResult | None:
     """``op.drop_check_constraint``, typed. See :meth:`DropCheckConstraintOp.drop_check_constraint`."""
-    return DropCheckConstraintOp.drop_check_constraint(
-        _operations(operations),
-        table,
-        name,
-        schema=schema,
-        lock_timeout=lock_timeout,
-        lock_retry_seconds=lock_retry_seconds,
-    )
+    running, arguments = _running(locals())
+    return DropCheckConstraintOp.drop_check_constraint(running, **arguments)
 
 
 def add_foreign_key(
@@ -298,19 +248,8 @@ def add_foreign_key(
     operations: Operations | None = None,
 ) -> ChangeResult | None:
     """``op.add_foreign_key``, typed. See :meth:`AddForeignKeyOp.add_foreign_key`."""
-    return AddForeignKeyOp.add_foreign_key(
-        _operations(operations),
-        table,
-        columns,
-        referent_table,
-        referent_columns,
-        name=name,
-        on_delete=on_delete,
-        validate=validate,
-        schema=schema,
-        lock_timeout=lock_timeout,
-        lock_retry_seconds=lock_retry_seconds,
-    )
+    running, arguments = _running(locals())
+    return AddForeignKeyOp.add_foreign_key(running, **arguments)
 
 
 def validate_foreign_key(
@@ -323,14 +262,8 @@ def validate_foreign_key(
     operations: Operations | None = None,
 ) -> ChangeResult | None:
     """``op.validate_foreign_key``, typed. See :meth:`ValidateForeignKeyOp.validate_foreign_key`."""
-    return ValidateForeignKeyOp.validate_foreign_key(
-        _operations(operations),
-        table,
-        name,
-        schema=schema,
-        lock_timeout=lock_timeout,
-        lock_retry_seconds=lock_retry_seconds,
-    )
+    running, arguments = _running(locals())
+    return ValidateForeignKeyOp.validate_foreign_key(running, **arguments)
 
 
 def drop_foreign_key(
@@ -343,14 +276,8 @@ def drop_foreign_key(
     operations: Operations | None = None,
 ) -> ChangeResult | None:
     """``op.drop_foreign_key``, typed. See :meth:`DropForeignKeyOp.drop_foreign_key`."""
-    return DropForeignKeyOp.drop_foreign_key(
-        _operations(operations),
-        table,
-        name,
-        schema=schema,
-        lock_timeout=lock_timeout,
-        lock_retry_seconds=lock_retry_seconds,
-    )
+    running, arguments = _running(locals())
+    return DropForeignKeyOp.drop_foreign_key(running, **arguments)
 
 
 def add_index_concurrently(
@@ -365,13 +292,13 @@ def add_index_concurrently(
     operations: Operations | None = None,
 ) -> ChangeResult | None:
     """``op.add_index_concurrently``, typed. See :meth:`AddIndexConcurrentlyOp.add_index_concurrently`."""
-    return AddIndexConcurrentlyOp.add_index_concurrently(
-        _operations(operations), table, columns, name=name, unique=unique, where=where, using=using, schema=schema
-    )
+    running, arguments = _running(locals())
+    return AddIndexConcurrentlyOp.add_index_concurrently(running, **arguments)
 
 
 def drop_index_concurrently(
     name: str, *, table: str | None = None, schema: str | None = None, operations: Operations | None = None
 ) -> ChangeResult | None:
     """``op.drop_index_concurrently``, typed. See :meth:`DropIndexConcurrentlyOp.drop_index_concurrently`."""
-    return DropIndexConcurrentlyOp.drop_index_concurrently(_operations(operations), name, table=table, schema=schema)
+    running, arguments = _running(locals())
+    return DropIndexConcurrentlyOp.drop_index_concurrently(running, **arguments)

@@ -3,15 +3,21 @@ reads as ``op.<name>``. The code that runs them lives in :mod:`backfill.alembic.
 
 Importing this module registers the ``op.`` names (Alembic >= 1.18 imports it through the ``alembic.plugins``
 entry point; older versions need ``import backfill.alembic`` in env.py).
+
+Each operation's fields are the one source of its arguments: its ``__init__`` is derived from them, and a test
+checks that the ``op.<name>`` classmethod and the typed function in :mod:`backfill.alembic` take the same ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from dataclasses import KW_ONLY, dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 from alembic.operations import MigrateOperation, Operations
 
+from backfill.api import DEFAULT_CONTROL_SCHEMA
 from backfill.schema.foreign_key import fk_name
 from backfill.schema.index import index_name
 
@@ -48,37 +54,31 @@ DEFAULT_LOCK_TIMEOUT = 2.0
 #: Seconds to keep retrying such a step before the upgrade fails.
 DEFAULT_LOCK_RETRY_SECONDS = 300.0
 
+_Op = TypeVar("_Op", bound=MigrateOperation)
+
+
+def _from_call(cls: type[_Op], arguments: Mapping[str, Any]) -> _Op:
+    """The operation from a classmethod's ``locals()``: its fields, by name."""
+    return cls(**{field.name: arguments[field.name] for field in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
 
 @Operations.register_operation("backfill")
+@dataclass(eq=False)
 class BackfillOp(MigrateOperation):
     """Backfill ``table`` in short batches, outside the migration's transaction."""
 
-    def __init__(
-        self,
-        name: str,
-        table: str,
-        values: Mapping[str, SQLText],
-        *,
-        where: SQLText | None = None,
-        key: str | tuple[str, ...] | None = None,
-        batch_size: int | None = None,
-        schema: str | None = None,
-        defer: bool = False,
-        settings: RunSettings | None = None,
-        force: bool = False,
-        control_schema: str = "public",
-    ) -> None:
-        self.name = name
-        self.table = table
-        self.values = values
-        self.where = where
-        self.key = key
-        self.batch_size = batch_size
-        self.schema = schema
-        self.defer = defer
-        self.settings = settings
-        self.force = force
-        self.control_schema = control_schema
+    name: str
+    table: str
+    values: Mapping[str, SQLText]
+    _: KW_ONLY
+    where: SQLText | None = None
+    key: str | tuple[str, ...] | None = None
+    batch_size: int | None = None
+    schema: str | None = None
+    defer: bool = False
+    settings: RunSettings | None = None
+    force: bool = False
+    control_schema: str = DEFAULT_CONTROL_SCHEMA
 
     @classmethod
     def backfill(
@@ -95,7 +95,7 @@ class BackfillOp(MigrateOperation):
         defer: bool = False,
         settings: RunSettings | None = None,
         force: bool = False,
-        control_schema: str = "public",
+        control_schema: str = DEFAULT_CONTROL_SCHEMA,
     ) -> RunReport | None:
         """Set ``values`` on every row of ``table`` in short batches, outside the migration's transaction.
 
@@ -133,40 +133,20 @@ class BackfillOp(MigrateOperation):
         batches, committing each one, outside a transaction block (psql's default autocommit). Offline, ``key`` is
         required and an unqualified table is taken to be in schema ``public``.
         """
-        report: RunReport | None = operations.invoke(
-            cls(
-                name,
-                table,
-                values,
-                where=where,
-                key=key,
-                batch_size=batch_size,
-                schema=schema,
-                defer=defer,
-                settings=settings,
-                force=force,
-                control_schema=control_schema,
-            )
-        )
+        report: RunReport | None = operations.invoke(_from_call(cls, locals()))
         return report
 
 
 @Operations.register_operation("ensure_backfill_finished")
+@dataclass(eq=False)
 class EnsureBackfillFinishedOp(MigrateOperation):
     """Gate a revision on a backfill having finished."""
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        finish: bool = True,
-        settings: RunSettings | None = None,
-        control_schema: str = "public",
-    ) -> None:
-        self.name = name
-        self.finish = finish
-        self.settings = settings
-        self.control_schema = control_schema
+    name: str
+    _: KW_ONLY
+    finish: bool = True
+    settings: RunSettings | None = None
+    control_schema: str = DEFAULT_CONTROL_SCHEMA
 
     @classmethod
     def ensure_backfill_finished(
@@ -176,7 +156,7 @@ class EnsureBackfillFinishedOp(MigrateOperation):
         *,
         finish: bool = True,
         settings: RunSettings | None = None,
-        control_schema: str = "public",
+        control_schema: str = DEFAULT_CONTROL_SCHEMA,
     ) -> BackfillRecord | None:
         """Make sure the backfill ``name`` (from ``op.backfill`` in an earlier revision) has finished.
 
@@ -192,39 +172,32 @@ class EnsureBackfillFinishedOp(MigrateOperation):
         :return: the finished backfill's record; None offline, where a ``DO`` block checks the control table
             (a backfill it does not know was run inline earlier in the same script).
         """
-        record: BackfillRecord | None = operations.invoke(
-            cls(name, finish=finish, settings=settings, control_schema=control_schema)
-        )
+        record: BackfillRecord | None = operations.invoke(_from_call(cls, locals()))
         return record
 
 
+@dataclass(eq=False)
 class _NotNullOp(MigrateOperation):
-    def __init__(
-        self,
-        table: str,
-        column: str,
-        *,
-        schema: str | None = None,
-        name: str | None = None,
-        validate: bool = True,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    ) -> None:
-        self.table = table
-        self.column = column
-        self.schema = schema
-        self.name = name
-        self.validate = validate
-        self.lock_timeout = lock_timeout
-        self.lock_retry_seconds = lock_retry_seconds
+    table: str
+    column: str
+    _: KW_ONLY
+    schema: str | None = None
+    name: str | None = None
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return (type(self).__name__, self.schema, self.table, self.column, self.name)
 
 
 @Operations.register_operation("add_not_null_constraint")
+@dataclass(eq=False)
 class AddNotNullConstraintOp(_NotNullOp):
     """Make a column NOT NULL without an ACCESS EXCLUSIVE table scan."""
+
+    _: KW_ONLY
+    validate: bool = True
+    validate_timeout: float | None = None
 
     @classmethod
     def add_not_null_constraint(
@@ -236,6 +209,7 @@ class AddNotNullConstraintOp(_NotNullOp):
         schema: str | None = None,
         name: str | None = None,
         validate: bool = True,
+        validate_timeout: float | None = None,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
         lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
     ) -> None:
@@ -258,23 +232,15 @@ class AddNotNullConstraintOp(_NotNullOp):
         :param name: the constraint's name (PostgreSQL 18+) or the temporary CHECK's (12-17).
         :param validate: False stops after the NOT VALID step (new rows are checked at once); finish later
             with ``op.validate_not_null_constraint``.
+        :param validate_timeout: seconds the validating scan may run; None (the default): no limit, whatever
+            the role's ``statement_timeout`` (the scan blocks neither reads nor writes).
         :param lock_timeout: seconds each ACCESS EXCLUSIVE attempt may wait.
         :param lock_retry_seconds: how long to keep retrying before the upgrade fails.
 
         Offline (``--sql``) the server version is unknown: the PostgreSQL 12-17 CHECK path is rendered (it works
         on 18 as well), each ACCESS EXCLUSIVE statement after its ``SET lock_timeout``.
         """
-        operations.invoke(
-            cls(
-                table,
-                column,
-                schema=schema,
-                name=name,
-                validate=validate,
-                lock_timeout=lock_timeout,
-                lock_retry_seconds=lock_retry_seconds,
-            )
-        )
+        operations.invoke(_from_call(cls, locals()))
 
     def reverse(self) -> DropNotNullConstraintOp:
         return DropNotNullConstraintOp(
@@ -288,8 +254,12 @@ class AddNotNullConstraintOp(_NotNullOp):
 
 
 @Operations.register_operation("validate_not_null_constraint")
+@dataclass(eq=False)
 class ValidateNotNullConstraintOp(_NotNullOp):
     """Validate a NOT VALID not-null constraint added earlier."""
+
+    _: KW_ONLY
+    validate_timeout: float | None = None
 
     @classmethod
     def validate_not_null_constraint(
@@ -300,6 +270,7 @@ class ValidateNotNullConstraintOp(_NotNullOp):
         *,
         schema: str | None = None,
         name: str | None = None,
+        validate_timeout: float | None = None,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
         lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
     ) -> None:
@@ -310,19 +281,11 @@ class ValidateNotNullConstraintOp(_NotNullOp):
         column still has NULLs (the NOT VALID constraint then stays: new rows are still checked). Arguments as
         for ``op.add_not_null_constraint``.
         """
-        operations.invoke(
-            cls(
-                table,
-                column,
-                schema=schema,
-                name=name,
-                lock_timeout=lock_timeout,
-                lock_retry_seconds=lock_retry_seconds,
-            )
-        )
+        operations.invoke(_from_call(cls, locals()))
 
 
 @Operations.register_operation("drop_not_null_constraint")
+@dataclass(eq=False)
 class DropNotNullConstraintOp(_NotNullOp):
     """Make a column nullable again (for downgrade())."""
 
@@ -343,16 +306,7 @@ class DropNotNullConstraintOp(_NotNullOp):
         for its ACCESS EXCLUSIVE lock and is retried with backoff. Arguments as for
         ``op.add_not_null_constraint``.
         """
-        operations.invoke(
-            cls(
-                table,
-                column,
-                schema=schema,
-                name=name,
-                lock_timeout=lock_timeout,
-                lock_retry_seconds=lock_retry_seconds,
-            )
-        )
+        operations.invoke(_from_call(cls, locals()))
 
     def reverse(self) -> AddNotNullConstraintOp:
         return AddNotNullConstraintOp(

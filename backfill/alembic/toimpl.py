@@ -35,11 +35,13 @@ from backfill.alembic.ops import (
 )
 from backfill.errors import BackfillError, ControlTablesMissingError, UnknownBackfillError
 from backfill.executor import RunReport
+from backfill.pg.borrowed import SQLAlchemySession
 from backfill.pg.connect import Database
 from backfill.schema import check, constraint, ddl, foreign_key, index
 from backfill.schema import notnull as constraints
 from backfill.spec import BackfillSpec
 from backfill.state import RunOutcome, RunState
+from backfill.status import BackfillStatus
 from backfill.store import BackfillRecord
 
 if TYPE_CHECKING:
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     # entry point), when alembic.runtime.migration is not complete yet.
     from alembic.runtime.migration import MigrationContext
 
-__all__ = ["MigrationContextError", "BackfillNotFinishedError", "SQLAlchemySession"]
+__all__ = ["MigrationContextError", "BackfillNotFinishedError"]
 
 
 class MigrationContextError(BackfillError):
@@ -83,68 +85,58 @@ def _outside_transaction(ctx: MigrationContext, what: str) -> Iterator[sqlalchem
             "transaction of its own (connection.begin() around context.run_migrations()); let Alembic manage "
             "the transaction (context.begin_transaction()) instead"
         )
+    _StampOnCommit.arm(ctx)
     with ctx.autocommit_block():
         assert ctx.connection is not None
         yield ctx.connection
+
+
+class _StampOnCommit:
+    """Commits a revision's version stamp as soon as Alembic writes it, once an op has committed part of that
+    revision.
+
+    With the env.py that ``alembic init`` writes, every pending revision runs in one transaction and each one's
+    stamp is written into it after its upgrade() returns. An op that commits mid-revision (everything up to it)
+    leaves the rest of the run in a new transaction: if a later revision failed, that rollback would take this
+    revision's stamp with it but not its committed work, and every later upgrade would replay the revision on top
+    of it (``DuplicateColumn``). Committing right after the stamp keeps work and stamp together; the revisions that
+    follow stay all-or-nothing as env.py asked. Hooked in as an ``on_version_apply`` callback, which Alembic calls
+    right after each stamp, inside the transaction.
+    """
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    @classmethod
+    def arm(cls, ctx: MigrationContext) -> None:
+        if ctx.opts.get("transaction_per_migration"):
+            return  # every revision commits with its stamp already
+        hook = next((c for c in ctx.on_version_apply_callbacks if isinstance(c, cls)), None)
+        if hook is None:
+            hook = cls()
+            ctx.on_version_apply_callbacks = (*ctx.on_version_apply_callbacks, hook)
+        hook.armed = True
+
+    def __call__(self, *, ctx: MigrationContext, **_: Any) -> None:
+        if self.armed:
+            self.armed = False
+            with ctx.autocommit_block():
+                pass  # entering commits the transaction holding the stamp; leaving begins the next one
 
 
 def _output(ctx: MigrationContext, text: str) -> None:
     ctx.impl.static_output(text.strip() + ctx.impl.command_terminator)
 
 
-class SQLAlchemySession:
-    """A :class:`backfill.schema.notnull.DDLSession` on Alembic's connection while it is in autocommit mode: each
-    step gets an explicit transaction of its own, so ``SET LOCAL`` ends with it."""
-
-    def __init__(self, connection: sqlalchemy.Connection) -> None:
-        self.connection = connection.execution_options(no_parameters=True)
-
-    def _psycopg(self) -> Any:
-        dbapi = self.connection.connection.dbapi_connection
-        return dbapi if hasattr(dbapi, "add_notice_handler") else None
-
-    def fetchall(self, statement: constraints.Query, params: constraints.Params = ()) -> list[tuple[Any, ...]]:
-        text = ddl.render(statement)
-        if params:
-            result = self.connection.exec_driver_sql(text, params)
-        else:
-            result = self.connection.exec_driver_sql(text)
-        return [tuple(row) for row in result]
-
-    def run(self, statements: Sequence[constraints.Query], *, capture_notices: bool = False) -> list[str]:
-        seen: list[str] = []
-        raw = self._psycopg() if capture_notices else None
-
-        def handler(diag: Any) -> None:
-            seen.append(diag.message_primary or "")
-
-        if raw is not None:
-            raw.add_notice_handler(handler)
-        try:
-            self.connection.exec_driver_sql("BEGIN")
-            try:
-                for statement in statements:
-                    self.connection.exec_driver_sql(ddl.render(statement))
-            except BaseException:
-                self.connection.exec_driver_sql("ROLLBACK")
-                raise
-            self.connection.exec_driver_sql("COMMIT")
-        finally:
-            if raw is not None:
-                raw.remove_notice_handler(handler)
-        return seen
-
-    def execute(self, statement: constraints.Query) -> None:
-        # The connection is in Alembic's autocommit block: no BEGIN is sent, so this runs outside any transaction.
-        self.connection.exec_driver_sql(ddl.render(statement))
-
-
 # --- op.backfill -------------------------------------------------------------------------------------------------
 
 
 def _sql_text(value: SQLText) -> str:
+    """An expression as the SQL that runs. SQLAlchemy expressions are compiled with their values inlined, for a
+    dialect without ``%`` placeholders: a pyformat dialect would double every ``%`` (in ``'100% done'``, in the
+    modulo operator), and nothing downstream undoes that."""
     if isinstance(value, ClauseElement):
-        dialect = PGDialect()  # type: ignore[no-untyped-call]
+        dialect = PGDialect(paramstyle="named")  # type: ignore[no-untyped-call]
         return str(value.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
     return value
 
@@ -266,8 +258,8 @@ def ensure_backfill_finished(operations: Operations, operation: EnsureBackfillFi
 
 def _progress(record: BackfillRecord) -> str:
     done = f"{record.rows_updated:,} rows updated in {record.batches:,} batches"
-    if record.estimated_rows:
-        percent = min(100.0, 100.0 * record.rows_updated / record.estimated_rows)
+    percent = BackfillStatus(record, ()).percent
+    if percent is not None and record.estimated_rows:
         done += f" (~{percent:.0f}% of ~{record.estimated_rows:,} rows)"
     return done
 
@@ -275,11 +267,21 @@ def _progress(record: BackfillRecord) -> str:
 # --- the NOT NULL ops --------------------------------------------------------------------------------------------
 
 
-def _not_null(operations: Operations, operation: _NotNullOp, what: str, existing: str) -> None:
+Planner = Callable[[constraints.ColumnState], constraints.NotNullPlan]
+
+
+def _not_null(
+    operations: Operations,
+    operation: _NotNullOp,
+    what: str,
+    assumed: constraints.AssumedState,
+    planner: Planner,
+    validate_timeout: float | None = None,
+) -> None:
     ctx = _context(operations, what)
     if ctx.as_sql:
-        state = constraints.offline_state(operation.table, operation.column, schema=operation.schema, existing=existing)
-        lines = constraints.render_steps(_plan(what, state, operation), operation.lock_timeout)
+        state = constraints.offline_state(operation.table, operation.column, schema=operation.schema, assumed=assumed)
+        lines = constraints.render_steps(planner(state), operation.lock_timeout)
         # Outside the migration's transaction, as online: each statement commits on its own, so the instant
         # ACCESS EXCLUSIVE steps do not keep their lock through the validating scan.
         with _outside_transaction(ctx, what):
@@ -292,30 +294,45 @@ def _not_null(operations: Operations, operation: _NotNullOp, what: str, existing
         state = constraints.read_state(
             session, operation.table, operation.column, schema=operation.schema, name=operation.name
         )
-        constraints.apply_steps(session, _plan(what, state, operation), retry)
-
-
-def _plan(what: str, state: constraints.ColumnState, operation: _NotNullOp) -> constraints.NotNullPlan:
-    if what == "add_not_null_constraint":
-        return constraints.plan_add(state, operation.name, validate=operation.validate)
-    if what == "validate_not_null_constraint":
-        return constraints.plan_validate(state, operation.name)
-    return constraints.plan_drop(state, operation.name)
+        constraints.apply_steps(session, planner(state), retry, validate_timeout=validate_timeout)
 
 
 @Operations.implementation_for(AddNotNullConstraintOp)
 def add_not_null_constraint(operations: Operations, operation: AddNotNullConstraintOp) -> None:
-    _not_null(operations, operation, "add_not_null_constraint", "nothing")
+    def planner(state: constraints.ColumnState) -> constraints.NotNullPlan:
+        return constraints.plan_add(state, operation.name, validate=operation.validate)
+
+    _not_null(
+        operations,
+        operation,
+        "add_not_null_constraint",
+        constraints.AssumedState.NOTHING,
+        planner,
+        operation.validate_timeout,
+    )
 
 
 @Operations.implementation_for(ValidateNotNullConstraintOp)
 def validate_not_null_constraint(operations: Operations, operation: ValidateNotNullConstraintOp) -> None:
-    _not_null(operations, operation, "validate_not_null_constraint", "invalid")
+    def planner(state: constraints.ColumnState) -> constraints.NotNullPlan:
+        return constraints.plan_validate(state, operation.name)
+
+    _not_null(
+        operations,
+        operation,
+        "validate_not_null_constraint",
+        constraints.AssumedState.NOT_VALID,
+        planner,
+        operation.validate_timeout,
+    )
 
 
 @Operations.implementation_for(DropNotNullConstraintOp)
 def drop_not_null_constraint(operations: Operations, operation: DropNotNullConstraintOp) -> None:
-    _not_null(operations, operation, "drop_not_null_constraint", "any")
+    def planner(state: constraints.ColumnState) -> constraints.NotNullPlan:
+        return constraints.plan_drop(state, operation.name)
+
+    _not_null(operations, operation, "drop_not_null_constraint", constraints.AssumedState.ANY, planner)
 
 
 # --- CHECK constraints and foreign keys ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from psycopg import sql
 __all__ = [
     "not_null_name",
     "check_name",
+    "set_statement_timeout",
     "set_lock_timeout",
     "reset_lock_timeout",
     "add_not_null_not_valid",
@@ -87,6 +88,12 @@ def count_nulls(relation: sql.Identifier, column: str) -> sql.Composed:
 
 def timeout_literal(seconds: float) -> sql.Literal:
     return sql.Literal(f"{max(int(seconds * 1000), 1)}ms")
+
+
+def set_statement_timeout(seconds: float | None) -> sql.Composed:
+    """``SET LOCAL statement_timeout``, ``0`` (no limit) for None: a role's default must not cancel a step."""
+    value = timeout_literal(seconds) if seconds is not None else sql.Literal("0")
+    return sql.SQL("SET LOCAL statement_timeout = {}").format(value)
 
 
 def set_lock_timeout(seconds: float, *, local: bool) -> sql.Composed:

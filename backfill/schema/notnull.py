@@ -21,6 +21,7 @@ SQL for ``alembic upgrade --sql``.
 from __future__ import annotations
 
 import contextlib
+import enum
 import random as _random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,12 +29,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psycopg
+import sqlalchemy
 import structlog
 import tenacity
 from psycopg import sql
 
-from backfill.errors import LOCK_ERRORS, VIOLATION_ERRORS, BackfillError, database_error
+from backfill.errors import LOCK_ERRORS, VIOLATION_ERRORS, BackfillError, database_error, database_error_class, describe
 from backfill.pg import statements
+from backfill.pg.borrowed import qualify
 from backfill.pg.connect import Bind, Database
 from backfill.retrying import ExponentialBackoff, StopAfterBudget, retrying
 from backfill.schema import ddl
@@ -44,6 +47,7 @@ __all__ = [
     "NullValuesError",
     "LockUnavailableError",
     "LockRetry",
+    "AssumedState",
     "Step",
     "StepResult",
     "ColumnState",
@@ -117,6 +121,17 @@ class LockRetry:
     random: Callable[[], float] = _random.random
 
 
+class AssumedState(enum.Enum):
+    """Offline (no catalog to read), what a NOT NULL op assumes it starts from."""
+
+    #: nothing yet: before ``add_not_null_constraint``
+    NOTHING = "nothing"
+    #: a NOT VALID CHECK from an earlier ``add_not_null_constraint(validate=False)``
+    NOT_VALID = "not_valid"
+    #: anything: before a drop (a CHECK may be left and the column may be NOT NULL)
+    ANY = "any"
+
+
 @dataclass(frozen=True)
 class Step:
     """One statement of a NOT NULL change."""
@@ -184,7 +199,9 @@ class NotNullPlan:
 class DDLSession(Protocol):
     """Where steps run: a connection outside any transaction of the caller's. Each call is one transaction."""
 
-    def fetchall(self, statement: Query, params: Params = ()) -> list[tuple[Any, ...]]: ...
+    def fetchall(self, statement: Query, params: Params = (), *, before: Sequence[Query] = ()) -> list[tuple[Any, ...]]:
+        """``statement``'s rows; with ``before`` (``SET LOCAL``s) run first in the same transaction."""
+        ...
 
     def run(self, statements: Sequence[Query], *, capture_notices: bool = False) -> list[str]:
         """Run ``statements`` in one transaction and return the server notices seen if asked to."""
@@ -201,9 +218,12 @@ class PsycopgSession:
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
 
-    def fetchall(self, statement: Query, params: Params = ()) -> list[tuple[Any, ...]]:
+    def fetchall(self, statement: Query, params: Params = (), *, before: Sequence[Query] = ()) -> list[tuple[Any, ...]]:
         # Without parameters none are parsed (as on Alembic's connection): a % in author SQL stays a %.
-        return list(self.conn.execute(statement, params or None).fetchall())
+        with self.conn.transaction() if before else contextlib.nullcontext():
+            for setting in before:
+                self.conn.execute(setting)
+            return list(self.conn.execute(statement, params or None).fetchall())
 
     def run(self, statements: Sequence[Query], *, capture_notices: bool = False) -> list[str]:
         seen: list[str] = []
@@ -279,18 +299,17 @@ def read_state(session: DDLSession, table: str, column: str, *, schema: str | No
     )
 
 
-def offline_state(table: str, column: str, *, schema: str | None, existing: str) -> ColumnState:
-    """The state assumed when rendering SQL without a database: ``existing`` is ``nothing`` (before an add),
-    ``invalid`` (a NOT VALID CHECK from an earlier add with validate=False) or ``any`` (before a drop: a CHECK
-    may be left and the column may be NOT NULL; both drops render, the CHECK's with IF EXISTS)."""
+def offline_state(table: str, column: str, *, schema: str | None, assumed: AssumedState) -> ColumnState:
+    """The state assumed when rendering SQL without a database. Before a drop (:attr:`AssumedState.ANY`) both
+    drops render, the CHECK's with IF EXISTS."""
     schema, table = split_table(table, schema)
     return ColumnState(
         schema=schema,
         table=table,
         column=column,
-        not_null=existing == "any",
+        not_null=assumed is AssumedState.ANY,
         not_null_constraint=None,
-        check=False if existing in ("invalid", "any") else None,
+        check=None if assumed is AssumedState.NOTHING else False,
         server_version=None,
     )
 
@@ -369,16 +388,34 @@ def plan_drop(state: ColumnState, name: str | None = None) -> NotNullPlan:
 # --- running ---------------------------------------------------------------------------------------------------
 
 
+def _error_is(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    return issubclass(database_error_class(exc), kinds)
+
+
 def _is_lock_error(exc: BaseException) -> bool:
-    return isinstance(database_error(exc), LOCK_ERRORS)
+    return _error_is(exc, LOCK_ERRORS)
 
 
-def _run_step(session: DDLSession, step: Step, retry: LockRetry, *, capture: bool) -> tuple[list[str], int]:
+def _reason(exc: BaseException) -> str:
+    # The server's first line, whatever the driver, without SQLAlchemy's "[SQL: ...]" and background link.
+    if isinstance(database_error(exc), psycopg.Error) or isinstance(exc, BackfillError):
+        return describe(exc)
+    orig = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    return lines[0] if lines else type(orig).__name__
+
+
+def _run_step(
+    session: DDLSession, step: Step, retry: LockRetry, *, capture: bool, validate_timeout: float | None = None
+) -> tuple[list[str], int]:
     """One step in its own transaction, retried on lock timeouts and deadlocks. Only ACCESS EXCLUSIVE steps get the
     short lock_timeout: the validating scan's SHARE UPDATE EXCLUSIVE blocks no reader or writer while it waits,
-    so it keeps the session's setting (and is retried only if that setting times it out)."""
+    so it keeps the session's setting (and is retried only if that setting times it out). Every step sets its own
+    statement_timeout: a role's default (often tens of milliseconds in production) must not cancel the scan
+    (``validate_timeout`` bounds it; none by default), and the ACCESS EXCLUSIVE steps never scan."""
     attempts = 0
     body: list[Query] = [ddl.set_lock_timeout(retry.lock_timeout, local=True)] if step.exclusive else []
+    body.append(ddl.set_statement_timeout(validate_timeout if step.action == "validate" else None))
     if capture:
         body.append(ddl.SHOW_PROOF)
     body.append(step.statement)
@@ -411,7 +448,7 @@ def _run_step(session: DDLSession, step: Step, retry: LockRetry, *, capture: boo
             raise LockUnavailableError(
                 f"could not lock the table for {step.action} ({ddl.render(step.statement)}) within "
                 f"{retry.budget_seconds:g}s ({attempts} attempts of {retry.lock_timeout:g}s): a long transaction "
-                "holds a lock on it (see pg_stat_activity); run the change again later"
+                "holds a lock on it (see pg_stat_activity)"
             ) from None
         raise
 
@@ -426,12 +463,22 @@ def run_step(session: DDLSession, step: Step, retry: LockRetry) -> int:
     return _run_step(session, step, retry, capture=False)[1]
 
 
-def apply_steps(session: DDLSession, plan: NotNullPlan, retry: LockRetry | None = None) -> list[StepResult]:
+def apply_steps(
+    session: DDLSession, plan: NotNullPlan, retry: LockRetry | None = None, *, validate_timeout: float | None = None
+) -> list[StepResult]:
     """Run a plan's steps in order, each in its own transaction.
+
+    Args:
+        session: where the steps run.
+        plan: the steps.
+        retry: how ACCESS EXCLUSIVE steps wait for their lock.
+        validate_timeout: seconds the validating scan may run (None: no limit; it blocks no reader or writer).
 
     Raises:
         NullValuesError: validation found NULLs; a constraint this plan added is dropped again first.
         LockUnavailableError: an ACCESS EXCLUSIVE step did not get its lock within the retry budget.
+        ConstraintError: any other failure of a step (a timeout, a lost connection, ...); the message names what
+            is left behind, and running the change again continues from there.
     """
     retry = retry or LockRetry()
     state = plan.state
@@ -441,11 +488,11 @@ def apply_steps(session: DDLSession, plan: NotNullPlan, retry: LockRetry | None 
         text = ddl.render(step.statement)
         capture = step.action == "set_not_null"
         try:
-            notices, attempts = _run_step(session, step, retry, capture=capture)
+            notices, attempts = _run_step(session, step, retry, capture=capture, validate_timeout=validate_timeout)
         except Exception as exc:
-            if step.action == "validate" and isinstance(database_error(exc), VIOLATION_ERRORS):
-                raise _nulls_found(session, plan, retry) from None
-            raise
+            if step.action == "validate" and _error_is(exc, VIOLATION_ERRORS):
+                raise _nulls_found(session, plan, retry, validate_timeout) from None
+            raise _step_failed(session, plan, step, results, retry, exc) from None
         proved = any("sufficient to prove" in n for n in notices) if capture and notices else None
         result = StepResult(step.action, text, attempts, time.monotonic() - started, proved)
         results.append(result)
@@ -461,16 +508,50 @@ def apply_steps(session: DDLSession, plan: NotNullPlan, retry: LockRetry | None 
     return results
 
 
-def _nulls_found(session: DDLSession, plan: NotNullPlan, retry: LockRetry) -> NullValuesError:
-    state = plan.state
-    nulls = int(session.fetchall(ddl.count_nulls(state.relation, state.column))[0][0])
-    if plan.adds is not None:
-        # Leave nothing half-applied: the NOT VALID constraint added by this very call goes again.
-        undo = Step("drop_check", ddl.drop_constraint(state.relation, plan.adds, if_exists=True), True)
+def _undo_add(session: DDLSession, plan: NotNullPlan, retry: LockRetry) -> str:
+    """Drop the NOT VALID constraint this plan added (it checks new rows: the application's inserts of NULLs would
+    fail until the change is made again) and say what is left."""
+    if plan.adds is None:
+        return "the NOT VALID constraint from an earlier call stays (new rows are checked)"
+    undo = Step("drop_check", ddl.drop_constraint(plan.state.relation, plan.adds, if_exists=True), True)
+    try:
         _run_step(session, undo, retry, capture=False)
-        left = "the constraint added by this call was dropped again, nothing changed"
+    except Exception as exc:
+        return f"the NOT VALID constraint {plan.adds} added by this call is left ({_reason(exc)}; new rows are checked)"
+    return "the constraint added by this call was dropped again, nothing changed"
+
+
+def _step_failed(
+    session: DDLSession,
+    plan: NotNullPlan,
+    step: Step,
+    done: Sequence[StepResult],
+    retry: LockRetry,
+    exc: BaseException,
+) -> ConstraintError:
+    state = plan.state
+    reason = str(exc) if isinstance(exc, LockUnavailableError) else _reason(exc)
+    if step.action == "validate":
+        left = _undo_add(session, plan, retry)
+    elif done:
+        left = "done: " + ", ".join(result.action for result in done)
     else:
-        left = "the NOT VALID constraint stays (new rows are checked)"
+        left = "nothing changed"
+    log.error("ddl_step_failed", table=state.qualified, column=state.column, action=step.action, error=reason)
+    error = LockUnavailableError if isinstance(exc, LockUnavailableError) else ConstraintError
+    return error(
+        f"{step.action} step on {state.qualified}.{state.column} failed: {reason} ({left}); "
+        "run it again: it continues from what the catalog shows"
+    )
+
+
+def _nulls_found(
+    session: DDLSession, plan: NotNullPlan, retry: LockRetry, validate_timeout: float | None
+) -> NullValuesError:
+    state = plan.state
+    count = ddl.count_nulls(state.relation, state.column)
+    nulls = int(session.fetchall(count, before=[ddl.set_statement_timeout(validate_timeout)])[0][0])
+    left = _undo_add(session, plan, retry)
     log.error("not_null_violated", table=state.qualified, column=state.column, null_rows=nulls)
     return NullValuesError(
         f"cannot make {state.qualified}.{state.column} NOT NULL: {nulls} row(s) have {state.column} NULL; "
@@ -509,6 +590,12 @@ def own_session(bind: Bind) -> Iterator[PsycopgSession]:
         yield PsycopgSession(conn)
 
 
+def _named_by_caller(bind: Bind, table: str, schema: str | None) -> tuple[str | None, str]:
+    # A Connection's own search_path decides which table an unqualified name means; the steps then run on a
+    # connection of ours, where it may mean another one.
+    return qualify(bind, table, schema) if isinstance(bind, sqlalchemy.Connection) else split_table(table, schema)
+
+
 def lock_retry(lock_timeout: float, retry_seconds: float, sleep: Callable[[float], None]) -> LockRetry:
     return LockRetry(lock_timeout=lock_timeout, budget_seconds=retry_seconds, sleep=sleep)
 
@@ -521,6 +608,7 @@ def add_not_null_constraint(
     schema: str | None = None,
     name: str | None = None,
     validate: bool = True,
+    validate_timeout: float | None = None,
     lock_timeout: float = 2.0,
     retry_seconds: float = 300.0,
     sleep: Callable[[float], None] = time.sleep,
@@ -539,6 +627,8 @@ def add_not_null_constraint(
         name: the constraint's name (PostgreSQL 18+), or the temporary CHECK's (12-17).
         validate: False stops after the NOT VALID constraint (new rows are checked at once; existing rows are
             checked later by :func:`validate_not_null_constraint`).
+        validate_timeout: seconds the validating scan may run; None (the default): no limit, whatever the role's
+            statement_timeout (the scan blocks no reader or writer).
         lock_timeout: seconds each ACCESS EXCLUSIVE attempt may wait for its lock.
         retry_seconds: how long to keep retrying such a step.
         sleep: injected for tests.
@@ -551,10 +641,13 @@ def add_not_null_constraint(
         NullValuesError: the column still has NULLs (names how many); nothing this call added is left behind.
         LockUnavailableError: a lock could not be taken within ``retry_seconds``.
     """
+    schema, table = _named_by_caller(bind, table, schema)
     with own_session(bind) as session:
         state = read_state(session, table, column, schema=schema, name=name)
         plan = plan_add(state, name, validate=validate)
-        return apply_steps(session, plan, lock_retry(lock_timeout, retry_seconds, sleep))
+        return apply_steps(
+            session, plan, lock_retry(lock_timeout, retry_seconds, sleep), validate_timeout=validate_timeout
+        )
 
 
 def validate_not_null_constraint(
@@ -564,6 +657,7 @@ def validate_not_null_constraint(
     *,
     schema: str | None = None,
     name: str | None = None,
+    validate_timeout: float | None = None,
     lock_timeout: float = 2.0,
     retry_seconds: float = 300.0,
     sleep: Callable[[float], None] = time.sleep,
@@ -577,9 +671,11 @@ def validate_not_null_constraint(
         NullValuesError: the column still has NULLs; the NOT VALID constraint stays.
         LockUnavailableError: a lock could not be taken within ``retry_seconds``.
     """
+    schema, table = _named_by_caller(bind, table, schema)
     with own_session(bind) as session:
         state = read_state(session, table, column, schema=schema, name=name)
-        return apply_steps(session, plan_validate(state, name), lock_retry(lock_timeout, retry_seconds, sleep))
+        retry = lock_retry(lock_timeout, retry_seconds, sleep)
+        return apply_steps(session, plan_validate(state, name), retry, validate_timeout=validate_timeout)
 
 
 def drop_not_null_constraint(
@@ -601,6 +697,7 @@ def drop_not_null_constraint(
         ConstraintError: no such table or column.
         LockUnavailableError: a lock could not be taken within ``retry_seconds``.
     """
+    schema, table = _named_by_caller(bind, table, schema)
     with own_session(bind) as session:
         state = read_state(session, table, column, schema=schema, name=name)
         return apply_steps(session, plan_drop(state, name), lock_retry(lock_timeout, retry_seconds, sleep))
