@@ -487,3 +487,29 @@ def test_the_plugin_entry_point_registers_the_new_ops() -> None:
     )
 
     assert fresh.stdout.strip() == "True"
+
+
+def test_odd_names_are_quoted_everywhere(conn: psycopg.Connection[Any], db_url: str) -> None:
+    """Upper case, spaces, quotes and % in schema, table, column and constraint names, on Alembic's connection."""
+    conn.execute('CREATE SCHEMA "Sales Dept"')
+    conn.execute('CREATE TABLE "Sales Dept"."Cust%" ("Id" integer PRIMARY KEY)')
+    conn.execute('CREATE TABLE "Sales Dept"."Ord""ers" ("Id" integer PRIMARY KEY, "cust %id" integer, "Amt" integer)')
+    conn.execute('INSERT INTO "Sales Dept"."Cust%%" SELECT g FROM generate_series(1, 10) g', ())
+    conn.execute('INSERT INTO "Sales Dept"."Ord""ers" SELECT g, g %% 10 + 1, g FROM generate_series(1, 100) g', ())
+
+    with operations(db_url) as op:
+        index = op.add_index_concurrently('Ord"ers', ["cust %id"], schema="Sales Dept", name="By %Cust")
+        key = op.add_foreign_key('Ord"ers', "cust %id", "Sales Dept.Cust%", "Id", schema="Sales Dept", name="FK %")
+        check = op.add_check_constraint('Ord"ers', "Amt 100%", '"Amt" % 1 = 0', schema="Sales Dept")
+        again = op.add_index_concurrently('Ord"ers', ["cust %id"], schema="Sales Dept", name="By %Cust")
+
+    assert [r.actions if r else None for r in (index, key, check, again)] == [
+        ["create_index"],
+        ["add", "validate"],
+        ["add", "validate"],
+        [],
+    ]
+    assert key is not None and key.advice == ()
+    assert constraint_state(conn, "FK %") == ("f", True)
+    assert constraint_state(conn, "Amt 100%") == ("c", True)
+    assert index_state(conn, '"Sales Dept"."By %Cust"') == (True, False)
