@@ -125,6 +125,13 @@ def test_check_condition_keeps_percent_signs_and_a_trailing_comment(conn: psycop
             "a CHECK constraint needs a condition: a non-empty SQL expression",
         ),
         (
+            lambda url: backfill.add_check_constraint(
+                url, "orders", "c", "amount > 0) NOT VALID; DROP TABLE orders; --"
+            ),
+            "the condition of a CHECK constraint must be one SQL expression: syntax error: a ')' closes a parenthesis "
+            "the fragment did not open",
+        ),
+        (
             lambda url: backfill.validate_check_constraint(url, "orders", "nope"),
             "public.orders has no CHECK constraint named 'nope' to validate: add it first",
         ),
@@ -134,7 +141,7 @@ def test_check_condition_keeps_percent_signs_and_a_trailing_comment(conn: psycop
             "(nothing was changed)",
         ),
     ],
-    ids=["table", "other-kind", "empty", "validate-missing", "bad-expression"],
+    ids=["table", "other-kind", "empty", "escapes", "validate-missing", "bad-expression"],
 )
 def test_check_bad_input_is_one_line_and_changes_nothing(
     conn: psycopg.Connection[Any], db_url: str, call: Any, message: str
@@ -397,11 +404,16 @@ def test_drop_index_concurrently_is_idempotent_and_refuses_a_constraint_index(
             "behind",
         ),
         (
+            lambda url: backfill.add_index_concurrently(url, "orders", "amount", where="true) WITH (fillfactor=10"),
+            "the where of an index must be one SQL expression: syntax error: a ')' closes a parenthesis the fragment "
+            "did not open",
+        ),
+        (
             lambda url: backfill.add_index_concurrently(url, "orders", []),
             "columns must be a column name or a non-empty list of column names, got []",
         ),
     ],
-    ids=["a-table", "other-table", "same-name", "column", "no-columns"],
+    ids=["a-table", "other-table", "same-name", "column", "escapes", "no-columns"],
 )
 def test_index_bad_input_is_one_line(
     conn: psycopg.Connection[Any], db_url: str, call: Any, message: str | None

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from psycopg import sql
 
+from backfill.fragments import fragment_problem
 from backfill.pg import statements
 from backfill.pg.connect import Bind
 from backfill.schema import ddl
@@ -49,13 +50,15 @@ _EXPRESSION = sql.SQL(
 
 
 def checked_condition(condition: str) -> str:
-    """``condition`` if it is a non-empty SQL expression.
+    """``condition`` if it is one non-empty SQL expression (see :mod:`backfill.fragments`).
 
     Raises:
-        ConstraintError: it is empty.
+        ConstraintError: it is empty, or not one self-contained expression.
     """
     if not isinstance(condition, str) or not condition.strip():
         raise ConstraintError("a CHECK constraint needs a condition: a non-empty SQL expression")
+    if problem := fragment_problem(condition):
+        raise ConstraintError(f"the condition of a CHECK constraint must be one SQL expression: {problem}")
     return condition
 
 

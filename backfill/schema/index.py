@@ -26,6 +26,7 @@ import structlog
 from psycopg import sql
 
 from backfill.errors import database_error, describe
+from backfill.fragments import fragment_problem
 from backfill.pg.connect import Bind, Database
 from backfill.schema import ddl
 from backfill.schema.constraint import ChangeResult, server_detail
@@ -175,6 +176,8 @@ def plan_add_index(
     names = _column_names(columns)
     if where is not None and not where.strip():
         raise ConstraintError("where must be a non-empty SQL expression (or None)")
+    if where is not None and (problem := fragment_problem(where)):
+        raise ConstraintError(f"the where of an index must be one SQL expression: {problem}")
     if state.exists and state.valid:
         if state.unique != unique:
             asked = "unique" if unique else "not unique"
