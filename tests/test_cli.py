@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import click
 import psycopg
 import pytest
-import structlog
 from click.testing import CliRunner, Result
 from sqlalchemy.engine import make_url
 
@@ -23,12 +21,7 @@ DOCUMENTED_STATUS_KEYS = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    monkeypatch.delenv("BACKFILL_CONTROL_SCHEMA", raising=False)
-    yield
-    structlog.reset_defaults()
+pytestmark = pytest.mark.usefixtures("no_ambient_database")
 
 
 def invoke(*args: str, url: str | None = None) -> Result:

@@ -128,13 +128,22 @@ def test_run_with_a_time_budget_then_resume_to_completion(conn: psycopg.Connecti
     assert RunState.SUCCEEDED is backfill.get_backfill(db_url, "inc").state
 
 
+def _run_slow(
+    conn: psycopg.Connection[Any], db_url: str, spawn: Callable[..., Runner], *, batch_size: int, batches: int
+) -> Runner:
+    """The slow increment registered and run by ``backfill run`` in a process of its own, once it has committed
+    ``batches`` batches."""
+    _items(conn)
+    backfill.register_backfill(db_url, BackfillSpec("inc", "items", {"n": SLOW}, batch_size=batch_size))
+    runner = spawn(db_url, "run", "inc")
+    wait_for(lambda: batches_done(db_url, "inc") >= batches, f"the runner's first {batches} batches")
+    return runner
+
+
 def test_pause_from_a_second_process_stops_the_runner_after_its_batch(
     conn: psycopg.Connection[Any], db_url: str, spawn: Callable[..., Runner]
 ) -> None:
-    _items(conn)
-    backfill.register_backfill(db_url, BackfillSpec("inc", "items", {"n": SLOW}, batch_size=10))
-    runner = spawn(db_url, "run", "inc")
-    wait_for(lambda: batches_done(db_url, "inc") >= 2, "the runner's second batch")
+    runner = _run_slow(conn, db_url, spawn, batch_size=10, batches=2)
 
     paused = run(db_url, "pause", "inc")
     runner_code = runner.process.wait(60)
@@ -154,10 +163,7 @@ def test_pause_from_a_second_process_stops_the_runner_after_its_batch(
 def test_sigterm_finishes_the_current_batch_then_a_new_run_resumes_exactly_once(
     conn: psycopg.Connection[Any], db_url: str, spawn: Callable[..., Runner]
 ) -> None:
-    _items(conn)
-    backfill.register_backfill(db_url, BackfillSpec("inc", "items", {"n": SLOW}, batch_size=10))
-    runner = spawn(db_url, "run", "inc")
-    wait_for(lambda: batches_done(db_url, "inc") >= 3, "three batches")
+    runner = _run_slow(conn, db_url, spawn, batch_size=10, batches=3)
 
     runner.process.send_signal(signal.SIGTERM)
     code = runner.process.wait(60)
@@ -210,10 +216,7 @@ def test_a_second_signal_aborts_the_running_batch_and_rolls_it_back(
 def test_an_overlapping_run_exits_75_at_once_while_the_first_keeps_going(
     conn: psycopg.Connection[Any], db_url: str, spawn: Callable[..., Runner]
 ) -> None:
-    _items(conn)
-    backfill.register_backfill(db_url, BackfillSpec("inc", "items", {"n": SLOW}, batch_size=5))
-    first = spawn(db_url, "run", "inc")
-    wait_for(lambda: batches_done(db_url, "inc") >= 1, "the first runner's first batch")
+    first = _run_slow(conn, db_url, spawn, batch_size=5, batches=1)
 
     second = run(db_url, "run", "inc")
     second_all = run(db_url, "run", "--all")

@@ -11,13 +11,12 @@ import datetime as dt
 import json
 import re
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
 import psycopg
 import pytest
-import structlog
 import test_cli_process
 from click.testing import CliRunner, Result
 from support import wait_for
@@ -41,12 +40,7 @@ ROWS = 2_000
 SLOW = "n + 1 + (SELECT 0 FROM pg_sleep(0.05))"
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    monkeypatch.delenv("BACKFILL_CONTROL_SCHEMA", raising=False)
-    yield
-    structlog.reset_defaults()
+pytestmark = pytest.mark.usefixtures("no_ambient_database")
 
 
 def invoke(*args: str, url: str = NOWHERE) -> Result:

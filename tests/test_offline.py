@@ -10,8 +10,6 @@ import os
 import subprocess
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,6 @@ from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from psycopg import sql
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import make_url
 
 from backfill.alembic import MigrationContextError
 from backfill.alembic import offline as offline_sql
@@ -153,18 +150,6 @@ def test_an_offline_backfill_without_key_is_a_clear_error() -> None:
 
 
 # --- running the rendered SQL ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def second_db(admin_url: str) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def example_config(url: str, buffer: io.StringIO | None = None) -> Config:
