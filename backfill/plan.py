@@ -24,6 +24,8 @@ class Target:
     key_types: tuple[str, ...]
     values: tuple[tuple[str, str], ...]
     where: str | None
+    #: See :attr:`Plan.key_signature`; checked again by every batch (empty: not checked, as offline).
+    key_signature: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

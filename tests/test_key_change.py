@@ -106,3 +106,34 @@ def test_a_key_changed_before_the_first_run_is_taken_as_it_is(conn: psycopg.Conn
     assert report.outcome is RunOutcome.FINISHED
     assert _counts(conn) == {1: 1000}
     assert backfill.get_backfill(db_url, "inc").key_signature == ("bigint",)
+
+
+@pytest.mark.parametrize(
+    ("key", "change"),
+    [
+        ('k text COLLATE "C" PRIMARY KEY', 'TYPE text COLLATE "POSIX"'),
+        ("k varchar(10) PRIMARY KEY", "TYPE varchar(20)"),
+    ],
+)
+def test_a_collation_or_modifier_changed_under_a_running_runner_fails_its_next_batch(
+    conn: psycopg.Connection[Any], db_url: str, key: str, change: str
+) -> None:
+    # The statements still parse and plan after such a change; every batch checks the key's types and collations
+    # after it has locked the table, so the walk never continues in a different order.
+    _items(conn, key, "lpad(g::text, 6, '0')")
+    polls = 0
+
+    def alter_after_two_batches() -> bool:
+        nonlocal polls
+        polls += 1
+        if polls == 3:
+            conn.execute(f"ALTER TABLE items ALTER COLUMN k {change}")
+        return False
+
+    report = backfill.run_backfill(db_url, SPEC, should_stop=alter_after_two_batches)
+
+    assert (report.outcome, report.batches) == (RunOutcome.FAILED, 2)
+    assert report.error is not None and "its type or collation changed during the run" in report.error
+    assert _counts(conn) == {1: 200, 0: 800}
+    with pytest.raises(KeyChangedError):
+        backfill.retry_backfill(db_url, "inc")

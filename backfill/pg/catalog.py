@@ -16,7 +16,7 @@ import psycopg
 import structlog
 from psycopg.rows import class_row
 
-from backfill.errors import KeyRoundTripError, PlanError, describe
+from backfill.errors import KeyChangedError, KeyRoundTripError, PlanError, describe
 from backfill.pg import statements as sql
 from backfill.pg.walk import check_walk
 from backfill.plan import Plan, Target
@@ -46,13 +46,8 @@ class _Column:
     type: str
     not_null: bool
     generated: bool
-    collation: str | None
+    signature: str
     oid_alias: bool
-
-    @property
-    def signature(self) -> str:
-        """What a key value of this column means: its type with modifier, and its collation."""
-        return self.type + (f" COLLATE {self.collation}" if self.collation else "")
 
 
 def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: str = "5s") -> Plan:
@@ -121,6 +116,7 @@ def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: 
             key_types=tuple(columns[c].type for c in key),
             values=tuple(spec.values.items()),
             where=spec.where,
+            key_signature=tuple(columns[c].signature for c in key),
         )
         statements = sql.for_target(target)
         for column, expression in spec.values.items():
@@ -138,9 +134,7 @@ def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: 
         target=target,
         estimated_rows=found.estimated_rows if found.estimated_rows >= 0 else None,
         server_version=int(version[0]),
-        key_signature=tuple(
-            columns[c].type + (f" COLLATE {columns[c].collation}" if columns[c].collation else "") for c in key
-        ),
+        key_signature=target.key_signature,
     )
 
 
@@ -229,13 +223,20 @@ def _check(conn: psycopg.Connection[Any], statement: psycopg.sql.Composed, what:
 
 
 def checked_key(target: Target, row: Sequence[Any]) -> list[str]:
-    """The key of a row read with a ``verified=True`` statement (its text form, then whether that form reads back
-    as the same key).
+    """The key of a row read with a ``verified=True`` statement (its text form, whether that form reads back as
+    the same key, whether the key columns are still of the planned types and collations).
 
     Raises:
-        KeyRoundTripError: it does not; the caller's transaction must roll back.
+        KeyRoundTripError: the text form does not read back; the caller's transaction must roll back.
+        KeyChangedError: a key column's type or collation changed since the run planned.
     """
-    *key, same = row
+    *key, same, unchanged = row
+    if not unchanged:
+        raise KeyChangedError(
+            f"the key ({', '.join(target.key)}) of {target.schema}.{target.table} is no longer "
+            f"{', '.join(target.key_signature)}: its type or collation changed during the run, so the checkpoint "
+            "would be read in a different order; register the backfill again under a new name"
+        )
     if not same:
         raise KeyRoundTripError(
             f"key ({', '.join(target.key)}) of {target.schema}.{target.table}: the text form {key} does not read "

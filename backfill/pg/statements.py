@@ -41,6 +41,10 @@ def _literal(text: str) -> sql.SQL:
     return sql.SQL(sql.Literal(text).as_string(None).replace("%", "%%"))
 
 
+def _text_array(values: tuple[str, ...]) -> sql.Composable:
+    return sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(_literal(value) for value in values))
+
+
 # --- catalog -----------------------------------------------------------------------------------------------------
 
 #: The relation a (schema, table) pair names, or NULL; with schema NULL, the search path decides.
@@ -55,16 +59,20 @@ FIND_TABLE = sql.SQL(
     """
 )
 
+#: What a key value of column ``a`` (a ``pg_attribute`` row) means: its type with modifier and its collation, as
+#: ``text COLLATE pg_catalog."C"``. Stored with a backfill's spec, and compared again by every batch.
+_SIGNATURE = """pg_catalog.format_type(a.atttypid, a.atttypmod) || coalesce(' COLLATE ' || (
+               SELECT pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(co.collname)
+                 FROM pg_catalog.pg_collation co JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
+                WHERE co.oid = a.attcollation), '')"""
+
 #: Columns of a relation: name, type name with its modifier (``character(6)``, quoted by PostgreSQL), NOT NULL,
-#: generated or identity-always, the collation (qualified and quoted, or NULL), and whether the type, looked at
+#: generated or identity-always, its signature (``_SIGNATURE``), and whether the type, looked at
 #: through domains and arrays, is an OID alias (``regclass``...: its text form depends on ``search_path``).
 TABLE_COLUMNS = sql.SQL(
     """
     SELECT a.attname AS name, pg_catalog.format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS not_null,
-           a.attgenerated <> '' OR a.attidentity = 'a' AS generated,
-           (SELECT pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(co.collname)
-              FROM pg_catalog.pg_collation co JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
-             WHERE co.oid = a.attcollation) AS collation,
+           a.attgenerated <> '' OR a.attidentity = 'a' AS generated, {signature} AS signature,
            EXISTS (WITH RECURSIVE under(oid) AS (
                        SELECT a.atttypid
                        UNION
@@ -78,7 +86,7 @@ TABLE_COLUMNS = sql.SQL(
      WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
      ORDER BY a.attnum
     """
-)
+).format(signature=sql.SQL(_SIGNATURE))
 
 #: The primary key's columns, in index order.
 PRIMARY_KEY = sql.SQL(
@@ -235,14 +243,33 @@ class TargetSQL(Target):
             return upper
         return sql.SQL("{} > {} AND {}").format(self._key_row(), self._key_params(), upper)
 
+    def _unchanged(self) -> sql.Composable:
+        # Whether the key columns still have the types and collations the checkpoint was written in. A column
+        # altered since the run planned would make this statement walk in another order (a collation change
+        # parses and plans as before); the catalog is read after the statement locked the table, so no ALTER
+        # can slip in between this check and the batch's UPDATE.
+        if not self.key_signature:
+            return sql.SQL("true")
+        return sql.SQL(
+            "(SELECT array_agg({signature} ORDER BY k.ord)"
+            " FROM unnest({names}) WITH ORDINALITY AS k(name, ord)"
+            " JOIN pg_catalog.pg_attribute a ON a.attrelid = {relation}::regclass AND a.attname = k.name"
+            " AND NOT a.attisdropped) IS NOT DISTINCT FROM {signatures}"
+        ).format(
+            signature=sql.SQL(_SIGNATURE),
+            names=_text_array(self.key),
+            relation=_literal(sql.Identifier(self.schema, self.table).as_string(None)),
+            signatures=_text_array(self.key_signature),
+        )
+
     def _keys(self, verified: bool) -> sql.Composable:
         if not verified:
             return self._key_text()
-        return sql.SQL("{}, {}").format(self._key_text(), self._round_trip())
+        return sql.SQL("{}, {}, {}").format(self._key_text(), self._round_trip(), self._unchanged())
 
     def max_key(self, *, verified: bool = False) -> sql.Composed:
         """The largest key: where the run's range ends (rows inserted later are not the backfill's job). With
-        ``verified``, a last column says whether its text form reads back as the same key."""
+        ``verified``, two more columns as in :meth:`lookahead`."""
         return sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
             self._keys(verified), self.relation, self._order(" DESC")
         )
