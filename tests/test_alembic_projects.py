@@ -17,13 +17,14 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
-from alembic.operations import MigrateOperation
+from alembic.operations import MigrateOperation, Operations
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import make_url
 from support import wait_for
 
 import backfill
 import backfill.alembic
-from backfill.alembic import ops
+from backfill.alembic import MigrationContextError, ops
 from backfill.alembic.toimpl import _sql_text
 
 #: (alembic init template, SQLAlchemy driver): the sync default on psycopg 3 and psycopg2, the async one on asyncpg.
@@ -197,6 +198,20 @@ def test_default_env_py_a_later_revision_fails_then_fixing_it_and_upgrading_agai
     assert version(conn) == "r3"
     assert scalar(conn, "SELECT count(*) FROM items WHERE kind = 'k' || id") == 1000
     assert not_null(conn, "items", "kind")
+
+
+def test_an_env_py_without_begin_transaction_is_refused_at_the_first_op(
+    conn: psycopg.Connection[Any], engine: sa.Engine
+) -> None:
+    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n integer NOT NULL DEFAULT 0)")
+    with engine.connect() as connection:
+        op = Operations(MigrationContext.configure(connection))
+        connection.exec_driver_sql("SELECT 1")  # what Alembic itself runs first: the connection autobegins
+
+        with pytest.raises(MigrationContextError, match=r"outside context\.begin_transaction\(\)"):
+            op.backfill("items_n", "items", {"n": "n + 1"})
+
+    assert scalar(conn, "SELECT to_regclass('backfills') IS NULL")
 
 
 # --- names mean what the migration's connection makes of them -----------------------------------------------------

@@ -85,6 +85,12 @@ def _outside_transaction(ctx: MigrationContext, what: str) -> Iterator[sqlalchem
             "transaction of its own (connection.begin() around context.run_migrations()); let Alembic manage "
             "the transaction (context.begin_transaction()) instead"
         )
+    if not ctx.as_sql and getattr(ctx, "_transaction", None) is None and ctx._in_connection_transaction():
+        # Alembic would fail an assertion in autocommit_block(); and nothing would ever commit the migration.
+        raise MigrationContextError(
+            f"op.{what} must commit the migration's work so far, but env.py runs context.run_migrations() outside "
+            "context.begin_transaction(), where nothing commits it; wrap it in `with context.begin_transaction():`"
+        )
     _StampOnCommit.arm(ctx)
     with ctx.autocommit_block():
         assert ctx.connection is not None
