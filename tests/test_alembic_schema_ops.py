@@ -25,6 +25,7 @@ from alembic.runtime.migration import MigrationContext
 from structlog.testing import capture_logs
 from support import wait_for
 from test_alembic_ops import alembic_config, make_project, operations, scalar
+from test_alembic_projects import DRIVERS, init_project, upgrade_head, version, write_revision
 from test_offline import offline, psql, statements
 
 import backfill
@@ -513,3 +514,22 @@ def test_odd_names_are_quoted_everywhere(conn: psycopg.Connection[Any], db_url: 
     assert constraint_state(conn, "FK %") == ("f", True)
     assert constraint_state(conn, "Amt 100%") == ("c", True)
     assert index_state(conn, '"Sales Dept"."By %Cust"') == (True, False)
+
+
+@pytest.mark.parametrize(("template", "driver"), DRIVERS, ids=[d for _, d in DRIVERS])
+def test_the_ops_run_on_the_migration_connection_of_each_driver(
+    tmp_path: Path, conn: psycopg.Connection[Any], db_url: str, template: str, driver: str
+) -> None:
+    project = init_project(tmp_path, db_url, driver, template)
+    write_revision(project, 1, TABLES)
+    write_revision(project, 2, REVISIONS[1][0])
+    write_revision(project, 3, REVISIONS[2][0])
+    write_revision(project, 4, REVISIONS[3][0])
+
+    upgrade_head(project)
+
+    assert version(conn) == "r4"
+    assert constraint_state(conn, "orders_amount_positive") == ("c", True)
+    assert constraint_state(conn, "orders_customer_id_fkey") == ("f", True)
+    assert index_state(conn, "orders_customer_id_idx") == (True, False)
+    assert index_state(conn, "customers_email_key") == (True, True)
