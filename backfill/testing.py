@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import itertools
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from backfill.store import BackfillRecord, BatchRequest, BatchResult, LockLostEr
 __all__ = ["InMemoryStore", "MemoryDatabase", "FakeClock"]
 
 _EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+_SESSIONS = itertools.count(1)
 
 
 @dataclass
@@ -65,7 +67,7 @@ class _Slice:
     owner: str | None = None
     heartbeat_at: dt.datetime | None = None
 
-    def record(self, number: int) -> SliceRecord:
+    def record(self, number: int, holder: str | None) -> SliceRecord:
         return SliceRecord(
             slice=number,
             lower_bound=_key(self.lower),
@@ -76,6 +78,7 @@ class _Slice:
             batches=self.batches,
             owner=self.owner,
             heartbeat_at=self.heartbeat_at,
+            holder=holder,
         )
 
 
@@ -109,7 +112,7 @@ class MemoryDatabase:
     counts: dict[int, int] = field(default_factory=dict)
     clock: Callable[[], float] = field(default_factory=FakeClock)
     backfills: dict[str, _Backfill] = field(default_factory=dict)
-    locks: dict[tuple[int, int], object] = field(default_factory=dict)
+    locks: dict[tuple[int, int], InMemoryStore] = field(default_factory=dict)
     #: every statement runs under this lock, as if each were its own serialisable transaction
     mutex: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -145,6 +148,8 @@ class InMemoryStore:
     before_batch: Callable[[BatchRequest], None] | None = None
     #: the batches this store applied
     requests: list[BatchRequest] = field(default_factory=list)
+    #: names this store's claims in ``SliceRecord.holder`` (PostgreSQL names the claiming session)
+    session: str = field(default_factory=lambda: f"in-memory session {next(_SESSIONS)}")
     _claims: set[tuple[int, int]] = field(default_factory=set)
     _connected: bool = True
     _broken: bool = False
@@ -261,8 +266,11 @@ class InMemoryStore:
     def slices(self, backfill_id: int) -> list[SliceRecord]:
         with self.database.mutex:
             self._connect()
-            pieces = self.database.by_id(backfill_id).slices
-            return [pieces[number].record(number) for number in sorted(pieces)]
+            pieces, locks = self.database.by_id(backfill_id).slices, self.database.locks
+            holders = {
+                number: locks[(backfill_id, number)].session for number in pieces if (backfill_id, number) in locks
+            }
+            return [pieces[number].record(number, holders.get(number)) for number in sorted(pieces)]
 
     def live_runners(self, backfill_id: int) -> int:
         with self.database.mutex:

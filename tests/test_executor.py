@@ -367,7 +367,7 @@ def test_a_slice_another_runner_holds_is_left_to_it_and_the_backfill_stays_runni
     report = executor(store, clock).run()
 
     assert (report.outcome, report.state, report.batches) == (RunOutcome.WORK_LEFT, RunState.RUNNING, 3)
-    assert "other runners hold the remaining slices" == report.reason
+    assert f"other runners hold the remaining slices (slice 1: {other.session})" == report.reason
     assert {request.slice for request in store.requests} == {0}
     assert sorted(store.counts) == list(range(30))
     assert store.state is RunState.RUNNING  # one slice done is not the backfill done

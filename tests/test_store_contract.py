@@ -180,9 +180,12 @@ def test_a_claimed_slice_is_out_of_reach_of_other_runners_until_released(bed: Ma
 
     assert b.store.try_claim(b.id, 0)
     assert not other.try_claim(b.id, 0)
+    held = other.slices(b.id)[0].holder  # who holds it is named, for an operator who finds it busy
     b.store.release(b.id, 0)
+    assert other.slices(b.id)[0].holder is None
     assert other.try_claim(b.id, 0)
     assert not b.store.try_claim(b.id, 0)
+    assert held is not None and held != b.store.slices(b.id)[0].holder
 
 
 def test_release_clears_the_slice_owner_only_for_the_runner_named(bed: MakeBed) -> None:
