@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import sqlalchemy
 import structlog
 
-from backfill.errors import LOCK_ERRORS, PlanError, SpecError
+from backfill.errors import LOCK_ERRORS, BackfillBusyError, PlanError, SpecError
 from backfill.executor import Executor, RunReport
 from backfill.parallel import run_parallel
 from backfill.pg.borrowed import qualify
@@ -24,6 +24,8 @@ from backfill.pg.store import PostgresStore
 from backfill.pg.walk import check_walk
 from backfill.plan import Plan
 from backfill.retrying import Timing
+from backfill.schema import sync
+from backfill.schema.notnull import LockRetry, PsycopgSession
 from backfill.settings import RunSettings
 from backfill.spec import BackfillSpec
 from backfill.state import OperatorAction, RunOutcome, RunState
@@ -46,6 +48,9 @@ __all__ = [
     "retry_backfill",
     "backfill_status",
     "preview_backfill",
+    "delete_backfill",
+    "drop_backfill_trigger",
+    "held_slices",
 ]
 
 DEFAULT_CONTROL_SCHEMA = "public"
@@ -133,7 +138,27 @@ def register_backfill(
     with open_store(bind, control_schema) as store:
         plan = resolve(store.conn, spec)
         store.init()
-        return store.register(plan, force=force)
+        record = store.register(plan, force=force)
+        _keep_in_sync(store, plan, record, refresh=True)
+        return record
+
+
+def _keep_in_sync(
+    store: PostgresStore, plan: Plan, record: BackfillRecord, *, refresh: bool, lock_timeout: float | None = None
+) -> None:
+    """Install the keep_in_sync trigger of a backfill that has not finished, before its key range is fixed.
+
+    On registration (``refresh``) the trigger function is rewritten from the spec; a run by name only puts back a
+    trigger that is missing, so runs that poll (``ensure_backfill_finished``) write no catalog rows.
+    """
+    if not (plan.spec.keep_in_sync and record.state.runnable):
+        return
+    session = PsycopgSession(store.conn)
+    target = plan.target
+    if not refresh and sync.trigger_exists(session, target.schema, target.table, record.name):
+        return
+    retry = LockRetry() if lock_timeout is None else LockRetry(lock_timeout=lock_timeout)
+    sync.install_sync_trigger(session, target, record.name, retry)
 
 
 def run_backfill(
@@ -193,6 +218,9 @@ def run_backfill(
             record = step("get", lambda: store.get(name))
             plan = step("resolve", lambda: resolve(store.conn, record.spec))
             record = step("check key", lambda: store.check_key(record, plan))
+        # Before the run fixes its upper key: from then on, rows the application writes are the trigger's job.
+        refresh = isinstance(backfill, BackfillSpec)
+        _keep_in_sync(store, plan, record, refresh=refresh, lock_timeout=settings.lock_timeout)
         run = _Run(database, control_schema, settings, workers, slices, should_stop, step)
         return run(store, record, plan, max_runtime, max_batches)
 
@@ -354,6 +382,8 @@ def _run_by_name(
             run.step("fail", lambda: store.fail(record.id, message))
             log.error("backfill_failed", backfill=name, error=message, checkpoint_kept=True)
             return RunReport(name, RunOutcome.FAILED, RunState.FAILED, error=message)
+    if plan is not None:
+        _keep_in_sync(store, plan, record, refresh=False, lock_timeout=run.settings.lock_timeout)
     if on_start is not None:
         on_start(record, plan)
     return run(store, record, plan, max_runtime, max_batches)
@@ -468,3 +498,69 @@ def preview_backfill(
         plan = resolve(store.conn, record.spec)
         size = batch_size or record.spec.initial_batch_size
         return preview_next_batch(store.conn, plan, record.name, record.state, store.slices(record.id), size)
+
+
+def held_slices(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> list[int]:
+    """The unfinished slices of backfill ``name`` that a live runner holds right now (empty: nobody is on it)."""
+    with open_store(bind, control_schema) as store:
+        return store.held_slices(store.get(name).id)
+
+
+def delete_backfill(
+    bind: Bind,
+    name: str,
+    *,
+    force: bool = False,
+    lock_timeout: float = 2.0,
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
+) -> BackfillRecord:
+    """Forget backfill ``name``: drop its keep_in_sync trigger (if any) and delete its control rows, so that
+    registering it again starts from scratch (e.g. after a downgrade dropped the column it filled). The data it
+    changed stays as it is.
+
+    Args:
+        force: delete it even while a runner holds it (that runner then fails at its next batch).
+        lock_timeout: how long dropping the trigger may wait for its lock per attempt (retried with backoff).
+
+    Returns:
+        The record as it was before the deletion.
+
+    Raises:
+        UnknownBackfillError: there is no such backfill.
+        BackfillBusyError: a live runner holds it and ``force`` is false; nothing is changed.
+        LockUnavailableError: the trigger could not be dropped (the table stayed locked); nothing is deleted.
+    """
+    with open_store(bind, control_schema) as store:
+        record = store.get(name)
+        held = store.held_slices(record.id)
+        if held and not force:
+            owners = {piece.owner for piece in store.slices(record.id) if piece.slice in held and piece.owner}
+            raise BackfillBusyError(
+                f"backfill {name!r} is being run right now ({len(held)} slice(s) held by "
+                f"{', '.join(sorted(owners)) or 'a live runner'}): stop that runner first (`backfill pause {name}` "
+                "stops it after its current batch), or delete it anyway with --force (force=True)"
+            )
+        spec = record.spec
+        if spec.schema is not None:
+            session = PsycopgSession(store.conn)
+            sync.drop_sync_trigger(session, spec.schema, spec.table, name, LockRetry(lock_timeout=lock_timeout))
+        store.delete(record.id)
+        return record
+
+
+def drop_backfill_trigger(
+    bind: Bind, name: str, *, lock_timeout: float = 2.0, control_schema: str = DEFAULT_CONTROL_SCHEMA
+) -> bool:
+    """Drop the keep_in_sync trigger of backfill ``name`` and its function (once no code that does not know the
+    column writes to the table any more). Idempotent: returns whether the trigger existed.
+
+    Raises:
+        UnknownBackfillError: there is no such backfill.
+        LockUnavailableError: the table stayed locked for the whole retry budget.
+    """
+    with open_store(bind, control_schema) as store:
+        spec = store.get(name).spec
+        if spec.schema is None:
+            return False
+        session = PsycopgSession(store.conn)
+        return sync.drop_sync_trigger(session, spec.schema, spec.table, name, LockRetry(lock_timeout=lock_timeout))

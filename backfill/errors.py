@@ -30,6 +30,7 @@ __all__ = [
     "PoolerError",
     "KeyChangedError",
     "KeyRoundTripError",
+    "BackfillBusyError",
 ]
 
 
@@ -183,3 +184,7 @@ class UnknownRoleError(BackfillError):
 class PoolerError(BackfillError):
     """Raised when a slice's claim is not held by the server session the runner's connection runs on, as behind a
     connection pooler in transaction mode: claims and session settings would not survive there."""
+
+
+class BackfillBusyError(BackfillError):
+    """Raised when an action needs a backfill that a live runner holds, such as deleting it without ``force``."""

@@ -54,6 +54,11 @@ class BackfillSpec:
         batch_size: key range per batch, counted in rows of the table. Left open (None), batches start at
             :data:`DEFAULT_BATCH_SIZE` and adapt to a target duration; a number pins every batch to that size.
         schema: the table's schema; defaults to the one in ``table`` or the search path.
+        keep_in_sync: before the run fixes its key range, install a ``BEFORE INSERT OR UPDATE`` row trigger that
+            applies ``values`` to every row the application writes where ``where`` holds and the application left
+            the column empty (see :mod:`backfill.schema.sync` for the exact rule): code that does not know the
+            new column keeps working through the rest of a rolling deploy. The trigger stays until
+            ``drop_backfill_trigger`` (or the backfill is deleted).
 
     Raises:
         SpecError: a field is malformed.
@@ -66,6 +71,7 @@ class BackfillSpec:
     key: tuple[str, ...] | None = None
     batch_size: int | None = None
     schema: str | None = None
+    keep_in_sync: bool = False
     _frozen_values: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -94,6 +100,8 @@ class BackfillSpec:
             raise SpecError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if size is not None and size > MAX_BATCH_SIZE:
             raise SpecError(f"batch_size must be at most {MAX_BATCH_SIZE:,}, got {size:,}")
+        if not isinstance(self.keep_in_sync, bool):
+            raise SpecError(f"keep_in_sync must be True or False, got {self.keep_in_sync!r}")
         object.__setattr__(self, "table", table)
         object.__setattr__(self, "schema", schema)
         object.__setattr__(self, "values", values)
@@ -101,7 +109,7 @@ class BackfillSpec:
         object.__setattr__(self, "_frozen_values", tuple(values.items()))
 
     def __hash__(self) -> int:
-        return hash((self.name, self.schema, self.table, self._frozen_values, self.where, self.key))
+        return hash((self.name, self.schema, self.table, self._frozen_values, self.where, self.key, self.keep_in_sync))
 
     @property
     def qualified_table(self) -> str:
@@ -118,7 +126,7 @@ class BackfillSpec:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "name": self.name,
             "schema": self.schema,
             "table": self.table,
@@ -127,6 +135,10 @@ class BackfillSpec:
             "key": list(self.key) if self.key is not None else None,
             "batch_size": self.batch_size,
         }
+        if self.keep_in_sync:
+            # Only when set: specs stored before the option existed keep their fingerprint.
+            data["keep_in_sync"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BackfillSpec:
@@ -139,10 +151,20 @@ class BackfillSpec:
             key=tuple(key) if key is not None else None,
             batch_size=data.get("batch_size"),
             schema=data.get("schema"),
+            keep_in_sync=bool(data.get("keep_in_sync", False)),
         )
 
     def fingerprint(self) -> str:
         """A digest of what the backfill does to the data. Batch size is left out: it may be tuned on resume."""
+        return fingerprint_of(self.fingerprint_text())
+
+    def fingerprint_text(self) -> str:
+        """The text :meth:`fingerprint` digests (an offline script completes it with the key it finds)."""
         what = {k: v for k, v in self.to_dict().items() if k not in ("name", "batch_size")}
         what["values"] = sorted(self.values.items())
-        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+        return json.dumps(what, sort_keys=True)
+
+
+def fingerprint_of(text: str) -> str:
+    """The first 16 hex digits of the SHA-256 of ``text`` (what the control table stores)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -171,7 +171,9 @@ def test_the_not_null_revision_never_scans_under_access_exclusive(conn: psycopg.
 def test_a_finished_backfill_is_not_run_again(conn: psycopg.Connection[Any], db_url: str) -> None:
     config = alembic_config(db_url)
     command.upgrade(config, "head")
-    command.downgrade(config, "0002")  # 0003's downgrade leaves the data; the backfill stays succeeded
+    # Revision 0003 runs again with its backfill still recorded as succeeded (its downgrade would drop the record:
+    # see test_alembic_deploy for downgrade then upgrade).
+    command.stamp(config, "0002")
     before = backfill.get_backfill(db_url, "events_fill_kind")
 
     with capture_logs() as logs:
@@ -434,11 +436,13 @@ def test_an_external_transaction_is_refused_before_anything_is_written(
     [
         lambda op: op.backfill("b", "items", {"n": "n + 1"}),
         lambda op: op.ensure_backfill_finished("b"),
+        lambda op: op.drop_backfill("b"),
+        lambda op: op.drop_backfill_trigger("b"),
         lambda op: op.add_not_null_constraint("items", "n"),
         lambda op: op.validate_not_null_constraint("items", "n"),
         lambda op: op.drop_not_null_constraint("items", "n"),
     ],
-    ids=["backfill", "ensure_backfill_finished", "add", "validate", "drop"],
+    ids=["backfill", "ensure_backfill_finished", "drop_backfill", "drop_backfill_trigger", "add", "validate", "drop"],
 )
 def test_every_op_refuses_a_database_other_than_postgresql(call: Callable[[Operations], Any]) -> None:
     engine = sa.create_engine("sqlite://")

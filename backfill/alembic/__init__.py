@@ -1,8 +1,8 @@
 """Alembic operations for safe online data migrations: ``op.backfill``, ``op.ensure_backfill_finished``,
-``op.add_not_null_constraint``, ``op.validate_not_null_constraint`` and ``op.drop_not_null_constraint``;
-``op.add_check_constraint``, ``op.validate_check_constraint``, ``op.drop_check_constraint``; ``op.add_foreign_key``,
-``op.validate_foreign_key``, ``op.drop_foreign_key``; ``op.add_index_concurrently`` and
-``op.drop_index_concurrently``.
+``op.drop_backfill``, ``op.drop_backfill_trigger``, ``op.add_not_null_constraint``,
+``op.validate_not_null_constraint`` and ``op.drop_not_null_constraint``; ``op.add_check_constraint``,
+``op.validate_check_constraint``, ``op.drop_check_constraint``; ``op.add_foreign_key``, ``op.validate_foreign_key``,
+``op.drop_foreign_key``; ``op.add_index_concurrently`` and ``op.drop_index_concurrently``.
 
 Alembic >= 1.18 loads this module through the ``alembic.plugins`` entry point, so the ``op.`` names work without
 touching env.py; with older Alembic, add ``import backfill.alembic`` to env.py. Type checkers do not see custom
@@ -31,6 +31,7 @@ from alembic.operations import Operations  # noqa: E402
 
 from backfill.alembic import toimpl as _toimpl  # noqa: E402,F401 -- registers the implementations
 from backfill.alembic.ops import (  # noqa: E402
+    DEFAULT_FINISH_TIMEOUT,
     DEFAULT_LOCK_RETRY_SECONDS,
     DEFAULT_LOCK_TIMEOUT,
     AddCheckConstraintOp,
@@ -38,6 +39,8 @@ from backfill.alembic.ops import (  # noqa: E402
     AddIndexConcurrentlyOp,
     AddNotNullConstraintOp,
     BackfillOp,
+    DropBackfillOp,
+    DropBackfillTriggerOp,
     DropCheckConstraintOp,
     DropForeignKeyOp,
     DropIndexConcurrentlyOp,
@@ -60,11 +63,15 @@ if TYPE_CHECKING:
 __all__ = [
     "backfill",
     "ensure_backfill_finished",
+    "drop_backfill",
+    "drop_backfill_trigger",
     "add_not_null_constraint",
     "validate_not_null_constraint",
     "drop_not_null_constraint",
     "BackfillOp",
     "EnsureBackfillFinishedOp",
+    "DropBackfillOp",
+    "DropBackfillTriggerOp",
     "AddNotNullConstraintOp",
     "ValidateNotNullConstraintOp",
     "DropNotNullConstraintOp",
@@ -119,6 +126,7 @@ def backfill(
     settings: RunSettings | None = None,
     force: bool = False,
     control_schema: str = DEFAULT_CONTROL_SCHEMA,
+    keep_in_sync: bool = False,
     operations: Operations | None = None,
 ) -> RunReport | None:
     """``op.backfill``, typed; ``operations`` defaults to the running migration's ``op``. See
@@ -133,11 +141,36 @@ def ensure_backfill_finished(
     finish: bool = True,
     settings: RunSettings | None = None,
     control_schema: str = DEFAULT_CONTROL_SCHEMA,
+    timeout: float = DEFAULT_FINISH_TIMEOUT,
     operations: Operations | None = None,
 ) -> BackfillRecord | None:
     """``op.ensure_backfill_finished``, typed. See :meth:`EnsureBackfillFinishedOp.ensure_backfill_finished`."""
     running, arguments = _running(locals())
     return EnsureBackfillFinishedOp.ensure_backfill_finished(running, **arguments)
+
+
+def drop_backfill(
+    name: str,
+    *,
+    force: bool = False,
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
+    operations: Operations | None = None,
+) -> None:
+    """``op.drop_backfill``, typed. See :meth:`DropBackfillOp.drop_backfill`."""
+    running, arguments = _running(locals())
+    DropBackfillOp.drop_backfill(running, **arguments)
+
+
+def drop_backfill_trigger(
+    name: str,
+    *,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
+    operations: Operations | None = None,
+) -> None:
+    """``op.drop_backfill_trigger``, typed. See :meth:`DropBackfillTriggerOp.drop_backfill_trigger`."""
+    running, arguments = _running(locals())
+    DropBackfillTriggerOp.drop_backfill_trigger(running, **arguments)
 
 
 def add_not_null_constraint(

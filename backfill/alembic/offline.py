@@ -6,16 +6,19 @@ backfill run by psql walks the table exactly as the runner does.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 
 from psycopg import sql
 
-from backfill.pg.statements import TargetSQL, state_literal
+from backfill.pg.statements import ControlTables, TargetSQL, state_literal
+from backfill.schema import sync
 from backfill.schema.ddl import timeout_literal
+from backfill.spec import BackfillSpec
 from backfill.state import RunState
 
-__all__ = ["batched_script", "finished_gate"]
+__all__ = ["batched_script", "finished_gate", "drop_backfill"]
 
 _PLACEHOLDER = re.compile(r"%(%|s)")
 
@@ -38,33 +41,59 @@ def _dollar_quote(body: str, tag: str) -> sql.Composed:
     return sql.SQL("${tag}$\n{body}\n${tag}$").format(tag=sql.SQL(tag), body=sql.SQL(body))
 
 
+def _column_marker(position: int) -> str:
+    # Stands in for a key column's name when the revision leaves the key to the primary key: the script reads it
+    # from the catalog when it runs and swaps in its quoted name.
+    return f"__backfill_key_column_{position}__"
+
+
+#: The key a spec holds in its fingerprint text until the script has found the primary key.
+_KEY_MARKER = "__backfill_key__"
+
+
 def batched_script(
     *,
     name: str,
     schema: str,
     table: str,
-    key: Sequence[str],
+    key: Sequence[str] | None,
     values: Sequence[tuple[str, str]],
     where: str | None,
     batch_size: int,
     lock_timeout: float,
+    control_schema: str = "public",
+    spec: BackfillSpec | None = None,
+    statement_timeout: float = 30.0,
+    sleep_between: float = 0.0,
+    max_rows_per_second: float | None = None,
     max_attempts: int = 20,
 ) -> sql.Composed:
-    """A ``DO`` block that runs a backfill in batches of ``batch_size`` rows, committing each one.
+    """A ``DO`` block that runs a backfill in batches of ``batch_size`` rows, committing each one with its
+    checkpoint in the control tables, exactly as the runner does.
 
-    It walks the key exactly like the runner (upper bound fixed first, look-ahead to the batch's last key, update of
-    the closed key range), retries a batch that meets a lock timeout with backoff, and must run outside a
-    transaction block (COMMIT inside DO needs that). No control table is involved: a DBA runs it from psql.
+    It registers the backfill (creating the control tables if needed) unless it is registered already, fixes its
+    upper key on the first run, and then works every unfinished slice no live runner holds (the same advisory lock
+    per slice as the runner): each batch locks its slice's control row, reads the checkpoint, finds the key
+    ``batch_size`` rows ahead, updates that closed key range and writes the new checkpoint, in one transaction. So
+    a script interrupted at any point and run again continues where the last committed batch ended and never
+    repeats one; a backfill that has succeeded is left alone. Without ``key`` the script finds the table's
+    primary key when it runs (a single column; a composite key must be named). Between batches it sleeps
+    ``sleep_between`` seconds and as long as ``max_rows_per_second`` needs. A batch that meets a lock timeout or a
+    deadlock is retried with backoff. Must run outside a transaction block (COMMIT inside DO needs that).
     """
-    n = len(key)
+    known = key is not None
+    columns = tuple(key) if key is not None else (_column_marker(1),)
+    n = len(columns)
+    spec = spec or BackfillSpec(name, table, dict(values), where, tuple(columns), batch_size, schema)
     target = TargetSQL(
         schema=schema,
         table=table,
-        key=tuple(key),
+        key=columns,
         key_types=tuple(_type_marker(i) for i in range(1, n + 1)),
         values=tuple(values),
         where=where,
     )
+    tables = ControlTables(control_schema)
 
     def template(statement: sql.Composable) -> str:
         return _positional(statement.as_string(None))
@@ -73,88 +102,245 @@ def batched_script(
         return ", ".join(f"{prefix}_{i}" for i in range(1, n + 1))
 
     def typed(text: str) -> sql.Composable:
-        # The statement text as a literal, with each key type marker replaced at run time.
+        # The statement text as a literal, with each key type (and unknown column name) replaced at run time.
         composed: sql.Composable = sql.Literal(text)
         for i in range(1, n + 1):
             composed = sql.SQL("replace({}, {}, t_{})").format(composed, sql.Literal(_type_marker(i)), sql.SQL(str(i)))
+            if not known:
+                marker = sql.Literal(sql.Identifier(_column_marker(i)).as_string(None))
+                composed = sql.SQL("replace({}, {}, pg_catalog.quote_ident(k_{}))").format(
+                    composed, marker, sql.SQL(str(i))
+                )
         return composed
+
+    def array(prefix: str) -> sql.SQL:
+        return sql.SQL(f"pg_catalog.jsonb_build_array({names(prefix)})")
+
+    def unpack(source: str, prefix: str) -> sql.SQL:
+        return sql.SQL(" ".join(f"{prefix}_{i} := {source}->>{i - 1};" for i in range(1, n + 1)))
 
     lower, upper, end = names("lo"), names("up"), names("en")
     relation = sql.Literal(sql.Identifier(schema, table).as_string(None))
-    declarations = [f"t_{i} text; lo_{i} text; up_{i} text; en_{i} text;" for i in range(1, n + 1)]
+    declarations = [f"t_{i} text; k_{i} text; lo_{i} text; up_{i} text; en_{i} text;" for i in range(1, n + 1)]
+    if known:
+        find_key = sql.SQL(" ").join(
+            sql.SQL("k_{} := {};").format(sql.SQL(str(i)), sql.Literal(column)) for i, column in enumerate(columns, 1)
+        )
+    else:
+        find_key = sql.SQL(
+            """SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.ord) INTO pk
+    FROM pg_catalog.pg_index i
+    CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+   WHERE i.indrelid = pg_catalog.to_regclass({rel}) AND i.indisprimary;
+  IF pk IS NULL THEN
+    RAISE EXCEPTION 'backfill %: % has no primary key: pass key= to op.backfill', {bf}, {rel};
+  ELSIF pg_catalog.cardinality(pk) <> 1 THEN
+    RAISE EXCEPTION 'backfill %: the primary key of % has % columns (%): pass key= to op.backfill', {bf}, {rel},
+      pg_catalog.cardinality(pk), pg_catalog.array_to_string(pk, ', ');
+  END IF;
+  k_1 := pk[1];"""
+        ).format(rel=relation, bf=sql.Literal(name))
     type_lookups = sql.SQL("\n  ").join(
         sql.SQL(
             "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) INTO t_{i} FROM pg_catalog.pg_attribute a "
-            "WHERE a.attrelid = pg_catalog.to_regclass({rel}) AND a.attname = {col} AND NOT a.attisdropped;\n  "
-            "IF t_{i} IS NULL THEN RAISE EXCEPTION 'backfill %: no key column % in %', {bf}, {col}, {rel}; END IF;"
-        ).format(i=sql.SQL(str(i)), rel=relation, col=sql.Literal(column), bf=sql.Literal(name))
-        for i, column in enumerate(key, start=1)
+            "WHERE a.attrelid = pg_catalog.to_regclass({rel}) AND a.attname = k_{i} AND NOT a.attisdropped;\n  "
+            "IF t_{i} IS NULL THEN RAISE EXCEPTION 'backfill %: no key column % in %', {bf}, k_{i}, {rel}; END IF;"
+        ).format(i=sql.SQL(str(i)), rel=relation, bf=sql.Literal(name))
+        for i in range(1, n + 1)
     )
+    stored = spec.with_changes(schema=schema, key=(_KEY_MARKER,))
+    key_json = sql.SQL(
+        "'[' || (SELECT pg_catalog.string_agg(pg_catalog.to_json(c)::text, ', ' ORDER BY o) "
+        "FROM pg_catalog.unnest(ARRAY[{}]) WITH ORDINALITY AS u(c, o)) || ']'"
+    ).format(sql.SQL(names("k")))
+    marker_json = json.dumps([_KEY_MARKER])
+    if known:
+        fingerprint: sql.Composable = sql.Literal(spec.with_changes(schema=schema).fingerprint())
+    else:
+        fingerprint = sql.SQL(
+            "pg_catalog.left(pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to("
+            "pg_catalog.replace({}, {}, key_json), 'UTF8')), 'hex'), 16)"
+        ).format(sql.Literal(stored.fingerprint_text()), sql.Literal(marker_json))
     done = " AND ".join(f"en_{i} = up_{i}" for i in range(1, n + 1))
+    pace = []
+    if sleep_between > 0:
+        pace.append(sql.SQL("PERFORM pg_catalog.pg_sleep({});").format(sql.Literal(sleep_between)))
+    if max_rows_per_second:
+        pace.append(
+            sql.SQL(
+                "PERFORM pg_catalog.pg_sleep(greatest(0, total / {}::float8 "
+                "- extract(epoch FROM pg_catalog.clock_timestamp() - began)));"
+            ).format(sql.Literal(float(max_rows_per_second)))
+        )
+    create = sql.SQL("\n    ").join(sql.SQL("{};").format(statement) for statement in tables.create())
     body = sql.SQL(
         """DECLARE
   {declarations}
-  q_max text := {q_max};
-  q_first text; q_next text; u_first text; u_next text;
+  pk text[]; key_json text; fp text; stored_fp text;
+  bf_id bigint; bf_state text; sl integer; cp jsonb; ub jsonb; sl_done boolean; mine boolean; claimed integer;
+  busy integer := 0;
+  q_max text; q_first text; q_next text; u_first text; u_next text;
   batch_rows bigint; total bigint := 0; batches bigint := 0; attempt int;
+  began timestamptz := pg_catalog.clock_timestamp();
+  owner text := 'psql:' || pg_catalog.pg_backend_pid();
 BEGIN
+  {find_key}
   {type_lookups}
+  q_max := {q_max};
   q_first := {q_first};
   q_next := {q_next};
   u_first := {u_first};
   u_next := {u_next};
-  EXECUTE q_max INTO {upper};
-  IF up_1 IS NULL THEN
-    RAISE NOTICE 'backfill %: the table is empty', {bf};
-    RETURN;
+  key_json := {key_json};
+  fp := {fingerprint};
+  -- Register it as the runner does (the control tables first, with the DDL of `backfill init`).
+  IF pg_catalog.to_regclass({meta_name}) IS NULL THEN
+    PERFORM pg_catalog.set_config('client_min_messages', 'warning', true);
+    {create}
   END IF;
+  EXECUTE {q_insert} USING {bf}, pg_catalog.jsonb_set({spec}::jsonb, '{{key}}', key_json::jsonb), fp;
+  SELECT id, state, fingerprint INTO bf_id, bf_state, stored_fp FROM {backfills} WHERE name = {bf} FOR UPDATE;
+  IF stored_fp <> fp THEN
+    RAISE EXCEPTION 'backfill % already exists with a different spec: use a new name', {bf};
+  ELSIF bf_state = {succeeded} THEN
+    RAISE NOTICE 'backfill %: finished before, nothing to do', {bf};
+    RETURN;
+  ELSIF bf_state NOT IN ({pending}, {running}) THEN
+    RAISE EXCEPTION 'backfill % is %: see `backfill status %`', {bf}, bf_state, {bf};
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM {slices} WHERE backfill_id = bf_id) THEN
+    -- First run: fix the upper key (rows inserted later are the application's, or the trigger's, job).
+    EXECUTE q_max INTO {upper};
+    IF up_1 IS NULL THEN
+      EXECUTE {q_set_state} USING {succeeded}, NULL::text, true, bf_id;
+      COMMIT;
+      RAISE NOTICE 'backfill %: the table is empty', {bf};
+      RETURN;
+    END IF;
+    EXECUTE {q_start} USING {upper_array}, NULL::bigint, bf_id;
+    EXECUTE {q_insert_slice} USING bf_id, 0, NULL::jsonb, {upper_array}, NULL::jsonb;
+  ELSIF bf_state = {pending} THEN
+    EXECUTE {q_start} USING NULL::jsonb, NULL::bigint, bf_id;
+  END IF;
+  COMMIT;
+  sl := -1;
   LOOP
-    attempt := 0;
-    LOOP
-      BEGIN
-        PERFORM pg_catalog.set_config('lock_timeout', {lock_timeout}, true);
-        IF lo_1 IS NULL THEN
-          EXECUTE q_first INTO {end} USING {upper}, {batch_size} - 1;
-          IF en_1 IS NULL THEN SELECT {upper} INTO {end}; END IF;
-          EXECUTE u_first USING {end};
-        ELSE
-          EXECUTE q_next INTO {end} USING {lower}, {upper}, {batch_size} - 1;
-          IF en_1 IS NULL THEN SELECT {upper} INTO {end}; END IF;
-          EXECUTE u_next USING {lower}, {end};
-        END IF;
-        GET DIAGNOSTICS batch_rows = ROW_COUNT;
-        EXIT;
-      EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
-        attempt := attempt + 1;
-        IF attempt >= {max_attempts} THEN RAISE; END IF;
-        PERFORM pg_catalog.pg_sleep(least(0.25 * 2 ^ attempt, 30));
-      END;
-    END LOOP;
-    -- One transaction per batch: row locks last one batch and a crash loses at most one.
+    SELECT min(slice) INTO sl FROM {slices} WHERE backfill_id = bf_id AND NOT done AND slice > sl;
+    EXIT WHEN sl IS NULL;
+    -- The runner's claim on the slice, committed: a live runner working on it keeps this script out, and back;
+    -- it dies with this session if the script is killed.
+    EXECUTE {q_claim} INTO claimed USING bf_id, sl;
     COMMIT;
-    total := total + batch_rows;
-    batches := batches + 1;
-    EXIT WHEN {done};
-    SELECT {end} INTO {lower};
+    IF claimed IS NULL THEN
+      busy := busy + 1;
+      CONTINUE;
+    END IF;
+    LOOP
+      attempt := 0;
+      LOOP
+        BEGIN
+          PERFORM pg_catalog.set_config('lock_timeout', {lock_timeout}, true);
+          PERFORM pg_catalog.set_config('statement_timeout', {statement_timeout}, true);
+          EXECUTE {q_lock} INTO bf_state, cp, ub, sl_done, mine USING bf_id, sl;
+          IF NOT mine THEN
+            RAISE EXCEPTION 'backfill %: another runner took slice % over', {bf}, sl;
+          END IF;
+          IF bf_state <> {running} OR sl_done THEN
+            batch_rows := NULL;
+            EXIT;
+          END IF;
+          {unpack_upper}
+          IF cp IS NULL THEN
+            EXECUTE q_first INTO {end} USING {upper}, {batch_size} - 1;
+            IF en_1 IS NULL THEN SELECT {upper} INTO {end}; END IF;
+            EXECUTE u_first USING {end};
+          ELSE
+            {unpack_lower}
+            EXECUTE q_next INTO {end} USING {lower}, {upper}, {batch_size} - 1;
+            IF en_1 IS NULL THEN SELECT {upper} INTO {end}; END IF;
+            EXECUTE u_next USING {lower}, {end};
+          END IF;
+          GET DIAGNOSTICS batch_rows = ROW_COUNT;
+          sl_done := {done};
+          -- The checkpoint in the batch's own transaction: a crash loses or repeats nothing.
+          EXECUTE {q_checkpoint} USING {end_array}, sl_done, batch_rows, owner, bf_id, sl;
+          IF sl_done THEN
+            EXECUTE {q_lock_backfill} USING bf_id;
+            EXECUTE {q_finish} USING bf_id, bf_id;
+          END IF;
+          EXIT;
+        EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
+          attempt := attempt + 1;
+          IF attempt >= {max_attempts} THEN RAISE; END IF;
+          PERFORM pg_catalog.pg_sleep(least(0.25 * 2 ^ attempt, 30));
+        END;
+      END LOOP;
+      -- One transaction per batch: row locks last one batch and a crash loses at most one.
+      COMMIT;
+      EXIT WHEN batch_rows IS NULL;
+      total := total + batch_rows;
+      batches := batches + 1;
+      EXIT WHEN sl_done;
+      {pace}
+    END LOOP;
+    EXECUTE {q_release} USING NULL::text, bf_id, sl;
+    COMMIT;
+    IF bf_state <> {running} THEN
+      RAISE EXCEPTION 'backfill % is %: % rows updated in % batches by this script; see `backfill status %`',
+        {bf}, bf_state, total, batches, {bf};
+    END IF;
   END LOOP;
+  IF busy > 0 THEN
+    RAISE EXCEPTION 'backfill %: % slice(s) held by another runner (% rows updated here): %', {bf}, busy, total,
+      {busy_hint};
+  END IF;
   RAISE NOTICE 'backfill %: % rows updated in % batches', {bf}, total, batches;
 END"""
     ).format(
         declarations=sql.SQL("\n  ".join(declarations)),
-        q_max=sql.Literal(template(target.max_key())),
+        find_key=find_key,
         type_lookups=type_lookups,
+        q_max=typed(template(target.max_key())),
         q_first=typed(template(target.lookahead(False))),
         q_next=typed(template(target.lookahead(True))),
         u_first=typed(template(target.update(False))),
         u_next=typed(template(target.update(True))),
+        key_json=key_json if not known else sql.Literal(json.dumps(list(columns))),
+        fingerprint=fingerprint,
+        meta_name=sql.Literal(tables.meta.as_string(None)),
+        create=create,
+        q_insert=sql.Literal(template(tables.insert())),
+        spec=sql.Literal(json.dumps(stored.to_dict())),
+        backfills=tables.backfills,
+        slices=tables.slices,
+        q_set_state=sql.Literal(template(tables.set_state())),
+        q_start=sql.Literal(template(tables.start())),
+        q_insert_slice=sql.Literal(template(tables.insert_slice())),
+        q_lock=sql.Literal(template(tables.lock_slice())),
+        q_checkpoint=sql.Literal(template(tables.checkpoint())),
+        q_lock_backfill=sql.Literal(template(tables.lock_backfill())),
+        q_finish=sql.Literal(template(tables.finish_if_done())),
+        q_claim=sql.Literal(template(tables.claim())),
+        q_release=sql.Literal(template(tables.release_slice())),
         upper=sql.SQL(upper),
         lower=sql.SQL(lower),
         end=sql.SQL(end),
+        upper_array=array("up"),
+        end_array=array("en"),
+        unpack_upper=unpack("ub", "up"),
+        unpack_lower=unpack("cp", "lo"),
         done=sql.SQL(done),
         bf=sql.Literal(name),
         lock_timeout=timeout_literal(lock_timeout),
+        statement_timeout=timeout_literal(statement_timeout),
         batch_size=sql.Literal(batch_size),
         max_attempts=sql.Literal(max_attempts),
+        pace=sql.SQL("\n      ").join(pace),
+        succeeded=state_literal(RunState.SUCCEEDED),
+        pending=state_literal(RunState.PENDING),
+        running=state_literal(RunState.RUNNING),
+        busy_hint=sql.Literal(f"run this again once it has stopped; see `backfill status {name}`"),
     )
     text = body.as_string(None)
     return sql.SQL("DO {}").format(_dollar_quote(text, "backfill"))
@@ -184,3 +370,41 @@ END"""
         succeeded=state_literal(RunState.SUCCEEDED),
     )
     return sql.SQL("DO {}").format(_dollar_quote(body.as_string(None), "gate"))
+
+
+def drop_backfill(name: str, control_schema: str, *, delete: bool, lock_timeout: float = 2.0) -> sql.Composed:
+    """A ``DO`` block that drops backfill ``name``'s keep_in_sync trigger and function, found through the spec in
+    the control tables, and with ``delete`` its control rows too. Nothing happens for a backfill the control tables
+    do not know."""
+    tables = ControlTables(control_schema)
+    trigger = sync.trigger_name(name)
+    forget = (
+        sql.SQL("\n      DELETE FROM {} WHERE name = {};").format(tables.backfills, sql.Literal(name))
+        if delete
+        else sql.SQL("")
+    )
+    body = sql.SQL(
+        """DECLARE
+  target jsonb;
+BEGIN
+  IF pg_catalog.to_regclass({backfills_name}) IS NOT NULL THEN
+    SELECT spec INTO target FROM {backfills} WHERE name = {name};
+    IF FOUND THEN
+      PERFORM pg_catalog.set_config('lock_timeout', {lock_timeout}, true);
+      IF pg_catalog.to_regclass(pg_catalog.format('%I.%I', target->>'schema', target->>'table')) IS NOT NULL THEN
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %I.%I', {trigger}, target->>'schema',
+                                  target->>'table');
+      END IF;
+      EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %I.%I()', target->>'schema', {trigger});{forget}
+    END IF;
+  END IF;
+END"""
+    ).format(
+        backfills_name=sql.Literal(tables.backfills.as_string(None)),
+        backfills=tables.backfills,
+        name=sql.Literal(name),
+        trigger=sql.Literal(trigger),
+        lock_timeout=timeout_literal(lock_timeout),
+        forget=forget,
+    )
+    return sql.SQL("DO {}").format(_dollar_quote(body.as_string(None), "drop"))

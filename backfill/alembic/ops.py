@@ -33,6 +33,8 @@ __all__ = [
     "SQLText",
     "BackfillOp",
     "EnsureBackfillFinishedOp",
+    "DropBackfillOp",
+    "DropBackfillTriggerOp",
     "AddNotNullConstraintOp",
     "ValidateNotNullConstraintOp",
     "DropNotNullConstraintOp",
@@ -53,6 +55,8 @@ SQLText = Union[str, "ClauseElement"]
 DEFAULT_LOCK_TIMEOUT = 2.0
 #: Seconds to keep retrying such a step before the upgrade fails.
 DEFAULT_LOCK_RETRY_SECONDS = 300.0
+#: Seconds ``op.ensure_backfill_finished`` waits for runners elsewhere before the upgrade fails.
+DEFAULT_FINISH_TIMEOUT = 3600.0
 
 _Op = TypeVar("_Op", bound=MigrateOperation)
 
@@ -79,6 +83,10 @@ class BackfillOp(MigrateOperation):
     settings: RunSettings | None = None
     force: bool = False
     control_schema: str = DEFAULT_CONTROL_SCHEMA
+    keep_in_sync: bool = False
+
+    def reverse(self) -> DropBackfillOp:
+        return DropBackfillOp(self.name, control_schema=self.control_schema)
 
     @classmethod
     def backfill(
@@ -96,6 +104,7 @@ class BackfillOp(MigrateOperation):
         settings: RunSettings | None = None,
         force: bool = False,
         control_schema: str = DEFAULT_CONTROL_SCHEMA,
+        keep_in_sync: bool = False,
     ) -> RunReport | None:
         """Set ``values`` on every row of ``table`` in short batches, outside the migration's transaction.
 
@@ -118,8 +127,7 @@ class BackfillOp(MigrateOperation):
         :param table: the table, optionally ``schema.table``.
         :param values: column -> SQL expression evaluated per row, as text or a SQLAlchemy expression.
         :param where: optional filter (text or SQLAlchemy expression); rows not matching it are left alone.
-        :param key: columns to walk (default: the primary key). Required for ``--sql`` (offline) output, where
-            the catalog cannot be read.
+        :param key: columns to walk (default: the primary key; offline, the script reads it when it runs).
         :param batch_size: rows per batch; by default batches adapt to a target duration.
         :param schema: the table's schema.
         :param defer: only register the backfill (state ``pending``) for ``backfill run`` (CLI or cron) and
@@ -127,11 +135,20 @@ class BackfillOp(MigrateOperation):
         :param settings: a :class:`backfill.RunSettings` (timeouts, throttles, retries) for the run.
         :param force: replace a different spec stored under the same name.
         :param control_schema: schema of the control tables.
+        :param keep_in_sync: before the run fixes its key range, install a ``BEFORE INSERT OR UPDATE`` trigger
+            that gives every row the application writes the same values where the column is left NULL and
+            ``where`` holds for the new row (application code that does not know the column keeps working, also
+            after ``op.add_not_null_constraint``); a value the application writes is never overwritten. It stays
+            until ``op.drop_backfill_trigger(name)`` in a later revision; ``op.drop_backfill(name)`` (this op's
+            downgrade) drops it too.
         :return: the run's :class:`backfill.RunReport`; None when deferred or offline.
 
-        In offline mode (``alembic upgrade --sql``) the backfill renders as a ``DO`` block that runs the same
-        batches, committing each one, outside a transaction block (psql's default autocommit). Offline, ``key`` is
-        required and an unqualified table is taken to be in schema ``public``.
+        In offline mode (``alembic upgrade --sql``) the backfill renders as a ``DO`` block that registers it in the
+        control tables and runs the same batches, each committed with its checkpoint, outside a transaction block
+        (psql's default autocommit): run again after an interruption, it continues where it stopped. It honours
+        the timeouts, ``sleep_between`` and ``max_rows_per_second`` of ``settings``. Offline, an unqualified
+        table is taken to be in schema ``public``, and without ``key`` the table's primary key (one column) is
+        read when the script runs.
         """
         report: RunReport | None = operations.invoke(_from_call(cls, locals()))
         return report
@@ -147,6 +164,7 @@ class EnsureBackfillFinishedOp(MigrateOperation):
     finish: bool = True
     settings: RunSettings | None = None
     control_schema: str = DEFAULT_CONTROL_SCHEMA
+    timeout: float = DEFAULT_FINISH_TIMEOUT
 
     @classmethod
     def ensure_backfill_finished(
@@ -157,23 +175,90 @@ class EnsureBackfillFinishedOp(MigrateOperation):
         finish: bool = True,
         settings: RunSettings | None = None,
         control_schema: str = DEFAULT_CONTROL_SCHEMA,
+        timeout: float = DEFAULT_FINISH_TIMEOUT,
     ) -> BackfillRecord | None:
         """Make sure the backfill ``name`` (from ``op.backfill`` in an earlier revision) has finished.
 
         If it has not, ``finish=True`` runs the rest of it here, outside the migration's transaction (what the
-        migration did before is committed first); ``finish=False`` fails the upgrade with a message naming the
-        backfill, its progress and the CLI command that finishes it. A failed, paused or cancelled backfill
-        always fails the upgrade, with what to do about it.
+        migration did before is committed first): it works every slice no other runner holds and waits for the
+        runners elsewhere (a cron job's ``backfill run``) to finish theirs, taking over any slice they let go,
+        for up to ``timeout`` seconds, logging ``backfill_wait`` with the progress every 30 s. ``finish=False``
+        fails the upgrade with a message naming the backfill, its progress and the CLI command that finishes
+        it. A failed, paused or cancelled backfill always fails the upgrade, with what to do about it.
 
         :param name: the backfill.
         :param finish: run the rest inline (True) or only check (False).
         :param settings: a :class:`backfill.RunSettings` for an inline run.
         :param control_schema: schema of the control tables.
+        :param timeout: seconds to wait for other runners before the upgrade fails (default one hour); the
+            error then names the runners and the command that shows their progress.
         :return: the finished backfill's record; None offline, where a ``DO`` block checks the control table
             (a backfill it does not know was run inline earlier in the same script).
         """
         record: BackfillRecord | None = operations.invoke(_from_call(cls, locals()))
         return record
+
+
+@Operations.register_operation("drop_backfill")
+@dataclass(eq=False)
+class DropBackfillOp(MigrateOperation):
+    """Forget a backfill (the downgrade of ``op.backfill``)."""
+
+    name: str
+    _: KW_ONLY
+    force: bool = False
+    control_schema: str = DEFAULT_CONTROL_SCHEMA
+
+    @classmethod
+    def drop_backfill(
+        cls, operations: Operations, name: str, *, force: bool = False, control_schema: str = DEFAULT_CONTROL_SCHEMA
+    ) -> None:
+        """Drop the backfill ``name``: its keep_in_sync trigger (if any) and its record in the control tables, so
+        the next upgrade runs ``op.backfill(name, ...)`` again from the start. The downgrade of ``op.backfill``::
+
+            def downgrade():
+                op.drop_backfill("events_fill_kind")
+
+        The data it changed stays as it is (drop the column in the downgrade of the revision that added it).
+        Unknown names are ignored, so a downgrade can run on a database the backfill never reached.
+
+        :param name: the backfill.
+        :param force: drop it even while a runner (``backfill run``) is working on it; without it, the downgrade
+            fails naming the runner.
+        :param control_schema: schema of the control tables.
+        """
+        operations.invoke(_from_call(cls, locals()))
+
+
+@Operations.register_operation("drop_backfill_trigger")
+@dataclass(eq=False)
+class DropBackfillTriggerOp(MigrateOperation):
+    """Drop the keep_in_sync trigger of a backfill, once old application code no longer writes."""
+
+    name: str
+    _: KW_ONLY
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    control_schema: str = DEFAULT_CONTROL_SCHEMA
+
+    @classmethod
+    def drop_backfill_trigger(
+        cls,
+        operations: Operations,
+        name: str,
+        *,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        control_schema: str = DEFAULT_CONTROL_SCHEMA,
+    ) -> None:
+        """Drop the trigger that ``op.backfill(name, ..., keep_in_sync=True)`` installed, and its function, in a
+        revision deployed once no application code that does not know the column writes to the table any more.
+        ``DROP TRIGGER`` takes ACCESS EXCLUSIVE for an instant: it waits at most ``lock_timeout`` seconds per
+        attempt and is retried with backoff. Idempotent.
+
+        :param name: the backfill.
+        :param lock_timeout: seconds each attempt may wait for the lock.
+        :param control_schema: schema of the control tables.
+        """
+        operations.invoke(_from_call(cls, locals()))
 
 
 @dataclass(eq=False)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy
+import structlog
 from alembic.operations import Operations
 from psycopg import sql
 from sqlalchemy.dialects.postgresql.base import PGDialect
@@ -21,6 +23,8 @@ from backfill.alembic.ops import (
     AddIndexConcurrentlyOp,
     AddNotNullConstraintOp,
     BackfillOp,
+    DropBackfillOp,
+    DropBackfillTriggerOp,
     DropCheckConstraintOp,
     DropForeignKeyOp,
     DropIndexConcurrentlyOp,
@@ -37,8 +41,10 @@ from backfill.errors import BackfillError, ControlTablesMissingError, UnknownBac
 from backfill.executor import RunReport
 from backfill.pg.borrowed import SQLAlchemySession
 from backfill.pg.connect import Database
-from backfill.schema import check, constraint, ddl, foreign_key, index
+from backfill.plan import Target
+from backfill.schema import check, constraint, ddl, foreign_key, index, sync
 from backfill.schema import notnull as constraints
+from backfill.settings import RunSettings
 from backfill.spec import BackfillSpec
 from backfill.state import RunOutcome, RunState
 from backfill.status import BackfillStatus
@@ -50,6 +56,8 @@ if TYPE_CHECKING:
     from alembic.runtime.migration import MigrationContext
 
 __all__ = ["MigrationContextError", "BackfillNotFinishedError"]
+
+log = structlog.get_logger("backfill")
 
 
 class MigrationContextError(BackfillError):
@@ -157,6 +165,7 @@ def _spec(operation: BackfillOp) -> BackfillSpec:
         key=(key,) if isinstance(key, str) else key,
         batch_size=operation.batch_size,
         schema=operation.schema,
+        keep_in_sync=operation.keep_in_sync,
     )
 
 
@@ -182,25 +191,44 @@ def backfill(operations: Operations, operation: BackfillOp) -> RunReport | None:
 
 
 def _render_backfill(ctx: MigrationContext, spec: BackfillSpec, operation: BackfillOp) -> None:
-    if spec.key is None:
-        raise MigrationContextError(
-            f"op.backfill({spec.name!r}) in offline mode (--sql) cannot read the primary key of {spec.table}: "
-            "pass key= (e.g. key='id')"
-        )
-    settings = operation.settings
+    settings = operation.settings or RunSettings()
+    schema = spec.schema or "public"
+    batch_size = settings.batch_size or spec.initial_batch_size
+    # The settings that mean something in SQL: timeouts, the pause between batches and the rate cap. (Replica
+    # lag, vacuum and health checks need the runner.)
     script = offline.batched_script(
         name=spec.name,
-        schema=spec.schema or "public",
+        schema=schema,
         table=spec.table,
         key=spec.key,
         values=tuple(spec.values.items()),
         where=spec.where,
-        batch_size=spec.initial_batch_size,
-        lock_timeout=settings.lock_timeout if settings else 2.0,
+        batch_size=batch_size,
+        lock_timeout=settings.lock_timeout,
+        control_schema=operation.control_schema,
+        spec=spec,
+        statement_timeout=settings.statement_timeout,
+        sleep_between=settings.sleep_between,
+        max_rows_per_second=settings.max_rows_per_second,
     )
     with _outside_transaction(ctx, "backfill"):
+        if spec.keep_in_sync:
+            target = Target(
+                schema=schema,
+                table=spec.table,
+                key=spec.key or (),
+                key_types=(),
+                values=tuple(spec.values.items()),
+                where=spec.where,
+            )
+            ctx.impl.static_output(f"-- backfill {spec.name}: keep_in_sync trigger, before the key range is fixed")
+            for line in constraints.render_steps(sync.install_steps(target, spec.name), settings.lock_timeout):
+                _output(ctx, line)
         note = " (defer=True: run here inline; cut it out to run it separately)" if operation.defer else ""
-        ctx.impl.static_output(f"-- backfill {spec.name}: {spec.initial_batch_size} rows per transaction{note}")
+        ctx.impl.static_output(
+            f"-- backfill {spec.name}: {batch_size} rows per transaction, checkpoint in "
+            f"{operation.control_schema}.backfill_slices: run again after an interruption to continue{note}"
+        )
         _output(ctx, ddl.render(script))
 
 
@@ -250,16 +278,76 @@ def ensure_backfill_finished(operations: Operations, operation: EnsureBackfillFi
         ) from None
     if record.state is RunState.SUCCEEDED:
         return record
-    if not operation.finish or record.state not in (RunState.PENDING, RunState.RUNNING):
-        raise BackfillNotFinishedError(
-            f"backfill {name!r} is {record.state.value}: {_progress(record)}"
-            + (f"; last error: {record.last_error}" if record.last_error else "")
-            + f"; {_how_to_finish(name, record.state, database, schema)}"
-        )
+    if not operation.finish or not record.state.runnable:
+        raise _not_finished(record, database, schema)
     with _outside_transaction(ctx, "ensure_backfill_finished"):
+        return _finish_here(database, operation, time.monotonic, time.sleep)
+
+
+#: Seconds between two looks at a backfill other runners hold, and between two ``backfill_wait`` log lines.
+_POLL_SECONDS = 1.0
+_LOG_EVERY_SECONDS = 30.0
+
+
+def _finish_here(
+    database: Database,
+    operation: EnsureBackfillFinishedOp,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
+) -> BackfillRecord:
+    """Work every slice no runner holds; while runners elsewhere hold the rest, wait for them (taking over any
+    slice they let go) until the backfill succeeds or ``operation.timeout`` runs out."""
+    name, schema = operation.name, operation.control_schema
+    started = clock()
+    logged: float | None = None
+    while True:
         report = api.run_backfill(database, name, settings=operation.settings, control_schema=schema)
-    _finished(report, database, schema)
-    return api.get_backfill(database, name, control_schema=schema)
+        if report.outcome not in (RunOutcome.BUSY, RunOutcome.WORK_LEFT) or report.reason == "stop requested":
+            _finished(report, database, schema)
+            return api.get_backfill(database, name, control_schema=schema)
+        # Other runners hold what is left: wait until they finish it, or let a slice go for us to take.
+        while True:
+            record = api.get_backfill(database, name, control_schema=schema)
+            if record.state is RunState.SUCCEEDED:
+                return record
+            if not record.state.runnable:
+                raise _not_finished(record, database, schema)
+            held = api.held_slices(database, name, control_schema=schema)
+            waited = clock() - started
+            if not held and (report.batches > 0 or waited < operation.timeout):
+                if report.batches == 0:
+                    sleep(_POLL_SECONDS)  # nothing was free a moment ago: no hot loop if that keeps happening
+                break
+            if waited >= operation.timeout:
+                raise BackfillNotFinishedError(
+                    f"backfill {name!r} is not finished after waiting {waited:.0f}s (timeout={operation.timeout:g}) "
+                    f"for the runners that hold {len(held)} of its slices ({record.owner or 'owner unknown'}): "
+                    f"{_progress(record)}; watch them with `backfill status {name}` (--url / DATABASE_URL: "
+                    f"{database.display}) and run the upgrade again once it is finished, or give "
+                    "op.ensure_backfill_finished a longer timeout="
+                )
+            if logged is None or clock() - logged >= _LOG_EVERY_SECONDS:
+                logged = clock()
+                log.info(
+                    "backfill_wait",
+                    backfill=name,
+                    reason="other runners hold the remaining slices",
+                    held_slices=len(held),
+                    owners=record.owner,
+                    rows_updated=record.rows_updated,
+                    estimated_rows=record.estimated_rows,
+                    waited_s=round(waited, 1),
+                    timeout_s=operation.timeout,
+                )
+            sleep(_POLL_SECONDS)
+
+
+def _not_finished(record: BackfillRecord, database: Database, schema: str) -> BackfillNotFinishedError:
+    return BackfillNotFinishedError(
+        f"backfill {record.name!r} is {record.state.value}: {_progress(record)}"
+        + (f"; last error: {record.last_error}" if record.last_error else "")
+        + f"; {_how_to_finish(record.name, record.state, database, schema)}"
+    )
 
 
 def _progress(record: BackfillRecord) -> str:
@@ -536,3 +624,38 @@ def drop_index_concurrently(
         state = index.read_index(session, operation.name, schema=schema)
         plan = index.plan_drop_index(state)
         return index.apply_index_plan(session, plan, watch=Database.from_bind(connection, "backfill-ddl"))
+
+
+# --- op.drop_backfill and op.drop_backfill_trigger -------------------------------------------------------------------
+
+
+@Operations.implementation_for(DropBackfillOp)
+def drop_backfill(operations: Operations, operation: DropBackfillOp) -> None:
+    ctx = _context(operations, "drop_backfill")
+    if ctx.as_sql:
+        with _outside_transaction(ctx, "drop_backfill"):
+            _output(ctx, ddl.render(offline.drop_backfill(operation.name, operation.control_schema, delete=True)))
+        return
+    with _outside_transaction(ctx, "drop_backfill") as connection:
+        database = Database.from_bind(connection)
+        try:
+            api.delete_backfill(
+                database, operation.name, force=operation.force, control_schema=operation.control_schema
+            )
+        except (UnknownBackfillError, ControlTablesMissingError):
+            log.info("backfill_not_found", backfill=operation.name, action="drop_backfill")
+
+
+@Operations.implementation_for(DropBackfillTriggerOp)
+def drop_backfill_trigger(operations: Operations, operation: DropBackfillTriggerOp) -> None:
+    ctx = _context(operations, "drop_backfill_trigger")
+    if ctx.as_sql:
+        with _outside_transaction(ctx, "drop_backfill_trigger"):
+            script = offline.drop_backfill(operation.name, operation.control_schema, delete=False)
+            _output(ctx, ddl.render(script))
+        return
+    with _outside_transaction(ctx, "drop_backfill_trigger") as connection:
+        database = Database.from_bind(connection)
+        api.drop_backfill_trigger(
+            database, operation.name, lock_timeout=operation.lock_timeout, control_schema=operation.control_schema
+        )

@@ -260,6 +260,11 @@ def _parse_key(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--where", help="SQL filter: only matching rows are updated.")
 @click.option("--key", callback=_parse_key, metavar="COL[,COL]", help="Columns to walk (default: primary key).")
 @click.option("--batch-size", type=POSITIVE_INT, help="Rows of key range per batch.")
+@click.option(
+    "--keep-in-sync",
+    is_flag=True,
+    help="Install a trigger that applies the same values to rows the application writes with the column left NULL.",
+)
 @click.option("--force", is_flag=True, help="Replace a different spec already registered under NAME.")
 @pass_cli
 def add(
@@ -270,18 +275,22 @@ def add(
     where: str | None,
     key: tuple[str, ...] | None,
     batch_size: int | None,
+    keep_in_sync: bool,
     force: bool,
 ) -> None:
     """Register backfill NAME (state pending) for `run` to work through.
 
-    The spec is checked against the database first; nothing is written if it does not fit.
+    The spec is checked against the database first; nothing is written if it does not fit. With --keep-in-sync
+    the trigger is installed now, before the run fixes its key range; it stays until the backfill is deleted.
     """
-    spec = BackfillSpec(name, table, values, where, key, batch_size)
+    spec = BackfillSpec(name, table, values, where, key, batch_size, keep_in_sync=keep_in_sync)
     record = api.register_backfill(obj.database, spec, force=force, control_schema=obj.control_schema)
     stored = record.spec
     click.echo(
         f"backfill {record.name!r} on {stored.qualified_table} (key {', '.join(stored.key or ())}, "
-        f"batch size {stored.batch_size or 'adaptive'}): {record.state.value}"
+        f"batch size {stored.batch_size or 'adaptive'}"
+        + (", kept in sync by a trigger" if stored.keep_in_sync else "")
+        + f"): {record.state.value}"
     )
 
 
@@ -650,6 +659,19 @@ def cancel(obj: CliContext, name: str) -> None:
 def retry(obj: CliContext, name: str) -> None:
     """Put a failed NAME back to pending; the next `run` continues from its checkpoint."""
     _action(obj, name, api.retry_backfill, "put back")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Delete it even while a runner works on it (that runner then fails).")
+@pass_cli
+def delete(obj: CliContext, name: str, force: bool) -> None:
+    """Forget NAME: drop its keep_in_sync trigger and its control rows (the data stays as it is).
+
+    Refused while a runner holds it, unless --force. Registering NAME again then starts from scratch.
+    """
+    record = api.delete_backfill(obj.database, name, force=force, control_schema=obj.control_schema)
+    click.echo(f"backfill {record.name!r} deleted (it was {record.state.value})")
 
 
 # --- demo ----------------------------------------------------------------------------------------------------

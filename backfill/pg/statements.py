@@ -551,6 +551,10 @@ class ControlTables:
                 WHERE id = %s"""
         ).format(b=self.backfills, running=state_literal(RunState.RUNNING))
 
+    def delete(self) -> sql.Composed:
+        """(id): forget a backfill; its slices go with it (ON DELETE CASCADE)."""
+        return sql.SQL("DELETE FROM {} WHERE id = %s").format(self.backfills)
+
     def insert_slice(self) -> sql.Composed:
         return sql.SQL(
             "INSERT INTO {} (backfill_id, slice, lower_bound, upper_bound, checkpoint) VALUES (%s, %s, %s, %s, %s)"

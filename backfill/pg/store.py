@@ -354,6 +354,24 @@ class PostgresStore:
             conn.execute(self.tables.set_state(), (target.value, error, target.terminal, row.id))
         return self.get(name)
 
+    def held_slices(self, backfill_id: int) -> list[int]:
+        """Unfinished slices another live runner holds. Each free one is claimed for an instant to find out, then
+        released."""
+        held = []
+        for piece in self.slices(backfill_id):
+            if piece.done or (backfill_id, piece.slice) in self._claims:
+                continue
+            if self.try_claim(backfill_id, piece.slice):
+                self.release(backfill_id, piece.slice)
+            else:
+                held.append(piece.slice)
+        return held
+
+    def delete(self, backfill_id: int) -> None:
+        """Delete a backfill's control row and its slices (the data it changed stays)."""
+        with self.conn.transaction():
+            self.conn.execute(self.tables.delete(), (backfill_id,))
+
     # --- runner side -----------------------------------------------------------------------------------------
 
     def _lock(self, backfill_id: int, slice: int) -> bool:
@@ -572,6 +590,7 @@ def _mismatch(old: BackfillSpec, new: BackfillSpec) -> str:
             ("values", dict(old.values), dict(new.values)),
             ("where", old.where, new.where),
             ("key", old.key, new.key),
+            ("keep_in_sync", old.keep_in_sync, new.keep_in_sync),
         )
         if a != b
     ]

@@ -18,6 +18,7 @@ __all__ = [
     "set_not_null",
     "drop_not_null",
     "drop_constraint",
+    "has_nulls",
     "count_nulls",
     "render",
     "derived_name",
@@ -76,6 +77,11 @@ CONSTRAINTS = sql.SQL(
        AND ((c.contype = 'n' AND c.conkey = ARRAY[%s]::int2[]) OR (c.contype = 'c' AND c.conname = %s))
     """
 )
+
+
+def has_nulls(relation: sql.Identifier, column: str) -> sql.Composed:
+    """Whether any row has ``column`` NULL: stops at the first one; a read that blocks no writer."""
+    return sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {} IS NULL)").format(relation, sql.Identifier(column))
 
 
 def count_nulls(relation: sql.Identifier, column: str) -> sql.Composed:

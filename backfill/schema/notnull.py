@@ -482,6 +482,14 @@ def apply_steps(
     """
     retry = retry or LockRetry()
     state = plan.state
+    if plan.adds is not None and plan.validates:
+        # Checked before the NOT VALID constraint exists: while it does, every write of a NULL fails, so finding
+        # the NULLs only when validating would have broken the application's writes for a whole scan.
+        timeout = [ddl.set_statement_timeout(validate_timeout)]
+        if session.fetchall(ddl.has_nulls(state.relation, state.column), before=timeout)[0][0]:
+            count = ddl.count_nulls(state.relation, state.column)
+            nulls = int(session.fetchall(count, before=timeout)[0][0])
+            raise _null_values(state, nulls, "nothing was changed")
     results: list[StepResult] = []
     for step in plan.steps:
         started = time.monotonic()
@@ -552,10 +560,15 @@ def _nulls_found(
     count = ddl.count_nulls(state.relation, state.column)
     nulls = int(session.fetchall(count, before=[ddl.set_statement_timeout(validate_timeout)])[0][0])
     left = _undo_add(session, plan, retry)
+    return _null_values(state, nulls, left)
+
+
+def _null_values(state: ColumnState, nulls: int, left: str) -> NullValuesError:
     log.error("not_null_violated", table=state.qualified, column=state.column, null_rows=nulls)
     return NullValuesError(
         f"cannot make {state.qualified}.{state.column} NOT NULL: {nulls} row(s) have {state.column} NULL; "
-        f"backfill them first ({left})",
+        f"{left}. Backfill them first; if application code that does not know the column still writes rows, "
+        "backfill with keep_in_sync=True so a trigger fills the rows it writes",
         table=state.qualified,
         column=state.column,
         null_rows=nulls,

@@ -64,7 +64,13 @@ class DemoReport:
     #: the online change: the three phases, the backfill alone, and the application meanwhile
     change_seconds: float
     backfill: RunReport
+    #: application code from before the change (never writes the column) and new code (writes it itself)
     change_app: AppStats
+    new_code_app: AppStats
+    #: rows old code inserted during the change, which the keep_in_sync trigger filled
+    filled_by_trigger: int
+    #: rows whose column differs from what the backfill computes (every writer agrees with it: expect 0)
+    rows_unlike_backfill: int
     #: the same change as one UPDATE and one SET NOT NULL, and the application meanwhile
     plain_update_seconds: float
     plain_not_null_seconds: float
@@ -170,6 +176,12 @@ def _migration(database: Database) -> Iterator[Operations]:
         engine.dispose()
 
 
+def _wait_for_writes(app: AppSimulator, count: int, timeout: float = 30.0) -> None:
+    target, deadline = app.writes + count, time.monotonic() + timeout
+    while app.writes < target and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def _is_not_null(conn: psycopg.Connection[Any]) -> bool:
     row = conn.execute(
         "SELECT a.attnotnull FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attname = %s",
@@ -179,6 +191,7 @@ def _is_not_null(conn: psycopg.Connection[Any]) -> bool:
 
 
 def _simulator(url: str, table: str, rows: int, writers: int, conn: psycopg.Connection[Any]) -> AppSimulator:
+    """The application as it was before the change: it knows nothing of the new column."""
     relation = _relation(table)
     update = sql.SQL("UPDATE {} SET touched_at = now() WHERE id = %s").format(relation).as_string(conn)
     insert = (
@@ -187,6 +200,23 @@ def _simulator(url: str, table: str, rows: int, writers: int, conn: psycopg.Conn
         .as_string(conn)
     )
     return AppSimulator(url, update_sql=update, insert_sql=insert, writers=writers, key_range=(1, rows), seed=7)
+
+
+def _new_code(url: str, rows: int, conn: psycopg.Connection[Any]) -> AppSimulator:
+    """The application deployed after phase 1: it inserts rows with the new column set, the value the backfill would
+    compute for them (and its updates touch other columns)."""
+    relation, column = _relation(TABLE), sql.Identifier(COLUMN)
+    update = sql.SQL("UPDATE {} SET touched_at = now() WHERE id = %s").format(relation)
+    insert = sql.SQL("INSERT INTO {} (created_at, payload, {}) VALUES (now(), '{{\"kind\": \"click\"}}', 'click')")
+    return AppSimulator(
+        url,
+        update_sql=update.as_string(conn),
+        insert_sql=insert.format(relation, column).as_string(conn),
+        insert_every=2,
+        writers=1,
+        key_range=(1, rows),
+        seed=11,
+    )
 
 
 @contextlib.contextmanager
@@ -228,8 +258,8 @@ def _demo(url: str, rows: int, writers: int, progress: Progress | None, echo: Ec
                 # A short lock_timeout: an ALTER waiting for its lock would queue the application behind it.
                 op.execute("SET LOCAL lock_timeout = '5s'")
                 op.add_column(TABLE, sqlalchemy.Column(COLUMN, sqlalchemy.Text(), nullable=True), schema=DEMO_SCHEMA)
-                op.alter_column(TABLE, COLUMN, server_default="unknown", schema=DEMO_SCHEMA)
                 # defer=True: only register it (this commits phase 1); the runner below does the work.
+                # keep_in_sync=True: the old code's rows get the same value from a trigger, from now on.
                 alembic_ops.backfill(
                     BACKFILL_NAME,
                     TABLE,
@@ -237,32 +267,49 @@ def _demo(url: str, rows: int, writers: int, progress: Progress | None, echo: Ec
                     where=f"{COLUMN} IS NULL",
                     schema=DEMO_SCHEMA,
                     defer=True,
+                    keep_in_sync=True,
                     control_schema=DEMO_SCHEMA,
                     operations=op,
                 )
 
-            _timed(echo, "phase 1: op.add_column(kind, nullable), default for new rows; op.backfill(defer=True)")(
-                phase1
-            )
-            record = api.get_backfill(database, BACKFILL_NAME, control_schema=DEMO_SCHEMA)
-            echo(f"phase 2: backfill run, batches of {record.spec.initial_batch_size:,} rows")
-            if progress is not None:
-                progress.begin(BACKFILL_NAME, 0, api.plan_backfill(database, record.spec).estimated_rows)
-            report = api.run_backfill(database, BACKFILL_NAME, control_schema=DEMO_SCHEMA, settings=RunSettings())
-            if report.outcome is not RunOutcome.FINISHED:
-                why = report.error or report.reason
-                raise DemoError(f"the backfill did not finish: {report.outcome.value} ({why})")
-            echo(f"phase 2: {report.rows_updated:,} rows in {report.batches:,} batches ({report.seconds:.1f} s)")
-            _timed(echo, "phase 3: op.add_not_null_constraint(kind): validated without an exclusive table scan")(
-                lambda: alembic_ops.add_not_null_constraint(TABLE, COLUMN, schema=DEMO_SCHEMA, operations=op)
-            )
+            _timed(echo, "phase 1: op.add_column(kind, nullable); op.backfill(defer=True, keep_in_sync=True)")(phase1)
+            with _new_code(url, rows, conn) as new_app:
+                new_app.wait_until_writing()
+                echo("new application code deployed next to the old (which never writes kind); both keep writing")
+                record = api.get_backfill(database, BACKFILL_NAME, control_schema=DEMO_SCHEMA)
+                echo(f"phase 2: backfill run, batches of {record.spec.initial_batch_size:,} rows")
+                if progress is not None:
+                    progress.begin(BACKFILL_NAME, 0, api.plan_backfill(database, record.spec).estimated_rows)
+                report = api.run_backfill(database, BACKFILL_NAME, control_schema=DEMO_SCHEMA, settings=RunSettings())
+                if report.outcome is not RunOutcome.FINISHED:
+                    why = report.error or report.reason
+                    raise DemoError(f"the backfill did not finish: {report.outcome.value} ({why})")
+                echo(f"phase 2: {report.rows_updated:,} rows in {report.batches:,} batches ({report.seconds:.1f} s)")
+                _timed(echo, "phase 3: op.add_not_null_constraint(kind): validated without an exclusive table scan")(
+                    lambda: alembic_ops.add_not_null_constraint(TABLE, COLUMN, schema=DEMO_SCHEMA, operations=op)
+                )
+                # Old code keeps writing after NOT NULL: its inserts go on succeeding.
+                _wait_for_writes(app, 50)
+            new_code_app = new_app.stats
+            assert new_code_app is not None
         change_seconds = time.perf_counter() - change_started
         change_app = app.stats
         assert change_app is not None
+        filled = conn.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE id > %s AND payload->>'kind' = 'view' AND {} = 'view'").format(
+                _relation(TABLE), sql.Identifier(COLUMN)
+            ),
+            (rows,),
+        ).fetchone()
         nulls = conn.execute(
             sql.SQL("SELECT count(*) FROM {} WHERE {} IS NULL").format(_relation(TABLE), sql.Identifier(COLUMN))
         ).fetchone()
         nulls_left = int(nulls[0]) if nulls else -1
+        unlike = conn.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE {} IS DISTINCT FROM ({})").format(
+                _relation(TABLE), sql.Identifier(COLUMN), sql.SQL(EXPRESSION)
+            )
+        ).fetchone()
         not_null = _is_not_null(conn)
 
         # --- the same change as one statement, same application load -------------------------------------------
@@ -292,6 +339,9 @@ def _demo(url: str, rows: int, writers: int, progress: Progress | None, echo: Ec
             change_seconds=change_seconds,
             backfill=report,
             change_app=change_app,
+            new_code_app=new_code_app,
+            filled_by_trigger=int(filled[0]) if filled else 0,
+            rows_unlike_backfill=int(unlike[0]) if unlike else -1,
             plain_update_seconds=update_seconds,
             plain_not_null_seconds=not_null_seconds,
             plain_app=plain_app.stats,
@@ -302,7 +352,7 @@ def _demo(url: str, rows: int, writers: int, progress: Progress | None, echo: Ec
 
 def format_report(report: DemoReport) -> str:
     """The side-by-side summary the demo ends with."""
-    backfill, online, plain = report.backfill, report.change_app, report.plain_app
+    backfill, online, plain, new = report.backfill, report.change_app, report.plain_app, report.new_code_app
     rate = backfill.rows_updated / backfill.seconds if backfill.seconds > 0 else 0.0
     plain_seconds = report.plain_update_seconds + report.plain_not_null_seconds
     plain_rate = report.rows / report.plain_update_seconds if report.plain_update_seconds > 0 else 0.0
@@ -317,6 +367,8 @@ def format_report(report: DemoReport) -> str:
         ("app p99 write, ms", f"{online.p99_ms:,.1f}", f"{plain.p99_ms:,.1f}"),
         ("app longest stall, ms", f"{online.max_stall_ms:,.0f}", f"{plain.max_stall_ms:,.0f}"),
         ("app errors", f"{online.errors:,}", f"{plain.errors:,}"),
+        ("new code writes (sets kind)", f"{new.writes:,}", "-"),
+        ("new code errors", f"{new.errors:,}", "-"),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"  {a.ljust(widths[0])}   {b.rjust(widths[1])}   {c.rjust(widths[2])}" for a, b, c in rows]
@@ -326,8 +378,15 @@ def format_report(report: DemoReport) -> str:
     )
     if online.max_stall_ms > 0 and plain.max_stall_ms > online.max_stall_ms:
         verdict += f" ({plain.max_stall_ms / online.max_stall_ms:,.0f}x longer.)"
-    checks = f"NULLs left in {TABLE}.{COLUMN}: {report.nulls_left:,}; NOT NULL: {'yes' if report.not_null else 'NO'}."
-    header = f"backfill demo: {report.rows:,} rows, PostgreSQL {report.server_version}, {report.writers} app writers"
+    checks = (
+        f"NULLs left in {TABLE}.{COLUMN}: {report.nulls_left:,}; NOT NULL: {'yes' if report.not_null else 'NO'}; "
+        f"rows old code inserted that the keep_in_sync trigger filled: {report.filled_by_trigger:,}; "
+        f"rows unlike the backfill's value: {report.rows_unlike_backfill:,}."
+    )
+    header = (
+        f"backfill demo: {report.rows:,} rows, PostgreSQL {report.server_version}, {report.writers} writers of "
+        "old code (never writing kind) and 1 of new code"
+    )
     return "\n".join([header, *lines, verdict, checks])
 
 
@@ -340,7 +399,8 @@ def run_demo(
     echo: Echo = print,
 ) -> int:
     """Run the demo on ``url``, or on a throwaway embedded server when None; print the report. Returns the exit
-    code: 0 when the change completed and no NULL is left.
+    code: 0 when the change completed, every row has the backfill's value (no NULL left) and no application
+    write failed.
 
     Raises:
         DemoError: the demo's schema already exists on ``url``.
@@ -355,4 +415,6 @@ def run_demo(
         report = _demo(url, rows, writers, progress, echo)
     echo("")
     echo(format_report(report))
-    return 0 if report.nulls_left == 0 and report.not_null else 1
+    failed = report.change_app.errors + report.new_code_app.errors
+    right = report.nulls_left == 0 and report.rows_unlike_backfill == 0 and report.not_null
+    return 0 if right and failed == 0 else 1

@@ -3,6 +3,10 @@
 If this upgrade is interrupted, run it again: the backfill resumes from its checkpoint. With defer=True it would
 only be registered, for `backfill run events_fill_kind` (CLI or cron) to do the work outside the deploy.
 
+keep_in_sync=True installs a trigger first: rows that application code from before phase 1 (which does not know
+events.kind) keeps writing get the same value, now and after phase 3 makes the column NOT NULL. A later revision
+drops it with op.drop_backfill_trigger("events_fill_kind") once no such code runs any more.
+
 Revision ID: 0003
 Revises: 0002
 """
@@ -23,11 +27,12 @@ def upgrade() -> None:
         "events",
         {"kind": "coalesce(payload->>'kind', 'unknown')"},
         where="kind IS NULL",
-        key="id",  # read from the catalog online; needed only by the offline (--sql) rendering
+        keep_in_sync=True,
         batch_size=2_000,
     )
 
 
 def downgrade() -> None:
-    # The data stays as it is; revision 0002's downgrade drops the column.
-    pass
+    # Drops the trigger and the backfill's record, so upgrading again runs it again; the data stays as it is
+    # (revision 0002's downgrade drops the column).
+    op.drop_backfill("events_fill_kind")
