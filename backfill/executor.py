@@ -284,7 +284,7 @@ class Executor:
                 self.log.info("run_stopped", state=result.state.value)
                 return outcome or RunOutcome.WORK_LEFT, result.state, f"backfill is {result.state.value}"
             seconds = self.clock() - started
-            ctx.record_batch(result.rows, seconds, ctx.batch_size)
+            ctx.record_batch(result.rows, seconds, ctx.batch_size, result.database_seconds)
             self._count(piece.slice, result)
             self.log.info(
                 "batch_committed",

@@ -26,6 +26,8 @@ class Target:
     where: str | None
     #: See :attr:`Plan.key_signature`; checked again by every batch (empty: not checked, as offline).
     key_signature: tuple[str, ...] = ()
+    #: Update only rows whose values differ from the expressions' results (see ``BackfillSpec.skip_unchanged``).
+    skip_unchanged: bool = True
 
 
 @dataclass(frozen=True)

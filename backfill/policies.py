@@ -63,6 +63,8 @@ class RunContext:
     batches: int = 0
     rows: int = 0
     last_batch_seconds: float | None = None
+    #: seconds the last batch worked in the database, round trip left out (None: the store cannot tell)
+    last_batch_database_seconds: float | None = None
     last_batch_rows: int = 0
     #: rows of key range the last batch walked (its batch size): what adaptive sizing measures
     last_batch_size: int = 0
@@ -79,13 +81,16 @@ class RunContext:
     def elapsed(self) -> float:
         return self.clock() - self.started_at
 
-    def record_batch(self, rows: int, seconds: float, size: int | None = None) -> None:
+    def record_batch(
+        self, rows: int, seconds: float, size: int | None = None, database_seconds: float | None = None
+    ) -> None:
         now = self.clock()
         self.batches += 1
         self.rows += rows
         self.last_batch_rows = rows
         self.last_batch_size = self.batch_size if size is None else size
         self.last_batch_seconds = seconds
+        self.last_batch_database_seconds = database_seconds
         self.last_batch_started_at = now - seconds
         self.last_batch_ended_at = now
         self.longest_batch_seconds = max(self.longest_batch_seconds, seconds)
@@ -272,6 +277,9 @@ class VacuumReading:
     relation: str
     phase: str
     autovacuum: bool
+    #: an autovacuum run to prevent transaction ID wraparound: it cannot be cancelled, and the server stops
+    #: assigning transaction IDs if it falls too far behind
+    wraparound: bool = False
 
 
 @dataclass(frozen=True)
@@ -368,15 +376,30 @@ class ReplicaLag(ProbingThrottle):
 
 
 class VacuumRunning(ProbingThrottle):
-    """Wait while a vacuum (usually autovacuum) works on the target table, so it can catch up with the dead rows
-    the backfill leaves behind instead of racing them (``pg_stat_progress_vacuum``)."""
+    """Wait while a vacuum works on the target table (``pg_stat_progress_vacuum``).
 
-    def __init__(self, probe: Callable[[], Sequence[VacuumReading]], *, every: float = 1.0, poll: float = 1.0) -> None:
+    Args:
+        probe: reads the vacuums at work on the table.
+        only_wraparound: wait only for an autovacuum run to prevent transaction ID wraparound (the default of
+            :class:`~backfill.RunSettings`). That one must never be starved: it cannot be cancelled, and if it
+            falls too far behind the server stops assigning transaction IDs. An ordinary autovacuum is left to
+            work alongside: it is cleaning up the very dead rows the backfill leaves, and on a large table it runs
+            for hours, which a runner waiting for it would spend idle each time.
+    """
+
+    def __init__(
+        self,
+        probe: Callable[[], Sequence[VacuumReading]],
+        *,
+        only_wraparound: bool = False,
+        every: float = 1.0,
+        poll: float = 1.0,
+    ) -> None:
         super().__init__(every=every, poll=poll)
-        self.probe = probe
+        self.probe, self.only_wraparound = probe, only_wraparound
 
     def check(self, ctx: RunContext) -> float:
-        running = self.probe()
+        running = [vacuum for vacuum in self.probe() if vacuum.wraparound or not self.only_wraparound]
         if not running:
             return 0.0
         first = running[0]
@@ -387,10 +410,11 @@ class VacuumRunning(ProbingThrottle):
             relation=first.relation,
             phase=first.phase,
             autovacuum=first.autovacuum,
+            wraparound=first.wraparound,
         )
 
     def __repr__(self) -> str:
-        return "VacuumRunning()"
+        return "VacuumRunning(only_wraparound=True)" if self.only_wraparound else "VacuumRunning()"
 
 
 class CustomCheck(ProbingThrottle):
@@ -465,13 +489,23 @@ class FixedSize:
 
 
 class AdaptiveSize:
-    """Size each batch to take about ``target_seconds``.
+    """Size each batch to take about ``target_seconds`` of database time.
 
     It keeps an exponentially weighted moving average of the rate (rows of key range per second) of the batches
-    so far and asks for ``rate * target_seconds`` rows, within ``[min_size, max_size]``. The average damps noise:
-    with ``smoothing=0.3`` one batch ten times slower than the rest cuts the next size by about a quarter, not
-    tenfold. Growth is capped at ``max_growth`` per batch so a start far below the target ramps up instead of
-    leaping on one fast measurement. A batch that exceeded statement_timeout halves the rate estimate.
+    so far and asks for ``rate * target_seconds`` rows of key range. The average damps noise: with
+    ``smoothing=0.3`` one batch ten times slower than the rest cuts the next size by about a quarter, not tenfold.
+    Growth is capped at ``max_growth`` per batch so a start far below the target ramps up instead of leaping on one
+    fast measurement. A batch that exceeded statement_timeout halves the rate estimate.
+
+    A batch is timed by the seconds it worked in the database when the store can tell (the round trip to a distant
+    database is the same for any batch size, so counting it would only shrink batches and add round trips), by
+    the runner's clock otherwise.
+
+    ``max_size`` caps the rows a batch *changes* (the rows it holds locked until it commits), not the key range it
+    walks: where the filter matches few rows, or most rows already hold their values, the key range stretches as
+    far as the time target allows (up to ``max_size`` rows changed at the last batch's share of changed rows), so
+    a sparse backfill costs about one pass over the key's index instead of many small batches. ``min_size``
+    bounds the key range from below.
 
     On a steady table it converges within a few batches (the error shrinks by ``1 - smoothing`` per batch once
     within the growth cap).
@@ -497,13 +531,18 @@ class AdaptiveSize:
         self.smoothing, self.max_growth = smoothing, max_growth
         #: smoothed rows of key range per second; None until a batch has been measured
         self.rate: float | None = None
+        #: the largest key range the next batch may walk (rows changed stay within ``max_size``)
+        self.max_range: float = float(max_size)
         self._seen_batches = 0
         self._seen_timeouts = 0
 
     def __call__(self, ctx: RunContext) -> int:
-        if ctx.batches > self._seen_batches and ctx.last_batch_seconds and ctx.last_batch_size > 0:
-            measured = ctx.last_batch_size / ctx.last_batch_seconds
+        seconds = ctx.last_batch_database_seconds or ctx.last_batch_seconds
+        if ctx.batches > self._seen_batches and seconds and ctx.last_batch_size > 0:
+            measured = ctx.last_batch_size / seconds
             self.rate = measured if self.rate is None else self.smoothing * measured + (1 - self.smoothing) * self.rate
+            changed = max(ctx.last_batch_rows, 1) / ctx.last_batch_size
+            self.max_range = self.max_size / min(1.0, changed)
         self._seen_batches = ctx.batches
         if ctx.timeouts > self._seen_timeouts:
             if self.rate is not None:
@@ -513,7 +552,7 @@ class AdaptiveSize:
             wanted = float(ctx.batch_size)
         else:
             wanted = min(self.rate * self.target_seconds, ctx.batch_size * self.max_growth)
-        return int(min(self.max_size, max(self.min_size, wanted)))
+        return int(min(self.max_range, max(self.min_size, wanted)))
 
     def __repr__(self) -> str:
         return f"AdaptiveSize(target_seconds={self.target_seconds}, min={self.min_size}, max={self.max_size})"

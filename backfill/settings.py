@@ -32,6 +32,15 @@ __all__ = ["RunSettings", "SettingsError"]
 #: PostgreSQL takes lock_timeout and statement_timeout in milliseconds up to INT_MAX.
 _MAX_TIMEOUT_SECONDS = 2_147_483
 
+#: The accepted values of ``RunSettings.wait_for_vacuum``, and what each means.
+_VACUUM_WAITS: dict[bool | str, str] = {
+    "wraparound": "wraparound",
+    "any": "any",
+    "off": "off",
+    True: "any",
+    False: "off",
+}
+
 
 class SettingsError(BackfillError, ValueError):
     """Raised when :class:`RunSettings` are given a value that makes no sense (a negative timeout, min > max...)."""
@@ -43,8 +52,8 @@ class RunSettings:
 
     The defaults are meant for a production primary: batches sized to about 50 ms (a batch holds its rows' locks
     until it commits, so its duration is the longest an application write can stall on one), a pause while a
-    replica lags more than 64 MiB or 10 s or while vacuum works on the table, and a retry budget of 15 minutes per
-    batch.
+    replica lags more than 64 MiB or 10 s or while an anti-wraparound vacuum works on the table, and a retry
+    budget of 15 minutes per batch.
 
     Args:
         batch_size: rows of key range per batch. Setting it pins the size (no adaptive sizing); so does a spec
@@ -57,7 +66,11 @@ class RunSettings:
         min_batch_size, max_batch_size: bounds for adaptive sizing.
         max_replica_lag_bytes, max_replica_lag_seconds: wait while a replica is further behind than this
             (read from ``pg_stat_replication`` on the primary); None disables that measure.
-        wait_for_vacuum: wait while a vacuum (usually autovacuum) works on the target table.
+        wait_for_vacuum: which vacuums on the target table make the runner wait: ``"wraparound"`` (the default)
+            only an autovacuum run to prevent transaction ID wraparound, which must never be starved; ``"any"``
+            (or True) every vacuum, manual or automatic; ``"off"`` (or False) none. An ordinary autovacuum
+            cleans up the backfill's own dead rows and may run for hours on a large table: waiting for it would
+            stall the backfill for nothing.
         health_check_sql: a query of the user's; wait while it returns true.
         max_transaction_age: wait while another session's transaction older than this many seconds holds back
             the xmin horizon (vacuum cannot clean up behind it); None disables the check.
@@ -83,7 +96,7 @@ class RunSettings:
     max_batch_size: int = 100_000
     max_replica_lag_bytes: int | None = 64 * 1024 * 1024
     max_replica_lag_seconds: float | None = 10.0
-    wait_for_vacuum: bool = True
+    wait_for_vacuum: bool | str = "wraparound"
     health_check_sql: str | None = None
     max_transaction_age: float | None = None
     wait_for_lock_waiters: bool = False
@@ -130,6 +143,10 @@ class RunSettings:
         if self.min_batch_size > self.max_batch_size:
             raise SettingsError(
                 f"min_batch_size ({self.min_batch_size}) is larger than max_batch_size ({self.max_batch_size})"
+            )
+        if not isinstance(self.wait_for_vacuum, (bool, str)) or self.wait_for_vacuum not in _VACUUM_WAITS:
+            raise SettingsError(
+                f"wait_for_vacuum must be 'wraparound', 'any' or 'off' (or True/False), got {self.wait_for_vacuum!r}"
             )
         if self.health_check_sql is not None:
             query = self.health_check_sql.strip().rstrip(";").rstrip()
@@ -189,8 +206,9 @@ class RunSettings:
                         **every,
                     )
                 )
-            if self.wait_for_vacuum:
-                throttles.append(VacuumRunning(health.vacuums, **every))
+            vacuums = _VACUUM_WAITS[self.wait_for_vacuum]
+            if vacuums != "off":
+                throttles.append(VacuumRunning(health.vacuums, only_wraparound=vacuums == "wraparound", **every))
             if self.max_transaction_age is not None:
                 throttles.append(LongTransactions(health.oldest_transaction, self.max_transaction_age, **every))
             if self.wait_for_lock_waiters:

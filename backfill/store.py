@@ -100,6 +100,9 @@ class BatchResult:
     #: crash can lose the newest batches of a runner (they commit asynchronously) and they are run again: counting
     #: from these totals, a run reports each row once.
     slice_rows: int | None = None
+    #: seconds the batch's transaction worked in the database (None: the store cannot tell); the round trip to
+    #: it is left out, as no batch size can shorten it
+    database_seconds: float | None = None
 
 
 class LockLostError(Exception):

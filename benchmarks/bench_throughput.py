@@ -40,6 +40,29 @@ def batched(url: str, table: str, name: str, batch_size: int | None) -> tuple[fl
     return elapsed, report
 
 
+def one_round(
+    setup: psycopg.Connection[Any],
+    conn: psycopg.Connection[Any],
+    url: str,
+    rows: int,
+    round_no: int,
+    batch_size: int | None = None,
+) -> tuple[float, float, backfill.RunReport]:
+    """Fresh copies of the same data, then the plain UPDATE (on ``conn``) and the backfill (through ``url``), which
+    goes first alternating by round. Returns (plain seconds, backfill seconds, the backfill's report)."""
+    fill(setup, "bench_plain", rows)
+    fill(setup, "bench_batched", rows)
+    name = f"bench_{round_no}_{time.time_ns()}"
+    if round_no % 2 == 0:
+        plain_s = plain_update(conn, "bench_plain")
+        batched_s, report = batched(url, "bench_batched", name, batch_size)
+    else:
+        batched_s, report = batched(url, "bench_batched", name, batch_size)
+        plain_s = plain_update(conn, "bench_plain")
+    assert setup.execute("SELECT count(*) FROM bench_batched WHERE kind IS NULL").fetchone() == (0,)
+    return plain_s, batched_s, report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -58,16 +81,7 @@ def main() -> None:
         print(f"PostgreSQL {server}, {args.rows:,} rows, {sizing}")
         ratios = []
         for round_no in range(args.repeat):
-            fill(conn, "bench_plain", args.rows)
-            fill(conn, "bench_batched", args.rows)
-            name = f"bench_{round_no}_{time.time_ns()}"
-            if round_no % 2 == 0:
-                plain_s = plain_update(conn, "bench_plain")
-                batched_s, report = batched(url, "bench_batched", name, args.batch_size)
-            else:
-                batched_s, report = batched(url, "bench_batched", name, args.batch_size)
-                plain_s = plain_update(conn, "bench_plain")
-            assert conn.execute("SELECT count(*) FROM bench_batched WHERE kind IS NULL").fetchone() == (0,)
+            plain_s, batched_s, report = one_round(conn, conn, url, args.rows, round_no, args.batch_size)
             ratio = plain_s / batched_s
             ratios.append(ratio)
             print(

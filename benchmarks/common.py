@@ -26,15 +26,17 @@ def database(url: str | None, bindir: str | None = None) -> Iterator[str]:
         yield server.url
 
 
-def fill(conn: psycopg.Connection[Any], table: str, rows: int) -> None:
+def fill(conn: psycopg.Connection[Any], table: str, rows: int, *, kind: str = "NULL") -> None:
     """A fresh table of ``rows`` rows with ids 1..rows (plus a sequence for inserts above them), analysed and
-    checkpointed so that no timed run pays for the load."""
+    checkpointed so that no timed run pays for the load. ``kind`` is the SQL of column ``kind`` over id ``g``."""
     conn.execute(f"DROP TABLE IF EXISTS {table}")
     conn.execute(f"DROP SEQUENCE IF EXISTS {table}_ids")
     conn.execute(
         f"CREATE TABLE {table} (id bigint PRIMARY KEY, payload text NOT NULL, kind text, touched integer DEFAULT 0)"
     )
-    conn.execute(f"INSERT INTO {table} (id, payload) SELECT g, md5(g::text) FROM generate_series(1, %s) g", (rows,))
+    conn.execute(
+        f"INSERT INTO {table} (id, payload, kind) SELECT g, md5(g::text), {kind} FROM generate_series(1, %s) g", (rows,)
+    )
     conn.execute(f"CREATE SEQUENCE {table}_ids START {rows + 1}")
     conn.execute(f"VACUUM ANALYZE {table}")
     conn.execute("CHECKPOINT")

@@ -193,7 +193,8 @@ def test_a_second_signal_aborts_the_running_batch_and_rolls_it_back(
 
     def sleeping() -> bool:
         row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'UPDATE%%pg_sleep(600)%%'"
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE state = 'active' AND query LIKE 'WITH%%UPDATE%%pg_sleep(600)%%'"
         ).fetchone()
         return bool(row and row[0])
 

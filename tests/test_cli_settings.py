@@ -313,7 +313,8 @@ def test_a_second_signal_rolls_back_every_workers_batch(
 
     def sleeping() -> int:
         row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'UPDATE%%pg_sleep(600)%%'"
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE state = 'active' AND query LIKE 'WITH%%UPDATE%%pg_sleep(600)%%'"
         ).fetchone()
         return int(row[0]) if row else 0
 

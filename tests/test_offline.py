@@ -125,7 +125,8 @@ def test_a_backfill_renders_as_a_do_block_committing_each_batch_outside_the_tran
     assert (
         """'UPDATE "public"."events" SET "kind" = (coalesce(payload ->> ''kind'', ''unknown'')) """
         """WHERE "id" > CAST($1 AS __backfill_key_type_1__) AND "id" <= CAST($2 AS __backfill_key_type_1__) """
-        """AND (kind IS NULL)'"""
+        """AND (kind IS NULL) """
+        """AND ("kind"::text IS DISTINCT FROM (coalesce(payload ->> ''kind'', ''unknown''))::text)'"""
     ) in script
 
 

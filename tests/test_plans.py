@@ -14,7 +14,7 @@ import pytest
 
 from backfill import BackfillSpec
 from backfill.pg.catalog import resolve
-from backfill.pg.statements import for_target
+from backfill.pg.statements import ControlTables, for_target
 
 ROWS = 200_000
 
@@ -78,3 +78,30 @@ def test_composite_key_range_is_an_index_range_scan(conn: psycopg.Connection[Any
     index_nodes = [n for n in lookahead if n["Node Type"] == "Index Only Scan"]
     assert index_nodes
     assert "ROW" in index_nodes[0]["Index Cond"] or "(tenant, seq)" in index_nodes[0]["Index Cond"]
+
+
+@pytest.mark.parametrize("lower", [None, "100000"], ids=["first-batch", "mid-table"])
+def test_the_one_statement_batch_walks_the_key_index_never_a_sequential_scan(
+    big_table: psycopg.Connection[Any], lower: str | None
+) -> None:
+    """The whole batch in one statement (look-ahead, update, checkpoint): the end key reaches the UPDATE as a
+    parameter the planner does not know, and the range must still be an index condition on the key."""
+    tables = ControlTables("public")
+    for statement in tables.create():
+        big_table.execute(statement)
+    spec = BackfillSpec("p", "events", {"kind": "upper(payload)"}, where="kind IS NULL")
+    target = for_target(resolve(big_table, spec).target)
+    checkpoint = [lower] if lower else None
+    params = target.batch_params(1, 0, checkpoint, [str(ROWS)], True, 10_000, "me")
+
+    nodes = _explain(big_table, target.batch(tables, lower is not None), params)
+
+    on_events = [n for n in nodes if n.get("Relation Name") == "events"]
+    scans = [n["Node Type"] for n in on_events if "Scan" in n["Node Type"]]
+    assert "Index Only Scan" in scans  # the look-ahead
+    assert set(scans) <= {"Index Only Scan", "Index Scan", "Bitmap Heap Scan"}
+    assert all(n.get("Index Name") in (None, "events_pkey") for n in nodes if n.get("Relation Name") == "events")
+    updates = [n for n in on_events if n["Node Type"] == "ModifyTable"]
+    assert len(updates) == 1
+    range_scans = [n for n in _plan_nodes(updates[0]) if n["Node Type"] in ("Index Scan", "Bitmap Index Scan")]
+    assert range_scans and all("<=" in n["Index Cond"] for n in range_scans)

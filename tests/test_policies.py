@@ -172,6 +172,49 @@ def test_a_healthy_probe_is_rechecked_at_most_every_interval_but_each_time_while
     assert probe.calls == 5
 
 
+def test_by_default_only_an_anti_wraparound_vacuum_makes_the_runner_wait(clock: FakeClock) -> None:
+    """An ordinary autovacuum cleans up the backfill's own dead rows and may run for hours: the runner works on.
+    One run to prevent wraparound cannot be cancelled and must not be starved: the runner waits for it."""
+    ordinary = VacuumReading(4242, "public.items", "scanning heap", True)
+    wraparound = VacuumReading(4243, "public.items", "scanning heap", True, wraparound=True)
+    policy = RunSettings(health_check_interval=1.0).policies(FakeHealth([ordinary]))[0]
+    assert policy(context(clock)) == 0.0
+
+    policy = RunSettings(health_check_interval=1.0).policies(FakeHealth([ordinary, wraparound]))[0]
+    wait = policy(context(clock))
+
+    assert getattr(wait, "reason", None) == "vacuum_running"
+    assert getattr(wait, "details", {})["pid"] == 4243
+    assert getattr(wait, "details", {})["wraparound"] is True
+
+
+@pytest.mark.parametrize(
+    ("setting", "waits_for_ordinary", "waits_for_wraparound"),
+    [
+        ("wraparound", False, True),
+        ("any", True, True),
+        (True, True, True),
+        ("off", False, False),
+        (False, False, False),
+    ],
+)
+def test_wait_for_vacuum_chooses_which_vacuums_hold_the_runner(
+    clock: FakeClock, setting: bool | str, waits_for_ordinary: bool, waits_for_wraparound: bool
+) -> None:
+    ordinary = VacuumReading(1, "public.items", "scanning heap", False)
+    wraparound = VacuumReading(2, "public.items", "scanning heap", True, wraparound=True)
+    waits = []
+    for reading in (ordinary, wraparound):
+        policy = RunSettings(wait_for_vacuum=setting).policies(FakeHealth([reading]))[0]
+        waits.append(policy(context(clock)) > 0)
+    assert waits == [waits_for_ordinary, waits_for_wraparound]
+
+
+def test_wait_for_vacuum_rejects_other_values() -> None:
+    with pytest.raises(SettingsError, match="wait_for_vacuum must be 'wraparound', 'any' or 'off'"):
+        RunSettings(wait_for_vacuum="sometimes")
+
+
 def test_vacuum_on_the_table_makes_the_runner_wait(clock: FakeClock) -> None:
     ctx = context(clock)
     running = VacuumRunning(Probe([VacuumReading(4242, "public.items", "scanning heap", True)]))
@@ -321,11 +364,14 @@ def test_permanent_errors_are_not_retried(error: Exception) -> None:
 
 
 class FakeHealth:
+    def __init__(self, vacuums: list[VacuumReading] | None = None) -> None:
+        self.vacuuming = vacuums or []
+
     def replica_lag(self) -> LagReading:
         return LagReading(0)
 
     def vacuums(self) -> list[VacuumReading]:
-        return []
+        return self.vacuuming
 
     def custom_check(self, query: str) -> bool:
         return False
@@ -492,7 +538,7 @@ def test_custom_check_runs_the_users_query_as_written(health: PostgresHealth) ->
 def test_a_backfill_waits_while_vacuum_works_on_its_table_then_finishes(
     db_url: str, items: psycopg.Connection[Any]
 ) -> None:
-    settings = RunSettings(health_check_interval=0.05)
+    settings = RunSettings(health_check_interval=0.05, wait_for_vacuum="any")
     result: list[backfill.RunReport] = []
     with capture_logs() as logs, slow_vacuum(db_url):
         wait_for(lambda: items.execute("SELECT count(*) FROM pg_stat_progress_vacuum").fetchone() == (1,), "vacuum")

@@ -122,6 +122,7 @@ def backfill(
     key: str | tuple[str, ...] | None = None,
     batch_size: int | None = None,
     schema: str | None = None,
+    skip_unchanged: bool = True,
     defer: bool = False,
     settings: RunSettings | None = None,
     force: bool = False,

@@ -66,17 +66,18 @@ def batched_script(
     statement_timeout: float = 30.0,
     sleep_between: float = 0.0,
     max_rows_per_second: float | None = None,
+    skip_unchanged: bool = True,
     max_attempts: int = 20,
 ) -> sql.Composed:
     """A ``DO`` block that runs a backfill in batches of ``batch_size`` rows, committing each one with its
     checkpoint in the control tables, exactly as the runner does.
 
     It registers the backfill (creating the control tables if needed) unless it is registered already, fixes its
-    upper key on the first run, and then works every unfinished slice no live runner holds (the same advisory lock
-    per slice as the runner): each batch locks its slice's control row, reads the checkpoint, finds the key
-    ``batch_size`` rows ahead, updates that closed key range and writes the new checkpoint, in one transaction. So
-    a script interrupted at any point and run again continues where the last committed batch ended and never
-    repeats one; a backfill that has succeeded is left alone. Without ``key`` the script finds the table's
+    upper key on the first run, and then works every unfinished slice no live runner holds (the same claim in
+    the slice's control row as the runner): each batch locks its slice's control row, reads the checkpoint, finds
+    the key ``batch_size`` rows ahead, updates that closed key range and writes the new checkpoint, in one
+    transaction. So a script interrupted at any point and run again continues where the last committed batch ended
+    and never repeats one; a backfill that has succeeded is left alone. Without ``key`` the script finds the table's
     primary key when it runs (a single column; a composite key must be named). Between batches it sleeps
     ``sleep_between`` seconds and as long as ``max_rows_per_second`` needs. A batch that meets a lock timeout or a
     deadlock is retried with backoff. Must run outside a transaction block (COMMIT inside DO needs that).
@@ -84,7 +85,9 @@ def batched_script(
     known = key is not None
     columns = tuple(key) if key is not None else (_column_marker(1),)
     n = len(columns)
-    spec = spec or BackfillSpec(name, table, dict(values), where, tuple(columns), batch_size, schema)
+    spec = spec or BackfillSpec(
+        name, table, dict(values), where, tuple(columns), batch_size, schema, skip_unchanged=skip_unchanged
+    )
     target = TargetSQL(
         schema=schema,
         table=table,
@@ -92,6 +95,7 @@ def batched_script(
         key_types=tuple(_type_marker(i) for i in range(1, n + 1)),
         values=tuple(values),
         where=where,
+        skip_unchanged=skip_unchanged,
     )
     tables = ControlTables(control_schema)
 

@@ -79,6 +79,7 @@ class BackfillOp(MigrateOperation):
     key: str | tuple[str, ...] | None = None
     batch_size: int | None = None
     schema: str | None = None
+    skip_unchanged: bool = True
     defer: bool = False
     settings: RunSettings | None = None
     force: bool = False
@@ -100,6 +101,7 @@ class BackfillOp(MigrateOperation):
         key: str | tuple[str, ...] | None = None,
         batch_size: int | None = None,
         schema: str | None = None,
+        skip_unchanged: bool = True,
         defer: bool = False,
         settings: RunSettings | None = None,
         force: bool = False,
@@ -130,6 +132,9 @@ class BackfillOp(MigrateOperation):
         :param key: columns to walk (default: the primary key; offline, the script reads it when it runs).
         :param batch_size: rows per batch; by default batches adapt to a target duration.
         :param schema: the table's schema.
+        :param skip_unchanged: update only rows whose values differ from the expressions' results (the default:
+            a re-run over rows that already hold them writes nothing, and fires no UPDATE trigger on them);
+            False rewrites every matching row, for expressions that must be applied regardless or are volatile.
         :param defer: only register the backfill (state ``pending``) for ``backfill run`` (CLI or cron) and
             return at once; gate a later revision on it with ``op.ensure_backfill_finished``.
         :param settings: a :class:`backfill.RunSettings` (timeouts, throttles, retries) for the run.

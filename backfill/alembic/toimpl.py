@@ -166,6 +166,7 @@ def _spec(operation: BackfillOp) -> BackfillSpec:
         batch_size=operation.batch_size,
         schema=operation.schema,
         keep_in_sync=operation.keep_in_sync,
+        skip_unchanged=operation.skip_unchanged,
     )
 
 
@@ -203,6 +204,7 @@ def _render_backfill(ctx: MigrationContext, spec: BackfillSpec, operation: Backf
         key=spec.key,
         values=tuple(spec.values.items()),
         where=spec.where,
+        skip_unchanged=spec.skip_unchanged,
         batch_size=batch_size,
         lock_timeout=settings.lock_timeout,
         control_schema=operation.control_schema,

@@ -265,6 +265,11 @@ def _parse_key(ctx: click.Context, param: click.Parameter, value: str | None) ->
     is_flag=True,
     help="Install a trigger that applies the same values to rows the application writes with the column left NULL.",
 )
+@click.option(
+    "--skip-unchanged/--no-skip-unchanged",
+    default=True,
+    help="Update only rows whose values differ; --no-: rewrite every matching row (volatile SQL) [on].",
+)
 @click.option("--force", is_flag=True, help="Replace a different spec already registered under NAME.")
 @pass_cli
 def add(
@@ -276,6 +281,7 @@ def add(
     key: tuple[str, ...] | None,
     batch_size: int | None,
     keep_in_sync: bool,
+    skip_unchanged: bool,
     force: bool,
 ) -> None:
     """Register backfill NAME (state pending) for `run` to work through.
@@ -283,7 +289,9 @@ def add(
     The spec is checked against the database first; nothing is written if it does not fit. With --keep-in-sync
     the trigger is installed now, before the run fixes its key range; it stays until the backfill is deleted.
     """
-    spec = BackfillSpec(name, table, values, where, key, batch_size, keep_in_sync=keep_in_sync)
+    spec = BackfillSpec(
+        name, table, values, where, key, batch_size, keep_in_sync=keep_in_sync, skip_unchanged=skip_unchanged
+    )
     record = api.register_backfill(obj.database, spec, force=force, control_schema=obj.control_schema)
     stored = record.spec
     click.echo(
@@ -311,7 +319,7 @@ RUN_SETTING_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-rows-per-second", "max_rows_per_second", POSITIVE_NUMBER, "Rows/s cap shared by live runners [none]."),
     ("--max-replica-lag", "max_replica_lag_bytes", BYTES, "Wait while a replica lags more bytes (1GiB; off) [64MB]."),
     ("--max-replica-lag-time", "max_replica_lag_seconds", DURATION_OFF, "Wait while a replica lags longer; off [10s]."),
-    ("--wait-for-vacuum", "wait_for_vacuum", bool, "Wait while vacuum works on the table [on]."),
+    ("--wait-for-vacuum", "wait_for_vacuum", bool, "Wait for any vacuum on the table; --no-: none [anti-wraparound]."),
     ("--health-check", "health_check_sql", str, "SQL of yours: wait while it returns true (tried once first)."),
     ("--max-transaction-age", "max_transaction_age", DURATION_OFF, "Wait while an older transaction pins xmin [off]."),
     ("--wait-for-lock-waiters", "wait_for_lock_waiters", bool, "Wait while sessions queue to lock the table [off]."),

@@ -117,6 +117,7 @@ def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: 
             values=tuple(spec.values.items()),
             where=spec.where,
             key_signature=tuple(columns[c].signature for c in key),
+            skip_unchanged=spec.skip_unchanged,
         )
         statements = sql.for_target(target)
         for column, expression in spec.values.items():

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from backfill.errors import PlanError
 from backfill.fragments import ends_in_line_comment, fragment_problem
@@ -213,9 +216,13 @@ class TargetSQL(Target):
         cols = [_ident(c) for c in self.key]
         return cols[0] if len(cols) == 1 else sql.SQL("({})").format(sql.SQL(", ").join(cols))
 
+    def _key_param_list(self) -> sql.Composable:
+        return sql.SQL(", ").join(sql.SQL("CAST(%s AS {})").format(sql.SQL(t)) for t in self.key_types)
+
     def _key_params(self) -> sql.Composable:
-        casts = [sql.SQL("CAST(%s AS {})").format(sql.SQL(t)) for t in self.key_types]
-        return casts[0] if len(casts) == 1 else sql.SQL("({})").format(sql.SQL(", ").join(casts))
+        if len(self.key_types) == 1:
+            return self._key_param_list()
+        return sql.SQL("({})").format(self._key_param_list())
 
     def _order(self, direction: str = "") -> sql.Composable:
         # Qualified on purpose: a bare ORDER BY "id" would sort by the output column "id"::text, as text.
@@ -296,15 +303,110 @@ class TargetSQL(Target):
             self._keys(verified), self.relation, self._range(has_lower), self._order()
         )
 
-    def update(self, has_lower: bool) -> sql.Composed:
-        """Apply the expressions to one closed key range (params: [lower...], upper...)."""
-        assignments = sql.SQL(", ").join(
+    def _assignments(self) -> sql.Composable:
+        return sql.SQL(", ").join(
             sql.SQL("{} = ({})").format(_ident(col), _fragment(expr)) for col, expr in self.values
         )
-        condition = self._range(has_lower)
+
+    def _rows_to_change(self, condition: sql.Composable) -> sql.Composable:
+        """The key range ``condition``, narrowed by the filter and (with ``skip_unchanged``) to rows whose values
+        differ from the expressions' results. Compared as text: exact for every type (floats included since PG 12),
+        including types without an equality operator (json) and expressions of another type than the column."""
         if self.where:
             condition = sql.SQL("{} AND ({})").format(condition, _fragment(self.where))
-        return sql.SQL("UPDATE {} SET {} WHERE {}").format(self.relation, assignments, condition)
+        if self.skip_unchanged:
+            differs = sql.SQL(" OR ").join(
+                sql.SQL("{}::text IS DISTINCT FROM ({})::text").format(_ident(col), _fragment(expr))
+                for col, expr in self.values
+            )
+            condition = sql.SQL("{} AND ({})").format(condition, differs)
+        return condition
+
+    def update(self, has_lower: bool) -> sql.Composed:
+        """Apply the expressions to one closed key range (params: [lower...], upper...)."""
+        return sql.SQL("UPDATE {} SET {} WHERE {}").format(
+            self.relation, self._assignments(), self._rows_to_change(self._range(has_lower))
+        )
+
+    def batch(self, tables: ControlTables, has_lower: bool) -> sql.Composed:
+        """A whole batch in one statement, so it costs one round trip whatever the network (params: see
+        :meth:`batch_params`). Run it after :meth:`ControlTables.lock_slice` in the same transaction.
+
+        It goes ahead only if the slice, read under that lock, is still running at the checkpoint and upper bound
+        the runner expects, and (``claimed``) still claimed by this session (otherwise it changes nothing and the
+        runner re-reads the slice), and only if the end key's text form (the checkpoint) reads back as the same
+        key. It finds the batch's end key with the index-only look-ahead, updates the closed key range
+        ``(checkpoint, end]`` and writes the new checkpoint, returning it with the rows changed, the slice's rows
+        so far and the seconds the transaction has spent in the database (what adaptive sizing measures: the
+        network's share is not the batch's cost).
+        The range conditions stay index conditions: the end key reaches the UPDATE as an InitPlan parameter.
+        """
+        ends = [sql.Identifier(f"end_{i}") for i in range(len(self.key))]
+        end_row = ends[0] if len(ends) == 1 else sql.SQL("({})").format(sql.SQL(", ").join(ends))
+        lower = sql.SQL("{} > {} AND ").format(self._key_row(), self._key_params()) if has_lower else sql.SQL("")
+        return sql.SQL(
+            """WITH _backfill_go AS (
+    SELECT true AS ok FROM {s} s JOIN {b} b ON b.id = s.backfill_id
+     WHERE s.backfill_id = %s AND s.slice = %s AND b.state = 'running' AND NOT s.done
+       AND s.checkpoint IS NOT DISTINCT FROM %s::jsonb AND s.upper_bound = %s::jsonb
+       AND (NOT %s OR s.claim_pid IS NOT DISTINCT FROM pg_catalog.pg_backend_pid())
+), _backfill_end AS (
+    SELECT {ends}, {same} AS same FROM (
+        (SELECT 0, {key_columns} FROM {t} WHERE (SELECT ok FROM _backfill_go) AND {range}
+          ORDER BY {order} OFFSET %s LIMIT 1)
+        UNION ALL SELECT 1, {key_param_list}
+    ) k (o, {ends}) ORDER BY o LIMIT 1
+), _backfill_changed AS (
+    UPDATE {t} SET {assignments}
+     WHERE (SELECT ok FROM _backfill_go) AND (SELECT same FROM _backfill_end) AND {changes} RETURNING 1
+)
+UPDATE {s} SET checkpoint = (SELECT jsonb_build_array({ends_text}) FROM _backfill_end),
+       done = (SELECT {end_row} = {key_params} FROM _backfill_end),
+       rows_updated = rows_updated + (SELECT count(*) FROM _backfill_changed), batches = batches + 1,
+       owner = %s, heartbeat_at = now(), updated_at = now()
+ WHERE backfill_id = %s AND slice = %s AND (SELECT ok FROM _backfill_go) AND (SELECT same FROM _backfill_end)
+RETURNING checkpoint, done, (SELECT count(*) FROM _backfill_changed) AS rows, rows_updated AS slice_rows,
+          extract(epoch FROM clock_timestamp() - now())::float8 AS seconds"""
+        ).format(
+            s=tables.slices,
+            b=tables.backfills,
+            t=self.relation,
+            ends=sql.SQL(", ").join(ends),
+            same=sql.SQL(" AND ").join(
+                sql.SQL("CAST({e}::text AS {t}) = {e}").format(e=e, t=sql.SQL(t))
+                for e, t in zip(ends, self.key_types, strict=True)
+            ),
+            end_row=end_row,
+            ends_text=sql.SQL(", ").join(sql.SQL("{}::text").format(end) for end in ends),
+            key_columns=self._order(),
+            key_params=self._key_params(),
+            key_param_list=self._key_param_list(),
+            range=self._range(has_lower),
+            order=self._order(),
+            assignments=self._assignments(),
+            changes=self._rows_to_change(
+                sql.SQL("{}{} <= (SELECT {} FROM _backfill_end)").format(
+                    lower, self._key_row(), sql.SQL(", ").join(ends)
+                )
+            ),
+        )
+
+    @staticmethod
+    def batch_params(
+        backfill_id: int,
+        slice: int,
+        checkpoint: Sequence[str] | None,
+        upper: Sequence[str | None],
+        claimed: bool,
+        size: int,
+        owner: str,
+    ) -> list[Any]:
+        """The parameters of :meth:`batch` (with ``has_lower = checkpoint is not None``), in their order. An
+        ``upper`` of NULLs matches no slice: the batch then only takes the slice's lock and reads it."""
+        lower = list(checkpoint or [])
+        checkpoint_json = Jsonb(checkpoint) if checkpoint is not None else None
+        head = [backfill_id, slice, checkpoint_json, Jsonb(upper), claimed]
+        return [*head, *lower, *upper, size - 1, *upper, *lower, *upper, owner, backfill_id, slice]
 
     def sample_keys(self, has_lower: bool) -> sql.Composed:
         """Sorted keys of a random sample of the table's pages within a key range (params: percent, [lower...],
@@ -594,8 +696,8 @@ class ControlTables:
         ).format(s=self.slices, b=self.backfills)
 
     def checkpoint(self) -> sql.Composed:
-        """(checkpoint, done, rows, owner, backfill_id, slice): written in the batch's own transaction; returns
-        the slice's rows updated so far."""
+        """(checkpoint, done, rows, owner, backfill_id, slice): a batch's checkpoint written in its own transaction,
+        for the offline script (the runner's one-statement batch writes its own); returns the slice's rows so far."""
         return sql.SQL(
             """UPDATE {} SET checkpoint = %s, done = %s, rows_updated = rows_updated + %s, batches = batches + 1,
                       owner = %s, heartbeat_at = now(), updated_at = now()
@@ -620,6 +722,15 @@ class ControlTables:
     def lock_backfill(self) -> sql.Composed:
         """(id): serialises changes to a backfill's set of slices (slice numbers are taken under this lock)."""
         return sql.SQL("SELECT id FROM {} WHERE id = %s FOR UPDATE").format(self.backfills)
+
+    def lock_backfill_if_done(self) -> sql.Composed:
+        """(id, id, slice): :meth:`lock_backfill`, taken only once the batch has finished its slice (it sees its
+        own transaction's checkpoint), so that batches of parallel runners do not queue on the backfill's row."""
+        return sql.SQL(
+            """SELECT id FROM {b} WHERE id = %s
+                  AND EXISTS (SELECT 1 FROM {s} WHERE backfill_id = %s AND slice = %s AND done)
+                  FOR UPDATE"""
+        ).format(b=self.backfills, s=self.slices)
 
     def live_runners(self) -> sql.Composed:
         """(backfill_id, seconds): distinct owners of unfinished slices with a heartbeat that recent."""
@@ -749,7 +860,11 @@ VACUUMS = sql.SQL(
             OR c.oid IN (SELECT t.relid FROM pg_catalog.pg_partition_tree(%(oid)s::oid::regclass) t)
     )
     SELECT p.pid, p.relid::regclass::text AS relation, p.phase,
-           coalesce(a.backend_type = 'autovacuum worker', false) AS autovacuum
+           coalesce(a.backend_type = 'autovacuum worker', false) AS autovacuum,
+           -- An autovacuum worker says why it runs only in its query text ("autovacuum: VACUUM t (to prevent
+           -- wraparound)"), the same in every release since 9.x.
+           coalesce(a.backend_type = 'autovacuum worker' AND a.query LIKE '%%(to prevent wraparound)', false)
+             AS wraparound
       FROM pg_catalog.pg_stat_progress_vacuum p
       LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = p.pid
      WHERE p.datid = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database())

@@ -5,6 +5,11 @@ A batch is one short transaction on the runner's own connection: lock the slice'
 checkpoint, find the key ``batch_size`` rows ahead, update that closed key range, write the new checkpoint. Because
 the checkpoint is read and written inside the same transaction as the update, a crash at any instant neither repeats
 a committed batch nor skips one, and two runners that somehow reach the same slice simply take turns.
+
+The batch is one round trip however far the database is: its statements go out together in psycopg's pipeline
+mode and run as one implicit transaction that the server commits at the pipeline's sync. The runner cannot read the
+checkpoint before it writes the next one, so it sends the checkpoint it expects and the batch statement checks it
+under the slice's lock (see ``TargetSQL.batch``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from psycopg.types.json import Jsonb
 from backfill.errors import (
     ControlTablesMissingError,
     KeyChangedError,
+    KeyRoundTripError,
     PoolerError,
     SpecMismatchError,
     StateTransitionError,
@@ -101,15 +107,25 @@ class _LockedSlice:
     mine: bool = True  #: whether this session holds the slice's claim (``lock_slice``)
 
 
+@dataclass(frozen=True)
+class _BatchDone:
+    """What the one-statement batch returns (``TargetSQL.batch``)."""
+
+    checkpoint: Key
+    done: bool
+    rows: int
+    slice_rows: int
+    seconds: float
+
+
 def _ms(seconds: float) -> str:
     return f"{max(int(seconds * 1000), 1)}ms"
 
 
 @functools.lru_cache(maxsize=64)
-def _batch_statements(target: Target, has_lower: bool) -> tuple[pgsql.Composed, pgsql.Composed]:
+def _batch_statement(target: Target, tables: sql.ControlTables, has_lower: bool) -> pgsql.Composed:
     # Composed once per target and range shape, not once per batch.
-    statements = sql.for_target(target)
-    return statements.lookahead(has_lower, verified=True), statements.update(has_lower)
+    return sql.for_target(target).batch(tables, has_lower)
 
 
 class PostgresStore:
@@ -125,6 +141,8 @@ class PostgresStore:
         self._conn: psycopg.Connection[Any] | None = None
         self._claims: set[tuple[int, int]] = set()
         self._verified: psycopg.Connection[Any] | None = None
+        #: (backfill id, slice) -> (checkpoint, upper bound) as this runner last saw them
+        self._positions: dict[tuple[int, int], tuple[Key | None, Key]] = {}
 
     # --- connection ------------------------------------------------------------------------------------------
 
@@ -475,47 +493,100 @@ class PostgresStore:
                 conn.execute(self.tables.insert_slice(), (backfill_id, number, Jsonb(low), Jsonb(high), Jsonb(low)))
 
     def run_batch(self, plan: Plan | None, request: BatchRequest) -> BatchResult:
-        """Run one batch in one transaction (see the module docstring). Database errors propagate after the
-        transaction has rolled back; a broken connection is dropped so the next call reconnects."""
+        """Run one batch in one transaction and one round trip (see the module docstring). Database errors
+        propagate after the transaction has rolled back; a broken connection is dropped so the next call
+        reconnects."""
         assert plan is not None
+        where = (request.backfill_id, request.slice)
+        # The checkpoint this runner expects; the batch checks it under the slice's lock. Unknown at the first
+        # batch of a claim, or wrong after another runner moved it: that batch then only reads the slice, and the
+        # next one goes ahead from what it read.
+        unexplained = 0
+        for _ in range(3):
+            expected = self._positions.get(where)
+            found, done, finished = self._batch_round_trip(plan.target, request, expected)
+            assert found.state is not None
+            state = RunState(found.state)
+            if not found.mine and where in self._claims:
+                # This connection claimed the slice, yet the claim names another session: the server session
+                # under the connection changed between two transactions. (The batch checked it, and did nothing.)
+                raise PoolerError(_POOLER.format(slice=request.slice))
+            if done is not None:
+                self._positions[where] = (done.checkpoint, found.upper_bound)
+                return BatchResult(
+                    state=RunState.SUCCEEDED if finished else state,
+                    applied=True,
+                    rows=done.rows,
+                    checkpoint=done.checkpoint,
+                    slice_done=done.done,
+                    finished=finished,
+                    slice_rows=done.slice_rows,
+                    database_seconds=done.seconds,
+                )
+            self._positions[where] = (found.checkpoint, found.upper_bound)
+            if state is not RunState.RUNNING or found.done:
+                return BatchResult(state=state, applied=False, slice_done=found.done)
+            if expected == (found.checkpoint, found.upper_bound):
+                # Everything the batch checks under the lock matched, and still it did nothing: the end key's text
+                # form does not read back as the same key (or, once, an operator's change came in between).
+                unexplained += 1
+                if unexplained == 2:
+                    raise KeyRoundTripError(
+                        f"key ({', '.join(plan.target.key)}) of {plan.target.schema}.{plan.target.table}: the text "
+                        f"form of a key after {found.checkpoint} does not read back as the same value of type "
+                        f"{', '.join(plan.target.key_types)}, so a checkpoint cannot hold it exactly"
+                    )
+        raise LockLostError(f"slice {request.slice} keeps moving under this runner: another runner works on it")
+
+    def _batch_round_trip(
+        self, target: Target, request: BatchRequest, expected: tuple[Key | None, Key] | None
+    ) -> tuple[_LockedSlice, _BatchDone | None, bool]:
+        """The batch's statements pipelined into one implicit transaction (committed at the pipeline's sync):
+        the timeouts, the slice's lock, the batch, and, once every slice is done, marking the backfill
+        succeeded. Returns the slice as locked, what the batch did (None if it did not run), and whether it
+        finished the backfill."""
         tables = self.tables
+        # No expectation: an upper bound no slice has (NULLs), so the batch only locks and reads the slice.
+        checkpoint, upper = expected if expected is not None else (None, [None] * len(target.key))
+        statement = _batch_statement(target, tables, checkpoint is not None)
+        claimed = (request.backfill_id, request.slice) in self._claims
+        params = sql.TargetSQL.batch_params(
+            request.backfill_id, request.slice, checkpoint, upper, claimed, request.batch_size, request.owner
+        )
         conn = self.conn
         try:
-            with conn.transaction():
-                conn.execute(sql.BATCH_SETTINGS, (_ms(request.lock_timeout), _ms(request.statement_timeout), "off"))
-                found = _fetch(conn, _LockedSlice, tables.lock_slice(), (request.backfill_id, request.slice)).fetchone()
-                assert found is not None and found.state is not None, "slice vanished"
-                state, checkpoint, upper, done = RunState(found.state), found.checkpoint, found.upper_bound, found.done
-                if not found.mine and (request.backfill_id, request.slice) in self._claims:
-                    # This connection claimed the slice, yet the claim names another session: the server session
-                    # under the connection changed between two transactions.
-                    raise PoolerError(_POOLER.format(slice=request.slice))
-                if state is not RunState.RUNNING or done:
-                    return BatchResult(state=state, applied=False, slice_done=done)
-                lookahead, update = _batch_statements(plan.target, checkpoint is not None)
-                lower = list(checkpoint or [])
-                ahead = conn.execute(lookahead, [*lower, *upper, request.batch_size - 1]).fetchone()
-                end = checked_key(plan.target, ahead) if ahead is not None else upper
-                rows = conn.execute(update, [*lower, *end]).rowcount
-                slice_done = end == upper
-                total = conn.execute(
-                    tables.checkpoint(),
-                    (Jsonb(end), slice_done, rows, request.owner, request.backfill_id, request.slice),
-                ).fetchone()
-                finished = slice_done and self._finish_if_done(request.backfill_id)
+            # Not prepared: a statement that a failing batch leaves unparsed in the aborted pipeline would stay
+            # in psycopg's cache of prepared statements, and every later batch would fail on its name.
+            with conn.pipeline():
+                conn.execute(
+                    sql.BATCH_SETTINGS,
+                    (_ms(request.lock_timeout), _ms(request.statement_timeout), "off"),
+                    prepare=False,
+                )
+                lock = conn.cursor(row_factory=class_row(_LockedSlice)).execute(
+                    tables.lock_slice(), (request.backfill_id, request.slice), prepare=False
+                )
+                batch = conn.cursor(row_factory=class_row(_BatchDone)).execute(statement, params, prepare=False)
+                # Two runners finishing the last two slices at once would each see the other's slice unfinished
+                # under their own snapshot, and neither would mark the backfill done. Locking the backfill's row
+                # first makes the second wait for the first to commit; the next statement then takes a fresh
+                # snapshot that sees it.
+                conn.execute(
+                    tables.lock_backfill_if_done(),
+                    (request.backfill_id, request.backfill_id, request.slice),
+                    prepare=False,
+                )
+                finish = conn.execute(
+                    tables.finish_if_done(), (request.backfill_id, request.backfill_id), prepare=False
+                )
+            found = lock.fetchone()
+            done = batch.fetchone()
         except psycopg.Error:
             if conn.broken or conn.closed:
                 self._drop()
             raise
-        return BatchResult(
-            state=RunState.SUCCEEDED if finished else state,
-            applied=True,
-            rows=rows,
-            checkpoint=end,
-            slice_done=slice_done,
-            finished=finished,
-            slice_rows=int(total[0]) if total is not None else None,
-        )
+        assert found is not None, "slice vanished"
+        return found, done, finish.rowcount == 1
 
     def fail(self, backfill_id: int, error: str) -> None:
         """Mark the backfill failed with ``error`` (after the failing batch rolled back)."""
