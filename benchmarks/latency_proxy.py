@@ -3,15 +3,18 @@
     with DelayProxy("127.0.0.1", 5432, delay=0.001) as proxy:   # 1 ms each way, a 2 ms round trip
         psycopg.connect(proxy.rewrite(url))
 
+    uv run python benchmarks/latency_proxy.py 127.0.0.1 5432 0.001   # standalone: prints the port it listens on
+
 Data keeps its order and its chunking; each chunk is released ``delay`` seconds after it arrived, so throughput is
-not limited, only latency added (plus the proxy's own hop, a few tens of microseconds). It runs an asyncio loop in a
-thread of its own, so the benchmark's blocking code runs unchanged.
+not limited, only latency added (plus the proxy's own hop). The proxy is an asyncio loop in a process of its own,
+so it never waits for the benchmark's Python (the GIL) to forward a packet.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import subprocess
+import sys
 from types import TracebackType
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,33 +25,24 @@ class DelayProxy:
     def __init__(self, host: str, port: int, delay: float) -> None:
         self.host, self.port, self.delay = host, port, delay
         self.listen_port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="delay-proxy", daemon=True)
-        self._server: asyncio.Server | None = None
+        self._process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> DelayProxy:
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._serve, "127.0.0.1", 0), self._loop
-        ).result()
-        self.listen_port = self._server.sockets[0].getsockname()[1]
+        self._process = subprocess.Popen(
+            [sys.executable, __file__, self.host, str(self.port), repr(self.delay)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._process.stdout is not None
+        self.listen_port = int(self._process.stdout.readline())
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        async def close() -> None:
-            assert self._server is not None
-            self._server.close()
-            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        assert self._process is not None
+        self._process.terminate()
+        self._process.wait()
 
     def rewrite(self, url: str) -> str:
         """``url`` (a ``postgresql://`` URI) pointed at the proxy instead of the server."""
@@ -56,45 +50,52 @@ class DelayProxy:
         userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
         return urlunsplit(parts._replace(netloc=f"{userinfo}127.0.0.1:{self.listen_port}"))
 
-    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+    async def deliver() -> None:
+        while True:
+            due, data = await queue.get()
+            if (wait := due - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            if not data:
+                writer.close()
+                return
+            writer.write(data)
+            await writer.drain()
+
+    sender = asyncio.ensure_future(deliver())
+    try:
+        while data := await reader.read(1 << 16):
+            queue.put_nowait((loop.time() + delay, data))
+    except ConnectionError:
+        pass
+    finally:
+        queue.put_nowait((loop.time() + delay, b""))
+        await sender
+
+
+async def serve(host: str, port: int, delay: float) -> None:
+    """Listen on a free local port, print it, and forward every connection until killed."""
+
+    async def forward(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:
-            server_reader, server_writer = await asyncio.open_connection(self.host, self.port)
+            server_reader, server_writer = await asyncio.open_connection(host, port)
         except OSError:
             client_writer.close()
             return
-        try:
-            await asyncio.gather(
-                self._pipe(client_reader, server_writer),
-                self._pipe(server_reader, client_writer),
-                return_exceptions=True,
-            )
-        except asyncio.CancelledError:
-            pass  # the proxy is closing: end quietly (a cancelled connection task is logged as an error)
-        finally:
-            client_writer.close()
-            server_writer.close()
+        await asyncio.gather(
+            _pipe(client_reader, server_writer, delay),
+            _pipe(server_reader, client_writer, delay),
+            return_exceptions=True,
+        )
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+    server = await asyncio.start_server(forward, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
 
-        async def deliver() -> None:
-            while True:
-                due, data = await queue.get()
-                if (wait := due - loop.time()) > 0:
-                    await asyncio.sleep(wait)
-                if not data:
-                    writer.close()
-                    return
-                writer.write(data)
-                await writer.drain()
 
-        sender = asyncio.ensure_future(deliver())
-        try:
-            while data := await reader.read(1 << 16):
-                queue.put_nowait((loop.time() + self.delay, data))
-        except ConnectionError:
-            pass
-        finally:
-            queue.put_nowait((loop.time() + self.delay, b""))
-            await sender
+if __name__ == "__main__":
+    asyncio.run(serve(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
