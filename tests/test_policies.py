@@ -4,6 +4,7 @@ retried. Pure logic with injected time and probes; the last section runs the rea
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +40,7 @@ from backfill.policies import (
     no_throttle,
 )
 from backfill.testing import FakeClock
+from backfill.tools.embedded import EmbeddedServer
 
 
 @pytest.fixture
@@ -500,7 +502,7 @@ def test_vacuum_probe_sees_a_vacuum_working_on_the_table(db_url: str, health: Po
     with slow_vacuum(db_url) as pid:
         seen = wait_for(health.vacuums, "the vacuum to show in pg_stat_progress_vacuum")
 
-    assert [(v.pid, v.relation, v.autovacuum) for v in seen] == [(pid, "items", False)]
+    assert [(v.pid, v.relation, v.autovacuum, v.wraparound) for v in seen] == [(pid, "items", False, False)]
 
 
 def test_oldest_transaction_probe_finds_a_transaction_holding_back_xmin(db_url: str, health: PostgresHealth) -> None:
@@ -533,6 +535,39 @@ def test_custom_check_runs_the_users_query_as_written(health: PostgresHealth) ->
     assert health.custom_check("SELECT count(*) > 1000 FROM items WHERE pad LIKE 'x%'") is True
     assert health.custom_check("SELECT false") is False
     assert health.custom_check("SELECT true WHERE false") is False  # no row: nothing to wait for
+
+
+def test_the_vacuum_probe_tells_a_real_anti_wraparound_autovacuum_and_the_default_waits_for_it() -> None:
+    """A table whose oldest transaction ID is older than its autovacuum_freeze_max_age gets an autovacuum "to
+    prevent wraparound" even with autovacuum disabled on it; slowed down, it is seen at work."""
+    server = EmbeddedServer.create(
+        os.environ.get("BACKFILL_TEST_PG_BIN") or None, {"fsync": "off", "autovacuum_naptime": "1"}
+    )
+    try:
+        server.start()
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE items (id integer PRIMARY KEY, pad text) WITH (autovacuum_enabled = off)")
+            conn.execute("INSERT INTO items SELECT g, repeat('x', 200) FROM generate_series(1, 3000) g")
+            conn.execute(
+                "ALTER TABLE items SET (autovacuum_freeze_max_age = 100000, autovacuum_vacuum_cost_delay = 100, "
+                "autovacuum_vacuum_cost_limit = 1)"
+            )
+            # 100,100 subtransactions that write: each takes a transaction ID of its own.
+            conn.execute("CREATE TABLE burn (i integer)")
+            conn.execute(
+                "DO $$ BEGIN FOR i IN 1..100100 LOOP BEGIN INSERT INTO burn VALUES (i); "
+                "EXCEPTION WHEN others THEN NULL; END; END LOOP; END $$"
+            )
+            health = PostgresHealth(lambda: conn, "public", "items")
+
+            seen = poll(health.vacuums, "an anti-wraparound autovacuum on items")
+            wait = VacuumRunning(health.vacuums, only_wraparound=True, poll=0.5)(context(FakeClock()))
+
+        assert [(v.relation, v.autovacuum, v.wraparound) for v in seen] == [("items", True, True)]
+        assert getattr(wait, "reason", None) == "vacuum_running"
+        assert getattr(wait, "details", {})["wraparound"] is True
+    finally:
+        server.destroy()
 
 
 def test_a_backfill_waits_while_vacuum_works_on_its_table_then_finishes(
