@@ -290,6 +290,33 @@ def test_one_slow_batch_does_not_collapse_the_size(clock: FakeClock) -> None:
     assert settled * 0.6 < after_slow < settled
 
 
+def test_adaptive_size_leaves_the_round_trip_out_of_the_batch_cost(clock: FakeClock) -> None:
+    """A database 10 ms away: the batch's wall time includes a round trip that no size can shorten. Sized by the
+    database's own time, batches converge on the same size as next to the database instead of shrinking."""
+    sizer, ctx = AdaptiveSize(0.1, 100, 100_000), context(clock, 10_000)
+    for _ in range(12):
+        ctx.batch_size = sizer(ctx)
+        database = steady_table(ctx.batch_size)
+        clock.advance(database + 0.010)
+        ctx.record_batch(ctx.batch_size, database + 0.010, ctx.batch_size, database_seconds=database)
+
+    assert steady_table(ctx.batch_size) == pytest.approx(0.1, rel=0.05)  # 19,600 rows, not 17,600
+
+
+def test_where_few_rows_change_the_key_range_stretches_past_max_size_by_time(clock: FakeClock) -> None:
+    """max_size caps rows changed (held locked), not the key range walked: with 1 row in 100 matching the filter,
+    the range grows until a batch takes the target time."""
+    sparse, ctx = AdaptiveSize(0.1, 100, 5_000), context(clock, 1_000)
+    for _ in range(15):
+        ctx.batch_size = sparse(ctx)
+        commit_batch(ctx, clock, ctx.batch_size // 100, steady_table(ctx.batch_size))
+    dense = drive(AdaptiveSize(0.1, 100, 5_000), context(clock, 1_000), clock, 15)
+
+    assert steady_table(ctx.batch_size) == pytest.approx(0.1, rel=0.05)  # about 19,600 rows of key range
+    assert ctx.last_batch_rows <= 5_000
+    assert max(dense) == 5_000
+
+
 def test_adaptive_size_stays_within_bounds(clock: FakeClock) -> None:
     fast, slow = AdaptiveSize(1.0, 100, 5_000), AdaptiveSize(0.001, 300, 100_000)
 
