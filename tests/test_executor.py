@@ -206,11 +206,12 @@ class FakeHealth:
 
 def test_the_runner_waits_while_a_replica_lags_and_logs_why() -> None:
     store, clock, health = InMemoryStore.for_keys(range(100), batch_size=10), FakeClock(), FakeHealth()
-    vacuum = VacuumReading(99, "public.items", "scanning heap", True)
+    vacuum = VacuumReading(99, "public.items", "scanning heap", True, wraparound=True)
 
     def batch(request: BatchRequest) -> None:
         clock.advance(0.5)
-        if len(store.requests) == 4:  # during the 5th batch, a replica falls behind and autovacuum starts
+        if len(store.requests) == 4:  # during the 5th batch, a replica falls behind and an anti-wraparound
+            # autovacuum starts (the only kind the defaults wait for)
             health.lag = LagReading(1, 500 * 1024 * 1024, 42.0)
             health.vacuuming = [vacuum]
 
