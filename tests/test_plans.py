@@ -87,8 +87,9 @@ def test_the_one_statement_batch_walks_the_key_index_never_a_sequential_scan(
     """The whole batch in one statement (look-ahead, update, checkpoint): the end key reaches the UPDATE as a
     parameter the planner does not know, and the range must still be an index condition on the key."""
     tables = ControlTables("public")
-    for statement in tables.create():
-        big_table.execute(statement)
+    with big_table.transaction():
+        for statement in tables.create():
+            big_table.execute(statement)
     spec = BackfillSpec("p", "events", {"kind": "upper(payload)"}, where="kind IS NULL")
     target = for_target(resolve(big_table, spec).target)
     checkpoint = [lower] if lower else None
