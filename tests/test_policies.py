@@ -587,7 +587,7 @@ def test_the_vacuum_probe_tells_a_real_anti_wraparound_autovacuum_and_the_defaul
             )
             health = PostgresHealth(lambda: conn, "public", "items")
 
-            seen = poll(health.vacuums, "an anti-wraparound autovacuum on items")
+            seen = wait_for(health.vacuums, "an anti-wraparound autovacuum on items")
             wait = VacuumRunning(health.vacuums, only_wraparound=True, poll=0.5)(context(FakeClock()))
 
         assert [(v.relation, v.autovacuum, v.wraparound) for v in seen] == [("items", True, True)]
