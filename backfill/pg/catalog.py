@@ -233,17 +233,22 @@ def checked_key(target: Target, row: Sequence[Any]) -> list[str]:
     """
     *key, same, unchanged = row
     if not unchanged:
-        raise KeyChangedError(
-            f"the key ({', '.join(target.key)}) of {target.schema}.{target.table} is no longer "
-            f"{', '.join(target.key_signature)}: its type or collation changed during the run, so the checkpoint "
-            "would be read in a different order; register the backfill again under a new name"
-        )
+        raise key_changed_error(target)
     if not same:
         raise KeyRoundTripError(
             f"key ({', '.join(target.key)}) of {target.schema}.{target.table}: the text form {key} does not read "
             f"back as the same value of type {', '.join(target.key_types)}, so a checkpoint cannot hold it exactly"
         )
     return [str(part) for part in key]
+
+
+def key_changed_error(target: Target) -> KeyChangedError:
+    """The error for a key column whose type, modifier or collation changed since the run planned."""
+    return KeyChangedError(
+        f"the key ({', '.join(target.key)}) of {target.schema}.{target.table} is no longer "
+        f"{', '.join(target.key_signature)}: its type or collation changed during the run, so the checkpoint "
+        "would be read in a different order; register the backfill again under a new name"
+    )
 
 
 def _assigns(source: str, column: str) -> bool:

@@ -274,6 +274,10 @@ class TargetSQL(Target):
             return self._key_text()
         return sql.SQL("{}, {}, {}").format(self._key_text(), self._round_trip(), self._unchanged())
 
+    def key_unchanged(self) -> sql.Composed:
+        """Whether the key columns still have the planned types and collations (one boolean)."""
+        return sql.SQL("SELECT {}").format(self._unchanged())
+
     def max_key(self, *, verified: bool = False) -> sql.Composed:
         """The largest key: where the run's range ends (rows inserted later are not the backfill's job). With
         ``verified``, two more columns as in :meth:`lookahead`."""
@@ -335,10 +339,11 @@ class TargetSQL(Target):
         It goes ahead only if the slice, read under that lock, is still running at the checkpoint and upper bound
         the runner expects, and (``claimed``) still claimed by this session (otherwise it changes nothing and the
         runner re-reads the slice), and only if the end key's text form (the checkpoint) reads back as the same
-        key. It finds the batch's end key with the index-only look-ahead, updates the closed key range
-        ``(checkpoint, end]`` and writes the new checkpoint, returning it with the rows changed, the slice's rows
-        so far and the seconds the transaction has spent in the database (what adaptive sizing measures: the
-        network's share is not the batch's cost).
+        key and the key columns still have the types and collations the run planned with (:meth:`key_unchanged`
+        tells which of the two stopped it). It finds the batch's end key with the index-only look-ahead, updates
+        the closed key range ``(checkpoint, end]`` and writes the new checkpoint, returning it with the rows
+        changed, the slice's rows so far and the seconds the transaction has spent in the database (what adaptive
+        sizing measures: the network's share is not the batch's cost).
         The range conditions stay index conditions: the end key reaches the UPDATE as an InitPlan parameter.
         """
         ends = [sql.Identifier(f"end_{i}") for i in range(len(self.key))]
@@ -373,8 +378,13 @@ RETURNING checkpoint, done, (SELECT count(*) FROM _backfill_changed) AS rows, ro
             t=self.relation,
             ends=sql.SQL(", ").join(ends),
             same=sql.SQL(" AND ").join(
-                sql.SQL("CAST({e}::text AS {t}) = {e}").format(e=e, t=sql.SQL(t))
-                for e, t in zip(ends, self.key_types, strict=True)
+                [
+                    *(
+                        sql.SQL("CAST({e}::text AS {t}) = {e}").format(e=e, t=sql.SQL(t))
+                        for e, t in zip(ends, self.key_types, strict=True)
+                    ),
+                    self._unchanged(),
+                ]
             ),
             end_row=end_row,
             ends_text=sql.SQL(", ").join(sql.SQL("{}::text").format(end) for end in ends),

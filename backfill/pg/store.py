@@ -37,7 +37,7 @@ from backfill.errors import (
     UntrustedControlTablesError,
 )
 from backfill.pg import statements as sql
-from backfill.pg.catalog import checked_key
+from backfill.pg.catalog import checked_key, key_changed_error
 from backfill.pg.connect import Database
 from backfill.plan import Plan, Target
 from backfill.spec import BackfillSpec
@@ -531,6 +531,9 @@ class PostgresStore:
                 # form does not read back as the same key (or, once, an operator's change came in between).
                 unexplained += 1
                 if unexplained == 2:
+                    unchanged = self.conn.execute(sql.for_target(plan.target).key_unchanged(), ()).fetchone()
+                    if unchanged is not None and not unchanged[0]:
+                        raise key_changed_error(plan.target)
                     raise KeyRoundTripError(
                         f"key ({', '.join(plan.target.key)}) of {plan.target.schema}.{plan.target.table}: the text "
                         f"form of a key after {found.checkpoint} does not read back as the same value of type "
