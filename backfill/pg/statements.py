@@ -352,7 +352,7 @@ class TargetSQL(Target):
         return sql.SQL(
             """WITH _backfill_go AS (
     SELECT true AS ok FROM {s} s JOIN {b} b ON b.id = s.backfill_id
-     WHERE s.backfill_id = %s AND s.slice = %s AND b.state = 'running' AND NOT s.done
+     WHERE s.backfill_id = %s AND s.slice = %s AND b.state = {running} AND NOT s.done
        AND s.checkpoint IS NOT DISTINCT FROM %s::jsonb AND s.upper_bound = %s::jsonb
        AND (NOT %s OR s.claim_pid IS NOT DISTINCT FROM pg_catalog.pg_backend_pid())
 ), _backfill_end AS (
@@ -375,6 +375,7 @@ RETURNING checkpoint, done, (SELECT count(*) FROM _backfill_changed) AS rows, ro
         ).format(
             s=tables.slices,
             b=tables.backfills,
+            running=state_literal(RunState.RUNNING),
             t=self.relation,
             ends=sql.SQL(", ").join(ends),
             same=sql.SQL(" AND ").join(
