@@ -194,7 +194,7 @@ def test_a_second_signal_aborts_the_running_batch_and_rolls_it_back(
     def sleeping() -> bool:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity "
-            "WHERE state = 'active' AND query LIKE 'WITH%%UPDATE%%pg_sleep(600)%%'"
+            "WHERE state = 'active' AND wait_event = 'PgSleep' AND query LIKE 'WITH _backfill_go%%'"
         ).fetchone()
         return bool(row and row[0])
 

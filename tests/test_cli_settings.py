@@ -314,7 +314,7 @@ def test_a_second_signal_rolls_back_every_workers_batch(
     def sleeping() -> int:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity "
-            "WHERE state = 'active' AND query LIKE 'WITH%%UPDATE%%pg_sleep(600)%%'"
+            "WHERE state = 'active' AND wait_event = 'PgSleep' AND query LIKE 'WITH _backfill_go%%'"
         ).fetchone()
         return int(row[0]) if row else 0
 

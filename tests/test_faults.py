@@ -220,7 +220,7 @@ def test_a_cancel_by_a_person_fails_the_backfill_and_retry_resumes_it(db_url: st
         cancelled = wait_for(
             lambda: admin.execute(
                 "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = %s AND state = 'active' AND query LIKE 'WITH%%UPDATE%%'",
+                "WHERE application_name = %s AND state = 'active' AND query LIKE 'WITH _backfill_go%%'",
                 ("backfill-fault-cancel",),
             ).fetchall(),
             "an UPDATE to cancel",
