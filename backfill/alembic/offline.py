@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from psycopg import sql
 
+from backfill.pg.session import PINNED_SETTINGS
 from backfill.pg.statements import ControlTables, TargetSQL, state_literal
 from backfill.schema import sync
 from backfill.schema.ddl import timeout_literal
@@ -49,6 +50,16 @@ def _column_marker(position: int) -> str:
 
 #: The key a spec holds in its fingerprint text until the script has found the primary key.
 _KEY_MARKER = "__backfill_key__"
+
+
+def _pin_settings() -> sql.Composed:
+    # Session-wide (not local): the script commits every batch, and each new transaction must see them too. The
+    # client encoding is the client's (psql's) business, and the script's text never leaves the server anyway.
+    pairs = [(name, value) for name, value in PINNED_SETTINGS if name != "client_encoding"]
+    rows = sql.SQL(", ").join(sql.SQL("({}, {})").format(sql.Literal(n), sql.Literal(v)) for n, v in pairs)
+    return sql.SQL("PERFORM pg_catalog.set_config(s.name, s.value, false) FROM (VALUES {}) AS s(name, value);").format(
+        rows
+    )
 
 
 def batched_script(
@@ -189,6 +200,8 @@ def batched_script(
   began timestamptz := pg_catalog.clock_timestamp();
   owner text := 'psql:' || pg_catalog.pg_backend_pid();
 BEGIN
+  -- The session settings every runner pins, for this psql session: keys travel as their text form.
+  {pin}
   {find_key}
   {type_lookups}
   q_max := {q_max};
@@ -303,6 +316,7 @@ BEGIN
 END"""
     ).format(
         declarations=sql.SQL("\n  ".join(declarations)),
+        pin=_pin_settings(),
         find_key=find_key,
         type_lookups=type_lookups,
         q_max=typed(template(target.max_key())),
