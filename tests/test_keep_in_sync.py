@@ -255,3 +255,21 @@ def test_cli_add_keep_in_sync_installs_the_trigger_at_registration(
     assert backfill.get_backfill(db_url, "events_kind").spec.keep_in_sync
     events.execute("INSERT INTO events (id, payload) VALUES (5001, '{}')")
     assert scalar(events, "SELECT kind FROM events WHERE id = 5001") == "u"
+
+
+def test_the_trigger_reads_names_as_the_backfill_did_whatever_the_writer_s_search_path(
+    events: psycopg.Connection[Any], db_url: str
+) -> None:
+    # The expression calls a function of public by its bare name. An application session with another search_path
+    # must still get the row filled (and above all not fail its write): the function carries the search_path it
+    # was installed with.
+    events.execute("CREATE FUNCTION kind_of(p jsonb) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT p->>'kind' $$")
+    events.execute("CREATE SCHEMA elsewhere")
+    spec = backfill.BackfillSpec("events_kind_fn", "events", {"kind": "kind_of(payload)"}, keep_in_sync=True)
+    backfill.register_backfill(db_url, spec)
+
+    events.execute("SET search_path TO elsewhere")
+    events.execute("""INSERT INTO public.events (id, payload) VALUES (7001, '{"kind": "far"}')""")
+    events.execute("RESET search_path")
+
+    assert scalar(events, "SELECT kind FROM events WHERE id = 7001") == "far"

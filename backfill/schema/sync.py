@@ -122,9 +122,11 @@ END"""
         insert_fills=fills("NEW.{col} IS NULL"),
         update_fills=fills("NEW.{col} IS NULL AND OLD.{col} IS NULL"),
     )
-    return sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}").format(
-        _function(target, backfill), _dollar_quote(body.as_string(None), "backfill_sync")
-    )
+    # SET search_path FROM CURRENT: the author's names resolve as they did where the backfill was registered, not
+    # by each writing session's search_path (an application session with another one must never fail its write).
+    return sql.SQL(
+        "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS {}"
+    ).format(_function(target, backfill), _dollar_quote(body.as_string(None), "backfill_sync"))
 
 
 def create_trigger(target: Target, backfill: str) -> sql.Composed:
