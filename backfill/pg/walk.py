@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+import psycopg.sql
 
 from backfill.errors import PlanError, describe
 from backfill.pg import statements as sql
@@ -83,5 +84,17 @@ def _message(target: Target, what: str, node: dict[str, Any]) -> str:
         f"no index of {target.schema}.{target.table} serves the walk by ({', '.join(target.key)}): the batch {what} "
         f"would read {node['Relation Name']} by {how} without a key range, i.e. scan it whole on every batch. "
         "An index must lead with the key's columns, with their collation and the default operator class "
-        f"(CREATE INDEX ON {target.table} ({', '.join(target.key)}))"
+        f"({_index_advice(target)})"
+    )
+
+
+def _index_advice(target: Target) -> str:
+    # Quoted as SQL, so the advice can be pasted whatever the names hold.
+    return (
+        psycopg.sql.SQL("CREATE INDEX CONCURRENTLY ON {} ({})")
+        .format(
+            psycopg.sql.Identifier(target.schema, target.table),
+            psycopg.sql.SQL(", ").join(psycopg.sql.Identifier(column) for column in target.key),
+        )
+        .as_string(None)
     )
