@@ -564,6 +564,28 @@ def test_custom_check_runs_the_users_query_as_written(health: PostgresHealth) ->
     assert health.custom_check("SELECT true WHERE false") is False  # no row: nothing to wait for
 
 
+def test_a_probe_runs_read_only_under_its_own_timeouts_which_end_with_it(health: PostgresHealth) -> None:
+    # The probe's settings share its one pipelined round trip: they must still apply to the query, and only to it.
+    assert health.custom_check(
+        "SELECT current_setting('statement_timeout') = '5s' AND current_setting('lock_timeout') = '1s' "
+        "AND current_setting('transaction_read_only') = 'on'"
+    )
+    conn = health.connection()
+    assert conn.execute(
+        "SELECT current_setting('statement_timeout'), current_setting('transaction_read_only')"
+    ).fetchone() == ("0", "off")
+
+
+def test_a_probe_that_writes_or_fails_raises_and_the_next_probe_works(health: PostgresHealth) -> None:
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        health.custom_check("WITH w AS (UPDATE items SET pad = 'written' WHERE id = 1 RETURNING 1) SELECT true")
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        health.custom_check("SELECT 1 / 0 = 1")
+
+    assert health.custom_check("SELECT count(*) = 0 FROM items WHERE pad = 'written'") is True
+    assert health.replica_lag().replicas == 0
+
+
 def test_the_vacuum_probe_tells_a_real_anti_wraparound_autovacuum_and_the_default_waits_for_it() -> None:
     """A table whose oldest transaction ID is older than its autovacuum_freeze_max_age gets an autovacuum "to
     prevent wraparound" even with autovacuum disabled on it; slowed down, it is seen at work."""

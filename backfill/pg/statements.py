@@ -812,7 +812,12 @@ _HOLDER = sql.SQL(
 
 
 #: First statement of a transaction that must not write (the user's health query).
-READ_ONLY = sql.SQL("SET TRANSACTION READ ONLY")
+#: A health probe's settings: (lock_timeout, statement_timeout, read only). Read-only may be turned on at any
+#: point of a transaction, so it can share the statement (SET TRANSACTION needs an explicit block).
+PROBE_SETTINGS = sql.SQL(
+    "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true), "
+    "CASE WHEN %s THEN set_config('transaction_read_only', 'on', true) END"
+)
 
 SET_TIMEOUTS = sql.SQL("SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)")
 
