@@ -632,41 +632,35 @@ def _key(key: Sequence[str] | None) -> str:
 # --- operator actions -----------------------------------------------------------------------------------------
 
 
-def _action(obj: CliContext, name: str, action: Callable[..., Any], done: str) -> None:
-    record = action(obj.database, name, control_schema=obj.control_schema)
-    click.echo(f"backfill {record.name!r} {done}: now {record.state.value}")
+def _operator_action(command: str, action: Callable[..., Any], done: str, help_text: str) -> None:
+    """The command ``command NAME``: ``action`` on the backfill NAME, then its new state."""
+
+    @cli.command(name=command, help=help_text)
+    @click.argument("name")
+    @pass_cli
+    def run_action(obj: CliContext, name: str) -> None:
+        record = action(obj.database, name, control_schema=obj.control_schema)
+        click.echo(f"backfill {record.name!r} {done}: now {record.state.value}")
 
 
-@cli.command()
-@click.argument("name")
-@pass_cli
-def pause(obj: CliContext, name: str) -> None:
-    """Pause NAME: a runner working on it stops after its current batch; `run` skips it until resumed."""
-    _action(obj, name, api.pause_backfill, "paused")
-
-
-@cli.command()
-@click.argument("name")
-@pass_cli
-def resume(obj: CliContext, name: str) -> None:
-    """Resume a paused NAME: the next `run` continues from its checkpoint."""
-    _action(obj, name, api.resume_backfill, "resumed")
-
-
-@cli.command()
-@click.argument("name")
-@pass_cli
-def cancel(obj: CliContext, name: str) -> None:
-    """Cancel NAME for good (rows already updated stay updated)."""
-    _action(obj, name, api.cancel_backfill, "cancelled")
-
-
-@cli.command()
-@click.argument("name")
-@pass_cli
-def retry(obj: CliContext, name: str) -> None:
-    """Put a failed NAME back to pending; the next `run` continues from its checkpoint."""
-    _action(obj, name, api.retry_backfill, "put back")
+_operator_action(
+    "pause",
+    api.pause_backfill,
+    "paused",
+    "Pause NAME: a runner working on it stops after its current batch; `run` skips it until resumed.",
+)
+_operator_action(
+    "resume", api.resume_backfill, "resumed", "Resume a paused NAME: the next `run` continues from its checkpoint."
+)
+_operator_action(
+    "cancel", api.cancel_backfill, "cancelled", "Cancel NAME for good (rows already updated stay updated)."
+)
+_operator_action(
+    "retry",
+    api.retry_backfill,
+    "put back",
+    "Put a failed NAME back to pending; the next `run` continues from its checkpoint.",
+)
 
 
 @cli.command()
