@@ -459,8 +459,8 @@ def test_plan_add_runs_only_what_the_catalog_says_is_left(
 
 
 def test_plan_drop_only_when_the_constraint_exists() -> None:
-    assert [s.action for s in check.plan_drop_check(_state("c", False)).steps] == ["drop"]
-    assert check.plan_drop_check(_state(None, False)).steps == ()
+    assert [s.action for s in check.CHECK.plan_drop(_state("c", False)).steps] == ["drop"]
+    assert check.CHECK.plan_drop(_state(None, False)).steps == ()
 
 
 def test_foreign_key_arguments_are_checked_before_any_connection() -> None:

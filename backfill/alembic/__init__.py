@@ -11,8 +11,9 @@ touching env.py; with older Alembic, add ``import backfill.alembic`` to env.py. 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 if TYPE_CHECKING:
     from alembic.runtime.plugins import Plugin
@@ -29,36 +30,11 @@ def setup(plugin: Plugin) -> None:
 
 from alembic.operations import Operations  # noqa: E402
 
+from backfill.alembic import ops  # noqa: E402
 from backfill.alembic import toimpl as _toimpl  # noqa: E402,F401 -- registers the implementations
-from backfill.alembic.ops import (  # noqa: E402
-    DEFAULT_FINISH_TIMEOUT,
-    DEFAULT_LOCK_RETRY_SECONDS,
-    DEFAULT_LOCK_TIMEOUT,
-    AddCheckConstraintOp,
-    AddForeignKeyOp,
-    AddIndexConcurrentlyOp,
-    AddNotNullConstraintOp,
-    BackfillOp,
-    DropBackfillOp,
-    DropBackfillTriggerOp,
-    DropCheckConstraintOp,
-    DropForeignKeyOp,
-    DropIndexConcurrentlyOp,
-    DropNotNullConstraintOp,
-    EnsureBackfillFinishedOp,
-    SQLText,
-    ValidateCheckConstraintOp,
-    ValidateForeignKeyOp,
-    ValidateNotNullConstraintOp,
-)
+from backfill.alembic.ops import *  # noqa: E402,F403 -- the op classes, re-exported
+from backfill.alembic.ops import Op  # noqa: E402
 from backfill.alembic.toimpl import BackfillNotFinishedError, MigrationContextError  # noqa: E402
-from backfill.api import DEFAULT_CONTROL_SCHEMA  # noqa: E402
-
-if TYPE_CHECKING:
-    from backfill.executor import RunReport
-    from backfill.schema.constraint import ChangeResult
-    from backfill.settings import RunSettings
-    from backfill.store import BackfillRecord
 
 __all__ = [
     "backfill",
@@ -68,13 +44,6 @@ __all__ = [
     "add_not_null_constraint",
     "validate_not_null_constraint",
     "drop_not_null_constraint",
-    "BackfillOp",
-    "EnsureBackfillFinishedOp",
-    "DropBackfillOp",
-    "DropBackfillTriggerOp",
-    "AddNotNullConstraintOp",
-    "ValidateNotNullConstraintOp",
-    "DropNotNullConstraintOp",
     "add_check_constraint",
     "validate_check_constraint",
     "drop_check_constraint",
@@ -83,25 +52,21 @@ __all__ = [
     "drop_foreign_key",
     "add_index_concurrently",
     "drop_index_concurrently",
-    "AddCheckConstraintOp",
-    "ValidateCheckConstraintOp",
-    "DropCheckConstraintOp",
-    "AddForeignKeyOp",
-    "ValidateForeignKeyOp",
-    "DropForeignKeyOp",
-    "AddIndexConcurrentlyOp",
-    "DropIndexConcurrentlyOp",
     "MigrationContextError",
     "BackfillNotFinishedError",
     "setup",
 ]
+__all__ += ops.__all__
 
 
-def _running(arguments: dict[str, Any]) -> tuple[Operations, dict[str, Any]]:
-    """Split a typed function's ``locals()`` into the running migration's Operations and the op's arguments."""
-    operations: Operations | None = arguments.pop("operations")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _running(operations: Operations | None) -> Operations:
+    """The Operations a typed function runs in: the one given, or the running migration's."""
     if operations is not None:
-        return operations, arguments
+        return operations
     from alembic import op
 
     # The Operations of the migration that is running (alembic.op is a proxy to it while one runs).
@@ -110,229 +75,40 @@ def _running(arguments: dict[str, Any]) -> tuple[Operations, dict[str, Any]]:
         raise MigrationContextError(
             "no Alembic migration is running: call this from upgrade() or downgrade(), or pass operations="
         )
-    return running, arguments
+    return running
 
 
-def backfill(
-    name: str,
-    table: str,
-    values: Mapping[str, SQLText],
-    *,
-    where: SQLText | None = None,
-    key: str | tuple[str, ...] | None = None,
-    batch_size: int | None = None,
-    schema: str | None = None,
-    skip_unchanged: bool = True,
-    defer: bool = False,
-    settings: RunSettings | None = None,
-    force: bool = False,
-    control_schema: str = DEFAULT_CONTROL_SCHEMA,
-    keep_in_sync: bool = False,
-    operations: Operations | None = None,
-) -> RunReport | None:
-    """``op.backfill``, typed; ``operations`` defaults to the running migration's ``op``. See
-    :meth:`BackfillOp.backfill`."""
-    running, arguments = _running(locals())
-    return BackfillOp.backfill(running, **arguments)
+def _typed(op_class: Callable[_P, Op[_R]]) -> Callable[_P, _R]:
+    """``op.<name>`` as a typed function: the op class's own signature (its fields, and ``operations``), its result
+    type and its docstring."""
+    cls = cast("type[Op[Any]]", op_class)
+
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        operations = _running(cast("Operations | None", kwargs.pop("operations", None)))
+        return cast("_R", operations.invoke(op_class(*args, **kwargs)))
+
+    parameters = [*cls.arguments(), inspect.Parameter("operations", inspect.Parameter.KEYWORD_ONLY, default=None)]
+    call.__name__ = call.__qualname__ = cls.op_name
+    call.__doc__ = (
+        f"``op.{cls.op_name}``, typed; ``operations`` defaults to the running migration's ``op``.\n\n"
+        + inspect.cleandoc(cls.__doc__ or "")
+    )
+    call.__signature__ = inspect.Signature(parameters, return_annotation=cls.result_type())  # type: ignore[attr-defined]
+    return call
 
 
-def ensure_backfill_finished(
-    name: str,
-    *,
-    finish: bool = True,
-    settings: RunSettings | None = None,
-    control_schema: str = DEFAULT_CONTROL_SCHEMA,
-    timeout: float = DEFAULT_FINISH_TIMEOUT,
-    operations: Operations | None = None,
-) -> BackfillRecord | None:
-    """``op.ensure_backfill_finished``, typed. See :meth:`EnsureBackfillFinishedOp.ensure_backfill_finished`."""
-    running, arguments = _running(locals())
-    return EnsureBackfillFinishedOp.ensure_backfill_finished(running, **arguments)
-
-
-def drop_backfill(
-    name: str,
-    *,
-    force: bool = False,
-    control_schema: str = DEFAULT_CONTROL_SCHEMA,
-    operations: Operations | None = None,
-) -> None:
-    """``op.drop_backfill``, typed. See :meth:`DropBackfillOp.drop_backfill`."""
-    running, arguments = _running(locals())
-    DropBackfillOp.drop_backfill(running, **arguments)
-
-
-def drop_backfill_trigger(
-    name: str,
-    *,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    control_schema: str = DEFAULT_CONTROL_SCHEMA,
-    operations: Operations | None = None,
-) -> None:
-    """``op.drop_backfill_trigger``, typed. See :meth:`DropBackfillTriggerOp.drop_backfill_trigger`."""
-    running, arguments = _running(locals())
-    DropBackfillTriggerOp.drop_backfill_trigger(running, **arguments)
-
-
-def add_not_null_constraint(
-    table: str,
-    column: str,
-    *,
-    schema: str | None = None,
-    name: str | None = None,
-    validate: bool = True,
-    validate_timeout: float | None = None,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    operations: Operations | None = None,
-) -> None:
-    """``op.add_not_null_constraint``, typed. See :meth:`AddNotNullConstraintOp.add_not_null_constraint`."""
-    running, arguments = _running(locals())
-    AddNotNullConstraintOp.add_not_null_constraint(running, **arguments)
-
-
-def validate_not_null_constraint(
-    table: str,
-    column: str,
-    *,
-    schema: str | None = None,
-    name: str | None = None,
-    validate_timeout: float | None = None,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    operations: Operations | None = None,
-) -> None:
-    """``op.validate_not_null_constraint``, typed. See
-    :meth:`ValidateNotNullConstraintOp.validate_not_null_constraint`."""
-    running, arguments = _running(locals())
-    ValidateNotNullConstraintOp.validate_not_null_constraint(running, **arguments)
-
-
-def drop_not_null_constraint(
-    table: str,
-    column: str,
-    *,
-    schema: str | None = None,
-    name: str | None = None,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    operations: Operations | None = None,
-) -> None:
-    """``op.drop_not_null_constraint``, typed. See :meth:`DropNotNullConstraintOp.drop_not_null_constraint`."""
-    running, arguments = _running(locals())
-    DropNotNullConstraintOp.drop_not_null_constraint(running, **arguments)
-
-
-def add_check_constraint(
-    table: str,
-    name: str,
-    condition: SQLText,
-    *,
-    validate: bool = True,
-    schema: str | None = None,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    operations: Operations | None = None,
-) -> ChangeResult | None:
-    """``op.add_check_constraint``, typed. See :meth:`AddCheckConstraintOp.add_check_constraint`."""
-    running, arguments = _running(locals())
-    return AddCheckConstraintOp.add_check_constraint(running, **arguments)
-
-
-def validate_check_constraint(
-    table: str,
-    name: str,
-    *,
-    schema: str | None = None,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    operations: Operations | None = None,
-) -> ChangeResult | None:
-    """``op.validate_check_constraint``, typed. See :meth:`ValidateCheckConstraintOp.validate_check_constraint`."""
-    running, arguments = _running(locals())
-    return ValidateCheckConstraintOp.validate_check_constraint(running, **arguments)
-
-
-def drop_check_constraint(
-    table: str,
-    name: str,
-    *,
-    schema: str | None = None,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    operations: Operations | None = None,
-) -> ChangeResult | None:
-    """``op.drop_check_constraint``, typed. See :meth:`DropCheckConstraintOp.drop_check_constraint`."""
-    running, arguments = _running(locals())
-    return DropCheckConstraintOp.drop_check_constraint(running, **arguments)
-
-
-def add_foreign_key(
-    table: str,
-    columns: str | Sequence[str],
-    referent_table: str,
-    referent_columns: str | Sequence[str],
-    *,
-    name: str | None = None,
-    on_delete: str | None = None,
-    validate: bool = True,
-    schema: str | None = None,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    operations: Operations | None = None,
-) -> ChangeResult | None:
-    """``op.add_foreign_key``, typed. See :meth:`AddForeignKeyOp.add_foreign_key`."""
-    running, arguments = _running(locals())
-    return AddForeignKeyOp.add_foreign_key(running, **arguments)
-
-
-def validate_foreign_key(
-    table: str,
-    name: str,
-    *,
-    schema: str | None = None,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    operations: Operations | None = None,
-) -> ChangeResult | None:
-    """``op.validate_foreign_key``, typed. See :meth:`ValidateForeignKeyOp.validate_foreign_key`."""
-    running, arguments = _running(locals())
-    return ValidateForeignKeyOp.validate_foreign_key(running, **arguments)
-
-
-def drop_foreign_key(
-    table: str,
-    name: str,
-    *,
-    schema: str | None = None,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    operations: Operations | None = None,
-) -> ChangeResult | None:
-    """``op.drop_foreign_key``, typed. See :meth:`DropForeignKeyOp.drop_foreign_key`."""
-    running, arguments = _running(locals())
-    return DropForeignKeyOp.drop_foreign_key(running, **arguments)
-
-
-def add_index_concurrently(
-    table: str,
-    columns: str | Sequence[str],
-    *,
-    name: str | None = None,
-    unique: bool = False,
-    where: SQLText | None = None,
-    using: str | None = None,
-    schema: str | None = None,
-    operations: Operations | None = None,
-) -> ChangeResult | None:
-    """``op.add_index_concurrently``, typed. See :meth:`AddIndexConcurrentlyOp.add_index_concurrently`."""
-    running, arguments = _running(locals())
-    return AddIndexConcurrentlyOp.add_index_concurrently(running, **arguments)
-
-
-def drop_index_concurrently(
-    name: str, *, table: str | None = None, schema: str | None = None, operations: Operations | None = None
-) -> ChangeResult | None:
-    """``op.drop_index_concurrently``, typed. See :meth:`DropIndexConcurrentlyOp.drop_index_concurrently`."""
-    running, arguments = _running(locals())
-    return DropIndexConcurrentlyOp.drop_index_concurrently(running, **arguments)
+backfill = _typed(ops.BackfillOp)
+ensure_backfill_finished = _typed(ops.EnsureBackfillFinishedOp)
+drop_backfill = _typed(ops.DropBackfillOp)
+drop_backfill_trigger = _typed(ops.DropBackfillTriggerOp)
+add_not_null_constraint = _typed(ops.AddNotNullConstraintOp)
+validate_not_null_constraint = _typed(ops.ValidateNotNullConstraintOp)
+drop_not_null_constraint = _typed(ops.DropNotNullConstraintOp)
+add_check_constraint = _typed(ops.AddCheckConstraintOp)
+validate_check_constraint = _typed(ops.ValidateCheckConstraintOp)
+drop_check_constraint = _typed(ops.DropCheckConstraintOp)
+add_foreign_key = _typed(ops.AddForeignKeyOp)
+validate_foreign_key = _typed(ops.ValidateForeignKeyOp)
+drop_foreign_key = _typed(ops.DropForeignKeyOp)
+add_index_concurrently = _typed(ops.AddIndexConcurrentlyOp)
+drop_index_concurrently = _typed(ops.DropIndexConcurrentlyOp)

@@ -4,30 +4,33 @@ reads as ``op.<name>``. The code that runs them lives in :mod:`backfill.alembic.
 Importing this module registers the ``op.`` names (Alembic >= 1.18 imports it through the ``alembic.plugins``
 entry point; older versions need ``import backfill.alembic`` in env.py).
 
-Each operation's fields are the one source of its arguments: its ``__init__`` is derived from them, and a test
-checks that the ``op.<name>`` classmethod and the typed function in :mod:`backfill.alembic` take the same ones.
+Each operation's fields are the one source of its arguments: its ``__init__`` is derived from them (a dataclass),
+:func:`operation` derives the ``op.<name>`` classmethod Alembic proxies, and :mod:`backfill.alembic` derives the
+typed function from the class. What running it returns is the class's type argument: ``Op[ChangeResult | None]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import KW_ONLY, dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, Union
+import inspect
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import KW_ONLY, InitVar, dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, Union
 
 from alembic.operations import MigrateOperation, Operations
 
 from backfill.api import DEFAULT_CONTROL_SCHEMA
+from backfill.executor import RunReport
+from backfill.schema.constraint import ChangeResult
 from backfill.schema.foreign_key import fk_name
 from backfill.schema.index import index_name
+from backfill.store import BackfillRecord
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ClauseElement
 
-    from backfill.executor import RunReport
-    from backfill.schema.constraint import ChangeResult
     from backfill.settings import RunSettings
-    from backfill.store import BackfillRecord
 
 __all__ = [
     "SQLText",
@@ -58,18 +61,132 @@ DEFAULT_LOCK_RETRY_SECONDS = 300.0
 #: Seconds ``op.ensure_backfill_finished`` waits for runners elsewhere before the upgrade fails.
 DEFAULT_FINISH_TIMEOUT = 3600.0
 
-_Op = TypeVar("_Op", bound=MigrateOperation)
+_Result = TypeVar("_Result")
 
 
-def _from_call(cls: type[_Op], arguments: Mapping[str, Any]) -> _Op:
-    """The operation from a classmethod's ``locals()``: its fields, by name."""
-    return cls(**{field.name: arguments[field.name] for field in dataclasses.fields(cls)})  # type: ignore[arg-type]
-
-
-@Operations.register_operation("backfill")
 @dataclass(eq=False)
-class BackfillOp(MigrateOperation):
-    """Backfill ``table`` in short batches, outside the migration's transaction."""
+class Op(MigrateOperation, Generic[_Result]):
+    """An operation of ``backfill`` whose run returns ``_Result``. Subclasses are dataclasses registered with
+    :func:`operation`; their docstring is what users read as ``op.<name>``."""
+
+    #: The ``op.<name>`` the class is registered as (set by :func:`operation`).
+    op_name: ClassVar[str]
+
+    _: KW_ONLY
+    #: Not part of the operation: the typed functions of :mod:`backfill.alembic` take it (the Operations of the
+    #: migration to run in; by default the running one's ``op``), so their signature is the class's own.
+    operations: InitVar[Operations | None] = None
+
+    @classmethod
+    def result_type(cls) -> Any:
+        """What running the operation returns (the class's type argument), for signatures."""
+        for klass in cls.__mro__:
+            for base in getattr(klass, "__orig_bases__", ()):
+                if typing.get_origin(base) is Op:
+                    return typing.get_args(base)[0]
+        return inspect.Signature.empty
+
+    def like(self, op_class: type[_OtherOp], **given: Any) -> _OtherOp:
+        """An ``op_class`` operation with ``given`` and, for its other fields, this one's values of the fields of
+        that name (what ``reverse()`` builds)."""
+        mine = {f.name for f in dataclasses.fields(self)}
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(op_class) if f.name in mine}
+        return op_class(**{**shared, **given})
+
+    @classmethod
+    def arguments(cls) -> list[inspect.Parameter]:
+        """The operation's arguments: its fields, as its ``__init__`` takes them."""
+        return [p for p in inspect.signature(cls).parameters.values() if p.name != "operations"]
+
+
+_OtherOp = TypeVar("_OtherOp", bound="Op[Any]")
+_OpClass = TypeVar("_OpClass", bound="type[Op[Any]]")
+
+
+def operation(name: str) -> Callable[[_OpClass], _OpClass]:
+    """Register an :class:`Op` dataclass as ``op.<name>``.
+
+    Alembic proxies a classmethod ``<name>(operations, ...)`` as ``op.<name>``, with its docstring: that classmethod
+    is derived here from the class (its fields as parameters, its docstring), so the arguments are written once.
+    """
+
+    def register(op_class: _OpClass) -> _OpClass:
+        def invoke(cls: type[Op[Any]], operations: Operations, *args: Any, **kwargs: Any) -> Any:
+            return operations.invoke(cls(*args, **kwargs))
+
+        arguments = op_class.arguments()
+        returns = op_class.result_type()
+        positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        first = [inspect.Parameter("cls", positional), inspect.Parameter("operations", positional)]
+        # Alembic names the proxied call after the function and checks its first two parameters by name.
+        invoke.__name__ = name
+        invoke.__qualname__ = f"{op_class.__qualname__}.{name}"
+        invoke.__doc__ = op_class.__doc__
+        invoke.__signature__ = inspect.Signature([*first, *arguments], return_annotation=returns)  # type: ignore[attr-defined]
+        op_class.op_name = name
+        setattr(op_class, name, classmethod(invoke))
+        Operations.register_operation(name)(op_class)
+        # The proxy Alembic wrote takes (self, *args, **kwargs): give it the operation's signature to show.
+        proxy = getattr(Operations, name)
+        proxy.__signature__ = inspect.Signature([first[1].replace(name="self"), *arguments], return_annotation=returns)
+        return op_class
+
+    return register
+
+
+# --- backfills -----------------------------------------------------------------------------------------------------
+
+
+@operation("backfill")
+@dataclass(eq=False)
+class BackfillOp(Op[RunReport | None]):
+    """Set ``values`` on every row of ``table`` in short batches, outside the migration's transaction.
+
+    What the migration did before this call is committed first (on its own connection, through Alembic's
+    autocommit block), then the batches run as a resumable backfill named ``name``: each batch is one short
+    transaction with a checkpoint. If the upgrade dies, running it again resumes from the checkpoint; a
+    backfill of that name that has finished is not run again. A failed backfill fails the upgrade with the
+    stored error.
+
+    e.g.::
+
+        op.backfill(
+            "events_fill_kind",
+            "events",
+            {"kind": "coalesce(payload->>'kind', 'unknown')"},
+            where="kind IS NULL",
+        )
+
+    :param name: unique name of the backfill (the CLI's handle on it: ``backfill status NAME``).
+    :param table: the table, optionally ``schema.table``.
+    :param values: column -> SQL expression evaluated per row, as text or a SQLAlchemy expression.
+    :param where: optional filter (text or SQLAlchemy expression); rows not matching it are left alone.
+    :param key: columns to walk (default: the primary key; offline, the script reads it when it runs).
+    :param batch_size: rows per batch; by default batches adapt to a target duration.
+    :param schema: the table's schema.
+    :param skip_unchanged: update only rows whose values differ from the expressions' results (the default:
+        a re-run over rows that already hold them writes nothing, and fires no UPDATE trigger on them);
+        False rewrites every matching row, for expressions that must be applied regardless or are volatile.
+    :param defer: only register the backfill (state ``pending``) for ``backfill run`` (CLI or cron) and
+        return at once; gate a later revision on it with ``op.ensure_backfill_finished``.
+    :param settings: a :class:`backfill.RunSettings` (timeouts, throttles, retries) for the run.
+    :param force: replace a different spec stored under the same name.
+    :param control_schema: schema of the control tables.
+    :param keep_in_sync: before the run fixes its key range, install a ``BEFORE INSERT OR UPDATE`` trigger
+        that gives every row the application writes the same values where the column is left NULL and
+        ``where`` holds for the new row (application code that does not know the column keeps working, also
+        after ``op.add_not_null_constraint``); a value the application writes is never overwritten. It stays
+        until ``op.drop_backfill_trigger(name)`` in a later revision; ``op.drop_backfill(name)`` (this op's
+        downgrade) drops it too.
+    :return: the run's :class:`backfill.RunReport`; None when deferred or offline.
+
+    In offline mode (``alembic upgrade --sql``) the backfill renders as a ``DO`` block that registers it in the
+    control tables and runs the same batches, each committed with its checkpoint, outside a transaction block
+    (psql's default autocommit): run again after an interruption, it continues where it stopped. It honours
+    the timeouts, ``sleep_between`` and ``max_rows_per_second`` of ``settings``. Offline, an unqualified
+    table is taken to be in schema ``public``, and without ``key`` the table's primary key (one column) is
+    read when the script runs.
+    """
 
     name: str
     table: str
@@ -89,80 +206,28 @@ class BackfillOp(MigrateOperation):
     def reverse(self) -> DropBackfillOp:
         return DropBackfillOp(self.name, control_schema=self.control_schema)
 
-    @classmethod
-    def backfill(
-        cls,
-        operations: Operations,
-        name: str,
-        table: str,
-        values: Mapping[str, SQLText],
-        *,
-        where: SQLText | None = None,
-        key: str | tuple[str, ...] | None = None,
-        batch_size: int | None = None,
-        schema: str | None = None,
-        skip_unchanged: bool = True,
-        defer: bool = False,
-        settings: RunSettings | None = None,
-        force: bool = False,
-        control_schema: str = DEFAULT_CONTROL_SCHEMA,
-        keep_in_sync: bool = False,
-    ) -> RunReport | None:
-        """Set ``values`` on every row of ``table`` in short batches, outside the migration's transaction.
 
-        What the migration did before this call is committed first (on its own connection, through Alembic's
-        autocommit block), then the batches run as a resumable backfill named ``name``: each batch is one short
-        transaction with a checkpoint. If the upgrade dies, running it again resumes from the checkpoint; a
-        backfill of that name that has finished is not run again. A failed backfill fails the upgrade with the
-        stored error.
-
-        e.g.::
-
-            op.backfill(
-                "events_fill_kind",
-                "events",
-                {"kind": "coalesce(payload->>'kind', 'unknown')"},
-                where="kind IS NULL",
-            )
-
-        :param name: unique name of the backfill (the CLI's handle on it: ``backfill status NAME``).
-        :param table: the table, optionally ``schema.table``.
-        :param values: column -> SQL expression evaluated per row, as text or a SQLAlchemy expression.
-        :param where: optional filter (text or SQLAlchemy expression); rows not matching it are left alone.
-        :param key: columns to walk (default: the primary key; offline, the script reads it when it runs).
-        :param batch_size: rows per batch; by default batches adapt to a target duration.
-        :param schema: the table's schema.
-        :param skip_unchanged: update only rows whose values differ from the expressions' results (the default:
-            a re-run over rows that already hold them writes nothing, and fires no UPDATE trigger on them);
-            False rewrites every matching row, for expressions that must be applied regardless or are volatile.
-        :param defer: only register the backfill (state ``pending``) for ``backfill run`` (CLI or cron) and
-            return at once; gate a later revision on it with ``op.ensure_backfill_finished``.
-        :param settings: a :class:`backfill.RunSettings` (timeouts, throttles, retries) for the run.
-        :param force: replace a different spec stored under the same name.
-        :param control_schema: schema of the control tables.
-        :param keep_in_sync: before the run fixes its key range, install a ``BEFORE INSERT OR UPDATE`` trigger
-            that gives every row the application writes the same values where the column is left NULL and
-            ``where`` holds for the new row (application code that does not know the column keeps working, also
-            after ``op.add_not_null_constraint``); a value the application writes is never overwritten. It stays
-            until ``op.drop_backfill_trigger(name)`` in a later revision; ``op.drop_backfill(name)`` (this op's
-            downgrade) drops it too.
-        :return: the run's :class:`backfill.RunReport`; None when deferred or offline.
-
-        In offline mode (``alembic upgrade --sql``) the backfill renders as a ``DO`` block that registers it in the
-        control tables and runs the same batches, each committed with its checkpoint, outside a transaction block
-        (psql's default autocommit): run again after an interruption, it continues where it stopped. It honours
-        the timeouts, ``sleep_between`` and ``max_rows_per_second`` of ``settings``. Offline, an unqualified
-        table is taken to be in schema ``public``, and without ``key`` the table's primary key (one column) is
-        read when the script runs.
-        """
-        report: RunReport | None = operations.invoke(_from_call(cls, locals()))
-        return report
-
-
-@Operations.register_operation("ensure_backfill_finished")
+@operation("ensure_backfill_finished")
 @dataclass(eq=False)
-class EnsureBackfillFinishedOp(MigrateOperation):
-    """Gate a revision on a backfill having finished."""
+class EnsureBackfillFinishedOp(Op[BackfillRecord | None]):
+    """Make sure the backfill ``name`` (from ``op.backfill`` in an earlier revision) has finished.
+
+    If it has not, ``finish=True`` runs the rest of it here, outside the migration's transaction (what the
+    migration did before is committed first): it works every slice no other runner holds and waits for the
+    runners elsewhere (a cron job's ``backfill run``) to finish theirs, taking over any slice they let go,
+    for up to ``timeout`` seconds, logging ``backfill_wait`` with the progress every 30 s. ``finish=False``
+    fails the upgrade with a message naming the backfill, its progress and the CLI command that finishes
+    it. A failed, paused or cancelled backfill always fails the upgrade, with what to do about it.
+
+    :param name: the backfill.
+    :param finish: run the rest inline (True) or only check (False).
+    :param settings: a :class:`backfill.RunSettings` for an inline run.
+    :param control_schema: schema of the control tables.
+    :param timeout: seconds to wait for other runners before the upgrade fails (default one hour); the
+        error then names the runners and the command that shows their progress.
+    :return: the finished backfill's record; None offline, where a ``DO`` block checks the control table
+        (a backfill it does not know was run inline earlier in the same script).
+    """
 
     name: str
     _: KW_ONLY
@@ -171,103 +236,57 @@ class EnsureBackfillFinishedOp(MigrateOperation):
     control_schema: str = DEFAULT_CONTROL_SCHEMA
     timeout: float = DEFAULT_FINISH_TIMEOUT
 
-    @classmethod
-    def ensure_backfill_finished(
-        cls,
-        operations: Operations,
-        name: str,
-        *,
-        finish: bool = True,
-        settings: RunSettings | None = None,
-        control_schema: str = DEFAULT_CONTROL_SCHEMA,
-        timeout: float = DEFAULT_FINISH_TIMEOUT,
-    ) -> BackfillRecord | None:
-        """Make sure the backfill ``name`` (from ``op.backfill`` in an earlier revision) has finished.
 
-        If it has not, ``finish=True`` runs the rest of it here, outside the migration's transaction (what the
-        migration did before is committed first): it works every slice no other runner holds and waits for the
-        runners elsewhere (a cron job's ``backfill run``) to finish theirs, taking over any slice they let go,
-        for up to ``timeout`` seconds, logging ``backfill_wait`` with the progress every 30 s. ``finish=False``
-        fails the upgrade with a message naming the backfill, its progress and the CLI command that finishes
-        it. A failed, paused or cancelled backfill always fails the upgrade, with what to do about it.
-
-        :param name: the backfill.
-        :param finish: run the rest inline (True) or only check (False).
-        :param settings: a :class:`backfill.RunSettings` for an inline run.
-        :param control_schema: schema of the control tables.
-        :param timeout: seconds to wait for other runners before the upgrade fails (default one hour); the
-            error then names the runners and the command that shows their progress.
-        :return: the finished backfill's record; None offline, where a ``DO`` block checks the control table
-            (a backfill it does not know was run inline earlier in the same script).
-        """
-        record: BackfillRecord | None = operations.invoke(_from_call(cls, locals()))
-        return record
-
-
-@Operations.register_operation("drop_backfill")
+@operation("drop_backfill")
 @dataclass(eq=False)
-class DropBackfillOp(MigrateOperation):
-    """Forget a backfill (the downgrade of ``op.backfill``)."""
+class DropBackfillOp(Op[None]):
+    """Drop the backfill ``name``: its keep_in_sync trigger (if any) and its record in the control tables, so
+    the next upgrade runs ``op.backfill(name, ...)`` again from the start. The downgrade of ``op.backfill``::
+
+        def downgrade():
+            op.drop_backfill("events_fill_kind")
+
+    The data it changed stays as it is (drop the column in the downgrade of the revision that added it).
+    Unknown names are ignored, so a downgrade can run on a database the backfill never reached.
+
+    :param name: the backfill.
+    :param force: drop it even while a runner (``backfill run``) is working on it; without it, the downgrade
+        fails naming the runner.
+    :param control_schema: schema of the control tables.
+    """
 
     name: str
     _: KW_ONLY
     force: bool = False
     control_schema: str = DEFAULT_CONTROL_SCHEMA
 
-    @classmethod
-    def drop_backfill(
-        cls, operations: Operations, name: str, *, force: bool = False, control_schema: str = DEFAULT_CONTROL_SCHEMA
-    ) -> None:
-        """Drop the backfill ``name``: its keep_in_sync trigger (if any) and its record in the control tables, so
-        the next upgrade runs ``op.backfill(name, ...)`` again from the start. The downgrade of ``op.backfill``::
 
-            def downgrade():
-                op.drop_backfill("events_fill_kind")
-
-        The data it changed stays as it is (drop the column in the downgrade of the revision that added it).
-        Unknown names are ignored, so a downgrade can run on a database the backfill never reached.
-
-        :param name: the backfill.
-        :param force: drop it even while a runner (``backfill run``) is working on it; without it, the downgrade
-            fails naming the runner.
-        :param control_schema: schema of the control tables.
-        """
-        operations.invoke(_from_call(cls, locals()))
-
-
-@Operations.register_operation("drop_backfill_trigger")
+@operation("drop_backfill_trigger")
 @dataclass(eq=False)
-class DropBackfillTriggerOp(MigrateOperation):
-    """Drop the keep_in_sync trigger of a backfill, once old application code no longer writes."""
+class DropBackfillTriggerOp(Op[None]):
+    """Drop the trigger that ``op.backfill(name, ..., keep_in_sync=True)`` installed, and its function, in a
+    revision deployed once no application code that does not know the column writes to the table any more.
+    ``DROP TRIGGER`` takes ACCESS EXCLUSIVE for an instant: it waits at most ``lock_timeout`` seconds per
+    attempt and is retried with backoff. Idempotent.
+
+    :param name: the backfill.
+    :param lock_timeout: seconds each attempt may wait for the lock.
+    :param control_schema: schema of the control tables.
+    """
 
     name: str
     _: KW_ONLY
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     control_schema: str = DEFAULT_CONTROL_SCHEMA
 
-    @classmethod
-    def drop_backfill_trigger(
-        cls,
-        operations: Operations,
-        name: str,
-        *,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        control_schema: str = DEFAULT_CONTROL_SCHEMA,
-    ) -> None:
-        """Drop the trigger that ``op.backfill(name, ..., keep_in_sync=True)`` installed, and its function, in a
-        revision deployed once no application code that does not know the column writes to the table any more.
-        ``DROP TRIGGER`` takes ACCESS EXCLUSIVE for an instant: it waits at most ``lock_timeout`` seconds per
-        attempt and is retried with backoff. Idempotent.
 
-        :param name: the backfill.
-        :param lock_timeout: seconds each attempt may wait for the lock.
-        :param control_schema: schema of the control tables.
-        """
-        operations.invoke(_from_call(cls, locals()))
+# --- NOT NULL --------------------------------------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
-class _NotNullOp(MigrateOperation):
+class _NotNullOp(Op[None]):
+    """An op on a column's NOT NULL-ness, with the lock settings of its ACCESS EXCLUSIVE steps."""
+
     table: str
     column: str
     _: KW_ONLY
@@ -280,479 +299,272 @@ class _NotNullOp(MigrateOperation):
         return (type(self).__name__, self.schema, self.table, self.column, self.name)
 
 
-@Operations.register_operation("add_not_null_constraint")
+@operation("add_not_null_constraint")
 @dataclass(eq=False)
 class AddNotNullConstraintOp(_NotNullOp):
-    """Make a column NOT NULL without an ACCESS EXCLUSIVE table scan."""
+    """Make ``column`` NOT NULL without locking the table for a scan.
+
+    PostgreSQL 18+: ``ADD CONSTRAINT name NOT NULL column NOT VALID``, then ``VALIDATE CONSTRAINT`` (a scan
+    that blocks neither reads nor writes). PostgreSQL 12-17: ``CHECK (column IS NOT NULL) NOT VALID``,
+    ``VALIDATE CONSTRAINT``, ``SET NOT NULL`` (no scan: the valid CHECK proves it), then the CHECK is
+    dropped. Each step is its own statement and transaction, outside the migration's transaction; steps
+    that need ACCESS EXCLUSIVE wait at most ``lock_timeout`` seconds for it and are retried with backoff,
+    so the application never queues behind the migration for longer than that.
+
+    Idempotent from the catalog: a revision that died between two steps can be run again. If the column
+    still has NULLs, the upgrade fails naming the table, the column and how many rows, and the constraint
+    this call added is dropped again.
+
+    :param table: the table, optionally ``schema.table``.
+    :param column: the column.
+    :param schema: the table's schema.
+    :param name: the constraint's name (PostgreSQL 18+) or the temporary CHECK's (12-17).
+    :param validate: False stops after the NOT VALID step (new rows are checked at once); finish later
+        with ``op.validate_not_null_constraint``.
+    :param validate_timeout: seconds the validating scan may run; None (the default): no limit, whatever
+        the role's ``statement_timeout`` (the scan blocks neither reads nor writes).
+    :param lock_timeout: seconds each ACCESS EXCLUSIVE attempt may wait.
+    :param lock_retry_seconds: how long to keep retrying before the upgrade fails.
+
+    Offline (``--sql``) the server version is unknown: the PostgreSQL 12-17 CHECK path is rendered (it works
+    on 18 as well), each ACCESS EXCLUSIVE statement after its ``SET lock_timeout``.
+    """
 
     _: KW_ONLY
     validate: bool = True
     validate_timeout: float | None = None
 
-    @classmethod
-    def add_not_null_constraint(
-        cls,
-        operations: Operations,
-        table: str,
-        column: str,
-        *,
-        schema: str | None = None,
-        name: str | None = None,
-        validate: bool = True,
-        validate_timeout: float | None = None,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    ) -> None:
-        """Make ``column`` NOT NULL without locking the table for a scan.
-
-        PostgreSQL 18+: ``ADD CONSTRAINT name NOT NULL column NOT VALID``, then ``VALIDATE CONSTRAINT`` (a scan
-        that blocks neither reads nor writes). PostgreSQL 12-17: ``CHECK (column IS NOT NULL) NOT VALID``,
-        ``VALIDATE CONSTRAINT``, ``SET NOT NULL`` (no scan: the valid CHECK proves it), then the CHECK is
-        dropped. Each step is its own statement and transaction, outside the migration's transaction; steps
-        that need ACCESS EXCLUSIVE wait at most ``lock_timeout`` seconds for it and are retried with backoff,
-        so the application never queues behind the migration for longer than that.
-
-        Idempotent from the catalog: a revision that died between two steps can be run again. If the column
-        still has NULLs, the upgrade fails naming the table, the column and how many rows, and the constraint
-        this call added is dropped again.
-
-        :param table: the table, optionally ``schema.table``.
-        :param column: the column.
-        :param schema: the table's schema.
-        :param name: the constraint's name (PostgreSQL 18+) or the temporary CHECK's (12-17).
-        :param validate: False stops after the NOT VALID step (new rows are checked at once); finish later
-            with ``op.validate_not_null_constraint``.
-        :param validate_timeout: seconds the validating scan may run; None (the default): no limit, whatever
-            the role's ``statement_timeout`` (the scan blocks neither reads nor writes).
-        :param lock_timeout: seconds each ACCESS EXCLUSIVE attempt may wait.
-        :param lock_retry_seconds: how long to keep retrying before the upgrade fails.
-
-        Offline (``--sql``) the server version is unknown: the PostgreSQL 12-17 CHECK path is rendered (it works
-        on 18 as well), each ACCESS EXCLUSIVE statement after its ``SET lock_timeout``.
-        """
-        operations.invoke(_from_call(cls, locals()))
-
     def reverse(self) -> DropNotNullConstraintOp:
-        return DropNotNullConstraintOp(
-            self.table,
-            self.column,
-            schema=self.schema,
-            name=self.name,
-            lock_timeout=self.lock_timeout,
-            lock_retry_seconds=self.lock_retry_seconds,
-        )
+        return self.like(DropNotNullConstraintOp)
 
 
-@Operations.register_operation("validate_not_null_constraint")
+@operation("validate_not_null_constraint")
 @dataclass(eq=False)
 class ValidateNotNullConstraintOp(_NotNullOp):
-    """Validate a NOT VALID not-null constraint added earlier."""
+    """Finish ``op.add_not_null_constraint(..., validate=False)`` from an earlier revision.
+
+    Validates the constraint (a scan that blocks neither reads nor writes) and, on PostgreSQL 12-17, sets
+    NOT NULL (no scan) and drops the CHECK. Fails if there is no NOT VALID constraint to validate, or if the
+    column still has NULLs (the NOT VALID constraint then stays: new rows are still checked). Arguments as
+    for ``op.add_not_null_constraint``.
+    """
 
     _: KW_ONLY
     validate_timeout: float | None = None
 
-    @classmethod
-    def validate_not_null_constraint(
-        cls,
-        operations: Operations,
-        table: str,
-        column: str,
-        *,
-        schema: str | None = None,
-        name: str | None = None,
-        validate_timeout: float | None = None,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    ) -> None:
-        """Finish ``op.add_not_null_constraint(..., validate=False)`` from an earlier revision.
 
-        Validates the constraint (a scan that blocks neither reads nor writes) and, on PostgreSQL 12-17, sets
-        NOT NULL (no scan) and drops the CHECK. Fails if there is no NOT VALID constraint to validate, or if the
-        column still has NULLs (the NOT VALID constraint then stays: new rows are still checked). Arguments as
-        for ``op.add_not_null_constraint``.
-        """
-        operations.invoke(_from_call(cls, locals()))
-
-
-@Operations.register_operation("drop_not_null_constraint")
+@operation("drop_not_null_constraint")
 @dataclass(eq=False)
 class DropNotNullConstraintOp(_NotNullOp):
-    """Make a column nullable again (for downgrade())."""
-
-    @classmethod
-    def drop_not_null_constraint(
-        cls,
-        operations: Operations,
-        table: str,
-        column: str,
-        *,
-        schema: str | None = None,
-        name: str | None = None,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    ) -> None:
-        """Undo ``op.add_not_null_constraint`` whatever stage it reached: drop the CHECK of the PostgreSQL 12-17
-        path if there is one, and the column's NOT NULL. Each statement waits at most ``lock_timeout`` seconds
-        for its ACCESS EXCLUSIVE lock and is retried with backoff. Arguments as for
-        ``op.add_not_null_constraint``.
-        """
-        operations.invoke(_from_call(cls, locals()))
+    """Undo ``op.add_not_null_constraint`` whatever stage it reached: drop the CHECK of the PostgreSQL 12-17
+    path if there is one, and the column's NOT NULL. Each statement waits at most ``lock_timeout`` seconds
+    for its ACCESS EXCLUSIVE lock and is retried with backoff. Arguments as for
+    ``op.add_not_null_constraint``.
+    """
 
     def reverse(self) -> AddNotNullConstraintOp:
-        return AddNotNullConstraintOp(
-            self.table,
-            self.column,
-            schema=self.schema,
-            name=self.name,
-            lock_timeout=self.lock_timeout,
-            lock_retry_seconds=self.lock_retry_seconds,
-        )
+        return self.like(AddNotNullConstraintOp)
 
 
 # --- CHECK constraints -----------------------------------------------------------------------------------------------
 
 
-class _TableOp(MigrateOperation):
+@dataclass(eq=False)
+class _TableOp(Op[ChangeResult | None]):
     """An op on a named constraint of a table, with the lock settings of its ACCESS EXCLUSIVE steps."""
 
-    def __init__(
-        self,
-        table: str,
-        name: str,
-        *,
-        schema: str | None = None,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    ) -> None:
-        self.table = table
-        self.name = name
-        self.schema = schema
-        self.lock_timeout = lock_timeout
-        self.lock_retry_seconds = lock_retry_seconds
+    table: str
+    name: str
+    _: KW_ONLY
+    schema: str | None = None
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return (type(self).__name__, self.schema, self.table, self.name)
 
 
-@Operations.register_operation("add_check_constraint")
+@operation("add_check_constraint")
+@dataclass(eq=False)
 class AddCheckConstraintOp(_TableOp):
-    """Add a CHECK constraint without an ACCESS EXCLUSIVE table scan."""
+    """Add ``CHECK (condition)`` to ``table`` while the application reads and writes it.
 
-    def __init__(
-        self,
-        table: str,
-        name: str,
-        condition: SQLText,
-        *,
-        validate: bool = True,
-        schema: str | None = None,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    ) -> None:
-        super().__init__(table, name, schema=schema, lock_timeout=lock_timeout, lock_retry_seconds=lock_retry_seconds)
-        self.condition = condition
-        self.validate = validate
+    ``ADD CONSTRAINT name CHECK (condition) NOT VALID`` first: ACCESS EXCLUSIVE for an instant (no row is
+    read), waiting at most ``lock_timeout`` seconds per attempt and retried with backoff, so the application
+    never queues behind it for longer. Then ``VALIDATE CONSTRAINT``: a scan under SHARE UPDATE EXCLUSIVE, which
+    blocks neither reads nor writes. Each step is its own transaction, outside the migration's.
 
-    @classmethod
-    def add_check_constraint(
-        cls,
-        operations: Operations,
-        table: str,
-        name: str,
-        condition: SQLText,
-        *,
-        validate: bool = True,
-        schema: str | None = None,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    ) -> ChangeResult | None:
-        """Add ``CHECK (condition)`` to ``table`` while the application reads and writes it.
+    Idempotent from the catalog: a revision that died between the two steps validates when run again. If
+    existing rows violate the condition, the upgrade fails naming one of them, and the constraint this call
+    added is dropped again::
 
-        ``ADD CONSTRAINT name CHECK (condition) NOT VALID`` first: ACCESS EXCLUSIVE for an instant (no row is
-        read), waiting at most ``lock_timeout`` seconds per attempt and retried with backoff, so the application
-        never queues behind it for longer. Then ``VALIDATE CONSTRAINT``: a scan under SHARE UPDATE EXCLUSIVE, which
-        blocks neither reads nor writes. Each step is its own transaction, outside the migration's.
+        op.add_check_constraint("orders", "orders_amount_positive", "amount >= 0")
 
-        Idempotent from the catalog: a revision that died between the two steps validates when run again. If
-        existing rows violate the condition, the upgrade fails naming one of them, and the constraint this call
-        added is dropped again::
+    :param table: the table, optionally ``schema.table``.
+    :param name: the constraint's name.
+    :param condition: one SQL expression, as text or a SQLAlchemy expression (compiled with its values inlined).
+    :param validate: False stops after ``NOT VALID`` (rows written from now on are checked); validate in a
+        later revision with ``op.validate_check_constraint``.
+    :param schema: the table's schema.
+    :param lock_timeout: seconds each attempt of the ``ADD`` may wait for its lock.
+    :param lock_retry_seconds: how long to keep retrying before the upgrade fails.
+    :return: a :class:`backfill.ChangeResult` (the steps that ran); None offline.
 
-            op.add_check_constraint("orders", "orders_amount_positive", "amount >= 0")
+    Downgrade: ``op.drop_check_constraint(table, name)`` (this op's ``reverse()``).
+    """
 
-        :param table: the table, optionally ``schema.table``.
-        :param name: the constraint's name.
-        :param condition: one SQL expression, as text or a SQLAlchemy expression (compiled with its values inlined).
-        :param validate: False stops after ``NOT VALID`` (rows written from now on are checked); validate in a
-            later revision with ``op.validate_check_constraint``.
-        :param schema: the table's schema.
-        :param lock_timeout: seconds each attempt of the ``ADD`` may wait for its lock.
-        :param lock_retry_seconds: how long to keep retrying before the upgrade fails.
-        :return: a :class:`backfill.ChangeResult` (the steps that ran); None offline.
-
-        Downgrade: ``op.drop_check_constraint(table, name)`` (this op's ``reverse()``).
-        """
-        result: ChangeResult | None = operations.invoke(
-            cls(
-                table,
-                name,
-                condition,
-                validate=validate,
-                schema=schema,
-                lock_timeout=lock_timeout,
-                lock_retry_seconds=lock_retry_seconds,
-            )
-        )
-        return result
+    condition: SQLText
+    _: KW_ONLY
+    validate: bool = True
 
     def reverse(self) -> DropCheckConstraintOp:
-        return DropCheckConstraintOp(
-            self.table,
-            self.name,
-            schema=self.schema,
-            lock_timeout=self.lock_timeout,
-            lock_retry_seconds=self.lock_retry_seconds,
-        )
+        return self.like(DropCheckConstraintOp)
 
 
-@Operations.register_operation("validate_check_constraint")
+@operation("validate_check_constraint")
+@dataclass(eq=False)
 class ValidateCheckConstraintOp(_TableOp):
-    """Validate a NOT VALID CHECK constraint added earlier."""
-
-    @classmethod
-    def validate_check_constraint(
-        cls,
-        operations: Operations,
-        table: str,
-        name: str,
-        *,
-        schema: str | None = None,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    ) -> ChangeResult | None:
-        """Finish ``op.add_check_constraint(..., validate=False)`` from an earlier revision: ``VALIDATE
-        CONSTRAINT``, a scan under SHARE UPDATE EXCLUSIVE that blocks neither reads nor writes. Nothing to do if it
-        is valid already. Fails naming a violating row if there is one (the constraint stays NOT VALID), or if the
-        table has no CHECK constraint of that name. Arguments as for ``op.add_check_constraint``.
-        """
-        result: ChangeResult | None = operations.invoke(
-            cls(table, name, schema=schema, lock_timeout=lock_timeout, lock_retry_seconds=lock_retry_seconds)
-        )
-        return result
+    """Finish ``op.add_check_constraint(..., validate=False)`` from an earlier revision: ``VALIDATE
+    CONSTRAINT``, a scan under SHARE UPDATE EXCLUSIVE that blocks neither reads nor writes. Nothing to do if it
+    is valid already. Fails naming a violating row if there is one (the constraint stays NOT VALID), or if the
+    table has no CHECK constraint of that name. Arguments as for ``op.add_check_constraint``.
+    """
 
 
-@Operations.register_operation("drop_check_constraint")
+@operation("drop_check_constraint")
+@dataclass(eq=False)
 class DropCheckConstraintOp(_TableOp):
-    """Drop a CHECK constraint under a short lock_timeout (for downgrade())."""
-
-    @classmethod
-    def drop_check_constraint(
-        cls,
-        operations: Operations,
-        table: str,
-        name: str,
-        *,
-        schema: str | None = None,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    ) -> ChangeResult | None:
-        """Undo ``op.add_check_constraint``: ``DROP CONSTRAINT IF EXISTS``, valid or not. ACCESS EXCLUSIVE for an
-        instant, waiting at most ``lock_timeout`` seconds per attempt, retried with backoff. Arguments as for
-        ``op.add_check_constraint``.
-        """
-        result: ChangeResult | None = operations.invoke(
-            cls(table, name, schema=schema, lock_timeout=lock_timeout, lock_retry_seconds=lock_retry_seconds)
-        )
-        return result
+    """Undo ``op.add_check_constraint``: ``DROP CONSTRAINT IF EXISTS``, valid or not. ACCESS EXCLUSIVE for an
+    instant, waiting at most ``lock_timeout`` seconds per attempt, retried with backoff. Arguments as for
+    ``op.add_check_constraint``.
+    """
 
 
 # --- foreign keys ------------------------------------------------------------------------------------------------
 
 
-@Operations.register_operation("add_foreign_key")
-class AddForeignKeyOp(MigrateOperation):
-    """Add a foreign key without blocking writes for its validating scan."""
+@operation("add_foreign_key")
+@dataclass(eq=False)
+class AddForeignKeyOp(Op[ChangeResult | None]):
+    """Add a foreign key from ``table`` (``columns``) to ``referent_table`` (``referent_columns``) while the
+    application reads and writes both tables.
 
-    def __init__(
-        self,
-        table: str,
-        columns: str | Sequence[str],
-        referent_table: str,
-        referent_columns: str | Sequence[str],
-        *,
-        name: str | None = None,
-        on_delete: str | None = None,
-        validate: bool = True,
-        schema: str | None = None,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    ) -> None:
-        self.table = table
-        self.columns = columns
-        self.referent_table = referent_table
-        self.referent_columns = referent_columns
-        self.name = name
-        self.on_delete = on_delete
-        self.validate = validate
-        self.schema = schema
-        self.lock_timeout = lock_timeout
-        self.lock_retry_seconds = lock_retry_seconds
+    ``ADD CONSTRAINT ... FOREIGN KEY ... NOT VALID`` first: SHARE ROW EXCLUSIVE on both tables for an instant
+    (no row is read), waiting at most ``lock_timeout`` seconds per attempt, retried with backoff. Then
+    ``VALIDATE CONSTRAINT``: a scan of ``table`` under SHARE UPDATE EXCLUSIVE (ROW SHARE on the referenced
+    table), which blocks neither reads nor writes. A plain ``ADD FOREIGN KEY`` would block every write to
+    either table for the whole scan.
+
+    Idempotent from the catalog: a revision that died between the steps validates when run again. Rows whose
+    key is missing from the referenced table fail the upgrade, naming one; the constraint this call added is
+    dropped again. Without an index on ``columns``, every delete on ``referent_table`` scans ``table``: a
+    ``foreign_key_unindexed`` warning says so and names the ``op.add_index_concurrently`` call that fixes it::
+
+        op.add_index_concurrently("orders", ["customer_id"])
+        op.add_foreign_key("orders", ["customer_id"], "customers", ["id"], on_delete="CASCADE")
+
+    :param table: the referencing table, optionally ``schema.table``.
+    :param columns: its column(s).
+    :param referent_table: the referenced table, optionally ``schema.table``.
+    :param referent_columns: its column(s) (a primary key or unique constraint).
+    :param name: the constraint's name (default ``table_col_fkey``).
+    :param on_delete: ``CASCADE``, ``SET NULL``, ``SET DEFAULT``, ``RESTRICT`` or ``NO ACTION``.
+    :param validate: False stops after ``NOT VALID``; validate later with ``op.validate_foreign_key``.
+    :param schema: ``table``'s schema.
+    :param lock_timeout: seconds each attempt of the ``ADD`` may wait for its locks.
+    :param lock_retry_seconds: how long to keep retrying before the upgrade fails.
+    :return: a :class:`backfill.ChangeResult` (steps that ran, advice); None offline.
+
+    Downgrade: ``op.drop_foreign_key(table, name)`` (this op's ``reverse()``).
+    """
+
+    table: str
+    columns: str | Sequence[str]
+    referent_table: str
+    referent_columns: str | Sequence[str]
+    _: KW_ONLY
+    name: str | None = None
+    on_delete: str | None = None
+    validate: bool = True
+    schema: str | None = None
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return (type(self).__name__, self.schema, self.table, self.name, self.columns, self.referent_table)
-
-    @classmethod
-    def add_foreign_key(
-        cls,
-        operations: Operations,
-        table: str,
-        columns: str | Sequence[str],
-        referent_table: str,
-        referent_columns: str | Sequence[str],
-        *,
-        name: str | None = None,
-        on_delete: str | None = None,
-        validate: bool = True,
-        schema: str | None = None,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    ) -> ChangeResult | None:
-        """Add a foreign key from ``table`` (``columns``) to ``referent_table`` (``referent_columns``) while the
-        application reads and writes both tables.
-
-        ``ADD CONSTRAINT ... FOREIGN KEY ... NOT VALID`` first: SHARE ROW EXCLUSIVE on both tables for an instant
-        (no row is read), waiting at most ``lock_timeout`` seconds per attempt, retried with backoff. Then
-        ``VALIDATE CONSTRAINT``: a scan of ``table`` under SHARE UPDATE EXCLUSIVE (ROW SHARE on the referenced
-        table), which blocks neither reads nor writes. A plain ``ADD FOREIGN KEY`` would block every write to
-        either table for the whole scan.
-
-        Idempotent from the catalog: a revision that died between the steps validates when run again. Rows whose
-        key is missing from the referenced table fail the upgrade, naming one; the constraint this call added is
-        dropped again. Without an index on ``columns``, every delete on ``referent_table`` scans ``table``: a
-        ``foreign_key_unindexed`` warning says so and names the ``op.add_index_concurrently`` call that fixes it::
-
-            op.add_index_concurrently("orders", ["customer_id"])
-            op.add_foreign_key("orders", ["customer_id"], "customers", ["id"], on_delete="CASCADE")
-
-        :param table: the referencing table, optionally ``schema.table``.
-        :param columns: its column(s).
-        :param referent_table: the referenced table, optionally ``schema.table``.
-        :param referent_columns: its column(s) (a primary key or unique constraint).
-        :param name: the constraint's name (default ``table_col_fkey``).
-        :param on_delete: ``CASCADE``, ``SET NULL``, ``SET DEFAULT``, ``RESTRICT`` or ``NO ACTION``.
-        :param validate: False stops after ``NOT VALID``; validate later with ``op.validate_foreign_key``.
-        :param schema: ``table``'s schema.
-        :param lock_timeout: seconds each attempt of the ``ADD`` may wait for its locks.
-        :param lock_retry_seconds: how long to keep retrying before the upgrade fails.
-        :return: a :class:`backfill.ChangeResult` (steps that ran, advice); None offline.
-
-        Downgrade: ``op.drop_foreign_key(table, name)`` (this op's ``reverse()``).
-        """
-        result: ChangeResult | None = operations.invoke(
-            cls(
-                table,
-                columns,
-                referent_table,
-                referent_columns,
-                name=name,
-                on_delete=on_delete,
-                validate=validate,
-                schema=schema,
-                lock_timeout=lock_timeout,
-                lock_retry_seconds=lock_retry_seconds,
-            )
-        )
-        return result
 
     def constraint_name(self) -> str:
         """The name given, or the default ``table_col_fkey``."""
         return fk_name(self.table, self.columns, self.name)
 
     def reverse(self) -> DropForeignKeyOp:
-        return DropForeignKeyOp(
-            self.table,
-            self.constraint_name(),
-            schema=self.schema,
-            lock_timeout=self.lock_timeout,
-            lock_retry_seconds=self.lock_retry_seconds,
-        )
+        return self.like(DropForeignKeyOp, name=self.constraint_name())
 
 
-@Operations.register_operation("validate_foreign_key")
+@operation("validate_foreign_key")
+@dataclass(eq=False)
 class ValidateForeignKeyOp(_TableOp):
-    """Validate a NOT VALID foreign key added earlier."""
+    """Finish ``op.add_foreign_key(..., validate=False)`` from an earlier revision: ``VALIDATE CONSTRAINT``, a
+    scan that blocks neither reads nor writes. Nothing to do if it is valid already. Fails naming a row whose
+    key is missing (the constraint stays NOT VALID), or if ``table`` has no foreign key of that name.
 
-    @classmethod
-    def validate_foreign_key(
-        cls,
-        operations: Operations,
-        table: str,
-        name: str,
-        *,
-        schema: str | None = None,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    ) -> ChangeResult | None:
-        """Finish ``op.add_foreign_key(..., validate=False)`` from an earlier revision: ``VALIDATE CONSTRAINT``, a
-        scan that blocks neither reads nor writes. Nothing to do if it is valid already. Fails naming a row whose
-        key is missing (the constraint stays NOT VALID), or if ``table`` has no foreign key of that name.
-
-        :param table: the referencing table, optionally ``schema.table``.
-        :param name: the foreign key's name.
-        """
-        result: ChangeResult | None = operations.invoke(
-            cls(table, name, schema=schema, lock_timeout=lock_timeout, lock_retry_seconds=lock_retry_seconds)
-        )
-        return result
+    :param table: the referencing table, optionally ``schema.table``.
+    :param name: the foreign key's name.
+    """
 
 
-@Operations.register_operation("drop_foreign_key")
+@operation("drop_foreign_key")
+@dataclass(eq=False)
 class DropForeignKeyOp(_TableOp):
-    """Drop a foreign key under a short lock_timeout (for downgrade())."""
-
-    @classmethod
-    def drop_foreign_key(
-        cls,
-        operations: Operations,
-        table: str,
-        name: str,
-        *,
-        schema: str | None = None,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS,
-    ) -> ChangeResult | None:
-        """Undo ``op.add_foreign_key``: ``DROP CONSTRAINT IF EXISTS``, valid or not. ACCESS EXCLUSIVE on ``table``
-        for an instant, waiting at most ``lock_timeout`` seconds per attempt, retried with backoff."""
-        result: ChangeResult | None = operations.invoke(
-            cls(table, name, schema=schema, lock_timeout=lock_timeout, lock_retry_seconds=lock_retry_seconds)
-        )
-        return result
+    """Undo ``op.add_foreign_key``: ``DROP CONSTRAINT IF EXISTS``, valid or not. ACCESS EXCLUSIVE on ``table``
+    for an instant, waiting at most ``lock_timeout`` seconds per attempt, retried with backoff."""
 
 
 # --- indexes -------------------------------------------------------------------------------------------------------
 
 
-@Operations.register_operation("add_index_concurrently")
-class AddIndexConcurrentlyOp(MigrateOperation):
-    """Build an index with CREATE INDEX CONCURRENTLY, outside the migration's transaction."""
+@operation("add_index_concurrently")
+@dataclass(eq=False)
+class AddIndexConcurrentlyOp(Op[ChangeResult | None]):
+    """Build an index on ``table`` with ``CREATE INDEX CONCURRENTLY``: reads and writes go on throughout.
 
-    def __init__(
-        self,
-        table: str,
-        columns: str | Sequence[str],
-        *,
-        name: str | None = None,
-        unique: bool = False,
-        where: SQLText | None = None,
-        using: str | None = None,
-        schema: str | None = None,
-    ) -> None:
-        self.table = table
-        self.columns = columns
-        self.name = name
-        self.unique = unique
-        self.where = where
-        self.using = using
-        self.schema = schema
+    What the migration did so far is committed first (``CONCURRENTLY`` cannot run inside a transaction). The
+    build holds SHARE UPDATE EXCLUSIVE, which blocks no application query, and waits as long as other
+    sessions' transactions need: first those writing the table, then every older snapshot. Each time the
+    sessions it waits for change, a ``index_build_waiting`` warning names them (pid, application name, age of
+    their transaction) so you know whom to ask. No ``lock_timeout`` ends those waits: a build cut short
+    leaves an INVALID index and loses its work.
+
+    Idempotent from the catalog: a valid index of that name is left alone; an INVALID one, left by a build
+    that failed or was killed, is dropped and built again. A unique build that fails on duplicates fails the
+    upgrade naming one duplicated key, and the INVALID index it left is dropped at once (PostgreSQL would
+    otherwise keep enforcing it on new rows)::
+
+        op.add_index_concurrently("users", ["email"], unique=True)
+
+    :param table: the table, optionally ``schema.table``.
+    :param columns: the column(s), in order.
+    :param name: the index's name (default ``table_col_idx``).
+    :param unique: a unique index.
+    :param where: a partial index's predicate: one SQL expression (text or SQLAlchemy).
+    :param using: the index method (``btree``, ``gin``, ``gist``, ``brin``, ``hash``, ...).
+    :param schema: the table's schema.
+    :return: a :class:`backfill.ChangeResult` (statements that ran, sessions waited for); None offline.
+
+    Offline (``--sql``), a psql ``\\gexec`` line drops an INVALID index of that name if the script finds one,
+    then ``CREATE INDEX CONCURRENTLY IF NOT EXISTS`` builds it: run the script with psql.
+
+    Downgrade: ``op.drop_index_concurrently(name)`` (this op's ``reverse()``).
+    """
+
+    table: str
+    columns: str | Sequence[str]
+    _: KW_ONLY
+    name: str | None = None
+    unique: bool = False
+    where: SQLText | None = None
+    using: str | None = None
+    schema: str | None = None
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return (type(self).__name__, self.schema, self.table, self.index_name())
@@ -761,82 +573,27 @@ class AddIndexConcurrentlyOp(MigrateOperation):
         """The name given, or the default ``table_col_idx``."""
         return index_name(self.table, self.columns, self.name)
 
-    @classmethod
-    def add_index_concurrently(
-        cls,
-        operations: Operations,
-        table: str,
-        columns: str | Sequence[str],
-        *,
-        name: str | None = None,
-        unique: bool = False,
-        where: SQLText | None = None,
-        using: str | None = None,
-        schema: str | None = None,
-    ) -> ChangeResult | None:
-        """Build an index on ``table`` with ``CREATE INDEX CONCURRENTLY``: reads and writes go on throughout.
-
-        What the migration did so far is committed first (``CONCURRENTLY`` cannot run inside a transaction). The
-        build holds SHARE UPDATE EXCLUSIVE, which blocks no application query, and waits as long as other
-        sessions' transactions need: first those writing the table, then every older snapshot. Each time the
-        sessions it waits for change, a ``index_build_waiting`` warning names them (pid, application name, age of
-        their transaction) so you know whom to ask. No ``lock_timeout`` ends those waits: a build cut short
-        leaves an INVALID index and loses its work.
-
-        Idempotent from the catalog: a valid index of that name is left alone; an INVALID one, left by a build
-        that failed or was killed, is dropped and built again. A unique build that fails on duplicates fails the
-        upgrade naming one duplicated key, and the INVALID index it left is dropped at once (PostgreSQL would
-        otherwise keep enforcing it on new rows)::
-
-            op.add_index_concurrently("users", ["email"], unique=True)
-
-        :param table: the table, optionally ``schema.table``.
-        :param columns: the column(s), in order.
-        :param name: the index's name (default ``table_col_idx``).
-        :param unique: a unique index.
-        :param where: a partial index's predicate: one SQL expression (text or SQLAlchemy).
-        :param using: the index method (``btree``, ``gin``, ``gist``, ``brin``, ``hash``, ...).
-        :param schema: the table's schema.
-        :return: a :class:`backfill.ChangeResult` (statements that ran, sessions waited for); None offline.
-
-        Offline (``--sql``), a psql ``\\gexec`` line drops an INVALID index of that name if the script finds one,
-        then ``CREATE INDEX CONCURRENTLY IF NOT EXISTS`` builds it: run the script with psql.
-
-        Downgrade: ``op.drop_index_concurrently(name)`` (this op's ``reverse()``).
-        """
-        result: ChangeResult | None = operations.invoke(
-            cls(table, columns, name=name, unique=unique, where=where, using=using, schema=schema)
-        )
-        return result
-
     def reverse(self) -> DropIndexConcurrentlyOp:
-        return DropIndexConcurrentlyOp(self.index_name(), table=self.table, schema=self.schema)
+        return self.like(DropIndexConcurrentlyOp, name=self.index_name())
 
 
-@Operations.register_operation("drop_index_concurrently")
-class DropIndexConcurrentlyOp(MigrateOperation):
-    """Drop an index with DROP INDEX CONCURRENTLY, outside the migration's transaction."""
+@operation("drop_index_concurrently")
+@dataclass(eq=False)
+class DropIndexConcurrentlyOp(Op[ChangeResult | None]):
+    """Drop the index ``name`` with ``DROP INDEX CONCURRENTLY`` if it exists: SHARE UPDATE EXCLUSIVE on its
+    table, so reads and writes go on; it waits for the transactions using the index (named in
+    ``index_build_waiting`` warnings). What the migration did so far is committed first.
 
-    def __init__(self, name: str, *, table: str | None = None, schema: str | None = None) -> None:
-        self.name = name
-        self.table = table
-        self.schema = schema
+    :param name: the index, optionally ``schema.name``.
+    :param table: its table (optionally ``schema.table``), which gives the schema when ``name`` has none.
+    :param schema: the index's schema.
+    :return: a :class:`backfill.ChangeResult`; None offline.
+    """
+
+    name: str
+    _: KW_ONLY
+    table: str | None = None
+    schema: str | None = None
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return (type(self).__name__, self.schema, self.table, self.name)
-
-    @classmethod
-    def drop_index_concurrently(
-        cls, operations: Operations, name: str, *, table: str | None = None, schema: str | None = None
-    ) -> ChangeResult | None:
-        """Drop the index ``name`` with ``DROP INDEX CONCURRENTLY`` if it exists: SHARE UPDATE EXCLUSIVE on its
-        table, so reads and writes go on; it waits for the transactions using the index (named in
-        ``index_build_waiting`` warnings). What the migration did so far is committed first.
-
-        :param name: the index, optionally ``schema.name``.
-        :param table: its table (optionally ``schema.table``), which gives the schema when ``name`` has none.
-        :param schema: the index's schema.
-        :return: a :class:`backfill.ChangeResult`; None offline.
-        """
-        result: ChangeResult | None = operations.invoke(cls(name, table=table, schema=schema))
-        return result

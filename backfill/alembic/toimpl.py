@@ -6,37 +6,17 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy
 import structlog
 from alembic.operations import Operations
-from psycopg import sql
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.sql.elements import ClauseElement
 
 from backfill import api
-from backfill.alembic import offline
-from backfill.alembic.ops import (
-    AddCheckConstraintOp,
-    AddForeignKeyOp,
-    AddIndexConcurrentlyOp,
-    AddNotNullConstraintOp,
-    BackfillOp,
-    DropBackfillOp,
-    DropBackfillTriggerOp,
-    DropCheckConstraintOp,
-    DropForeignKeyOp,
-    DropIndexConcurrentlyOp,
-    DropNotNullConstraintOp,
-    EnsureBackfillFinishedOp,
-    SQLText,
-    ValidateCheckConstraintOp,
-    ValidateForeignKeyOp,
-    ValidateNotNullConstraintOp,
-    _NotNullOp,
-    _TableOp,
-)
+from backfill.alembic import offline, ops
+from backfill.alembic.ops import SQLText
 from backfill.errors import BackfillError, ControlTablesMissingError, UnknownBackfillError
 from backfill.executor import RunReport
 from backfill.pg.borrowed import SQLAlchemySession
@@ -139,7 +119,40 @@ class _StampOnCommit:
 
 
 def _output(ctx: MigrationContext, text: str) -> None:
-    ctx.impl.static_output(text.strip() + ctx.impl.command_terminator)
+    text = text.strip()
+    # psql's meta-commands (\\gexec) and comments take no terminator.
+    ctx.impl.static_output(
+        text if text.startswith("--") or text.endswith("\\gexec") else text + ctx.impl.command_terminator
+    )
+
+
+_Result = TypeVar("_Result")
+
+
+def _change(
+    operations: Operations,
+    operation: ops.Op[_Result],
+    offline: Callable[[], Sequence[str]],
+    online: Callable[[sqlalchemy.Connection], _Result],
+) -> _Result | None:
+    """Run ``operation`` outside the migration's transaction: online on the migration's connection, offline
+    (``alembic upgrade --sql``) as the lines ``offline`` renders (None). Offline too the lines follow the
+    migration's COMMIT and each statement commits on its own (psql's autocommit): an instant ACCESS EXCLUSIVE step
+    does not keep its lock through a validating scan, and CONCURRENTLY refuses to run in a transaction block."""
+    what = operation.op_name
+    ctx = _context(operations, what)
+    if ctx.as_sql:
+        lines = offline()
+        with _outside_transaction(ctx, what):
+            for line in lines:
+                _output(ctx, line)
+        return None
+    with _outside_transaction(ctx, what) as connection:
+        return online(connection)
+
+
+def _lock_retry(operation: ops._NotNullOp | ops._TableOp | ops.AddForeignKeyOp) -> constraints.LockRetry:
+    return constraints.LockRetry(lock_timeout=operation.lock_timeout, budget_seconds=operation.lock_retry_seconds)
 
 
 # --- op.backfill -------------------------------------------------------------------------------------------------
@@ -155,7 +168,7 @@ def _sql_text(value: SQLText) -> str:
     return value
 
 
-def _spec(operation: BackfillOp) -> BackfillSpec:
+def _spec(operation: ops.BackfillOp) -> BackfillSpec:
     key = operation.key
     return BackfillSpec(
         name=operation.name,
@@ -170,14 +183,11 @@ def _spec(operation: BackfillOp) -> BackfillSpec:
     )
 
 
-@Operations.implementation_for(BackfillOp)
-def backfill(operations: Operations, operation: BackfillOp) -> RunReport | None:
-    ctx = _context(operations, "backfill")
+@Operations.implementation_for(ops.BackfillOp)
+def backfill(operations: Operations, operation: ops.BackfillOp) -> RunReport | None:
     spec = _spec(operation)
-    if ctx.as_sql:
-        _render_backfill(ctx, spec, operation)
-        return None
-    with _outside_transaction(ctx, "backfill") as connection:
+
+    def online(connection: sqlalchemy.Connection) -> RunReport | None:
         if operation.defer:
             api.register_backfill(connection, spec, force=operation.force, control_schema=operation.control_schema)
             return None
@@ -188,10 +198,12 @@ def backfill(operations: Operations, operation: BackfillOp) -> RunReport | None:
             force=operation.force,
             control_schema=operation.control_schema,
         )
-    return _finished(report, Database.from_bind(connection), operation.control_schema)
+        return _finished(report, Database.from_bind(connection), operation.control_schema)
+
+    return _change(operations, operation, lambda: _render_backfill(spec, operation), online)
 
 
-def _render_backfill(ctx: MigrationContext, spec: BackfillSpec, operation: BackfillOp) -> None:
+def _render_backfill(spec: BackfillSpec, operation: ops.BackfillOp) -> list[str]:
     settings = operation.settings or RunSettings()
     schema = spec.schema or "public"
     batch_size = settings.batch_size or spec.initial_batch_size
@@ -213,25 +225,25 @@ def _render_backfill(ctx: MigrationContext, spec: BackfillSpec, operation: Backf
         sleep_between=settings.sleep_between,
         max_rows_per_second=settings.max_rows_per_second,
     )
-    with _outside_transaction(ctx, "backfill"):
-        if spec.keep_in_sync:
-            target = Target(
-                schema=schema,
-                table=spec.table,
-                key=spec.key or (),
-                key_types=(),
-                values=tuple(spec.values.items()),
-                where=spec.where,
-            )
-            ctx.impl.static_output(f"-- backfill {spec.name}: keep_in_sync trigger, before the key range is fixed")
-            for line in constraints.render_steps(sync.install_steps(target, spec.name), settings.lock_timeout):
-                _output(ctx, line)
-        note = " (defer=True: run here inline; cut it out to run it separately)" if operation.defer else ""
-        ctx.impl.static_output(
-            f"-- backfill {spec.name}: {batch_size} rows per transaction, checkpoint in "
-            f"{operation.control_schema}.backfill_slices: run again after an interruption to continue{note}"
+    lines: list[str] = []
+    if spec.keep_in_sync:
+        target = Target(
+            schema=schema,
+            table=spec.table,
+            key=spec.key or (),
+            key_types=(),
+            values=tuple(spec.values.items()),
+            where=spec.where,
         )
-        _output(ctx, ddl.render(script))
+        lines.append(f"-- backfill {spec.name}: keep_in_sync trigger, before the key range is fixed")
+        lines += constraints.render_steps(sync.install_steps(target, spec.name), settings.lock_timeout)
+    note = " (defer=True: run here inline; cut it out to run it separately)" if operation.defer else ""
+    lines.append(
+        f"-- backfill {spec.name}: {batch_size} rows per transaction, checkpoint in "
+        f"{operation.control_schema}.backfill_slices: run again after an interruption to continue{note}"
+    )
+    lines.append(ddl.render(script))
+    return lines
 
 
 def _finished(report: RunReport, database: Database, control_schema: str) -> RunReport:
@@ -262,8 +274,8 @@ def _how_to_finish(name: str, state: RunState, database: Database, control_schem
 # --- op.ensure_backfill_finished ---------------------------------------------------------------------------------
 
 
-@Operations.implementation_for(EnsureBackfillFinishedOp)
-def ensure_backfill_finished(operations: Operations, operation: EnsureBackfillFinishedOp) -> BackfillRecord | None:
+@Operations.implementation_for(ops.EnsureBackfillFinishedOp)
+def ensure_backfill_finished(operations: Operations, operation: ops.EnsureBackfillFinishedOp) -> BackfillRecord | None:
     ctx = _context(operations, "ensure_backfill_finished")
     if ctx.as_sql:
         _output(ctx, ddl.render(offline.finished_gate(operation.name, operation.control_schema)))
@@ -293,7 +305,7 @@ _LOG_EVERY_SECONDS = 30.0
 
 def _finish_here(
     database: Database,
-    operation: EnsureBackfillFinishedOp,
+    operation: ops.EnsureBackfillFinishedOp,
     clock: Callable[[], float],
     sleep: Callable[[float], None],
 ) -> BackfillRecord:
@@ -368,277 +380,167 @@ Planner = Callable[[constraints.ColumnState], constraints.NotNullPlan]
 
 def _not_null(
     operations: Operations,
-    operation: _NotNullOp,
-    what: str,
+    operation: ops._NotNullOp,
     assumed: constraints.AssumedState,
     planner: Planner,
     validate_timeout: float | None = None,
 ) -> None:
-    ctx = _context(operations, what)
-    if ctx.as_sql:
+    def render() -> list[str]:
         state = constraints.offline_state(operation.table, operation.column, schema=operation.schema, assumed=assumed)
-        lines = constraints.render_steps(planner(state), operation.lock_timeout)
-        # Outside the migration's transaction, as online: each statement commits on its own, so the instant
-        # ACCESS EXCLUSIVE steps do not keep their lock through the validating scan.
-        with _outside_transaction(ctx, what):
-            for line in lines:
-                _output(ctx, line)
-        return
-    retry = constraints.LockRetry(lock_timeout=operation.lock_timeout, budget_seconds=operation.lock_retry_seconds)
-    with _outside_transaction(ctx, what) as connection:
+        return constraints.render_steps(planner(state), operation.lock_timeout)
+
+    def online(connection: sqlalchemy.Connection) -> None:
         session = SQLAlchemySession(connection)
         state = constraints.read_state(
             session, operation.table, operation.column, schema=operation.schema, name=operation.name
         )
-        constraints.apply_steps(session, planner(state), retry, validate_timeout=validate_timeout)
+        constraints.apply_steps(session, planner(state), _lock_retry(operation), validate_timeout=validate_timeout)
+
+    _change(operations, operation, render, online)
 
 
-@Operations.implementation_for(AddNotNullConstraintOp)
-def add_not_null_constraint(operations: Operations, operation: AddNotNullConstraintOp) -> None:
+@Operations.implementation_for(ops.AddNotNullConstraintOp)
+def add_not_null_constraint(operations: Operations, operation: ops.AddNotNullConstraintOp) -> None:
     def planner(state: constraints.ColumnState) -> constraints.NotNullPlan:
         return constraints.plan_add(state, operation.name, validate=operation.validate)
 
-    _not_null(
-        operations,
-        operation,
-        "add_not_null_constraint",
-        constraints.AssumedState.NOTHING,
-        planner,
-        operation.validate_timeout,
-    )
+    _not_null(operations, operation, constraints.AssumedState.NOTHING, planner, operation.validate_timeout)
 
 
-@Operations.implementation_for(ValidateNotNullConstraintOp)
-def validate_not_null_constraint(operations: Operations, operation: ValidateNotNullConstraintOp) -> None:
+@Operations.implementation_for(ops.ValidateNotNullConstraintOp)
+def validate_not_null_constraint(operations: Operations, operation: ops.ValidateNotNullConstraintOp) -> None:
     def planner(state: constraints.ColumnState) -> constraints.NotNullPlan:
         return constraints.plan_validate(state, operation.name)
 
-    _not_null(
-        operations,
-        operation,
-        "validate_not_null_constraint",
-        constraints.AssumedState.NOT_VALID,
-        planner,
-        operation.validate_timeout,
-    )
+    _not_null(operations, operation, constraints.AssumedState.NOT_VALID, planner, operation.validate_timeout)
 
 
-@Operations.implementation_for(DropNotNullConstraintOp)
-def drop_not_null_constraint(operations: Operations, operation: DropNotNullConstraintOp) -> None:
+@Operations.implementation_for(ops.DropNotNullConstraintOp)
+def drop_not_null_constraint(operations: Operations, operation: ops.DropNotNullConstraintOp) -> None:
     def planner(state: constraints.ColumnState) -> constraints.NotNullPlan:
         return constraints.plan_drop(state, operation.name)
 
-    _not_null(operations, operation, "drop_not_null_constraint", constraints.AssumedState.ANY, planner)
+    _not_null(operations, operation, constraints.AssumedState.ANY, planner)
 
 
 # --- CHECK constraints and foreign keys ------------------------------------------------------------------------------
 
-#: Builds a constraint change's plan (and any advice) from its state; the session is None offline.
-_PlanFor = Callable[
-    [constraints.DDLSession | None, constraint.ConstraintState], tuple[constraint.ConstraintPlan, tuple[str, ...]]
-]
-
 
 def _constraint_change(
     operations: Operations,
-    operation: _TableOp | AddForeignKeyOp,
-    what: str,
+    operation: ops._TableOp | ops.AddForeignKeyOp,
     name: str,
-    existing: bool,
-    kind: str,
-    plan_for: _PlanFor,
-    describe: constraint.Describe,
+    planner: constraint.Planner,
+    existing: constraint.ConstraintKind | None,
 ) -> constraint.ChangeResult | None:
-    ctx = _context(operations, what)
-    if ctx.as_sql:
-        state = constraint.offline_constraint(
-            operation.table, name, schema=operation.schema, existing=existing, kind=kind
-        )
-        plan, _ = plan_for(None, state)
-        # Outside the migration's transaction, as online: the instant ADD commits before the scan starts.
-        with _outside_transaction(ctx, what):
-            for line in constraints.render_steps(plan.steps, operation.lock_timeout):
-                _output(ctx, line)
-        return None
-    retry = constraints.LockRetry(lock_timeout=operation.lock_timeout, budget_seconds=operation.lock_retry_seconds)
-    with _outside_transaction(ctx, what) as connection:
+    """Plan and run a change of the constraint ``name``; offline, it is taken to be a NOT VALID constraint of
+    kind ``existing`` (None: there is none yet)."""
+
+    def render() -> list[str]:
+        state = constraint.offline_constraint(operation.table, name, schema=operation.schema, existing=existing)
+        return constraints.render_steps(planner(state, None).steps, operation.lock_timeout)
+
+    def online(connection: sqlalchemy.Connection) -> constraint.ChangeResult:
         session = SQLAlchemySession(connection)
-        state = constraint.read_constraint(session, operation.table, name, schema=operation.schema)
-        plan, advice = plan_for(session, state)
-        return constraint.apply_plan(session, plan, retry, describe, advice)
+        retry = _lock_retry(operation)
+        return constraint.change(session, operation.table, name, planner, schema=operation.schema, retry=retry)
+
+    return _change(operations, operation, render, online)
 
 
-@Operations.implementation_for(AddCheckConstraintOp)
-def add_check_constraint(operations: Operations, operation: AddCheckConstraintOp) -> constraint.ChangeResult | None:
-    condition = check.checked_condition(_sql_text(operation.condition))
-    return _constraint_change(
-        operations,
-        operation,
-        "add_check_constraint",
-        operation.name,
-        False,
-        check.KIND,
-        lambda _, state: (check.plan_add_check(state, condition, validate=operation.validate), ()),
-        check.describe_violation,
-    )
+@Operations.implementation_for(ops.AddCheckConstraintOp)
+def add_check_constraint(operations: Operations, operation: ops.AddCheckConstraintOp) -> constraint.ChangeResult | None:
+    planner = check.add_planner(_sql_text(operation.condition), validate=operation.validate)
+    return _constraint_change(operations, operation, operation.name, planner, None)
 
 
-@Operations.implementation_for(ValidateCheckConstraintOp)
-def validate_check_constraint(
-    operations: Operations, operation: ValidateCheckConstraintOp
-) -> constraint.ChangeResult | None:
-    return _constraint_change(
-        operations,
-        operation,
-        "validate_check_constraint",
-        operation.name,
-        True,
-        check.KIND,
-        lambda _, state: (check.plan_validate_check(state), ()),
-        check.describe_violation,
-    )
-
-
-@Operations.implementation_for(DropCheckConstraintOp)
-def drop_check_constraint(operations: Operations, operation: DropCheckConstraintOp) -> constraint.ChangeResult | None:
-    return _constraint_change(
-        operations,
-        operation,
-        "drop_check_constraint",
-        operation.name,
-        True,
-        check.KIND,
-        lambda _, state: (check.plan_drop_check(state), ()),
-        check.describe_violation,
-    )
-
-
-@Operations.implementation_for(AddForeignKeyOp)
-def add_foreign_key(operations: Operations, operation: AddForeignKeyOp) -> constraint.ChangeResult | None:
+@Operations.implementation_for(ops.AddForeignKeyOp)
+def add_foreign_key(operations: Operations, operation: ops.AddForeignKeyOp) -> constraint.ChangeResult | None:
     key = foreign_key.foreign_key(
         operation.columns, operation.referent_table, operation.referent_columns, on_delete=operation.on_delete
     )
-
-    def plan_for(
-        session: constraints.DDLSession | None, state: constraint.ConstraintState
-    ) -> tuple[constraint.ConstraintPlan, tuple[str, ...]]:
-        if session is None:
-            schema = key.referent_schema
-            referent = sql.Identifier(schema, key.referent) if schema else sql.Identifier(key.referent)
-            return foreign_key.plan_add_foreign_key(state, key, referent, validate=operation.validate), ()
-        _, referent_found = foreign_key.read_foreign_key(
-            session, operation.table, state.name, schema=operation.schema, key=key
-        )
-        assert referent_found is not None
-        plan = foreign_key.plan_add_foreign_key(state, key, referent_found, validate=operation.validate)
-        advice = foreign_key.index_advice(session, state, key)
-        return plan, () if advice is None else (advice,)
-
-    return _constraint_change(
-        operations,
-        operation,
-        "add_foreign_key",
-        operation.constraint_name(),
-        False,
-        foreign_key.KIND,
-        plan_for,
-        foreign_key.describe_violation,
-    )
+    planner = foreign_key.add_planner(key, validate=operation.validate)
+    return _constraint_change(operations, operation, operation.constraint_name(), planner, None)
 
 
-@Operations.implementation_for(ValidateForeignKeyOp)
-def validate_foreign_key(operations: Operations, operation: ValidateForeignKeyOp) -> constraint.ChangeResult | None:
-    return _constraint_change(
-        operations,
-        operation,
-        "validate_foreign_key",
-        operation.name,
-        True,
-        foreign_key.KIND,
-        lambda _, state: (foreign_key.plan_validate_foreign_key(state), ()),
-        foreign_key.describe_violation,
-    )
+#: The kind of constraint each validate and drop op changes.
+_KINDS: dict[type[ops._TableOp], constraint.ConstraintKind] = {
+    ops.ValidateCheckConstraintOp: check.CHECK,
+    ops.DropCheckConstraintOp: check.CHECK,
+    ops.ValidateForeignKeyOp: foreign_key.FOREIGN_KEY,
+    ops.DropForeignKeyOp: foreign_key.FOREIGN_KEY,
+}
 
 
-@Operations.implementation_for(DropForeignKeyOp)
-def drop_foreign_key(operations: Operations, operation: DropForeignKeyOp) -> constraint.ChangeResult | None:
-    return _constraint_change(
-        operations,
-        operation,
-        "drop_foreign_key",
-        operation.name,
-        True,
-        foreign_key.KIND,
-        lambda _, state: (foreign_key.plan_drop_foreign_key(state), ()),
-        foreign_key.describe_violation,
-    )
+@Operations.implementation_for(ops.ValidateCheckConstraintOp)
+@Operations.implementation_for(ops.ValidateForeignKeyOp)
+def validate_constraint(operations: Operations, operation: ops._TableOp) -> constraint.ChangeResult | None:
+    kind = _KINDS[type(operation)]
+    return _constraint_change(operations, operation, operation.name, kind.plan_validate, kind)
+
+
+@Operations.implementation_for(ops.DropCheckConstraintOp)
+@Operations.implementation_for(ops.DropForeignKeyOp)
+def drop_constraint(operations: Operations, operation: ops._TableOp) -> constraint.ChangeResult | None:
+    kind = _KINDS[type(operation)]
+    return _constraint_change(operations, operation, operation.name, kind.plan_drop, kind)
 
 
 # --- indexes -------------------------------------------------------------------------------------------------------
 
 
-def _render_index(ctx: MigrationContext, what: str, lines: Sequence[str]) -> None:
-    # CONCURRENTLY refuses to run in a transaction block: after the migration's COMMIT, in psql's autocommit.
-    with _outside_transaction(ctx, what):
-        for line in lines:
-            if line.endswith("\\gexec"):
-                ctx.impl.static_output(line)
-            else:
-                _output(ctx, line)
+def _watch(connection: sqlalchemy.Connection) -> Database:
+    """Where an index build's waits are watched from: a connection of its own to the migration's database."""
+    return Database.from_bind(connection, "backfill-ddl")
 
 
-@Operations.implementation_for(AddIndexConcurrentlyOp)
-def add_index_concurrently(operations: Operations, operation: AddIndexConcurrentlyOp) -> constraint.ChangeResult | None:
-    what = "add_index_concurrently"
-    ctx = _context(operations, what)
+@Operations.implementation_for(ops.AddIndexConcurrentlyOp)
+def add_index_concurrently(
+    operations: Operations, operation: ops.AddIndexConcurrentlyOp
+) -> constraint.ChangeResult | None:
     where = _sql_text(operation.where) if operation.where is not None else None
     options: dict[str, Any] = {"unique": operation.unique, "where": where, "using": operation.using}
-    if ctx.as_sql:
-        state = index.offline_index(operation.table, operation.index_name(), schema=operation.schema)
-        plan = index.plan_add_index(state, operation.columns, if_not_exists=True, **options)
-        _render_index(ctx, what, index.render_index_plan(plan))
-        return None
-    with _outside_transaction(ctx, what) as connection:
+    name = operation.index_name()
+
+    def render() -> list[str]:
+        state = index.offline_index(operation.table, name, schema=operation.schema)
+        return index.render_index_plan(index.plan_add_index(state, operation.columns, if_not_exists=True, **options))
+
+    def online(connection: sqlalchemy.Connection) -> constraint.ChangeResult:
         session = SQLAlchemySession(connection)
-        state = index.read_index_of_table(session, operation.table, operation.index_name(), schema=operation.schema)
+        state = index.read_index_of_table(session, operation.table, name, schema=operation.schema)
         plan = index.plan_add_index(state, operation.columns, **options)
-        return index.apply_index_plan(session, plan, watch=Database.from_bind(connection, "backfill-ddl"))
+        return index.apply_index_plan(session, plan, watch=_watch(connection))
+
+    return _change(operations, operation, render, online)
 
 
-@Operations.implementation_for(DropIndexConcurrentlyOp)
+@Operations.implementation_for(ops.DropIndexConcurrentlyOp)
 def drop_index_concurrently(
-    operations: Operations, operation: DropIndexConcurrentlyOp
+    operations: Operations, operation: ops.DropIndexConcurrentlyOp
 ) -> constraint.ChangeResult | None:
-    what = "drop_index_concurrently"
-    ctx = _context(operations, what)
-    if ctx.as_sql:
+    def render() -> list[str]:
         # Offline the index may or may not exist: DROP ... IF EXISTS covers both.
         state = index.offline_index(operation.table, operation.name, schema=operation.schema)
-        state = dataclasses.replace(state, exists=True)
-        plan = index.plan_drop_index(state)
-        _render_index(ctx, what, index.render_index_plan(plan))
-        return None
-    with _outside_transaction(ctx, what) as connection:
+        return index.render_index_plan(index.plan_drop_index(dataclasses.replace(state, exists=True)))
+
+    def online(connection: sqlalchemy.Connection) -> constraint.ChangeResult:
         session = SQLAlchemySession(connection)
         schema = operation.schema
         if schema is None and "." not in operation.name and operation.table is not None:
             _, schema, _ = constraints.find_table(session, operation.table, None)
         state = index.read_index(session, operation.name, schema=schema)
-        plan = index.plan_drop_index(state)
-        return index.apply_index_plan(session, plan, watch=Database.from_bind(connection, "backfill-ddl"))
+        return index.apply_index_plan(session, index.plan_drop_index(state), watch=_watch(connection))
+
+    return _change(operations, operation, render, online)
 
 
 # --- op.drop_backfill and op.drop_backfill_trigger -------------------------------------------------------------------
 
 
-@Operations.implementation_for(DropBackfillOp)
-def drop_backfill(operations: Operations, operation: DropBackfillOp) -> None:
-    ctx = _context(operations, "drop_backfill")
-    if ctx.as_sql:
-        with _outside_transaction(ctx, "drop_backfill"):
-            _output(ctx, ddl.render(offline.drop_backfill(operation.name, operation.control_schema, delete=True)))
-        return
-    with _outside_transaction(ctx, "drop_backfill") as connection:
+@Operations.implementation_for(ops.DropBackfillOp)
+def drop_backfill(operations: Operations, operation: ops.DropBackfillOp) -> None:
+    def online(connection: sqlalchemy.Connection) -> None:
         database = Database.from_bind(connection)
         try:
             api.delete_backfill(
@@ -647,17 +549,21 @@ def drop_backfill(operations: Operations, operation: DropBackfillOp) -> None:
         except (UnknownBackfillError, ControlTablesMissingError):
             log.info("backfill_not_found", backfill=operation.name, action="drop_backfill")
 
+    _change(operations, operation, lambda: _render_drop(operation.name, operation.control_schema, True), online)
 
-@Operations.implementation_for(DropBackfillTriggerOp)
-def drop_backfill_trigger(operations: Operations, operation: DropBackfillTriggerOp) -> None:
-    ctx = _context(operations, "drop_backfill_trigger")
-    if ctx.as_sql:
-        with _outside_transaction(ctx, "drop_backfill_trigger"):
-            script = offline.drop_backfill(operation.name, operation.control_schema, delete=False)
-            _output(ctx, ddl.render(script))
-        return
-    with _outside_transaction(ctx, "drop_backfill_trigger") as connection:
-        database = Database.from_bind(connection)
+
+@Operations.implementation_for(ops.DropBackfillTriggerOp)
+def drop_backfill_trigger(operations: Operations, operation: ops.DropBackfillTriggerOp) -> None:
+    def online(connection: sqlalchemy.Connection) -> None:
         api.drop_backfill_trigger(
-            database, operation.name, lock_timeout=operation.lock_timeout, control_schema=operation.control_schema
+            Database.from_bind(connection),
+            operation.name,
+            lock_timeout=operation.lock_timeout,
+            control_schema=operation.control_schema,
         )
+
+    _change(operations, operation, lambda: _render_drop(operation.name, operation.control_schema, False), online)
+
+
+def _render_drop(name: str, control_schema: str, delete: bool) -> list[str]:
+    return [ddl.render(offline.drop_backfill(name, control_schema, delete=delete))]

@@ -18,29 +18,25 @@ from backfill.pg.connect import Bind
 from backfill.schema import ddl
 from backfill.schema.constraint import (
     ChangeResult,
+    ConstraintKind,
     ConstraintPlan,
     ConstraintState,
-    apply_plan,
+    Planner,
+    change_on_own_session,
     key_text,
-    plan_add,
-    plan_drop,
-    plan_validate,
-    read_constraint,
 )
-from backfill.schema.notnull import ConstraintError, DDLSession, Step, lock_retry, own_session
+from backfill.schema.notnull import ConstraintError, DDLSession, Step, lock_retry
 
 __all__ = [
+    "CHECK",
+    "checked_condition",
     "plan_add_check",
-    "plan_validate_check",
-    "plan_drop_check",
+    "add_planner",
     "describe_violation",
     "add_check_constraint",
     "validate_check_constraint",
     "drop_check_constraint",
 ]
-
-KIND = "c"
-WHAT = "CHECK constraint"
 
 #: (relation oid, name): the CHECK constraint's expression as PostgreSQL prints it.
 _EXPRESSION = sql.SQL(
@@ -67,16 +63,13 @@ def plan_add_check(state: ConstraintState, condition: str, *, validate: bool = T
     ``validate`` is false or it is valid already). An existing constraint of that name is taken as this one (its
     condition is not compared)."""
     statement = ddl.add_check_expression_not_valid(state.relation, state.name, checked_condition(condition))
-    add = Step("add", statement, True)
-    return plan_add(state, add, kind=KIND, what=WHAT, validate=validate)
+    return CHECK.plan_add(state, Step("add", statement, True), validate=validate)
 
 
-def plan_validate_check(state: ConstraintState) -> ConstraintPlan:
-    return plan_validate(state, kind=KIND, what=WHAT)
-
-
-def plan_drop_check(state: ConstraintState) -> ConstraintPlan:
-    return plan_drop(state, what=WHAT)
+def add_planner(condition: str, *, validate: bool) -> Planner:
+    """Plans :func:`plan_add_check` (the condition is checked at once, before any catalog is read)."""
+    checked_condition(condition)
+    return lambda state, _: plan_add_check(state, condition, validate=validate)
 
 
 def describe_violation(session: DDLSession, state: ConstraintState, exc: BaseException) -> str | None:
@@ -88,6 +81,9 @@ def describe_violation(session: DDLSession, state: ConstraintState, exc: BaseExc
     key = [row[0] for row in session.fetchall(statements.PRIMARY_KEY, (state.oid,))] or ["ctid"]
     found = session.fetchall(ddl.first_violation(state.relation, key, str(expression[0][0])))
     return f"e.g. the row with {key_text(key, found[0])}" if found else None
+
+
+CHECK = ConstraintKind("c", "CHECK constraint", describe_violation)
 
 
 def add_check_constraint(
@@ -131,11 +127,8 @@ def add_check_constraint(
         ViolationError: existing rows violate the condition (one is named); the constraint is dropped again.
         LockUnavailableError: a lock could not be taken within ``retry_seconds``.
     """
-    checked_condition(condition)
-    with own_session(bind) as session:
-        state = read_constraint(session, table, name, schema=schema)
-        plan = plan_add_check(state, condition, validate=validate)
-        return apply_plan(session, plan, lock_retry(lock_timeout, retry_seconds, sleep), describe_violation)
+    planner = add_planner(condition, validate=validate)
+    return change_on_own_session(bind, table, name, planner, schema, lock_retry(lock_timeout, retry_seconds, sleep))
 
 
 def validate_check_constraint(
@@ -156,10 +149,9 @@ def validate_check_constraint(
         ConstraintError: there is no CHECK constraint of that name.
         ViolationError: existing rows violate it (one is named); it stays NOT VALID.
     """
-    with own_session(bind) as session:
-        state = read_constraint(session, table, name, schema=schema)
-        plan = plan_validate_check(state)
-        return apply_plan(session, plan, lock_retry(lock_timeout, retry_seconds, sleep), describe_violation)
+    return change_on_own_session(
+        bind, table, name, CHECK.plan_validate, schema, lock_retry(lock_timeout, retry_seconds, sleep)
+    )
 
 
 def drop_check_constraint(
@@ -175,7 +167,6 @@ def drop_check_constraint(
     """Drop the constraint ``name`` if it exists, valid or not (the downgrade of :func:`add_check_constraint`):
     ACCESS EXCLUSIVE for an instant, under ``lock_timeout`` with retries. Arguments as for
     :func:`add_check_constraint`."""
-    with own_session(bind) as session:
-        state = read_constraint(session, table, name, schema=schema)
-        retry = lock_retry(lock_timeout, retry_seconds, sleep)
-        return apply_plan(session, plan_drop_check(state), retry, describe_violation)
+    return change_on_own_session(
+        bind, table, name, CHECK.plan_drop, schema, lock_retry(lock_timeout, retry_seconds, sleep)
+    )

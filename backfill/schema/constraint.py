@@ -23,6 +23,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from backfill.errors import database_error, describe
+from backfill.pg.connect import Bind
 from backfill.schema import ddl
 from backfill.schema.notnull import (
     ConstraintError,
@@ -32,6 +33,7 @@ from backfill.schema.notnull import (
     Step,
     StepResult,
     find_table,
+    own_session,
     run_step,
 )
 from backfill.spec import split_table
@@ -40,12 +42,13 @@ __all__ = [
     "ViolationError",
     "ChangeResult",
     "ConstraintState",
+    "ConstraintKind",
     "ConstraintPlan",
+    "Planner",
     "read_constraint",
     "offline_constraint",
-    "plan_add",
-    "plan_validate",
-    "plan_drop",
+    "change",
+    "change_on_own_session",
     "apply_plan",
     "server_detail",
 ]
@@ -110,15 +113,28 @@ class ConstraintState:
         return f"{self.schema}.{self.table}" if self.schema else self.table
 
 
+#: Names one row that violates the constraint, for the error (None if it cannot).
+Describe = Callable[["DDLSession", ConstraintState, BaseException], "str | None"]
+
+
 @dataclass(frozen=True)
 class ConstraintPlan:
-    """The steps left, and whether this plan adds the constraint itself (then a failed validation drops it)."""
+    """The steps left, whether this plan adds the constraint itself (then a failed validation drops it), and advice
+    on what else the schema needs."""
 
     state: ConstraintState
     steps: tuple[Step, ...]
+    kind: ConstraintKind
     adds: bool = False
-    #: "CHECK constraint" or "foreign key", for messages
-    what: str = "constraint"
+    advice: tuple[str, ...] = ()
+
+    @property
+    def what(self) -> str:
+        return self.kind.what
+
+
+#: Plans a change from the constraint's state; the session (None offline) reads what else the plan needs.
+Planner = Callable[[ConstraintState, "DDLSession | None"], ConstraintPlan]
 
 
 def read_constraint(session: DDLSession, table: str, name: str, *, schema: str | None) -> ConstraintState:
@@ -135,11 +151,14 @@ def read_constraint(session: DDLSession, table: str, name: str, *, schema: str |
     return ConstraintState(schema, table, name, str(kind), bool(validated), oid, int(references), str(definition))
 
 
-def offline_constraint(table: str, name: str, *, schema: str | None, existing: bool, kind: str) -> ConstraintState:
-    """The state assumed without a database: nothing yet (before an add) or a NOT VALID constraint (before a
-    validate or a drop). An unqualified table stays unqualified: the search path decides when the script runs."""
+def offline_constraint(
+    table: str, name: str, *, schema: str | None, existing: ConstraintKind | None
+) -> ConstraintState:
+    """The state assumed without a database: nothing yet (before an add: ``existing`` None) or a NOT VALID
+    constraint of kind ``existing`` (before a validate or a drop). An unqualified table stays unqualified: the
+    search path decides when the script runs."""
     schema, table = split_table(table, schema)
-    return ConstraintState(schema, table, name, kind if existing else None, False)
+    return ConstraintState(schema, table, name, existing.code if existing else None, False)
 
 
 def _validate_step(state: ConstraintState) -> Step:
@@ -154,43 +173,56 @@ def _other_kind(state: ConstraintState, what: str) -> ConstraintError:
     )
 
 
-def plan_add(state: ConstraintState, add: Step, *, kind: str, what: str, validate: bool) -> ConstraintPlan:
-    """``add`` unless a constraint of that name and kind exists, then ``VALIDATE`` unless ``validate`` is false or
-    it is validated already.
+@dataclass(frozen=True)
+class ConstraintKind:
+    """What differs between the constraints changed in two steps (CHECK, foreign key): how the catalog and the
+    messages name them, and how a row that violates one is found. Its ``plan_`` methods plan a change of such a
+    constraint from its state; ``plan_validate`` and ``plan_drop`` are :data:`Planner`\\ s."""
 
-    Raises:
-        ConstraintError: a constraint of another kind has the name.
-    """
-    if state.kind is not None and state.kind != kind:
-        raise _other_kind(state, what)
-    steps: list[Step] = []
-    if state.kind is None:
-        steps.append(add)
-    if validate and not state.validated:
-        steps.append(_validate_step(state))
-    return ConstraintPlan(state, tuple(steps), adds=state.kind is None, what=what)
+    #: pg_constraint.contype: ``c`` CHECK, ``f`` foreign key
+    code: str
+    #: "CHECK constraint" or "foreign key", for messages
+    what: str
+    describe: Describe
+
+    def plan_add(self, state: ConstraintState, add: Step, *, validate: bool) -> ConstraintPlan:
+        """``add`` unless a constraint of that name and kind exists, then ``VALIDATE`` unless ``validate`` is false
+        or it is validated already.
+
+        Raises:
+            ConstraintError: a constraint of another kind has the name.
+        """
+        if state.kind is not None and state.kind != self.code:
+            raise _other_kind(state, self.what)
+        steps: list[Step] = []
+        if state.kind is None:
+            steps.append(add)
+        if validate and not state.validated:
+            steps.append(_validate_step(state))
+        return ConstraintPlan(state, tuple(steps), self, adds=state.kind is None)
+
+    def plan_validate(self, state: ConstraintState, session: DDLSession | None = None) -> ConstraintPlan:
+        """``VALIDATE`` if the constraint is NOT VALID, nothing if it is valid.
+
+        Raises:
+            ConstraintError: there is no such constraint, or it is of another kind.
+        """
+        if state.kind is None:
+            raise ConstraintError(
+                f"{state.qualified} has no {self.what} named {state.name!r} to validate: add it first"
+            )
+        if state.kind != self.code:
+            raise _other_kind(state, self.what)
+        return ConstraintPlan(state, () if state.validated else (_validate_step(state),), self)
+
+    def plan_drop(self, state: ConstraintState, session: DDLSession | None = None) -> ConstraintPlan:
+        """``DROP CONSTRAINT IF EXISTS`` (ACCESS EXCLUSIVE for an instant) if the constraint exists, valid or
+        not."""
+        return ConstraintPlan(state, () if state.kind is None else (_drop_step(state),), self)
 
 
-def plan_validate(state: ConstraintState, *, kind: str, what: str) -> ConstraintPlan:
-    """``VALIDATE`` if the constraint is NOT VALID, nothing if it is valid.
-
-    Raises:
-        ConstraintError: there is no such constraint, or it is of another kind.
-    """
-    if state.kind is None:
-        raise ConstraintError(f"{state.qualified} has no {what} named {state.name!r} to validate: add it first")
-    if state.kind != kind:
-        raise _other_kind(state, what)
-    return ConstraintPlan(state, () if state.validated else (_validate_step(state),), what=what)
-
-
-def plan_drop(state: ConstraintState, *, what: str) -> ConstraintPlan:
-    """``DROP CONSTRAINT IF EXISTS`` (ACCESS EXCLUSIVE for an instant) if the constraint exists, valid or not."""
-    if state.kind is None:
-        return ConstraintPlan(state, (), what=what)
-    return ConstraintPlan(
-        state, (Step("drop", ddl.drop_constraint(state.relation, state.name, if_exists=True), True),), what=what
-    )
+def _drop_step(state: ConstraintState) -> Step:
+    return Step("drop", ddl.drop_constraint(state.relation, state.name, if_exists=True), True)
 
 
 def server_detail(exc: BaseException) -> str | None:
@@ -206,17 +238,33 @@ def _left(done: Sequence[str], plan: ConstraintPlan) -> str:
     return "nothing was changed"
 
 
-Describe = Callable[[DDLSession, ConstraintState, BaseException], "str | None"]
-
-
-def apply_plan(
-    session: DDLSession, plan: ConstraintPlan, retry: LockRetry, example: Describe, advice: Sequence[str] = ()
+def change_on_own_session(
+    bind: Bind, table: str, name: str, planner: Planner, schema: str | None, retry: LockRetry
 ) -> ChangeResult:
+    """:func:`change` on a connection of the plain functions' own."""
+    with own_session(bind) as session:
+        return change(session, table, name, planner, schema=schema, retry=retry)
+
+
+def change(
+    session: DDLSession, table: str, name: str, planner: Planner, *, schema: str | None, retry: LockRetry
+) -> ChangeResult:
+    """Read the constraint ``name`` of ``table`` from the catalog, plan what is left and run it (see
+    :func:`apply_plan`).
+
+    Raises:
+        ConstraintError: the table does not exist, or as the planner and :func:`apply_plan` raise.
+    """
+    state = read_constraint(session, table, name, schema=schema)
+    return apply_plan(session, planner(state, session), retry)
+
+
+def apply_plan(session: DDLSession, plan: ConstraintPlan, retry: LockRetry) -> ChangeResult:
     """Run the plan's steps in order, each in its own transaction.
 
     Raises:
-        ViolationError: existing rows violate the constraint (``example`` names one); a constraint this plan
-            added is dropped again.
+        ViolationError: existing rows violate the constraint (one is named); a constraint this plan added is
+            dropped again.
         LockUnavailableError: a step did not get its lock within the retry budget; the steps before it stay done.
         ConstraintError: PostgreSQL refused a step (its message, and what was left behind).
     """
@@ -231,7 +279,7 @@ def apply_plan(
         except Exception as exc:
             error = database_error(exc)
             if step.action == "validate" and isinstance(error, _VIOLATIONS):
-                raise _violated(session, plan, retry, example(session, state, exc)) from None
+                raise _violated(session, plan, retry, plan.kind.describe(session, state, exc)) from None
             if not isinstance(error, psycopg.Error):
                 raise
             raise ConstraintError(
@@ -248,15 +296,14 @@ def apply_plan(
             attempts=attempts,
             ms=round(result.seconds * 1000, 1),
         )
-    return ChangeResult(tuple(results), tuple(advice))
+    return ChangeResult(tuple(results), plan.advice)
 
 
 def _violated(session: DDLSession, plan: ConstraintPlan, retry: LockRetry, example: str | None) -> ViolationError:
     state = plan.state
     if plan.adds:
         # Leave nothing half-applied: the NOT VALID constraint added by this very call goes again.
-        undo = Step("drop", ddl.drop_constraint(state.relation, state.name, if_exists=True), True)
-        run_step(session, undo, retry)
+        run_step(session, _drop_step(state), retry)
         left = f"the {plan.what} this call added was dropped again, nothing changed"
     else:
         left = f"the {plan.what} stays NOT VALID (rows written from now on are checked)"

@@ -9,6 +9,7 @@ referencing table: the plan says so, with the index to build.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,26 +21,23 @@ from backfill.pg.connect import Bind
 from backfill.schema import ddl
 from backfill.schema.constraint import (
     ChangeResult,
+    ConstraintKind,
     ConstraintPlan,
     ConstraintState,
-    apply_plan,
-    plan_add,
-    plan_drop,
-    plan_validate,
-    read_constraint,
+    Planner,
+    change_on_own_session,
     server_detail,
 )
-from backfill.schema.notnull import ConstraintError, DDLSession, Step, find_table, lock_retry, own_session
+from backfill.schema.notnull import ConstraintError, DDLSession, Step, find_table, lock_retry
 from backfill.spec import split_table
 
 __all__ = [
     "ForeignKey",
     "foreign_key",
     "fk_name",
-    "read_foreign_key",
     "plan_add_foreign_key",
-    "plan_validate_foreign_key",
-    "plan_drop_foreign_key",
+    "add_planner",
+    "FOREIGN_KEY",
     "index_advice",
     "describe_violation",
     "add_foreign_key",
@@ -48,9 +46,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger("backfill")
-
-KIND = "f"
-WHAT = "foreign key"
 
 
 @dataclass(frozen=True)
@@ -105,22 +100,16 @@ def fk_name(table: str, columns: str | Sequence[str], name: str | None = None) -
     return name or ddl.derived_name(split_table(table)[1], _names(columns, "columns"), "fkey")
 
 
-def read_foreign_key(
-    session: DDLSession, table: str, name: str, *, schema: str | None, key: ForeignKey | None = None
-) -> tuple[ConstraintState, sql.Identifier | None]:
-    """The constraint's state and, when ``key`` is given, the referenced table (checked to exist) and the columns
-    on both sides (checked to exist).
+def _referent(session: DDLSession, state: ConstraintState, key: ForeignKey) -> sql.Identifier:
+    """The referenced table, once it and the columns on both sides are found to exist.
 
     Raises:
         ConstraintError: a table or column does not exist.
     """
-    state = read_constraint(session, table, name, schema=schema)
-    if key is None:
-        return state, None
     _check_columns(session, state.oid, state.qualified, key.columns)
     oid, ref_schema, ref_table = find_table(session, key.referent, key.referent_schema)
     _check_columns(session, oid, f"{ref_schema}.{ref_table}", key.referent_columns)
-    return state, sql.Identifier(ref_schema, ref_table)
+    return sql.Identifier(ref_schema, ref_table)
 
 
 def _check_columns(session: DDLSession, oid: int | None, table: str, columns: Sequence[str]) -> None:
@@ -137,15 +126,23 @@ def plan_add_foreign_key(
     statement = ddl.add_foreign_key_not_valid(
         state.relation, state.name, key.columns, referent, key.referent_columns, key.on_delete
     )
-    return plan_add(state, Step("add", statement, True), kind=KIND, what=WHAT, validate=validate)
+    return FOREIGN_KEY.plan_add(state, Step("add", statement, True), validate=validate)
 
 
-def plan_validate_foreign_key(state: ConstraintState) -> ConstraintPlan:
-    return plan_validate(state, kind=KIND, what=WHAT)
+def add_planner(key: ForeignKey, *, validate: bool) -> Planner:
+    """Plans :func:`plan_add_foreign_key`: online, once the tables and columns are found (with the advice of
+    :func:`index_advice`); offline (no session), with the referenced table as named."""
 
+    def plan(state: ConstraintState, session: DDLSession | None) -> ConstraintPlan:
+        if session is None:
+            schema = key.referent_schema
+            referent = sql.Identifier(schema, key.referent) if schema else sql.Identifier(key.referent)
+            return plan_add_foreign_key(state, key, referent, validate=validate)
+        plan = plan_add_foreign_key(state, key, _referent(session, state, key), validate=validate)
+        advice = index_advice(session, state, key)
+        return plan if advice is None else dataclasses.replace(plan, advice=(advice,))
 
-def plan_drop_foreign_key(state: ConstraintState) -> ConstraintPlan:
-    return plan_drop(state, what=WHAT)
+    return plan
 
 
 def index_advice(session: DDLSession, state: ConstraintState, key: ForeignKey) -> str | None:
@@ -170,6 +167,9 @@ def describe_violation(session: DDLSession, state: ConstraintState, exc: BaseExc
     del session, state
     detail = server_detail(exc)
     return f"e.g. {detail[0].lower()}{detail[1:]}" if detail else None
+
+
+FOREIGN_KEY = ConstraintKind("f", "foreign key", describe_violation)
 
 
 def add_foreign_key(
@@ -216,13 +216,9 @@ def add_foreign_key(
         LockUnavailableError: a lock could not be taken within ``retry_seconds``.
     """
     key = foreign_key(columns, referent_table, referent_columns, on_delete=on_delete)
-    with own_session(bind) as session:
-        state, referent = read_foreign_key(session, table, fk_name(table, key.columns, name), schema=schema, key=key)
-        assert referent is not None
-        plan = plan_add_foreign_key(state, key, referent, validate=validate)
-        advice = index_advice(session, state, key)
-        retry = lock_retry(lock_timeout, retry_seconds, sleep)
-        return apply_plan(session, plan, retry, describe_violation, () if advice is None else (advice,))
+    retry = lock_retry(lock_timeout, retry_seconds, sleep)
+    name = fk_name(table, key.columns, name)
+    return change_on_own_session(bind, table, name, add_planner(key, validate=validate), schema, retry)
 
 
 def validate_foreign_key(
@@ -242,10 +238,9 @@ def validate_foreign_key(
         ConstraintError: ``table`` has no foreign key of that name.
         ViolationError: rows reference keys that do not exist (one is named); it stays NOT VALID.
     """
-    with own_session(bind) as session:
-        state, _ = read_foreign_key(session, table, name, schema=schema)
-        plan = plan_validate_foreign_key(state)
-        return apply_plan(session, plan, lock_retry(lock_timeout, retry_seconds, sleep), describe_violation)
+    return change_on_own_session(
+        bind, table, name, FOREIGN_KEY.plan_validate, schema, lock_retry(lock_timeout, retry_seconds, sleep)
+    )
 
 
 def drop_foreign_key(
@@ -260,7 +255,6 @@ def drop_foreign_key(
 ) -> ChangeResult:
     """Drop the foreign key ``name`` of ``table`` if it exists, valid or not (the downgrade of
     :func:`add_foreign_key`): ACCESS EXCLUSIVE on ``table`` for an instant, under ``lock_timeout`` with retries."""
-    with own_session(bind) as session:
-        state, _ = read_foreign_key(session, table, name, schema=schema)
-        plan = plan_drop_foreign_key(state)
-        return apply_plan(session, plan, lock_retry(lock_timeout, retry_seconds, sleep), describe_violation)
+    return change_on_own_session(
+        bind, table, name, FOREIGN_KEY.plan_drop, schema, lock_retry(lock_timeout, retry_seconds, sleep)
+    )
