@@ -7,6 +7,10 @@ entry point; older versions need ``import backfill.alembic`` in env.py).
 Each operation's fields are the one source of its arguments: its ``__init__`` is derived from them (a dataclass),
 :func:`operation` derives the ``op.<name>`` classmethod Alembic proxies, and :mod:`backfill.alembic` derives the
 typed function from the class. What running it returns is the class's type argument: ``Op[ChangeResult | None]``.
+
+A new op is a ``@operation("name")`` ``@dataclass(eq=False)`` subclass of ``Op[result]`` here (its fields, and the
+docstring users read), its implementation in :mod:`backfill.alembic.toimpl`, and ``name = _typed(ops.NameOp)`` with
+``"name"`` in ``__all__`` in :mod:`backfill.alembic`.
 """
 
 from __future__ import annotations
