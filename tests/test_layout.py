@@ -4,7 +4,7 @@
     backfill/pg/       everything that speaks SQL or holds a connection
     backfill/schema/   online schema changes as plain functions
     backfill/api.py    the Python API: wires the engine to pg and schema
-    backfill/alembic/, backfill/cli/, backfill/tools/   integrations on top
+    backfill/alembic/, backfill/cli/, backfill/tools/, backfill/web/   integrations on top
 
 Lower layers never import higher ones; only module-level imports count (a command may import a tool lazily).
 """
@@ -37,7 +37,7 @@ def _layer(module: str) -> str:
     head = parts[1]
     if head in ("pg", "schema"):
         return head
-    if head in ("alembic", "cli", "tools"):
+    if head in ("alembic", "cli", "tools", "web"):
         return "integration"
     if head == "api":
         return "api"

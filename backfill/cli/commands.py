@@ -676,6 +676,61 @@ def delete(obj: CliContext, name: str, force: bool) -> None:
     click.echo(f"backfill {record.name!r} deleted (it was {record.state.value})")
 
 
+# --- serve ---------------------------------------------------------------------------------------------------
+
+#: What the ``serve`` extra installs: a missing one means the extra is not installed.
+_SERVE_MODULES = {"starlette", "uvicorn", "jinja2", "prometheus_client", "multipart", "python_multipart"}
+
+
+def _serve_extra() -> Any:
+    """The dashboard package, or one line saying how to install it."""
+    try:
+        import backfill.web as web  # imported late: the other commands never need the serve extra
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in _SERVE_MODULES:
+            raise
+        raise CliError(
+            f"backfill serve needs the serve extra ({exc.name} is missing): pip install 'backfill[serve]'"
+        ) from None
+    return web
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free).")
+@click.option(
+    "--token",
+    envvar="BACKFILL_SERVE_TOKEN",
+    metavar="TOKEN",
+    help="Secret the pause/resume/cancel/retry buttons need; default $BACKFILL_SERVE_TOKEN (prefer it: --token "
+    "shows in ps). Without one the dashboard is read-only.",
+)
+@click.option("--refresh", type=DURATION_ZERO, default=5.0, metavar="DURATION", help="Page reload interval [5s].")
+@pass_cli
+def serve(obj: CliContext, host: str, port: int, token: str | None, refresh: float) -> None:
+    """Serve a dashboard of every backfill and Prometheus /metrics, read from the control tables.
+
+    The page shows each backfill's state, progress per slice, rate and batch duration over time, throttle reason,
+    retries, last error and live runners, wherever they run. With a token, its buttons pause, resume, cancel and
+    retry (POST only, the token compared in constant time); without one it is read-only. Listens on 127.0.0.1
+    unless --host says otherwise: put it behind your own TLS proxy before exposing it.
+    """
+    web = _serve_extra()
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("token") is ParameterSource.COMMANDLINE:
+        click.echo("Warning: --token is visible to every user of this machine (ps); set BACKFILL_SERVE_TOKEN", err=True)
+    database = obj.database
+    database.connect().close()  # a wrong URL or a server down fails now, in one line, not on the first page load
+    app = web.create_app(database, token=token or None, control_schema=obj.control_schema, refresh_seconds=refresh)
+    try:
+        server = web.DashboardServer(app, host, port)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    log.info("serve_started", url=server.url, read_only=not token, control_schema=obj.control_schema)
+    click.echo(f"dashboard on {server.url} (metrics on {server.url}metrics){'' if token else ', read-only'}", err=True)
+    server.run()
+
+
 # --- demo ----------------------------------------------------------------------------------------------------
 
 
