@@ -687,10 +687,11 @@ def _serve_extra() -> Any:
     try:
         import backfill.web as web  # imported late: the other commands never need the serve extra
     except ImportError as exc:
-        if (exc.name or "").split(".")[0] not in _SERVE_MODULES:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in _SERVE_MODULES:
             raise
         raise CliError(
-            f"backfill serve needs the serve extra ({exc.name} is missing): pip install 'backfill[serve]'"
+            f"backfill serve needs the serve extra ({missing} is missing): pip install 'backfill[serve]'"
         ) from None
     return web
 

@@ -14,6 +14,8 @@ WIDTH = 360
 HEIGHT = 80
 #: A rate is a count over time: the recent history is cut into at most this many intervals.
 _RATE_BUCKETS = 40
+#: A batch after a long gap (its runner stopped, or waited on a throttle) accounts for at most this much time.
+_LONGEST_SPAN = 60.0
 
 
 class Batch(Protocol):
@@ -57,22 +59,43 @@ class Chart:
         return self.count == 0
 
 
+def _spans(history: Sequence[Batch]) -> list[tuple[float, float, int]]:
+    """Each batch as (start, end, rows) in seconds on one time line: a batch accounts for the time since the
+    previous batch of its slice ended (its throttle wait and its own work), at most :data:`_LONGEST_SPAN`. The
+    first batch of a slice in the history gets the slice's median gap (its predecessor may have been trimmed)."""
+    by_slice: dict[int, list[Batch]] = {}
+    for batch in sorted(history, key=lambda point: point.finished_at):
+        by_slice.setdefault(batch.slice, []).append(batch)
+    spans = []
+    for batches in by_slice.values():
+        ends = [batch.finished_at.timestamp() for batch in batches]
+        gaps = sorted(later - earlier for earlier, later in zip(ends, ends[1:], strict=False))
+        for position, (batch, end) in enumerate(zip(batches, ends, strict=True)):
+            since = end - ends[position - 1] if position else gaps[len(gaps) // 2] if gaps else batch.duration
+            spans.append((end - min(max(since, batch.duration, 0.0), _LONGEST_SPAN), end, batch.rows))
+    return spans
+
+
 def rate_points(history: Sequence[Batch]) -> list[tuple[float, float]]:
-    """Rows per second over time: the span of ``history`` cut into equal intervals, each interval's rows over its
-    length, at the interval's end (seconds since the first batch). Several runners' batches add up."""
-    if not history:
+    """Rows per second over time, at the end of each of up to :data:`_RATE_BUCKETS` equal intervals (seconds since
+    the first batch began). Each batch's rows are spread over the time it accounts for, so a steady runner draws a
+    flat line whatever the intervals; several runners' batches add up."""
+    spans = _spans(history)
+    if not spans:
         return []
-    ordered = sorted(history, key=lambda point: point.finished_at)
-    start = ordered[0].finished_at - dt.timedelta(seconds=ordered[0].duration)
-    span = (ordered[-1].finished_at - start).total_seconds()
-    if span <= 0:
+    first, last = min(start for start, _, _ in spans), max(end for _, end, _ in spans)
+    if last <= first:
         return []
-    buckets = min(_RATE_BUCKETS, len(ordered))
-    width = span / buckets
-    rows = [0] * buckets
-    for point in ordered:
-        offset = (point.finished_at - start).total_seconds()
-        rows[min(int(offset / width), buckets - 1)] += point.rows
+    buckets = max(1, min(_RATE_BUCKETS, len(spans)))
+    width = (last - first) / buckets
+    rows = [0.0] * buckets
+    for start, end, count in spans:
+        if end <= start:
+            rows[min(int((end - first) / width), buckets - 1)] += count
+            continue
+        for index in range(int((start - first) / width), min(int((end - first) / width), buckets - 1) + 1):
+            low, high = first + index * width, first + (index + 1) * width
+            rows[index] += count * max(0.0, min(end, high) - max(start, low)) / (end - start)
     return [((index + 1) * width, count / width) for index, count in enumerate(rows)]
 
 
