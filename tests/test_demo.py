@@ -7,14 +7,17 @@ import os
 import re
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from typing import Any
 
 import psycopg
+import pytest
 import structlog
 from click.testing import CliRunner
 
 from backfill.cli import EXIT_OK, EXIT_USAGE, cli
-from backfill.tools.demo import DEMO_SCHEMA
+from backfill.tools.demo import DEMO_SCHEMA, run_demo
 
 #: Large enough that the plain UPDATE holds its row locks several times longer than one online batch (the first
 #: batch is 10,000 rows): at 20,000 rows both stalls are about the same.
@@ -85,3 +88,22 @@ def test_the_demo_refuses_a_schema_it_did_not_create_and_leaves_it_alone(
     assert f"schema '{DEMO_SCHEMA}' already exists" in result.stderr
     assert 1 == len(result.stderr.strip().splitlines())
     assert conn.execute(f"SELECT to_regclass('{DEMO_SCHEMA}.precious') IS NOT NULL").fetchone() == (True,)
+
+
+def test_the_demo_with_serve_shows_its_backfill_on_the_dashboard_while_it_runs(db_url: str) -> None:
+    seen: dict[str, str] = {}
+    address: list[str] = []
+
+    def echo(line: str) -> None:
+        if found := re.search(r"dashboard \(read-only\) on (http://\S+/),", line):
+            address.append(found.group(1))
+        if line.startswith("phase 2: backfill run"):  # registered, about to run: read the page and the metrics now
+            for path in ("", "metrics"):
+                with urllib.request.urlopen(address[0] + path, timeout=30) as response:  # noqa: S310 -- 127.0.0.1
+                    seen[path] = response.read().decode()
+
+    assert run_demo(db_url, rows=5_000, writers=1, echo=echo, serve=("127.0.0.1", 0)) == EXIT_OK
+    assert 'data-backfill="events_kind"' in seen[""] and "Read-only" in seen[""]
+    assert 'backfill_state{backfill="events_kind",state="pending"} 1.0' in seen["metrics"]
+    with pytest.raises(urllib.error.URLError):  # the dashboard stopped with the demo
+        urllib.request.urlopen(address[0], timeout=5)  # noqa: S310

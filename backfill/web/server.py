@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
-from types import TracebackType
+from types import FrameType, TracebackType
 
 import uvicorn
 from starlette.applications import Starlette
@@ -48,11 +49,20 @@ class DashboardServer:
         return f"http://{host}:{self.port}/"
 
     def run(self) -> None:
-        """Serve in this thread until SIGINT/SIGTERM (uvicorn's own handling) or :meth:`stop`."""
+        """Serve in this thread until SIGINT/SIGTERM or :meth:`stop`, then return (a signal is an ordinary end)."""
+        # uvicorn shuts down gracefully on these signals, then raises them again for the handlers it found: ours
+        # only ask it to stop, so the process ends normally instead of by the signal.
+        main = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, self._exit) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
         try:
             self._server.run(sockets=[self.socket])
         finally:
             self.socket.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _exit(self, signum: int, frame: FrameType | None) -> None:
+        self._server.should_exit = True
 
     def start(self, timeout: float = 10.0) -> DashboardServer:
         """Serve in a daemon thread; returns once the server accepts connections."""
