@@ -47,7 +47,7 @@ class BackfillView:
     rate: str
     eta: str
     batches: int
-    retries: int
+    retries: int | None  #: None: the control tables do not count them
     throttle_reason: str | None
     last_error: str | None
     runners: tuple[RunnerView, ...]
@@ -133,7 +133,7 @@ def backfill_view(status: BackfillStatus, history: Sequence[Batch], *, now: dt.d
         rate=f"{rate:,.0f} rows/s" if rate is not None else "-",
         eta=format_duration(eta) if eta is not None else "-",
         batches=record.batches,
-        retries=0,
+        retries=None,
         throttle_reason=None,
         last_error=record.last_error,
         runners=runners_of(status, now),
