@@ -18,6 +18,7 @@ with a checkpoint in a control table so a crash, a deploy or a cron boundary nev
 from __future__ import annotations
 
 from backfill.api import (
+    RevertReport,
     RunAllReport,
     backfill_status,
     cancel_backfill,
@@ -31,9 +32,11 @@ from backfill.api import (
     pause_backfill,
     plan_backfill,
     preview_backfill,
+    purge_backfill,
     register_backfill,
     resume_backfill,
     retry_backfill,
+    revert_backfill,
     run_backfill,
     run_backfills,
 )
@@ -44,6 +47,7 @@ from backfill.errors import (
     ControlTablesMissingError,
     KeyChangedError,
     KeyRoundTripError,
+    NotReversibleError,
     PlanError,
     PoolerError,
     SpecError,
@@ -121,6 +125,9 @@ __all__ = [
     "get_backfill",
     "get_slices",
     "held_slices",
+    "revert_backfill",
+    "RevertReport",
+    "purge_backfill",
     "list_backfills",
     "pause_backfill",
     "resume_backfill",
@@ -153,6 +160,7 @@ __all__ = [
     "KeyHeadroom",
     "BackfillError",
     "BackfillBusyError",
+    "NotReversibleError",
     "BackfillFailedError",
     "SettingsError",
     "ConnectError",

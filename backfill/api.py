@@ -12,7 +12,14 @@ from typing import Any, TypeVar
 import sqlalchemy
 import structlog
 
-from backfill.errors import LOCK_ERRORS, BackfillBusyError, PlanError, SpecError
+from backfill.errors import (
+    LOCK_ERRORS,
+    BackfillBusyError,
+    NotReversibleError,
+    PlanError,
+    SpecError,
+    UnknownBackfillError,
+)
 from backfill.executor import Executor, RunReport
 from backfill.parallel import run_parallel
 from backfill.pg.borrowed import qualify
@@ -20,6 +27,7 @@ from backfill.pg.catalog import resolve
 from backfill.pg.connect import Bind, Database
 from backfill.pg.health import PostgresHealth
 from backfill.pg.preview import BatchPreview, preview_next_batch
+from backfill.pg.statements import undo_table
 from backfill.pg.store import PostgresStore
 from backfill.pg.walk import check_walk
 from backfill.plan import Plan
@@ -27,7 +35,7 @@ from backfill.retrying import Timing
 from backfill.schema import sync
 from backfill.schema.notnull import LockRetry, PsycopgSession
 from backfill.settings import RunSettings
-from backfill.spec import BackfillSpec
+from backfill.spec import REVERT_SUFFIX, BackfillSpec
 from backfill.state import OperatorAction, RunOutcome, RunState
 from backfill.status import BackfillStatus
 from backfill.store import BackfillRecord, RunnerStore, SliceRecord
@@ -51,6 +59,9 @@ __all__ = [
     "delete_backfill",
     "drop_backfill_trigger",
     "held_slices",
+    "revert_backfill",
+    "RevertReport",
+    "purge_backfill",
 ]
 
 DEFAULT_CONTROL_SCHEMA = "public"
@@ -82,7 +93,9 @@ def _health(store: RunnerStore, plan: Plan) -> PostgresHealth | None:
     if not isinstance(store, PostgresStore):
         return None
     postgres = store
-    return PostgresHealth(lambda: postgres.conn, plan.target.schema, plan.target.table)
+    # A revert walks the undo log but writes the backfill's table: that is the table to watch.
+    watched = plan.target.reverts or plan.target
+    return PostgresHealth(lambda: postgres.conn, watched.schema, watched.table)
 
 
 def _named_by_caller(bind: Bind, spec: BackfillSpec) -> BackfillSpec:
@@ -398,7 +411,8 @@ def _check_counts(workers: int, slices: int | None) -> None:
 
 
 def _walk_checker(store: RunnerStore, plan: Plan | None) -> Callable[[], None] | None:
-    if not isinstance(store, PostgresStore) or plan is None:
+    if not isinstance(store, PostgresStore) or plan is None or plan.target.reverts is not None:
+        # A revert walks its undo log by the log's own primary key.
         return None
     postgres, target = store, plan.target
     return lambda: check_walk(postgres.conn, target)
@@ -481,7 +495,8 @@ def backfill_status(
     """
     with open_store(bind, control_schema) as store:
         records = [store.get(name)] if name is not None else store.list_all()
-        return [BackfillStatus(record, tuple(store.slices(record.id))) for record in records]
+        sizes = store.undo_sizes()
+        return [BackfillStatus(record, tuple(store.slices(record.id)), sizes.get(record.id)) for record in records]
 
 
 def preview_backfill(
@@ -541,11 +556,137 @@ def delete_backfill(
                 "stops it after its current batch), or delete it anyway with --force (force=True)"
             )
         spec = record.spec
-        if spec.schema is not None:
+        if spec.schema is not None and spec.reverts is None:
             session = PsycopgSession(store.conn)
             sync.drop_sync_trigger(session, spec.schema, spec.table, name, LockRetry(lock_timeout=lock_timeout))
+        if spec.reversible:
+            # Its revert walks the undo log that goes with it.
+            with contextlib.suppress(UnknownBackfillError):
+                store.delete(store.get(name + REVERT_SUFFIX).id)
         store.delete(record.id)
         return record
+
+
+@dataclass(frozen=True)
+class RevertReport:
+    """What :func:`revert_backfill` did."""
+
+    #: the revert's run (its ``name`` is the revert's: the backfill's name + ``:revert``); ``rows_updated`` counts
+    #: the rows this run put back
+    run: RunReport
+    #: once the revert has finished: rows left as the application wrote them since the backfill changed them
+    #: (their undo rows stay in the undo log until it is purged); None while work is left
+    rows_kept: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.run.finished
+
+
+def _reversible(store: PostgresStore, name: str) -> BackfillRecord:
+    record = store.get(name)
+    if not record.spec.reversible:
+        raise NotReversibleError(
+            f"backfill {name!r} is not reversible: it keeps no undo log (register a backfill with reversible=True, "
+            "CLI: add --reversible, to be able to revert it)"
+        )
+    if record.id not in store.undo_sizes():
+        raise NotReversibleError(f"backfill {name!r} has no undo log any more: it was purged")
+    return record
+
+
+def revert_backfill(
+    bind: Bind,
+    name: str,
+    *,
+    max_runtime: float | None = None,
+    max_batches: int | None = None,
+    settings: RunSettings | None = None,
+    workers: int = 1,
+    slices: int | None = None,
+    lock_timeout: float = 2.0,
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
+    should_stop: Callable[[], bool] | None = None,
+) -> RevertReport:
+    """Put back every value the reversible backfill ``name`` overwrote, batch by batch, from its undo log.
+
+    The backfill is stopped for good first (cancelled, unless it had succeeded) and its keep_in_sync trigger
+    dropped (it would fill the columns again). The revert is a backfill of its own, ``NAME:revert``, walking the
+    undo log by key: resumable from its checkpoint (call again, or ``backfill run NAME:revert``), exactly once,
+    under the same settings (throttles, retries, budgets, workers) as a run, and paused, resumed or cancelled by
+    that name. A row whose columns no longer hold what the backfill wrote (the application changed it since) is
+    left as it is and counted in ``rows_kept``; its undo row stays in the undo log until it is purged.
+
+    Args:
+        bind, max_runtime, max_batches, settings, workers, slices, control_schema, should_stop: as for
+            :func:`run_backfill`.
+        lock_timeout: how long dropping the keep_in_sync trigger may wait for its lock per attempt.
+
+    Returns:
+        A :class:`RevertReport`.
+
+    Raises:
+        UnknownBackfillError: there is no such backfill.
+        NotReversibleError: it keeps no undo log (not reversible, or purged).
+        BackfillBusyError: a live runner is working on the backfill; nothing is changed.
+    """
+    _check_counts(workers, slices)
+    with open_store(bind, control_schema) as store:
+        record = _reversible(store, name)
+        held = store.held_slices(record.id)
+        if held:
+            raise BackfillBusyError(
+                f"backfill {name!r} is being run right now ({len(held)} slice(s) held): stop that runner first "
+                f"(`backfill pause {name}` stops it after its current batch), then revert it"
+            )
+        spec = record.spec
+        if spec.keep_in_sync and spec.schema is not None:
+            session = PsycopgSession(store.conn)
+            sync.drop_sync_trigger(session, spec.schema, spec.table, name, LockRetry(lock_timeout=lock_timeout))
+        revert = spec.with_changes(
+            name=name + REVERT_SUFFIX,
+            where=None,
+            skip_unchanged=False,
+            keep_in_sync=False,
+            reversible=False,
+            reverts=(control_schema, undo_table(record.id)),
+        )
+        store.begin_revert(record, revert)
+    report = run_backfill(
+        bind,
+        revert.name,
+        max_runtime=max_runtime,
+        max_batches=max_batches,
+        settings=settings,
+        workers=workers,
+        slices=slices,
+        control_schema=control_schema,
+        should_stop=should_stop,
+    )
+    kept = None
+    if report.finished:
+        with open_store(bind, control_schema) as store:
+            kept = store.undo_rows(record.id)
+        log.info("revert_finished", backfill=name, rows_kept=kept)
+    return RevertReport(report, kept)
+
+
+def purge_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTROL_SCHEMA) -> int:
+    """Drop the undo log of the reversible backfill ``name``, once the team is sure it stays: the backfill can no
+    longer be reverted. Only a backfill that no run will continue (succeeded or cancelled), with no revert under
+    way, can be purged.
+
+    Returns:
+        The bytes the undo log took.
+
+    Raises:
+        UnknownBackfillError: there is no such backfill.
+        NotReversibleError: it keeps no undo log (not reversible, or purged already).
+        StateTransitionError: the backfill or its revert may still run (nothing is dropped).
+    """
+    with open_store(bind, control_schema) as store:
+        record = _reversible(store, name)
+        return store.purge(record, name + REVERT_SUFFIX)
 
 
 def drop_backfill_trigger(

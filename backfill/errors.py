@@ -31,6 +31,7 @@ __all__ = [
     "KeyChangedError",
     "KeyRoundTripError",
     "BackfillBusyError",
+    "NotReversibleError",
 ]
 
 
@@ -188,3 +189,8 @@ class PoolerError(BackfillError):
 
 class BackfillBusyError(BackfillError):
     """Raised when an action needs a backfill that a live runner holds, such as deleting it without ``force``."""
+
+
+class NotReversibleError(BackfillError):
+    """Raised when a revert or a purge names a backfill that keeps no undo log: it was not registered with
+    ``reversible=True``, or its undo log was purged."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from backfill.spec import BackfillSpec
 
-__all__ = ["Plan", "Target"]
+__all__ = ["Plan", "Target", "Reverted"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,23 @@ class Target:
     key_signature: tuple[str, ...] = ()
     #: Update only rows whose values differ from the expressions' results (see ``BackfillSpec.skip_unchanged``).
     skip_unchanged: bool = True
+    #: The ``values`` columns' types with modifier and collation (as :attr:`key_signature`), in the order of their
+    #: names: the undo log's types.
+    value_types: tuple[str, ...] = ()
+    #: A revert's walk: this target is the undo log (its key ``k_1``..., old values ``o_1``..., values the
+    #: backfill wrote ``n_1``...), and each batch writes the old values back into the table ``(schema, table)``
+    #: found by its key columns. None for a backfill.
+    reverts: Reverted | None = None
+
+
+@dataclass(frozen=True)
+class Reverted:
+    """The table a revert writes back into: the backfill's own table, key and columns."""
+
+    schema: str
+    table: str
+    key: tuple[str, ...]
+    columns: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 from backfill.errors import SpecError
 
-__all__ = ["BackfillSpec", "DEFAULT_BATCH_SIZE", "MAX_BATCH_SIZE", "split_table"]
+__all__ = ["BackfillSpec", "DEFAULT_BATCH_SIZE", "MAX_BATCH_SIZE", "REVERT_SUFFIX", "split_table"]
 
 #: Where batches start when the spec leaves ``batch_size`` open (they then adapt to a target duration).
 DEFAULT_BATCH_SIZE = 10_000
@@ -24,6 +24,9 @@ DEFAULT_BATCH_SIZE = 10_000
 MAX_BATCH_SIZE = 1_000_000_000
 
 _MAX_NAME = 200
+
+#: A revert is a backfill of its own, named after the one it reverts with this suffix.
+REVERT_SUFFIX = ":revert"
 
 
 def split_table(table: str, schema: str | None = None) -> tuple[str | None, str]:
@@ -65,6 +68,10 @@ class BackfillSpec:
             is then evaluated twice per row (once to compare, once to set): set it False for expressions that
             must be applied to every row regardless, or that are volatile or have side effects (``nextval``,
             ``random()``, ``clock_timestamp()``, a function that writes).
+        reversible: keep what each batch overwrites in an undo log (a table in the control schema whose columns
+            have the target's types), written by the batch's own statement, so ``revert_backfill`` can put every
+            row back exactly, and leave alone the rows the application changed after the backfill wrote them.
+        reverts: set by ``revert_backfill`` only: this backfill walks the undo log ``(schema, table)`` back.
 
     Raises:
         SpecError: a field is malformed.
@@ -79,11 +86,13 @@ class BackfillSpec:
     schema: str | None = None
     keep_in_sync: bool = False
     skip_unchanged: bool = True
+    reversible: bool = False
+    reverts: tuple[str, str] | None = None
     _frozen_values: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         name = _text(self.name, "backfill name")
-        if len(name) > _MAX_NAME:
+        if len(name) > _MAX_NAME + (len(REVERT_SUFFIX) if self.reverts is not None else 0):
             raise SpecError(f"backfill name is longer than {_MAX_NAME} characters")
         schema, table = split_table(_text(self.table, "table"), self.schema)
         if schema is not None:
@@ -111,10 +120,20 @@ class BackfillSpec:
             raise SpecError(f"keep_in_sync must be True or False, got {self.keep_in_sync!r}")
         if not isinstance(self.skip_unchanged, bool):
             raise SpecError(f"skip_unchanged must be True or False, got {self.skip_unchanged!r}")
+        if not isinstance(self.reversible, bool):
+            raise SpecError(f"reversible must be True or False, got {self.reversible!r}")
+        reverts = self.reverts
+        if reverts is not None:
+            reverts = tuple(reverts)  # type: ignore[assignment]
+            if len(reverts) != 2 or not all(isinstance(part, str) and part for part in reverts):
+                raise SpecError(f"reverts must be a (schema, table) pair, got {self.reverts!r}")
+            if self.reversible or self.keep_in_sync:
+                raise SpecError("a revert is neither reversible nor kept in sync")
         object.__setattr__(self, "table", table)
         object.__setattr__(self, "schema", schema)
         object.__setattr__(self, "values", values)
         object.__setattr__(self, "key", key)
+        object.__setattr__(self, "reverts", reverts)
         object.__setattr__(self, "_frozen_values", tuple(values.items()))
 
     def __hash__(self) -> int:
@@ -128,6 +147,8 @@ class BackfillSpec:
                 self.key,
                 self.keep_in_sync,
                 self.skip_unchanged,
+                self.reversible,
+                self.reverts,
             )
         )
 
@@ -159,11 +180,16 @@ class BackfillSpec:
         if self.keep_in_sync:
             # Only when set: specs stored before the option existed keep their fingerprint.
             data["keep_in_sync"] = True
+        if self.reversible:
+            data["reversible"] = True
+        if self.reverts is not None:
+            data["reverts"] = list(self.reverts)
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BackfillSpec:
         key: Iterable[str] | None = data.get("key")
+        reverts = data.get("reverts")
         return cls(
             name=data["name"],
             table=data["table"],
@@ -174,6 +200,8 @@ class BackfillSpec:
             schema=data.get("schema"),
             keep_in_sync=bool(data.get("keep_in_sync", False)),
             skip_unchanged=data.get("skip_unchanged", True),
+            reversible=bool(data.get("reversible", False)),
+            reverts=(reverts[0], reverts[1]) if reverts is not None else None,
         )
 
     def fingerprint(self) -> str:

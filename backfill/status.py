@@ -38,6 +38,9 @@ class BackfillStatus:
 
     record: BackfillRecord
     slices: tuple[SliceRecord, ...]
+    #: Bytes of the backfill's undo log (a reversible backfill's; after a revert, the rows it left as the
+    #: application wrote them); None when it keeps none.
+    undo_bytes: int | None = None
 
     @property
     def checkpoint(self) -> Key | None:
@@ -106,6 +109,7 @@ class BackfillStatus:
             "upper_bound": record.upper_bound,
             "owner": record.owner,
             "heartbeat_at": _iso(record.heartbeat_at),
+            "undo_bytes": self.undo_bytes,
             "slices": [
                 {
                     "slice": piece.slice,

@@ -19,8 +19,8 @@ from psycopg.rows import class_row
 from backfill.errors import KeyChangedError, KeyRoundTripError, PlanError, describe
 from backfill.pg import statements as sql
 from backfill.pg.walk import check_walk
-from backfill.plan import Plan, Target
-from backfill.spec import BackfillSpec
+from backfill.plan import Plan, Reverted, Target
+from backfill.spec import REVERT_SUFFIX, BackfillSpec
 
 __all__ = ["resolve", "checked_key"]
 
@@ -62,6 +62,8 @@ def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: 
     Raises:
         PlanError: the spec does not fit the database; the message names the table, column or expression.
     """
+    if spec.reverts is not None:
+        return _resolve_revert(conn, spec, lock_timeout)
     name = spec.qualified_table
     with conn.transaction():
         conn.execute(sql.SET_TIMEOUTS, (lock_timeout, "60s"))
@@ -118,6 +120,7 @@ def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: 
             where=spec.where,
             key_signature=tuple(columns[c].signature for c in key),
             skip_unchanged=spec.skip_unchanged,
+            value_types=tuple(columns[c].signature for c in sorted(spec.values)),
         )
         statements = sql.for_target(target)
         for column, expression in spec.values.items():
@@ -134,6 +137,56 @@ def resolve(conn: psycopg.Connection[Any], spec: BackfillSpec, *, lock_timeout: 
         spec=spec.with_changes(schema=schema, table=table, key=key),
         target=target,
         estimated_rows=found.estimated_rows if found.estimated_rows >= 0 else None,
+        server_version=int(version[0]),
+        key_signature=target.key_signature,
+    )
+
+
+def _find(conn: psycopg.Connection[Any], schema: str | None, table: str) -> _Relation | None:
+    return (
+        conn.cursor(row_factory=class_row(_Relation))
+        .execute(sql.FIND_TABLE, {"schema": schema, "table": table})
+        .fetchone()
+    )
+
+
+def _resolve_revert(conn: psycopg.Connection[Any], spec: BackfillSpec, lock_timeout: str) -> Plan:
+    """The plan of a revert: walk the undo log by its key, writing back into the backfill's table (see
+    ``TargetSQL._write_back``)."""
+    assert spec.reverts is not None and spec.schema is not None and spec.key is not None
+    undo_schema, undo_name = spec.reverts
+    original = spec.name.removesuffix(REVERT_SUFFIX)
+    with conn.transaction():
+        conn.execute(sql.SET_TIMEOUTS, (lock_timeout, "60s"))
+        undo = _find(conn, undo_schema, undo_name)
+        if undo is None:
+            raise PlanError(f"backfill {original!r} has no undo log any more ({undo_schema}.{undo_name} was purged)")
+        table = _find(conn, spec.schema, spec.table)
+        if table is None:
+            raise PlanError(f"table {spec.qualified_table} does not exist")
+        present = {row[0] for row in conn.execute(sql.TABLE_COLUMNS, (table.oid,))}
+        for column in (*spec.key, *spec.values):
+            if column not in present:
+                raise PlanError(f"column {column!r} does not exist in table {spec.qualified_table}")
+        columns = list(conn.cursor(row_factory=class_row(_Column)).execute(sql.TABLE_COLUMNS, (undo.oid,)))
+        keys = columns[: len(spec.key)]
+        version = conn.execute(sql.SERVER_VERSION).fetchone()
+    assert version is not None
+    target = Target(
+        schema=undo_schema,
+        table=undo_name,
+        key=tuple(c.name for c in keys),
+        key_types=tuple(c.type for c in keys),
+        values=tuple((column, f"o_{i}") for i, column in enumerate(sorted(spec.values), start=1)),
+        where=None,
+        key_signature=tuple(c.signature for c in keys),
+        skip_unchanged=False,
+        reverts=Reverted(spec.schema, spec.table, spec.key, tuple(sorted(spec.values))),
+    )
+    return Plan(
+        spec=spec,
+        target=target,
+        estimated_rows=undo.estimated_rows if undo.estimated_rows >= 0 else None,
         server_version=int(version[0]),
         key_signature=target.key_signature,
     )

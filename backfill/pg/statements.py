@@ -48,6 +48,39 @@ def _text_array(values: tuple[str, ...]) -> sql.Composable:
     return sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(_literal(value) for value in values))
 
 
+def undo_columns(keys: int, values: int) -> list[str]:
+    """The undo log's columns: the key (``k_1``...), the overwritten values (``o_1``...) and the values the backfill
+    wrote (``n_1``...), in the order of the key and of the spec's ``values``. Positional names, so no column of
+    the target can collide with them."""
+    return [
+        *(f"k_{i}" for i in range(1, keys + 1)),
+        *(f"o_{i}" for i in range(1, values + 1)),
+        *(f"n_{i}" for i in range(1, values + 1)),
+    ]
+
+
+def undo_order(values: Sequence[tuple[str, str]]) -> list[str]:
+    """The value columns in the undo log's order: by name, so that a spec read back from the control table (whose
+    JSON keeps no key order) lines up with the log its first registration created."""
+    return sorted(column for column, _ in values)
+
+
+def _row_equal(left: Sequence[sql.Composable], right: Sequence[sql.Composable]) -> sql.Composable:
+    return sql.SQL(" AND ").join(sql.SQL("{} = {}").format(a, b) for a, b in zip(left, right, strict=True))
+
+
+def undo_table(backfill_id: int) -> str:
+    """The name of a reversible backfill's undo log in the control schema."""
+    return f"backfill_undo_{backfill_id}"
+
+
+#: The undo logs' names, as a LIKE pattern (written for statements with placeholders).
+_UNDO_PATTERN = "'backfill\\_undo\\_%%'"
+
+#: Whether a batch goes ahead: the slice was as the runner expected, and the end key reads back exactly.
+_GUARD = sql.SQL("(SELECT ok FROM _backfill_go) AND (SELECT same FROM _backfill_end)")
+
+
 # --- catalog -----------------------------------------------------------------------------------------------------
 
 #: The relation a (schema, table) pair names, or NULL; with schema NULL, the search path decides.
@@ -332,7 +365,9 @@ class TargetSQL(Target):
             self.relation, self._assignments(), self._rows_to_change(self._range(has_lower))
         )
 
-    def batch(self, tables: ControlTables, has_lower: bool) -> sql.Composed:
+    def batch(
+        self, tables: ControlTables, has_lower: bool, undo: sql.Composable | None = None, returning_old: bool = False
+    ) -> sql.Composed:
         """A whole batch in one statement, so it costs one round trip whatever the network (params: see
         :meth:`batch_params`). Run it after :meth:`ControlTables.lock_slice` in the same transaction.
 
@@ -345,6 +380,11 @@ class TargetSQL(Target):
         changed, the slice's rows so far and the seconds the transaction has spent in the database (what adaptive
         sizing measures: the network's share is not the batch's cost).
         The range conditions stay index conditions: the end key reaches the UPDATE as an InitPlan parameter.
+
+        With ``undo`` (a reversible backfill's undo log), the same statement also stores each changed row's key,
+        old values and new values there (see :meth:`_write_reversibly`); a revert's target writes the old values
+        back instead (see :meth:`_write_back`). Either way, a batch's rows, undo rows and checkpoint commit or
+        roll back together.
         """
         ends = [sql.Identifier(f"end_{i}") for i in range(len(self.key))]
         end_row = ends[0] if len(ends) == 1 else sql.SQL("({})").format(sql.SQL(", ").join(ends))
@@ -361,10 +401,7 @@ class TargetSQL(Target):
           ORDER BY {order} OFFSET %s LIMIT 1)
         UNION ALL SELECT 1, {key_param_list}
     ) k (o, {ends}) ORDER BY o LIMIT 1
-), _backfill_changed AS (
-    UPDATE {t} SET {assignments}
-     WHERE (SELECT ok FROM _backfill_go) AND (SELECT same FROM _backfill_end) AND {changes} RETURNING 1
-)
+), {write}
 UPDATE {s} SET checkpoint = (SELECT jsonb_build_array({ends_text}) FROM _backfill_end),
        done = (SELECT {end_row} = {key_params} FROM _backfill_end),
        rows_updated = rows_updated + (SELECT count(*) FROM _backfill_changed), batches = batches + 1,
@@ -394,12 +431,180 @@ RETURNING checkpoint, done, (SELECT count(*) FROM _backfill_changed) AS rows, ro
             key_param_list=self._key_param_list(),
             range=self._range(has_lower),
             order=self._order(),
-            assignments=self._assignments(),
-            changes=self._rows_to_change(
-                sql.SQL("{}{} <= (SELECT {} FROM _backfill_end)").format(
-                    lower, self._key_row(), sql.SQL(", ").join(ends)
-                )
+            write=self._write(has_lower, lower, ends, undo, returning_old),
+        )
+
+    def _write(
+        self,
+        has_lower: bool,
+        lower: sql.Composable,
+        ends: list[sql.Identifier],
+        undo: sql.Composable | None,
+        returning_old: bool,
+    ) -> sql.Composable:
+        """The batch's CTEs that change rows; the last one, ``_backfill_changed``, returns a row per changed row.
+        Each consumes the lower key's parameters once, where the plain UPDATE does."""
+        if self.reverts is not None:
+            return self._write_back(has_lower)
+        if undo is not None:
+            return self._write_reversibly(has_lower, undo, returning_old)
+        changes = self._rows_to_change(
+            sql.SQL("{}{} <= (SELECT {} FROM _backfill_end)").format(lower, self._key_row(), sql.SQL(", ").join(ends))
+        )
+        return sql.SQL(
+            """_backfill_changed AS (
+    UPDATE {t} SET {assignments} WHERE {guard} AND {changes} RETURNING 1
+)"""
+        ).format(t=self.relation, assignments=self._assignments(), guard=_GUARD, changes=changes)
+
+    def _lower_cte(self, has_lower: bool) -> sql.Composable:
+        # The lower key, bound once and used by several CTEs (a row comparison with a one-row subquery stays an
+        # index condition, as the end key's does).
+        if not has_lower:
+            return sql.SQL("")
+        return sql.SQL("_backfill_low AS (SELECT {}), ").format(
+            sql.SQL(", ").join(
+                sql.SQL("{} AS {}").format(p, sql.Identifier(f"low_{i}"))
+                for i, p in enumerate(sql.SQL("CAST(%s AS {})").format(sql.SQL(t)) for t in self.key_types)
+            )
+        )
+
+    def _between(self, has_lower: bool, columns: Sequence[sql.Composable]) -> sql.Composable:
+        """``columns`` (a key) within the batch's range: after the lower key, up to the end key."""
+        row = columns[0] if len(columns) == 1 else sql.SQL("({})").format(sql.SQL(", ").join(columns))
+        n = len(columns)
+        upto = sql.SQL("{} <= (SELECT {} FROM _backfill_end)").format(
+            row, sql.SQL(", ").join(sql.Identifier(f"end_{i}") for i in range(n))
+        )
+        if not has_lower:
+            return upto
+        return sql.SQL("{} > (SELECT {} FROM _backfill_low) AND {}").format(
+            row, sql.SQL(", ").join(sql.Identifier(f"low_{i}") for i in range(n)), upto
+        )
+
+    def _undo_columns(self) -> sql.Composable:
+        return sql.SQL(", ").join(sql.Identifier(name) for name in undo_columns(len(self.key), len(self.values)))
+
+    def _write_reversibly(self, has_lower: bool, undo: sql.Composable, returning_old: bool) -> sql.Composable:
+        """The UPDATE, returning each changed row's key, the values it overwrote and the values it wrote, and the
+        INSERT of those into the undo log.
+
+        PostgreSQL 18 returns the overwritten values itself (``RETURNING old.col``), as they were in the row
+        version the UPDATE replaced. Before 18, the rows are first locked and read (``SELECT ... FOR UPDATE``,
+        which reads the newest version of a row another transaction changed meanwhile, and keeps it so until the
+        batch commits), and the UPDATE joins them by key: it changes exactly the rows that were read."""
+        key = [_ident(c) for c in self.key]
+        columns = [_ident(c) for c in undo_order(self.values)]
+        qualified = [sql.SQL("{}.{}").format(self.relation, c) for c in key]
+        if returning_old:
+            returning = sql.SQL(", ").join(
+                [
+                    *(sql.SQL("_backfill_new.{}").format(c) for c in key),
+                    *(sql.SQL("_backfill_old.{}").format(c) for c in columns),
+                    *(sql.SQL("_backfill_new.{}").format(c) for c in columns),
+                ]
+            )
+            change = sql.SQL(
+                """UPDATE {t} SET {assignments} WHERE {guard} AND {changes}
+    RETURNING WITH (OLD AS _backfill_old, NEW AS _backfill_new) {returning}"""
+            ).format(
+                t=self.relation,
+                assignments=self._assignments(),
+                guard=_GUARD,
+                changes=self._rows_to_change(self._between(has_lower, qualified)),
+                returning=returning,
+            )
+            read: sql.Composable = sql.SQL("")
+        else:
+            read_keys = [sql.Identifier(f"_backfill_k_{i}") for i in range(len(key))]
+            read_old = [sql.Identifier(f"_backfill_o_{i}") for i in range(len(columns))]
+            read = sql.SQL(
+                """_backfill_read AS (
+    SELECT {selected} FROM {t} WHERE {guard} AND {changes} FOR UPDATE
+), """
+            ).format(
+                selected=sql.SQL(", ").join(
+                    sql.SQL("{} AS {}").format(c, name)
+                    for c, name in zip([*key, *columns], [*read_keys, *read_old], strict=True)
+                ),
+                t=self.relation,
+                guard=_GUARD,
+                changes=self._rows_to_change(self._between(has_lower, qualified)),
+            )
+            change = sql.SQL(
+                """UPDATE {t} SET {assignments} FROM _backfill_read
+     WHERE {same_key} AND {range}
+    RETURNING {returning}"""
+            ).format(
+                t=self.relation,
+                assignments=self._assignments(),
+                same_key=_row_equal(qualified, [sql.SQL("_backfill_read.{}").format(k) for k in read_keys]),
+                range=self._between(has_lower, qualified),
+                returning=sql.SQL(", ").join(
+                    [
+                        *(sql.SQL("_backfill_read.{}").format(k) for k in read_keys),
+                        *(sql.SQL("_backfill_read.{}").format(o) for o in read_old),
+                        *(sql.SQL("{}.{}").format(self.relation, c) for c in columns),
+                    ]
+                ),
+            )
+        names = self._undo_columns()
+        return sql.SQL(
+            """{low}{read}_backfill_changed AS (
+    {change}
+), _backfill_undo AS (
+    INSERT INTO {undo} ({names}) SELECT * FROM _backfill_changed
+)"""
+        ).format(low=self._lower_cte(has_lower), read=read, change=change, undo=undo, names=names)
+
+    def _write_back(self, has_lower: bool) -> sql.Composable:
+        """A revert's batch: this target is the undo log. Each of its rows in the range whose table row still
+        holds the values the backfill wrote (compared as text, as ``skip_unchanged`` compares) gets its old
+        values back, and leaves the undo log; a row the application changed since is left as it is, and its undo
+        row stays (what is left once the revert has finished is exactly what it kept)."""
+        reverts = self.reverts
+        assert reverts is not None
+        n, m = len(self.key), len(self.values)
+        names = undo_columns(n, m)
+        keys, old, new = names[:n], names[n : n + m], names[n + m :]
+        dest = _ident(reverts.schema, reverts.table)
+        dest_key = [sql.SQL("{}.{}").format(dest, _ident(c)) for c in reverts.key]
+        undo_key = [sql.SQL("_backfill_undo.{}").format(sql.Identifier(k)) for k in keys]
+        still_written = sql.SQL(" AND ").join(
+            sql.SQL("{}.{}::text IS NOT DISTINCT FROM _backfill_undo.{}::text").format(
+                dest, _ident(c), sql.Identifier(written)
+            )
+            for c, written in zip(reverts.columns, new, strict=True)
+        )
+        forgotten = [sql.SQL("_backfill_forget.{}").format(sql.Identifier(k)) for k in keys]
+        return sql.SQL(
+            """{low}_backfill_undo AS (
+    SELECT {names} FROM {undo} WHERE {guard} AND {range}
+), _backfill_changed AS (
+    UPDATE {dest} SET {assignments} FROM _backfill_undo
+     WHERE {same_key} AND {dest_range} AND {still_written}
+    RETURNING {undo_key}
+), _backfill_forgotten AS (
+    DELETE FROM {undo} _backfill_forget USING _backfill_changed
+     WHERE {forget_key} AND {forget_range}
+)"""
+        ).format(
+            low=self._lower_cte(has_lower),
+            names=sql.SQL(", ").join(sql.Identifier(c) for c in names),
+            undo=self.relation,
+            guard=_GUARD,
+            range=self._between(has_lower, [sql.Identifier(k) for k in keys]),
+            dest=dest,
+            assignments=sql.SQL(", ").join(
+                sql.SQL("{} = _backfill_undo.{}").format(_ident(c), sql.Identifier(o))
+                for c, o in zip(reverts.columns, old, strict=True)
             ),
+            same_key=_row_equal(dest_key, undo_key),
+            dest_range=self._between(has_lower, dest_key),
+            still_written=still_written,
+            undo_key=sql.SQL(", ").join(undo_key),
+            forget_key=_row_equal(forgotten, [sql.SQL("_backfill_changed.{}").format(sql.Identifier(k)) for k in keys]),
+            forget_range=self._between(has_lower, forgotten),
         )
 
     @staticmethod
@@ -451,7 +656,10 @@ RETURNING checkpoint, done, (SELECT count(*) FROM _backfill_changed) AS rows, ro
 @functools.lru_cache(maxsize=64)
 def for_target(target: Target) -> TargetSQL:
     """The batch statements of a resolved target (composed once per target, not once per batch)."""
-    return target if isinstance(target, TargetSQL) else TargetSQL(**dataclasses.asdict(target))
+    if isinstance(target, TargetSQL):
+        return target
+    # Field by field: asdict() would turn a nested dataclass (a revert's Reverted) into a dict.
+    return TargetSQL(**{field.name: getattr(target, field.name) for field in dataclasses.fields(target)})
 
 
 def state_literal(value: RunState) -> sql.Literal:
@@ -540,7 +748,58 @@ class ControlTables:
         ]
         return [sql.SQL(s).format(**f) for s in statements]
 
-    def distrust(self) -> sql.SQL:
+    def undo(self, backfill_id: int) -> sql.SQL:
+        """The undo log of a reversible backfill (in the control schema, named by the backfill's id)."""
+        return self._t(undo_table(backfill_id))
+
+    def create_undo(self, backfill_id: int, key_types: Sequence[str], value_types: Sequence[str]) -> list[sql.Composed]:
+        """The undo log's DDL: the key, then each value column twice (old, written), each of its column's own type,
+        modifier and collation (exact for every type, as text forms may not be), keyed by the key (which also
+        orders a revert's walk). Access as the control tables': none for PUBLIC."""
+        names = undo_columns(len(key_types), len(value_types))
+        types = [*key_types, *value_types, *value_types]
+        keys = sql.SQL(", ").join(sql.Identifier(name) for name in names[: len(key_types)])
+        return [
+            sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
+                self.undo(backfill_id),
+                sql.SQL(", ").join(
+                    sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(kind.replace("%", "%%")))
+                    for name, kind in zip(names, types, strict=True)
+                ),
+                keys,
+            ),
+            sql.SQL("REVOKE ALL ON {} FROM PUBLIC").format(self.undo(backfill_id)),
+        ]
+
+    def drop_undo(self, backfill_id: int) -> sql.Composed:
+        return sql.SQL("DROP TABLE IF EXISTS {}").format(self.undo(backfill_id))
+
+    def count_undo(self, backfill_id: int) -> sql.Composed:
+        return sql.SQL("SELECT count(*) FROM {}").format(self.undo(backfill_id))
+
+    def undo_tables(self) -> sql.Composed:
+        """(schema): the undo logs in the control schema: table name and total size in bytes (indexes and TOAST
+        included)."""
+        return sql.SQL(
+            """SELECT c.relname::text, pg_catalog.pg_total_relation_size(c.oid)
+                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname = %s AND c.relkind = 'r' AND c.relname LIKE {pattern}"""
+        ).format(pattern=sql.SQL(_UNDO_PATTERN))
+
+    def runner_roles(self) -> sql.Composed:
+        """The roles granted UPDATE on the slices (``init --grant``): a new undo log is granted to them too."""
+        return sql.SQL(
+            """SELECT DISTINCT r.rolname::text
+                 FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+                 JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+                WHERE c.oid = {slices}::regclass AND a.privilege_type = 'UPDATE' AND a.grantee <> c.relowner"""
+        ).format(slices=_literal(sql.Identifier(self.schema, "backfill_slices").as_string(None)))
+
+    def grant_undo(self, table: str, role: str) -> sql.Composed:
+        """What a runner needs on an undo log: write it (a run), read and empty it (a revert)."""
+        return sql.SQL("GRANT SELECT, INSERT, DELETE ON {} TO {}").format(self._t(table), _ident(role))
+
+    def distrust(self) -> sql.Composed:
         """(schema=, role=): one line per reason for ``role`` (NULL: the current user) not to trust the control
         tables that exist in ``schema``; no row when there is none.
 
@@ -563,7 +822,9 @@ class ControlTables:
                 SELECT c.oid, n.nspname, c.relname, c.relkind, c.relowner, c.relrowsecurity, c.relacl,
                        pg_catalog.format('%%I.%%I', n.nspname, c.relname) AS label
                   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                 WHERE n.nspname = %(schema)s AND c.relname IN ('backfills', 'backfill_slices', 'backfill_meta')
+                 WHERE n.nspname = %(schema)s
+                   AND (c.relname IN ('backfills', 'backfill_slices', 'backfill_meta')
+                        OR (c.relname LIKE {pattern} AND c.relkind <> 'i'))
             )
             SELECT pg_catalog.format('schema %%I is owned by role %%I', n.nspname, n.nspowner::regrole::text)
               FROM pg_catalog.pg_namespace n
@@ -590,7 +851,7 @@ class ControlTables:
               FROM t JOIN pg_catalog.pg_attribute c ON c.attrelid = t.oid, pg_catalog.aclexplode(c.attacl) a
              WHERE a.grantee = 0
             """
-        )
+        ).format(pattern=sql.SQL(_UNDO_PATTERN))
 
     def grant(self, role: str) -> list[sql.Composed]:
         """What a runner needs on the control tables, and nothing more: read every table; add backfills (``run``
@@ -729,6 +990,10 @@ class ControlTables:
             succeeded=state_literal(RunState.SUCCEEDED),
             running=state_literal(RunState.RUNNING),
         )
+
+    def lock_slices(self) -> sql.Composed:
+        """(backfill_id): every slice of a backfill, locked (waits for the batches running on them to end)."""
+        return sql.SQL("SELECT slice FROM {} WHERE backfill_id = %s ORDER BY slice FOR UPDATE").format(self.slices)
 
     def lock_backfill(self) -> sql.Composed:
         """(id): serialises changes to a backfill's set of slices (slice numbers are taken under this lock)."""

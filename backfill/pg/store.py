@@ -55,6 +55,8 @@ from backfill.store import (
 
 __all__ = ["PostgresStore"]
 
+#: The first server version whose RETURNING reads the values an UPDATE overwrote (``old.col``).
+_RETURNING_OLD = 180000
 #: Tries of a first-time ``init`` that lost a race on the catalog to another one.
 _INIT_ATTEMPTS = 3
 _POOLER = (
@@ -123,9 +125,12 @@ def _ms(seconds: float) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _batch_statement(target: Target, tables: sql.ControlTables, has_lower: bool) -> pgsql.Composed:
+def _batch_statement(
+    target: Target, tables: sql.ControlTables, has_lower: bool, undo: int | None, returning_old: bool
+) -> pgsql.Composed:
     # Composed once per target and range shape, not once per batch.
-    return sql.for_target(target).batch(tables, has_lower)
+    log = tables.undo(undo) if undo is not None else None
+    return sql.for_target(target).batch(tables, has_lower, log, returning_old)
 
 
 class PostgresStore:
@@ -228,6 +233,8 @@ class PostgresStore:
                 )
             for statement in self.tables.grant(role):
                 self.conn.execute(statement, ())
+            for table, _ in self.conn.execute(self.tables.undo_tables(), (self.tables.schema,)).fetchall():
+                self.conn.execute(self.tables.grant_undo(table, role), ())
 
     def _problems(self, role: str | None = None) -> list[str]:
         params = {"schema": self.tables.schema, "role": role}
@@ -307,6 +314,8 @@ class PostgresStore:
         conn = self.conn
         with conn.transaction():
             inserted = conn.execute(self.tables.insert(), (spec.name, _document(plan), fingerprint)).fetchone()
+            if inserted is not None and spec.reversible:
+                self._create_undo(inserted[0], plan)
             if inserted is None:
                 row = self._select(spec.name, lock=True)
                 assert row is not None
@@ -315,6 +324,11 @@ class PostgresStore:
                     if not force:
                         raise SpecMismatchError(_mismatch(old.spec, spec))
                     same_walk = (old.spec.schema, old.spec.table, old.spec.key) == (spec.schema, spec.table, spec.key)
+                    if old.spec.reversible != spec.reversible:
+                        raise SpecMismatchError(
+                            f"backfill {spec.name!r} is {'' if old.spec.reversible else 'not '}reversible; a "
+                            "stored backfill cannot become so or stop being so: register it under a new name"
+                        )
                     if old.started_at is not None and not same_walk:
                         raise SpecMismatchError(
                             f"backfill {spec.name!r} has started on {old.spec.qualified_table} by key "
@@ -386,9 +400,75 @@ class PostgresStore:
         return held
 
     def delete(self, backfill_id: int) -> None:
-        """Delete a backfill's control row and its slices (the data it changed stays)."""
+        """Delete a backfill's control row and its slices, and its undo log if it has one (the data it changed
+        stays)."""
         with self.conn.transaction():
             self.conn.execute(self.tables.delete(), (backfill_id,))
+            self.conn.execute(self.tables.drop_undo(backfill_id), ())
+
+    # --- undo logs -------------------------------------------------------------------------------------------
+
+    def _create_undo(self, backfill_id: int, plan: Plan) -> None:
+        # In the registering transaction: a reversible backfill never exists without its undo log.
+        target = plan.target
+        for statement in self.tables.create_undo(backfill_id, target.key_signature, target.value_types):
+            self.conn.execute(statement, ())
+        for (role,) in self.conn.execute(self.tables.runner_roles(), ()).fetchall():
+            self.conn.execute(self.tables.grant_undo(sql.undo_table(backfill_id), role), ())
+
+    def undo_sizes(self) -> dict[int, int]:
+        """Bytes of each undo log in the control schema, by backfill id."""
+        rows = self.conn.execute(self.tables.undo_tables(), (self.tables.schema,)).fetchall()
+        prefix = sql.undo_table(0).removesuffix("0")
+        return {int(name.removeprefix(prefix)): size for name, size in rows if name.removeprefix(prefix).isdigit()}
+
+    def undo_rows(self, backfill_id: int) -> int:
+        """Rows in a backfill's undo log (after a revert: the rows it left as the application wrote them)."""
+        row = self.conn.execute(self.tables.count_undo(backfill_id), ()).fetchone()
+        return int(row[0]) if row else 0
+
+    def purge(self, record: BackfillRecord, revert_name: str) -> int:
+        """Drop the undo log of ``record`` unless the backfill or its revert (``revert_name``) may still run;
+        returns its size in bytes.
+
+        Raises:
+            StateTransitionError: the backfill or its revert is not succeeded or cancelled.
+        """
+        conn = self.conn
+        with conn.transaction():
+            # The backfill's row lock keeps a revert from starting meanwhile (begin_revert takes it first).
+            for name in (record.name, revert_name):
+                row = self._select(name, lock=True)
+                if row is not None and not row.state.terminal:
+                    raise StateTransitionError(
+                        f"cannot purge the undo log of backfill {record.name!r}: {name!r} is {row.state.value} and "
+                        "would still use it (let it finish, or cancel it first)"
+                    )
+            size = self.undo_sizes().get(record.id, 0)
+            conn.execute(self.tables.drop_undo(record.id), ())
+        return size
+
+    def begin_revert(self, record: BackfillRecord, revert: BackfillSpec) -> BackfillRecord:
+        """Stop the backfill for good and register its revert (or find the one registered before).
+
+        The backfill is cancelled under its row's lock unless it has succeeded, and then each of its slices is
+        locked once: a batch that started before the cancel holds its slice's row until it commits, so once this
+        returns, every undo row the backfill will ever write is committed, and the revert's walk, fixed later,
+        covers them all.
+        """
+        conn = self.conn
+        with conn.transaction():
+            row = self._select(record.name, lock=True)
+            if row is None:
+                raise UnknownBackfillError(f"no backfill named {record.name!r}")
+            if row.state is not RunState.SUCCEEDED and row.state is not RunState.CANCELLED:
+                error = f"reverted (by {revert.name!r})"
+                conn.execute(self.tables.set_state(), (RunState.CANCELLED.value, error, True, row.id))
+            document = Jsonb({**revert.to_dict(), "key_signature": None})
+            conn.execute(self.tables.insert(), (revert.name, document, revert.fingerprint()))
+        with conn.transaction():
+            conn.execute(self.tables.lock_slices(), (record.id,))
+        return self.get(revert.name)
 
     # --- runner side -----------------------------------------------------------------------------------------
 
@@ -504,7 +584,7 @@ class PostgresStore:
         unexplained = 0
         for _ in range(3):
             expected = self._positions.get(where)
-            found, done, finished = self._batch_round_trip(plan.target, request, expected)
+            found, done, finished = self._batch_round_trip(plan, request, expected)
             assert found.state is not None
             state = RunState(found.state)
             if not found.mine and where in self._claims:
@@ -542,16 +622,18 @@ class PostgresStore:
         raise LockLostError(f"slice {request.slice} keeps moving under this runner: another runner works on it")
 
     def _batch_round_trip(
-        self, target: Target, request: BatchRequest, expected: tuple[Key | None, Key] | None
+        self, plan: Plan, request: BatchRequest, expected: tuple[Key | None, Key] | None
     ) -> tuple[_LockedSlice, _BatchDone | None, bool]:
         """The batch's statements pipelined into one implicit transaction (committed at the pipeline's sync):
         the timeouts, the slice's lock, the batch, and, once every slice is done, marking the backfill
         succeeded. Returns the slice as locked, what the batch did (None if it did not run), and whether it
         finished the backfill."""
-        tables = self.tables
+        tables, target = self.tables, plan.target
         # No expectation: an upper bound no slice has (NULLs), so the batch only locks and reads the slice.
         checkpoint, upper = expected if expected is not None else (None, [None] * len(target.key))
-        statement = _batch_statement(target, tables, checkpoint is not None)
+        undo = request.backfill_id if plan.spec.reversible else None
+        returning_old = self.conn.info.server_version >= _RETURNING_OLD
+        statement = _batch_statement(target, tables, checkpoint is not None, undo, returning_old)
         claimed = (request.backfill_id, request.slice) in self._claims
         params = sql.TargetSQL.batch_params(
             request.backfill_id, request.slice, checkpoint, upper, claimed, request.batch_size, request.owner
@@ -665,6 +747,7 @@ def _mismatch(old: BackfillSpec, new: BackfillSpec) -> str:
             ("where", old.where, new.where),
             ("key", old.key, new.key),
             ("keep_in_sync", old.keep_in_sync, new.keep_in_sync),
+            ("reversible", old.reversible, new.reversible),
         )
         if a != b
     ]

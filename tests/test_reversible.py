@@ -1,0 +1,134 @@
+"""Reversible backfills: each batch keeps what it overwrote in an undo log (in the batch's own statement), and
+``revert_backfill`` puts it back exactly, batch by batch, leaving alone (and counting) the rows the application
+changed since the backfill wrote them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+import backfill
+from backfill import BackfillSpec, NotReversibleError, RunOutcome, StateTransitionError
+
+#: Old values of every kind a revert must put back exactly: NULLs, quotes, json text as written (spacing, key
+#: order, duplicate keys), jsonb, arrays with NULLs and quotes, numerics with trailing zeros, timestamps.
+ROWS = """
+INSERT INTO docs (tenant, id, label, doc, docb, tags, amount, seen) VALUES
+  ('a', 0.1, NULL, NULL, NULL, NULL, NULL, NULL),
+  ('a', 1e-300, 'it''s "quoted" \\ back', '{"b": 1,  "a": [1, 2], "a": 3}', '{"x": {"y": null}}',
+   ARRAY['x''y', NULL, '"z"'], 1.500, '2024-02-29 23:59:59.999999+00'),
+  ('b', -0.3333333333333333, '', '[]', '[]', '{}', -0.0, 'infinity'),
+  ('it''s', 1.7976931348623157e308, E'tab\\there\\nnewline', '"str"', '"str"', ARRAY[''], 0, '-infinity')
+"""
+
+VALUES = {
+    "label": "'new ' || tenant",
+    "doc": "json_build_object('id', id)",
+    "docb": "jsonb_build_object('id', id)",
+    "tags": "ARRAY[tenant]",
+    "amount": "42.42",
+    "seen": "'2000-01-01 00:00:00+00'::timestamptz",
+}
+
+
+@pytest.fixture
+def docs(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+    conn.execute(
+        "CREATE TABLE docs (tenant text, id double precision, label text, doc json, docb jsonb, tags text[], "
+        "amount numeric(12, 4), seen timestamptz, PRIMARY KEY (tenant, id))"
+    )
+    conn.execute(ROWS)
+    conn.execute(
+        "INSERT INTO docs (tenant, id, label, amount) SELECT 't' || (g % 7), g / 3.0, 'row ' || g, g FROM "
+        "generate_series(1, 1500) g"
+    )
+    return conn
+
+
+def snapshot(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    """Every row in its exact text form (json keeps its text; floats all their digits)."""
+    return conn.execute(
+        "SELECT tenant, id::text, label, doc::text, docb::text, tags::text, amount::text, seen::text FROM docs "
+        "ORDER BY tenant, id"
+    ).fetchall()
+
+
+def test_a_revert_restores_every_row_to_its_exact_old_value(docs: psycopg.Connection[Any], db_url: str) -> None:
+    before = snapshot(docs)
+    run = backfill.run_backfill(db_url, BackfillSpec("fill", "docs", VALUES, batch_size=100, reversible=True))
+    assert (run.outcome, run.rows_updated) == (RunOutcome.FINISHED, 1504)
+    assert snapshot(docs) != before
+    status = backfill.backfill_status(db_url, "fill")[0]
+    assert status.undo_bytes is not None and status.undo_bytes > 0
+    assert status.to_json()["undo_bytes"] == status.undo_bytes
+
+    report = backfill.revert_backfill(db_url, "fill", settings=backfill.RunSettings(batch_size=70))
+
+    assert (report.run.outcome, report.run.rows_updated, report.rows_kept) == (RunOutcome.FINISHED, 1504, 0)
+    assert report.run.batches > 20
+    assert snapshot(docs) == before
+    assert backfill.get_backfill(db_url, "fill:revert").state is backfill.RunState.SUCCEEDED
+
+
+def test_rows_the_application_changed_after_the_backfill_are_kept_and_counted(
+    docs: psycopg.Connection[Any], db_url: str
+) -> None:
+    before = dict((row[:2], row) for row in snapshot(docs))
+    backfill.run_backfill(db_url, BackfillSpec("fill", "docs", VALUES, batch_size=100, reversible=True))
+    docs.execute("UPDATE docs SET label = 'by the app' WHERE tenant = 't3' AND id < 100")  # after the backfill
+    docs.execute("UPDATE docs SET docb = '{\"app\": 1}' WHERE tenant = 'a'")
+    docs.execute("DELETE FROM docs WHERE tenant = 'b'")
+    changed = docs.execute("SELECT count(*) FROM docs WHERE label = 'by the app' OR docb = '{\"app\": 1}'").fetchone()
+    assert changed is not None and changed[0] > 10
+
+    report = backfill.revert_backfill(db_url, "fill", settings=backfill.RunSettings(batch_size=90))
+
+    assert report.rows_kept == changed[0] + 1  # and the deleted row
+    after = dict((row[:2], row) for row in snapshot(docs))
+    kept = {k for k, row in after.items() if row[2] == "by the app" or row[4] == '{"app": 1}'}
+    assert len(kept) == changed[0]
+    for k, row in after.items():
+        if k in kept:
+            assert row[2] in ("by the app", f"new {k[0]}")  # left as the application wrote it
+        else:
+            assert row == before[k]
+    assert report.run.rows_updated == len(after) - len(kept)
+
+
+def test_a_revert_resumes_from_its_checkpoint(docs: psycopg.Connection[Any], db_url: str) -> None:
+    before = snapshot(docs)
+    backfill.run_backfill(db_url, BackfillSpec("fill", "docs", VALUES, batch_size=100, reversible=True))
+    settings = backfill.RunSettings(batch_size=100)
+
+    first = backfill.revert_backfill(db_url, "fill", max_batches=4, settings=settings)
+    assert (first.run.outcome, first.run.rows_updated, first.rows_kept) == (RunOutcome.WORK_LEFT, 400, None)
+    second = backfill.revert_backfill(db_url, "fill", settings=settings)
+
+    assert (second.run.outcome, second.run.rows_updated, second.rows_kept) == (RunOutcome.FINISHED, 1104, 0)
+    assert snapshot(docs) == before
+
+
+def test_a_backfill_that_is_not_reversible_cannot_be_reverted(docs: psycopg.Connection[Any], db_url: str) -> None:
+    backfill.run_backfill(db_url, BackfillSpec("fill", "docs", VALUES))
+    with pytest.raises(NotReversibleError, match="'fill' is not reversible"):
+        backfill.revert_backfill(db_url, "fill")
+    assert not docs.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'backfill_undo%'").fetchone()[0]
+
+
+def test_purge_drops_the_undo_log_once_nothing_will_use_it(docs: psycopg.Connection[Any], db_url: str) -> None:
+    spec = BackfillSpec("fill", "docs", VALUES, batch_size=100, reversible=True)
+    assert backfill.run_backfill(db_url, spec, max_batches=2).outcome is RunOutcome.WORK_LEFT
+    with pytest.raises(StateTransitionError, match="'fill' is running"):
+        backfill.purge_backfill(db_url, "fill")
+    backfill.run_backfill(db_url, "fill")
+
+    size = backfill.purge_backfill(db_url, "fill")
+
+    assert size > 0
+    assert backfill.backfill_status(db_url, "fill")[0].undo_bytes is None
+    with pytest.raises(NotReversibleError, match="purged"):
+        backfill.revert_backfill(db_url, "fill")
+    with pytest.raises(NotReversibleError, match="purged"):
+        backfill.purge_backfill(db_url, "fill")
