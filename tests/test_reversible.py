@@ -4,13 +4,18 @@ changed since the backfill wrote them."""
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import psycopg
 import pytest
+from alembic import command
+from structlog.testing import capture_logs
+from test_alembic_ops import alembic_config, make_project
 
 import backfill
 from backfill import BackfillSpec, NotReversibleError, RunOutcome, StateTransitionError
+from backfill.alembic import BackfillOp, DropBackfillOp, MigrationContextError, RevertBackfillOp
 
 #: Old values of every kind a revert must put back exactly: NULLs, quotes, json text as written (spacing, key
 #: order, duplicate keys), jsonb, arrays with NULLs and quotes, numerics with trailing zeros, timestamps.
@@ -132,3 +137,58 @@ def test_purge_drops_the_undo_log_once_nothing_will_use_it(docs: psycopg.Connect
         backfill.revert_backfill(db_url, "fill")
     with pytest.raises(NotReversibleError, match="purged"):
         backfill.purge_backfill(db_url, "fill")
+
+
+# --- through Alembic -----------------------------------------------------------------------------------------------
+
+REVERSIBLE_REVISION = (
+    """
+    op.execute("ALTER TABLE docs ADD COLUMN shout text")
+    op.backfill("shout", "docs", {"shout": "upper(label)", "label": "label || '!'"}, reversible=True,
+                settings=backfill.RunSettings(batch_size=200))
+    """,
+    """
+    op.revert_backfill("shout")
+    op.execute("ALTER TABLE docs DROP COLUMN shout")
+    """,
+)
+
+
+def test_alembic_upgrade_downgrade_upgrade_again(
+    docs: psycopg.Connection[Any], db_url: str, tmp_path: pathlib.Path
+) -> None:
+    project = make_project(tmp_path, "pass", REVERSIBLE_REVISION)
+    config = alembic_config(db_url, project)
+    before = snapshot(docs)
+    command.upgrade(config, "head")
+    assert docs.execute("SELECT count(*) FROM docs WHERE label LIKE '%!'").fetchone() == (1503,)
+    docs.execute("UPDATE docs SET label = 'app' WHERE tenant = 't1'")  # written by the application since
+
+    with capture_logs() as logs:
+        command.downgrade(config, "0001")
+
+    app = {row[:2] for row in before if row[0] == "t1"}
+    assert [row for row in snapshot(docs) if row[:2] not in app] == [row for row in before if row[:2] not in app]
+    assert [event["rows_kept"] for event in logs if event["event"] == "revert_finished"] == [len(app)]
+    assert docs.execute("SELECT count(*) FROM backfills").fetchone() == (0,)
+    assert docs.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'backfill_undo%'").fetchone() == (0,)
+
+    command.upgrade(config, "head")
+    assert backfill.get_backfill(db_url, "shout").rows_updated == 1503  # one label is NULL: unchanged
+    assert docs.execute("SELECT count(*) FROM docs WHERE shout IS NOT NULL").fetchone() == (1503,)
+
+
+def test_the_reverse_of_a_reversible_backfill_op_reverts_it() -> None:
+    plain = BackfillOp("fill", "docs", VALUES)
+    reversible = BackfillOp("fill", "docs", VALUES, reversible=True, control_schema="ops")
+    assert isinstance(plain.reverse(), DropBackfillOp)
+    reverse = reversible.reverse()
+    assert isinstance(reverse, RevertBackfillOp) and (reverse.name, reverse.control_schema) == ("fill", "ops")
+
+
+def test_offline_a_reversible_backfill_is_refused(
+    docs: psycopg.Connection[Any], db_url: str, tmp_path: pathlib.Path
+) -> None:
+    project = make_project(tmp_path, "pass", REVERSIBLE_REVISION)
+    with pytest.raises(MigrationContextError, match="cannot run offline"):
+        command.upgrade(alembic_config(db_url, project), "head", sql=True)

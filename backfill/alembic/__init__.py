@@ -1,5 +1,5 @@
 """Alembic operations for safe online data migrations: ``op.backfill``, ``op.ensure_backfill_finished``,
-``op.drop_backfill``, ``op.drop_backfill_trigger``, ``op.add_not_null_constraint``,
+``op.drop_backfill``, ``op.revert_backfill``, ``op.drop_backfill_trigger``, ``op.add_not_null_constraint``,
 ``op.validate_not_null_constraint`` and ``op.drop_not_null_constraint``; ``op.add_check_constraint``,
 ``op.validate_check_constraint``, ``op.drop_check_constraint``; ``op.add_foreign_key``, ``op.validate_foreign_key``,
 ``op.drop_foreign_key``; ``op.add_index_concurrently`` and ``op.drop_index_concurrently``.
@@ -40,6 +40,7 @@ __all__ = [
     "backfill",
     "ensure_backfill_finished",
     "drop_backfill",
+    "revert_backfill",
     "drop_backfill_trigger",
     "add_not_null_constraint",
     "validate_not_null_constraint",
@@ -100,6 +101,7 @@ def _typed(op_class: Callable[_P, Op[_R]]) -> Callable[_P, _R]:
 backfill = _typed(ops.BackfillOp)
 ensure_backfill_finished = _typed(ops.EnsureBackfillFinishedOp)
 drop_backfill = _typed(ops.DropBackfillOp)
+revert_backfill = _typed(ops.RevertBackfillOp)
 drop_backfill_trigger = _typed(ops.DropBackfillTriggerOp)
 add_not_null_constraint = _typed(ops.AddNotNullConstraintOp)
 validate_not_null_constraint = _typed(ops.ValidateNotNullConstraintOp)

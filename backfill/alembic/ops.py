@@ -41,6 +41,7 @@ __all__ = [
     "BackfillOp",
     "EnsureBackfillFinishedOp",
     "DropBackfillOp",
+    "RevertBackfillOp",
     "DropBackfillTriggerOp",
     "AddNotNullConstraintOp",
     "ValidateNotNullConstraintOp",
@@ -182,6 +183,9 @@ class BackfillOp(Op[RunReport | None]):
         after ``op.add_not_null_constraint``); a value the application writes is never overwritten. It stays
         until ``op.drop_backfill_trigger(name)`` in a later revision; ``op.drop_backfill(name)`` (this op's
         downgrade) drops it too.
+    :param reversible: keep what each batch overwrites in an undo log (a table in the control schema, written
+        in the batch's own statement), so that ``op.revert_backfill(name)`` (this op's downgrade then) puts
+        every row back exactly (rows the application changed since are left as they are). Not offline.
     :return: the run's :class:`backfill.RunReport`; None when deferred or offline.
 
     In offline mode (``alembic upgrade --sql``) the backfill renders as a ``DO`` block that registers it in the
@@ -206,8 +210,11 @@ class BackfillOp(Op[RunReport | None]):
     force: bool = False
     control_schema: str = DEFAULT_CONTROL_SCHEMA
     keep_in_sync: bool = False
+    reversible: bool = False
 
-    def reverse(self) -> DropBackfillOp:
+    def reverse(self) -> DropBackfillOp | RevertBackfillOp:
+        if self.reversible:
+            return self.like(RevertBackfillOp)
         return DropBackfillOp(self.name, control_schema=self.control_schema)
 
 
@@ -262,6 +269,33 @@ class DropBackfillOp(Op[None]):
     name: str
     _: KW_ONLY
     force: bool = False
+    control_schema: str = DEFAULT_CONTROL_SCHEMA
+
+
+@operation("revert_backfill")
+@dataclass(eq=False)
+class RevertBackfillOp(Op[None]):
+    """Revert the reversible backfill ``name`` (``op.backfill(..., reversible=True)``) and drop it. The downgrade
+    of a reversible ``op.backfill``::
+
+        def downgrade():
+            op.revert_backfill("events_fill_kind")
+
+    Outside the migration's transaction (what it did before is committed first), every value the backfill
+    overwrote is written back from its undo log in short batches, each committed with its checkpoint: if the
+    downgrade dies, running it again resumes. A row the application changed since the backfill wrote it is
+    left as it is (logged with ``revert_finished``, ``rows_kept``). Then the backfill, its revert and its undo
+    log are dropped, so the next upgrade runs ``op.backfill(name, ...)`` again from the start. Unknown names are
+    ignored, so a downgrade can run on a database the backfill never reached. Not offline.
+
+    :param name: the backfill.
+    :param settings: a :class:`backfill.RunSettings` (timeouts, throttles, retries) for the revert's run.
+    :param control_schema: schema of the control tables.
+    """
+
+    name: str
+    _: KW_ONLY
+    settings: RunSettings | None = None
     control_schema: str = DEFAULT_CONTROL_SCHEMA
 
 

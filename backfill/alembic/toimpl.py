@@ -180,6 +180,7 @@ def _spec(operation: ops.BackfillOp) -> BackfillSpec:
         schema=operation.schema,
         keep_in_sync=operation.keep_in_sync,
         skip_unchanged=operation.skip_unchanged,
+        reversible=operation.reversible,
     )
 
 
@@ -204,6 +205,8 @@ def backfill(operations: Operations, operation: ops.BackfillOp) -> RunReport | N
 
 
 def _render_backfill(spec: BackfillSpec, operation: ops.BackfillOp) -> list[str]:
+    if spec.reversible:
+        raise MigrationContextError(_NOT_OFFLINE.format(what=f"op.backfill({spec.name!r}, reversible=True)"))
     settings = operation.settings or RunSettings()
     schema = spec.schema or "public"
     batch_size = settings.batch_size or spec.initial_batch_size
@@ -550,6 +553,30 @@ def drop_backfill(operations: Operations, operation: ops.DropBackfillOp) -> None
             log.info("backfill_not_found", backfill=operation.name, action="drop_backfill")
 
     _change(operations, operation, lambda: _render_drop(operation.name, operation.control_schema, True), online)
+
+
+#: Offline scripts keep no undo log (a reversible batch's statement needs the runner).
+_NOT_OFFLINE = "{what} cannot run offline (--sql): a reversible backfill's undo log needs a live connection"
+
+
+@Operations.implementation_for(ops.RevertBackfillOp)
+def revert_backfill(operations: Operations, operation: ops.RevertBackfillOp) -> None:
+    name, schema = operation.name, operation.control_schema
+
+    def online(connection: sqlalchemy.Connection) -> None:
+        database = Database.from_bind(connection)
+        try:
+            report = api.revert_backfill(database, name, settings=operation.settings, control_schema=schema)
+        except (UnknownBackfillError, ControlTablesMissingError):
+            log.info("backfill_not_found", backfill=name, action="revert_backfill")
+            return
+        _finished(report.run, database, schema)
+        api.delete_backfill(database, name, control_schema=schema)
+
+    def render() -> list[str]:
+        raise MigrationContextError(_NOT_OFFLINE.format(what=f"op.revert_backfill({name!r})"))
+
+    _change(operations, operation, render, online)
 
 
 @Operations.implementation_for(ops.DropBackfillTriggerOp)

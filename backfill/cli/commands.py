@@ -270,6 +270,11 @@ def _parse_key(ctx: click.Context, param: click.Parameter, value: str | None) ->
     default=True,
     help="Update only rows whose values differ; --no-: rewrite every matching row (volatile SQL) [on].",
 )
+@click.option(
+    "--reversible",
+    is_flag=True,
+    help="Keep what each batch overwrites in an undo log, so `backfill revert NAME` can put it back.",
+)
 @click.option("--force", is_flag=True, help="Replace a different spec already registered under NAME.")
 @pass_cli
 def add(
@@ -282,6 +287,7 @@ def add(
     batch_size: int | None,
     keep_in_sync: bool,
     skip_unchanged: bool,
+    reversible: bool,
     force: bool,
 ) -> None:
     """Register backfill NAME (state pending) for `run` to work through.
@@ -290,7 +296,15 @@ def add(
     the trigger is installed now, before the run fixes its key range; it stays until the backfill is deleted.
     """
     spec = BackfillSpec(
-        name, table, values, where, key, batch_size, keep_in_sync=keep_in_sync, skip_unchanged=skip_unchanged
+        name,
+        table,
+        values,
+        where,
+        key,
+        batch_size,
+        keep_in_sync=keep_in_sync,
+        skip_unchanged=skip_unchanged,
+        reversible=reversible,
     )
     record = api.register_backfill(obj.database, spec, force=force, control_schema=obj.control_schema)
     stored = record.spec
@@ -298,6 +312,7 @@ def add(
         f"backfill {record.name!r} on {stored.qualified_table} (key {', '.join(stored.key or ())}, "
         f"batch size {stored.batch_size or 'adaptive'}"
         + (", kept in sync by a trigger" if stored.keep_in_sync else "")
+        + (", reversible" if stored.reversible else "")
         + f"): {record.state.value}"
     )
 
@@ -600,6 +615,18 @@ def status(obj: CliContext, name: str | None, as_json: bool) -> None:
         click.echo(line)
         for slice_line in _slice_lines(backfill_status):
             click.echo(slice_line)
+        if backfill_status.undo_bytes is not None:
+            click.echo(f"  undo log: {_size(backfill_status.undo_bytes)}")
+
+
+def _size(count: int) -> str:
+    """Bytes in the unit pg_size_pretty would choose (kB, MB, GB: powers of 1024)."""
+    value, unit = float(count), "bytes"
+    for larger in ("kB", "MB", "GB", "TB"):
+        if value < 10 * 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{value:,.0f} {unit}"
 
 
 @cli.command()
@@ -668,12 +695,68 @@ _operator_action(
 @click.option("--force", is_flag=True, help="Delete it even while a runner works on it (that runner then fails).")
 @pass_cli
 def delete(obj: CliContext, name: str, force: bool) -> None:
-    """Forget NAME: drop its keep_in_sync trigger and its control rows (the data stays as it is).
+    """Forget NAME: drop its keep_in_sync trigger, its control rows and undo log (the data stays as it is).
 
     Refused while a runner holds it, unless --force. Registering NAME again then starts from scratch.
     """
     record = api.delete_backfill(obj.database, name, force=force, control_schema=obj.control_schema)
     click.echo(f"backfill {record.name!r} deleted (it was {record.state.value})")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--max-runtime", type=DURATION, help="Start no batch after this long, e.g. 50m.")
+@click.option("--max-batches", type=POSITIVE_INT, help="Stop after this many batches.")
+@click.option("--workers", type=POSITIVE_INT, default=1, metavar="N", help="Runners in this process [1].")
+@run_setting_options
+@click.option("--no-replica-lag-check", is_flag=True, help="Do not wait for replicas (no lag limit at all).")
+@pass_cli
+def revert(
+    obj: CliContext,
+    /,
+    name: str,
+    max_runtime: float | None,
+    max_batches: int | None,
+    workers: int,
+    no_replica_lag_check: bool,
+    **setting_values: Any,
+) -> None:
+    """Put back what the reversible backfill NAME overwrote, batch by batch, from its undo log.
+
+    NAME is stopped for good first (cancelled unless it succeeded) and its keep_in_sync trigger dropped. The
+    revert runs as backfill NAME:revert: resumable (run this again, or `backfill run NAME:revert`), exactly once,
+    under the same throttles and budgets as `run` (exit 75 with work left). Rows the application changed since
+    the backfill wrote them are left as they are, and counted.
+    """
+    settings = run_settings(setting_values, no_replica_lag_check=no_replica_lag_check)
+    stop = StopSignals()
+    with stop.installed():
+        report = api.revert_backfill(
+            obj.database,
+            name,
+            max_runtime=max_runtime,
+            max_batches=max_batches,
+            settings=settings,
+            workers=workers,
+            control_schema=obj.control_schema,
+            should_stop=stop.should_stop,
+        )
+    run = report.run
+    kept = f"; {report.rows_kept:,} rows the application changed since were left as they are" if report.finished else ""
+    click.echo(f"backfill {name!r}: {run.rows_updated:,} rows put back ({run.outcome.value}){kept}")
+    click.get_current_context().exit(OUTCOME_EXIT_CODES[run.outcome])
+
+
+@cli.command()
+@click.argument("name")
+@pass_cli
+def purge(obj: CliContext, name: str) -> None:
+    """Drop the undo log of the reversible backfill NAME: it can no longer be reverted.
+
+    Refused while NAME or its revert may still run (pending, running, paused or failed).
+    """
+    size = api.purge_backfill(obj.database, name, control_schema=obj.control_schema)
+    click.echo(f"backfill {name!r}: undo log dropped ({_size(size)})")
 
 
 # --- serve ---------------------------------------------------------------------------------------------------
