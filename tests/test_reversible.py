@@ -4,13 +4,17 @@ changed since the backfill wrote them."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import random
+import threading
 from typing import Any
 
 import psycopg
 import pytest
 from alembic import command
 from structlog.testing import capture_logs
+from support import kill_runners_at_random_instants, run_until, wait_for
 from test_alembic_ops import alembic_config, make_project
 
 import backfill
@@ -192,3 +196,86 @@ def test_offline_a_reversible_backfill_is_refused(
     project = make_project(tmp_path, "pass", REVERSIBLE_REVISION)
     with pytest.raises(MigrationContextError, match="cannot run offline"):
         command.upgrade(alembic_config(db_url, project), "head", sql=True)
+
+
+# --- exactly once under SIGKILL, and under concurrent writes ---------------------------------------------------------
+
+
+def test_sigkill_at_random_instants_during_the_run_and_the_revert_each_row_exactly_once(db_url: str) -> None:
+    rows, kills_wanted = 5_000, 6
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n integer NOT NULL DEFAULT 0, note text)")
+        conn.execute(
+            "INSERT INTO items (id, note) SELECT g, CASE WHEN g %% 3 = 0 THEN $$x'$$ || g END "
+            "FROM generate_series(1, %s) g",
+            (rows,),
+        )
+        # Every UPDATE of a row, by the run or the revert, leaves a mark: exactly once is one mark per row and pass.
+        conn.execute("CREATE TABLE marks (id integer, n integer)")
+        conn.execute(
+            "CREATE FUNCTION mark() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN INSERT INTO marks VALUES (NEW.id, NEW.n); RETURN NEW; END $$"
+        )
+        conn.execute("CREATE TRIGGER mark AFTER UPDATE ON items FOR EACH ROW EXECUTE FUNCTION mark()")
+        before = conn.execute("SELECT id, n, note FROM items ORDER BY id").fetchall()
+    seed = int(os.environ.get("BACKFILL_FAULT_SEED", random.randrange(1_000_000)))
+    rng = random.Random(seed)
+    spec = BackfillSpec("inc", "items", {"n": "n + 1", "note": "'new'"}, batch_size=50, reversible=True)
+
+    run_kills = kill_runners_at_random_instants(
+        db_url, spec, rows=rows, rng=rng, kills=kills_wanted, rounds=kills_wanted * 2, max_delay=0.03
+    )
+    assert run_until(db_url, "inc").outcome is RunOutcome.FINISHED, f"seed {seed}"
+    first = backfill.revert_backfill(db_url, "inc", max_batches=1, settings=backfill.RunSettings(batch_size=50))
+    assert first.run.rows_updated == 50
+    revert = backfill.BackfillSpec.from_dict(backfill.get_backfill(db_url, "inc:revert").spec.to_dict())
+    revert_kills = kill_runners_at_random_instants(
+        db_url, revert, rows=2 * rows, rng=rng, kills=kills_wanted, rounds=kills_wanted * 2, max_delay=0.03
+    )
+    final = run_until(db_url, "inc:revert", done=lambda report: report.outcome is RunOutcome.FINISHED)
+
+    assert (run_kills, revert_kills) == (kills_wanted, kills_wanted), f"seed {seed}"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert conn.execute("SELECT id, n, note FROM items ORDER BY id").fetchall() == before, f"seed {seed}"
+        marks = conn.execute("SELECT n, count(*), count(DISTINCT id) FROM marks GROUP BY n ORDER BY n").fetchall()
+        assert marks == [(0, rows, rows), (1, rows, rows)], f"seed {seed}"
+        assert conn.execute("SELECT count(*) FROM backfill_undo_1").fetchone() == (0,)
+    assert final.state is backfill.RunState.SUCCEEDED
+    assert backfill.get_backfill(db_url, "inc:revert").rows_updated == rows
+
+
+def test_the_undo_log_holds_the_value_each_row_had_when_the_batch_overwrote_it(db_url: str) -> None:
+    rows = 6_000
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id integer PRIMARY KEY, v bigint NOT NULL DEFAULT 1)")
+        conn.execute("INSERT INTO items (id) SELECT generate_series(1, %s)", (rows,))
+    stop = threading.Event()
+    writes = 0
+
+    def application() -> None:
+        # Bumps rows all over the table while the batches run: some between a batch's snapshot and its write.
+        nonlocal writes
+        rng = random.Random(7)
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            while not stop.is_set():
+                first = rng.randrange(1, rows - 20)
+                conn.execute("UPDATE items SET v = v + 1 WHERE id BETWEEN %s AND %s", (first, first + 20))
+                writes += 1
+
+    writer = threading.Thread(target=application)
+    writer.start()
+    try:
+        wait_for(lambda: writes > 5, "the application to write")
+        spec = BackfillSpec("tenfold", "items", {"v": "v * 10"}, batch_size=40, reversible=True)
+        report = backfill.run_backfill(db_url, spec)
+        wait_for(lambda: writes > 50, "more application writes")
+    finally:
+        stop.set()
+        writer.join()
+
+    assert report.rows_updated == rows
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # What the batch wrote is ten times what it overwrote, in every row: the old value is the one replaced.
+        wrong = conn.execute("SELECT count(*) FROM backfill_undo_1 WHERE n_1 <> o_1 * 10").fetchone()
+        assert wrong == (0,)
+        assert conn.execute("SELECT count(*), count(DISTINCT k_1) FROM backfill_undo_1").fetchone() == (rows, rows)
