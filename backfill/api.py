@@ -575,7 +575,7 @@ class RevertReport:
     #: the rows this run put back
     run: RunReport
     #: once the revert has finished: rows left as the application wrote them since the backfill changed them
-    #: (their undo rows stay in the undo log until it is purged); None while work is left
+    #: (their undo rows are marked ``kept`` in the undo log, until it is purged); None while work is left
     rows_kept: int | None = None
 
     @property
@@ -615,7 +615,8 @@ def revert_backfill(
     undo log by key: resumable from its checkpoint (call again, or ``backfill run NAME:revert``), exactly once,
     under the same settings (throttles, retries, budgets, workers) as a run, and paused, resumed or cancelled by
     that name. A row whose columns no longer hold what the backfill wrote (the application changed it since) is
-    left as it is and counted in ``rows_kept``; its undo row stays in the undo log until it is purged.
+    left as it is and counted in ``rows_kept`` (its undo row is marked ``kept``). The undo log stays until
+    :func:`purge_backfill` (or deleting the backfill) drops it.
 
     Args:
         bind, max_runtime, max_batches, settings, workers, slices, control_schema, should_stop: as for
@@ -666,7 +667,7 @@ def revert_backfill(
     kept = None
     if report.finished:
         with open_store(bind, control_schema) as store:
-            kept = store.undo_rows(record.id)
+            kept = store.kept_rows(record.id)
         log.info("revert_finished", backfill=name, rows_kept=kept)
     return RevertReport(report, kept)
 

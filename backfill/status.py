@@ -38,8 +38,7 @@ class BackfillStatus:
 
     record: BackfillRecord
     slices: tuple[SliceRecord, ...]
-    #: Bytes of the backfill's undo log (a reversible backfill's; after a revert, the rows it left as the
-    #: application wrote them); None when it keeps none.
+    #: Bytes of the backfill's undo log (a reversible backfill's, until it is purged); None when it keeps none.
     undo_bytes: int | None = None
 
     @property

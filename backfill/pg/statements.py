@@ -560,8 +560,9 @@ RETURNING checkpoint, done, (SELECT count(*) FROM _backfill_changed) AS rows, ro
     def _write_back(self, has_lower: bool) -> sql.Composable:
         """A revert's batch: this target is the undo log. Each of its rows in the range whose table row still
         holds the values the backfill wrote (compared as text, as ``skip_unchanged`` compares) gets its old
-        values back, and leaves the undo log; a row the application changed since is left as it is, and its undo
-        row stays (what is left once the revert has finished is exactly what it kept)."""
+        values back; a row the application changed (or deleted) since is left as it is, and its undo row is
+        marked ``kept``. Those are rare: marking them costs a look at the range, where deleting every reverted
+        undo row would cost a write per row."""
         reverts = self.reverts
         assert reverts is not None
         n, m = len(self.key), len(self.values)
@@ -576,7 +577,7 @@ RETURNING checkpoint, done, (SELECT count(*) FROM _backfill_changed) AS rows, ro
             )
             for c, written in zip(reverts.columns, new, strict=True)
         )
-        forgotten = [sql.SQL("_backfill_forget.{}").format(sql.Identifier(k)) for k in keys]
+        marked = [sql.SQL("_backfill_mark.{}").format(sql.Identifier(k)) for k in keys]
         return sql.SQL(
             """{low}_backfill_undo AS (
     SELECT {names} FROM {undo} WHERE {guard} AND {range}
@@ -584,9 +585,9 @@ RETURNING checkpoint, done, (SELECT count(*) FROM _backfill_changed) AS rows, ro
     UPDATE {dest} SET {assignments} FROM _backfill_undo
      WHERE {same_key} AND {dest_range} AND {still_written}
     RETURNING {undo_key}
-), _backfill_forgotten AS (
-    DELETE FROM {undo} _backfill_forget USING _backfill_changed
-     WHERE {forget_key} AND {forget_range}
+), _backfill_kept AS (
+    UPDATE {undo} _backfill_mark SET kept = true
+     WHERE {mark_range} AND NOT EXISTS (SELECT FROM _backfill_changed WHERE {mark_key})
 )"""
         ).format(
             low=self._lower_cte(has_lower),
@@ -603,8 +604,8 @@ RETURNING checkpoint, done, (SELECT count(*) FROM _backfill_changed) AS rows, ro
             dest_range=self._between(has_lower, dest_key),
             still_written=still_written,
             undo_key=sql.SQL(", ").join(undo_key),
-            forget_key=_row_equal(forgotten, [sql.SQL("_backfill_changed.{}").format(sql.Identifier(k)) for k in keys]),
-            forget_range=self._between(has_lower, forgotten),
+            mark_key=_row_equal(marked, [sql.SQL("_backfill_changed.{}").format(sql.Identifier(k)) for k in keys]),
+            mark_range=self._between(has_lower, marked),
         )
 
     @staticmethod
@@ -755,12 +756,13 @@ class ControlTables:
     def create_undo(self, backfill_id: int, key_types: Sequence[str], value_types: Sequence[str]) -> list[sql.Composed]:
         """The undo log's DDL: the key, then each value column twice (old, written), each of its column's own type,
         modifier and collation (exact for every type, as text forms may not be), keyed by the key (which also
-        orders a revert's walk). Access as the control tables': none for PUBLIC."""
+        orders a revert's walk), and whether a revert left the row as the application wrote it (``kept``). Access
+        as the control tables': none for PUBLIC."""
         names = undo_columns(len(key_types), len(value_types))
         types = [*key_types, *value_types, *value_types]
         keys = sql.SQL(", ").join(sql.Identifier(name) for name in names[: len(key_types)])
         return [
-            sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
+            sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, kept boolean, PRIMARY KEY ({}))").format(
                 self.undo(backfill_id),
                 sql.SQL(", ").join(
                     sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(kind.replace("%", "%%")))
@@ -774,8 +776,12 @@ class ControlTables:
     def drop_undo(self, backfill_id: int) -> sql.Composed:
         return sql.SQL("DROP TABLE IF EXISTS {}").format(self.undo(backfill_id))
 
-    def count_undo(self, backfill_id: int) -> sql.Composed:
-        return sql.SQL("SELECT count(*) FROM {}").format(self.undo(backfill_id))
+    def vacuum_undo(self, backfill_id: int) -> sql.Composed:
+        return sql.SQL("VACUUM (ANALYZE) {}").format(self.undo(backfill_id))
+
+    def count_kept(self, backfill_id: int) -> sql.Composed:
+        """Rows a revert left as the application wrote them."""
+        return sql.SQL("SELECT count(*) FROM {} WHERE kept").format(self.undo(backfill_id))
 
     def undo_tables(self) -> sql.Composed:
         """(schema): the undo logs in the control schema: table name and total size in bytes (indexes and TOAST
@@ -796,8 +802,8 @@ class ControlTables:
         ).format(slices=_literal(sql.Identifier(self.schema, "backfill_slices").as_string(None)))
 
     def grant_undo(self, table: str, role: str) -> sql.Composed:
-        """What a runner needs on an undo log: write it (a run), read and empty it (a revert)."""
-        return sql.SQL("GRANT SELECT, INSERT, DELETE ON {} TO {}").format(self._t(table), _ident(role))
+        """What a runner needs on an undo log: write it (a run), read it and mark what it kept (a revert)."""
+        return sql.SQL("GRANT SELECT, INSERT, UPDATE ON {} TO {}").format(self._t(table), _ident(role))
 
     def distrust(self) -> sql.Composed:
         """(schema=, role=): one line per reason for ``role`` (NULL: the current user) not to trust the control

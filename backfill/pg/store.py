@@ -422,9 +422,9 @@ class PostgresStore:
         prefix = sql.undo_table(0).removesuffix("0")
         return {int(name.removeprefix(prefix)): size for name, size in rows if name.removeprefix(prefix).isdigit()}
 
-    def undo_rows(self, backfill_id: int) -> int:
-        """Rows in a backfill's undo log (after a revert: the rows it left as the application wrote them)."""
-        row = self.conn.execute(self.tables.count_undo(backfill_id), ()).fetchone()
+    def kept_rows(self, backfill_id: int) -> int:
+        """Rows a revert of the backfill left as the application wrote them."""
+        row = self.conn.execute(self.tables.count_kept(backfill_id), ()).fetchone()
         return int(row[0]) if row else 0
 
     def purge(self, record: BackfillRecord, revert_name: str) -> int:
@@ -468,6 +468,12 @@ class PostgresStore:
             conn.execute(self.tables.insert(), (revert.name, document, revert.fingerprint()))
         with conn.transaction():
             conn.execute(self.tables.lock_slices(), (record.id,))
+        started = self._select(revert.name)
+        if started is not None and not self.slices(started.id):
+            # Before the revert's first batch: its look-ahead reads only the undo log's index once the log's pages
+            # are marked all-visible, and the planner learns the log's size. (Autocommit: VACUUM runs outside any
+            # transaction.)
+            conn.execute(self.tables.vacuum_undo(record.id), ())
         return self.get(revert.name)
 
     # --- runner side -----------------------------------------------------------------------------------------
