@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from alembic import command
+from click.testing import CliRunner, Result
 from structlog.testing import capture_logs
 from support import kill_runners_at_random_instants, run_until, wait_for
 from test_alembic_ops import alembic_config, make_project
@@ -20,6 +21,7 @@ from test_alembic_ops import alembic_config, make_project
 import backfill
 from backfill import BackfillSpec, NotReversibleError, RunOutcome, StateTransitionError
 from backfill.alembic import BackfillOp, DropBackfillOp, MigrationContextError, RevertBackfillOp
+from backfill.cli import cli
 
 #: Old values of every kind a revert must put back exactly: NULLs, quotes, json text as written (spacing, key
 #: order, duplicate keys), jsonb, arrays with NULLs and quotes, numerics with trailing zeros, timestamps.
@@ -279,3 +281,34 @@ def test_the_undo_log_holds_the_value_each_row_had_when_the_batch_overwrote_it(d
         wrong = conn.execute("SELECT count(*) FROM backfill_undo_1 WHERE n_1 <> o_1 * 10").fetchone()
         assert wrong == (0,)
         assert conn.execute("SELECT count(*), count(DISTINCT k_1) FROM backfill_undo_1").fetchone() == (rows, rows)
+
+
+# --- the command line --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_ambient_database")
+def test_cli_add_reversible_run_status_revert_purge(docs: psycopg.Connection[Any], db_url: str) -> None:
+    def cli_run(*argv: str) -> Result:
+        return CliRunner().invoke(cli, ["--url", db_url, "--log-format", "json", *argv], catch_exceptions=False)
+
+    before = snapshot(docs)
+    added = cli_run(
+        "add", "fill", "--table", "docs", "--set", "label=upper(tenant)", "--batch-size", "500", "--reversible"
+    )
+    assert added.exit_code == 0 and "reversible" in added.output
+    assert cli_run("run", "fill").exit_code == 0
+    docs.execute("UPDATE docs SET label = 'app' WHERE tenant = 'a'")
+    status = cli_run("status", "fill")
+    assert status.exit_code == 0 and "undo log:" in status.output
+
+    reverted = cli_run("revert", "fill", "--batch-size", "300")
+
+    assert reverted.exit_code == 0, reverted.output
+    assert (
+        "1,502 rows put back (finished); 2 rows the application changed since were left as they are" in reverted.output
+    )
+    assert [row for row in snapshot(docs) if row[0] != "a"] == [row for row in before if row[0] != "a"]
+    purged = cli_run("purge", "fill")
+    assert purged.exit_code == 0 and "undo log dropped" in purged.output
+    again = cli_run("revert", "fill")
+    assert again.exit_code == 2 and "Error: backfill 'fill' has no undo log any more: it was purged" in again.output
