@@ -312,3 +312,20 @@ def test_cli_add_reversible_run_status_revert_purge(docs: psycopg.Connection[Any
     assert purged.exit_code == 0 and "undo log dropped" in purged.output
     again = cli_run("revert", "fill")
     assert again.exit_code == 2 and "Error: backfill 'fill' has no undo log any more: it was purged" in again.output
+
+
+def test_a_forced_spec_with_other_columns_gets_a_new_undo_log_only_before_it_starts(
+    docs: psycopg.Connection[Any], db_url: str
+) -> None:
+    backfill.register_backfill(db_url, BackfillSpec("fill", "docs", {"label": "'x'"}, reversible=True))
+    other = BackfillSpec("fill", "docs", {"amount": "amount + 1"}, batch_size=500, reversible=True)
+    before = snapshot(docs)
+    backfill.register_backfill(db_url, other, force=True)
+    assert backfill.run_backfill(db_url, "fill", max_batches=1).rows_updated == 499  # one amount is NULL
+
+    with pytest.raises(backfill.SpecMismatchError, match="its undo log holds the columns amount"):
+        backfill.register_backfill(db_url, BackfillSpec("fill", "docs", {"label": "'y'"}, reversible=True), force=True)
+    with pytest.raises(backfill.SpecMismatchError, match="cannot become so or stop being so"):
+        backfill.register_backfill(db_url, other.with_changes(reversible=False), force=True)
+    assert backfill.revert_backfill(db_url, "fill").rows_kept == 0
+    assert snapshot(docs) == before

@@ -336,6 +336,8 @@ class PostgresStore:
                             "table or key: register the new spec under a new name"
                         )
                 _check_key_signature(old, plan)
+                if spec.reversible and old.fingerprint != fingerprint:
+                    self._replace_undo(old, plan)
                 if (
                     old.fingerprint != fingerprint
                     or old.spec.batch_size != spec.batch_size
@@ -415,6 +417,21 @@ class PostgresStore:
             self.conn.execute(statement, ())
         for (role,) in self.conn.execute(self.tables.runner_roles(), ()).fetchall():
             self.conn.execute(self.tables.grant_undo(sql.undo_table(backfill_id), role), ())
+
+    def _replace_undo(self, old: BackfillRecord, plan: Plan) -> None:
+        # A forced new spec that sets other columns, or walks another key, needs an undo log of another shape:
+        # made afresh before the first batch; after it, the rows logged so far could no longer be put back.
+        spec = plan.spec
+        if (sorted(old.spec.values), old.spec.key) == (sorted(spec.values), spec.key):
+            return
+        if old.started_at is not None:
+            raise SpecMismatchError(
+                f"reversible backfill {spec.name!r} has started: its undo log holds the columns "
+                f"{', '.join(sorted(old.spec.values))} by key ({', '.join(old.spec.key or ())}); a spec setting "
+                "other columns or walking another key cannot carry over: register it under a new name"
+            )
+        self.conn.execute(self.tables.drop_undo(old.id), ())
+        self._create_undo(old.id, plan)
 
     def undo_sizes(self) -> dict[int, int]:
         """Bytes of each undo log in the control schema, by backfill id."""
