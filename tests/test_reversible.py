@@ -329,3 +329,19 @@ def test_a_forced_spec_with_other_columns_gets_a_new_undo_log_only_before_it_sta
         backfill.register_backfill(db_url, other.with_changes(reversible=False), force=True)
     assert backfill.revert_backfill(db_url, "fill").rows_kept == 0
     assert snapshot(docs) == before
+
+
+def test_odd_names_in_the_control_schema_the_table_and_its_columns(conn: psycopg.Connection[Any], db_url: str) -> None:
+    conn.execute('CREATE SCHEMA "App %s"')
+    conn.execute('CREATE TABLE "App %s"."we""ird" ("K ey" integer PRIMARY KEY, "Val%ue" text, "order" int[])')
+    conn.execute("""INSERT INTO "App %s"."we""ird" SELECT g, 'v' || g, ARRAY[g] FROM generate_series(1, 300) g""")
+    before = conn.execute('SELECT * FROM "App %s"."we""ird" ORDER BY 1').fetchall()
+    spec = BackfillSpec("odd", 'we"ird', {"Val%ue": "'100%'", "order": "NULL"}, schema="App %s", reversible=True)
+
+    assert backfill.run_backfill(db_url, spec, control_schema="Ctl %s").rows_updated == 300
+    report = backfill.revert_backfill(
+        db_url, "odd", control_schema="Ctl %s", settings=backfill.RunSettings(batch_size=64)
+    )
+
+    assert (report.run.rows_updated, report.rows_kept) == (300, 0)
+    assert conn.execute('SELECT * FROM "App %s"."we""ird" ORDER BY 1').fetchall() == before
