@@ -345,3 +345,17 @@ def test_odd_names_in_the_control_schema_the_table_and_its_columns(conn: psycopg
 
     assert (report.run.rows_updated, report.rows_kept) == (300, 0)
     assert conn.execute('SELECT * FROM "App %s"."we""ird" ORDER BY 1').fetchall() == before
+
+
+def test_several_workers_run_and_revert_a_reversible_backfill(docs: psycopg.Connection[Any], db_url: str) -> None:
+    before = snapshot(docs)
+    spec = BackfillSpec("fill", "docs", VALUES, batch_size=60, reversible=True)
+    assert backfill.run_backfill(db_url, spec, workers=2, slices=3).rows_updated == 1504
+    docs.execute("UPDATE docs SET amount = 7 WHERE tenant = 't5'")
+
+    report = backfill.revert_backfill(db_url, "fill", workers=2, slices=4)
+
+    assert len(backfill.get_slices(db_url, "fill:revert")) >= 4
+    t5 = {row[:2] for row in before if row[0] == "t5"}
+    assert (report.run.rows_updated, report.rows_kept) == (1504 - len(t5), len(t5))
+    assert [row for row in snapshot(docs) if row[:2] not in t5] == [row for row in before if row[:2] not in t5]
