@@ -50,8 +50,8 @@ def _text_array(values: tuple[str, ...]) -> sql.Composable:
 
 def undo_columns(keys: int, values: int) -> list[str]:
     """The undo log's columns: the key (``k_1``...), the overwritten values (``o_1``...) and the values the backfill
-    wrote (``n_1``...), in the order of the key and of the spec's ``values``. Positional names, so no column of
-    the target can collide with them."""
+    wrote (``n_1``...), in the order of the key and of :func:`undo_order`. Positional names, so no column of the
+    target can collide with them."""
     return [
         *(f"k_{i}" for i in range(1, keys + 1)),
         *(f"o_{i}" for i in range(1, values + 1)),
