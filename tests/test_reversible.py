@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 import psycopg
+import psycopg.sql
 import pytest
 from alembic import command
 from click.testing import CliRunner, Result
@@ -22,6 +23,8 @@ import backfill
 from backfill import BackfillSpec, NotReversibleError, RunOutcome, StateTransitionError
 from backfill.alembic import BackfillOp, DropBackfillOp, MigrationContextError, RevertBackfillOp
 from backfill.cli import cli
+from backfill.pg.catalog import resolve
+from backfill.pg.statements import ControlTables, for_target
 
 #: Old values of every kind a revert must put back exactly: NULLs, quotes, json text as written (spacing, key
 #: order, duplicate keys), jsonb, arrays with NULLs and quotes, numerics with trailing zeros, timestamps.
@@ -359,3 +362,47 @@ def test_several_workers_run_and_revert_a_reversible_backfill(docs: psycopg.Conn
     t5 = {row[:2] for row in before if row[0] == "t5"}
     assert (report.run.rows_updated, report.rows_kept) == (1504 - len(t5), len(t5))
     assert [row for row in snapshot(docs) if row[:2] not in t5] == [row for row in before if row[:2] not in t5]
+
+
+# --- plans ---------------------------------------------------------------------------------------------------------
+
+
+def _scans(conn: psycopg.Connection[Any], statement: psycopg.sql.Composed, params: list[Any]) -> dict[str, set[str]]:
+    """Scan node types of a statement's plan, by relation."""
+    row = conn.execute(psycopg.sql.SQL("EXPLAIN (FORMAT JSON) {}").format(statement), params).fetchone()
+    assert row is not None
+    found: dict[str, set[str]] = {}
+    todo = [row[0][0]["Plan"]]
+    while todo:
+        node = todo.pop()
+        todo.extend(node.get("Plans", []))
+        if "Relation Name" in node and "Scan" in node["Node Type"]:
+            found.setdefault(node["Relation Name"], set()).add(node["Node Type"])
+    return found
+
+
+def test_the_reversible_batch_and_the_revert_batch_walk_indexes_never_a_sequential_scan(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    conn.execute("CREATE TABLE events (id bigint PRIMARY KEY, payload text, kind text)")
+    conn.execute("INSERT INTO events (id, payload) SELECT g, md5(g::text) FROM generate_series(1, 100000) g")
+    conn.execute("VACUUM ANALYZE events")
+    spec = BackfillSpec("p", "events", {"kind": "upper(payload)"}, batch_size=40_000, reversible=True)
+    backfill.run_backfill(db_url, spec, max_batches=1)
+    backfill.revert_backfill(db_url, "p", max_batches=1, settings=backfill.RunSettings(batch_size=20_000))
+    tables = ControlTables("public")
+    index_scans = {"Index Only Scan", "Index Scan", "Bitmap Heap Scan", "Bitmap Index Scan"}
+
+    target = for_target(resolve(conn, backfill.get_backfill(db_url, "p").spec).target)
+    params = target.batch_params(1, 0, ["50000"], ["100000"], True, 10_000, "me")
+    variants = [False, True] if conn.info.server_version >= 180000 else [False]
+    for returning_old in variants:
+        scans = _scans(conn, target.batch(tables, True, tables.undo(1), returning_old), params)
+        assert set(scans["events"]) <= index_scans and scans["events"], (returning_old, scans)
+
+    revert = backfill.get_backfill(db_url, "p:revert")
+    walk = for_target(resolve(conn, revert.spec).target)
+    params = walk.batch_params(revert.id, 0, ["20000"], ["40000"], True, 10_000, "me")
+    scans = _scans(conn, walk.batch(tables, True), params)
+    assert set(scans["events"]) <= index_scans and scans["events"], scans
+    assert set(scans["backfill_undo_1"]) <= index_scans and scans["backfill_undo_1"], scans
