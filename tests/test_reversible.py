@@ -406,3 +406,24 @@ def test_the_reversible_batch_and_the_revert_batch_walk_indexes_never_a_sequenti
     scans = _scans(conn, walk.batch(tables, True), params)
     assert set(scans["events"]) <= index_scans and scans["events"], scans
     assert set(scans["backfill_undo_1"]) <= index_scans and scans["backfill_undo_1"], scans
+
+
+def test_undo_logs_have_the_control_tables_access_rules(docs: psycopg.Connection[Any], db_url: str) -> None:
+    role = f"runner_{docs.info.dbname}"
+    docs.execute(psycopg.sql.SQL("CREATE ROLE {}").format(psycopg.sql.Identifier(role)))
+    try:
+        backfill.register_backfill(db_url, BackfillSpec("before", "docs", {"label": "'x'"}, reversible=True))
+        backfill.init_control_tables(db_url, grant=role)
+        backfill.register_backfill(db_url, BackfillSpec("after", "docs", {"label": "'y'"}, reversible=True))
+
+        for table in ("backfill_undo_1", "backfill_undo_2"):
+            granted = "SELECT has_table_privilege(%s, %s, %s)"
+            for privilege in ("SELECT", "INSERT", "UPDATE"):
+                assert docs.execute(granted, (role, table, privilege)).fetchone() == (True,), (table, privilege)
+            assert docs.execute(granted, (role, table, "DELETE")).fetchone() == (False,)
+            assert docs.execute(granted, ("public", table, "SELECT")).fetchone() == (False,)
+    finally:
+        backfill.delete_backfill(db_url, "before")
+        backfill.delete_backfill(db_url, "after")
+        docs.execute(psycopg.sql.SQL("DROP OWNED BY {}").format(psycopg.sql.Identifier(role)))
+        docs.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(role)))
