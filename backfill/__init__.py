@@ -20,10 +20,14 @@ from __future__ import annotations
 from backfill.api import (
     RevertReport,
     RunAllReport,
+    TypeChangeError,
     backfill_status,
     cancel_backfill,
+    cancel_column_type_change,
+    cleanup_column_type_change,
     delete_backfill,
     drop_backfill_trigger,
+    finish_column_type_change,
     get_backfill,
     get_slices,
     held_slices,
@@ -39,6 +43,7 @@ from backfill.api import (
     revert_backfill,
     run_backfill,
     run_backfills,
+    start_column_type_change,
 )
 from backfill.errors import (
     BackfillBusyError,
@@ -87,6 +92,7 @@ from backfill.schema.notnull import (
     validate_not_null_constraint,
 )
 from backfill.schema.sequence import KeyHeadroom, key_headroom
+from backfill.schema.type_change import TypeChangeResult
 from backfill.settings import RunSettings, SettingsError
 from backfill.spec import DEFAULT_BATCH_SIZE, BackfillSpec
 from backfill.state import OperatorAction, RunOutcome, RunState
@@ -157,6 +163,12 @@ __all__ = [
     "ViolationError",
     "DuplicateKeyError",
     "key_headroom",
+    "start_column_type_change",
+    "finish_column_type_change",
+    "cleanup_column_type_change",
+    "cancel_column_type_change",
+    "TypeChangeResult",
+    "TypeChangeError",
     "KeyHeadroom",
     "BackfillError",
     "BackfillBusyError",

@@ -15,12 +15,13 @@ import structlog
 from backfill.errors import (
     LOCK_ERRORS,
     BackfillBusyError,
+    ControlTablesMissingError,
     NotReversibleError,
     PlanError,
     SpecError,
     UnknownBackfillError,
 )
-from backfill.executor import Executor, RunReport
+from backfill.executor import BackfillFailedError, Executor, RunReport
 from backfill.parallel import run_parallel
 from backfill.pg.borrowed import qualify
 from backfill.pg.catalog import resolve
@@ -32,10 +33,22 @@ from backfill.pg.store import PostgresStore
 from backfill.pg.walk import check_walk
 from backfill.plan import Plan
 from backfill.retrying import Timing
-from backfill.schema import sync
-from backfill.schema.notnull import LockRetry, PsycopgSession
+from backfill.schema import constraint, ddl, foreign_key, index, notnull, sync, type_change
+from backfill.schema.notnull import (
+    ConstraintError,
+    DDLSession,
+    LockRetry,
+    PsycopgSession,
+    Step,
+    StepResult,
+    find_table,
+    lock_retry,
+    own_session,
+    run_step,
+)
+from backfill.schema.type_change import TypeChangeResult, TypeChangeState
 from backfill.settings import RunSettings
-from backfill.spec import REVERT_SUFFIX, BackfillSpec
+from backfill.spec import REVERT_SUFFIX, BackfillSpec, split_table
 from backfill.state import OperatorAction, RunOutcome, RunState
 from backfill.status import BackfillStatus
 from backfill.store import BackfillRecord, RunnerStore, SliceRecord
@@ -62,9 +75,20 @@ __all__ = [
     "revert_backfill",
     "RevertReport",
     "purge_backfill",
+    "TypeChangeError",
+    "start_column_type_change",
+    "finish_column_type_change",
+    "cleanup_column_type_change",
+    "cancel_column_type_change",
 ]
 
 DEFAULT_CONTROL_SCHEMA = "public"
+
+
+class TypeChangeError(ConstraintError):
+    """Raised when a step of a column type change cannot run in the state the change is in (not started, not
+    finished, swapped already, its copy not finished); the message says what state is left and what to run."""
+
 
 log = structlog.get_logger("backfill")
 
@@ -706,3 +730,327 @@ def drop_backfill_trigger(
             return False
         session = PsycopgSession(store.conn)
         return sync.drop_sync_trigger(session, spec.schema, spec.table, name, LockRetry(lock_timeout=lock_timeout))
+
+
+# --- column type changes -------------------------------------------------------------------------------------------
+
+#: Seconds between two looks at a copy that runners elsewhere hold.
+_COPY_POLL_SECONDS = 1.0
+
+
+def _ddl_steps(
+    session: DDLSession, steps: Sequence[Step], retry: LockRetry, state: TypeChangeState
+) -> list[StepResult]:
+    results = []
+    for step in steps:
+        started = time.monotonic()
+        attempts = run_step(session, step, retry)
+        result = StepResult(step.action, ddl.render(step.statement), attempts, time.monotonic() - started)
+        results.append(result)
+        log.info(
+            "ddl_step",
+            table=state.qualified,
+            column=state.column,
+            action=step.action,
+            attempts=attempts,
+            ms=round(result.seconds * 1000, 1),
+        )
+    return results
+
+
+def _type_change_record(
+    bind: Bind, session: DDLSession, table: str, column: str, schema: str | None, control_schema: str
+) -> tuple[BackfillRecord | None, str, str]:
+    """The backfill record of the change of ``column`` (None: none was started), and the table's schema and name."""
+    schema, table = _named_by_caller_table(bind, table, schema)
+    _, schema, table = find_table(session, table, schema)
+    return _copy_record(bind, type_change.backfill_name(schema, table, column), control_schema), schema, table
+
+
+def _named_by_caller_table(bind: Bind, table: str, schema: str | None) -> tuple[str | None, str]:
+    return qualify(bind, table, schema) if isinstance(bind, sqlalchemy.Connection) else split_table(table, schema)
+
+
+def start_column_type_change(
+    bind: Bind,
+    table: str,
+    column: str,
+    new_type: str,
+    *,
+    using: str | None = None,
+    name: str | None = None,
+    defer: bool = False,
+    schema: str | None = None,
+    settings: RunSettings | None = None,
+    lock_timeout: float = 2.0,
+    retry_seconds: float = 300.0,
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
+    sleep: Callable[[float], None] = time.sleep,
+) -> TypeChangeResult:
+    """Start changing ``column`` of ``table`` to ``new_type`` without rewriting the table under a lock.
+
+    Adds a shadow column of the new type (``ADD COLUMN``: an instant of ACCESS EXCLUSIVE, no rewrite) and a mirror
+    trigger that gives it ``using`` on every row the application inserts or updates, then copies the existing rows
+    with a resumable backfill named ``type_change:<schema>.<table>.<column>`` (only rows whose shadow value differs
+    are written). Idempotent: run again, it resumes the copy; after the swap it does nothing.
+
+    Args:
+        bind: the database (URL, SQLAlchemy URL, Engine or Connection: only its URL is used).
+        table: the table, optionally ``schema.table``.
+        column: the column to change.
+        new_type: the new type, as SQL (``"bigint"``, ``"jsonb"``, ``"numeric(12, 2)"``).
+        using: one SQL expression over the row giving the new value (default ``column::new_type``), e.g.
+            ``"payload::jsonb"``.
+        name: the shadow column's name (default ``<column>_new``).
+        defer: only register the copy (state ``pending``) for ``backfill run`` or cron.
+        schema: the table's schema; defaults to the search path.
+        settings: the copy's :class:`RunSettings`.
+        lock_timeout: seconds each ACCESS EXCLUSIVE step may wait for its lock per attempt.
+        retry_seconds: how long to keep retrying such a step.
+        control_schema: where the control tables live.
+        sleep: injected for tests.
+
+    Returns:
+        A :class:`TypeChangeResult`: the DDL steps that ran and the copy's report (None when deferred).
+
+    Raises:
+        ConstraintError: no such table or column; a ``using`` PostgreSQL rejects; a generated column; a CHECK
+            constraint, view, expression or partial index or exclusion constraint on the column (nothing is
+            changed).
+        LockUnavailableError: a lock could not be taken within ``retry_seconds``.
+        BackfillFailedError: the copy failed (its error is stored; ``backfill retry`` then run again).
+    """
+    retry = lock_retry(lock_timeout, retry_seconds, sleep)
+    with own_session(bind) as session:
+        schema, table = _named_by_caller_table(bind, table, schema)
+        state = type_change.read_type_change(
+            session, table, column, schema=schema, shadow=type_change.shadow_name(column, name)
+        )
+        if state.swapped and _copy_record(bind, state.backfill, control_schema) is not None:
+            return TypeChangeResult()
+        if state.shadow_info is not None and not type_change.owns_shadow(state):
+            raise TypeChangeError(
+                f"{state.qualified} already has a column {state.shadow!r} that no type change of "
+                f"{state.column!r} made: pass name= another name for the new column (nothing was changed)"
+            )
+        using = using or type_change.default_using(column, new_type)
+        steps: list[Step] = []
+        if state.shadow_info is None:
+            type_change.check_start(session, state, new_type)
+            type_change.check_using(session, state, new_type, using)
+            steps.append(type_change.add_shadow_column(state, new_type))
+        # Before the copy fixes its key range: from then on, every row the application writes is the trigger's.
+        if not sync.trigger_exists(session, state.schema, state.table, state.backfill):
+            steps.extend(sync.install_steps(type_change.mirror_target(state, using), state.backfill, mirror=True))
+        results = _ddl_steps(session, steps, retry, state)
+    spec = BackfillSpec(
+        name=state.backfill, table=state.table, schema=state.schema, values={state.shadow: using}, skip_unchanged=True
+    )
+    _retry_failed_copy(bind, state.backfill, control_schema)
+    if defer:
+        register_backfill(bind, spec, control_schema=control_schema)
+        return TypeChangeResult(tuple(results))
+    try:
+        report = run_backfill(bind, spec, settings=settings, control_schema=control_schema).raise_for_outcome()
+    except BackfillFailedError as exc:
+        raise _copy_failed(state, exc) from None
+    return TypeChangeResult(tuple(results), copy=report)
+
+
+def _copy_record(bind: Bind, name: str, control_schema: str) -> BackfillRecord | None:
+    try:
+        return get_backfill(bind, name, control_schema=control_schema)
+    except (UnknownBackfillError, ControlTablesMissingError):
+        return None
+
+
+def _retry_failed_copy(bind: Bind, name: str, control_schema: str) -> None:
+    # Running start again is how an author says "I fixed the rows": a copy that failed on them is retried.
+    record = _copy_record(bind, name, control_schema)
+    if record is not None and record.state is RunState.FAILED:
+        retry_backfill(bind, name, control_schema=control_schema)
+
+
+def _copy_failed(state: TypeChangeState, exc: BackfillFailedError) -> TypeChangeError:
+    return TypeChangeError(
+        f"{exc}; the shadow column {state.shadow!r} of {state.qualified} and its trigger stay (the application's "
+        "writes of values `using` cannot convert fail too): fix those rows and run start_column_type_change "
+        "again, or undo it with cancel_column_type_change"
+    )
+
+
+def _finish_copy(
+    bind: Bind,
+    record: BackfillRecord,
+    settings: RunSettings | None,
+    control_schema: str,
+    timeout: float,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
+) -> RunReport | None:
+    """Run what is left of the copy here, waiting for runners elsewhere to finish their slices."""
+    if record.state is RunState.SUCCEEDED:
+        return None
+    started = clock()
+    while True:
+        report = run_backfill(bind, record.name, settings=settings, control_schema=control_schema)
+        report.raise_for_outcome()
+        if report.outcome is RunOutcome.FINISHED:
+            return report
+        if report.outcome not in (RunOutcome.BUSY, RunOutcome.WORK_LEFT) or clock() - started >= timeout:
+            raise TypeChangeError(
+                f"the copy of the column type change ({record.name!r}) did not finish ({report.outcome.value}: "
+                f"{report.reason or report.state.value}); nothing was swapped: finish it with `backfill run "
+                f"{record.name}` and run this again"
+            )
+        if report.batches == 0:
+            log.info("backfill_wait", backfill=record.name, reason="other runners hold the remaining slices")
+            sleep(_COPY_POLL_SECONDS)
+
+
+def finish_column_type_change(
+    bind: Bind,
+    table: str,
+    column: str,
+    *,
+    schema: str | None = None,
+    settings: RunSettings | None = None,
+    lock_timeout: float = 2.0,
+    retry_seconds: float = 300.0,
+    timeout: float = 3600.0,
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
+    sleep: Callable[[float], None] = time.sleep,
+) -> TypeChangeResult:
+    """Finish a change started by :func:`start_column_type_change`: the new column takes the old one's place.
+
+    In order, each step its own transaction: the copy is finished here (or waited for, up to ``timeout`` seconds,
+    while runners elsewhere hold it); NOT NULL is proven on the new column without an ACCESS EXCLUSIVE scan; the
+    column's indexes are copied ``CONCURRENTLY`` (a unique copy for a primary key); the foreign keys from and to it
+    are copied ``NOT VALID`` then validated; then one short transaction (ACCESS EXCLUSIVE on the table and on the
+    tables that reference it, catalog changes only) under ``lock_timeout`` with retries swaps everything: the
+    default, sequence ownership (an integer sequence becomes ``AS bigint``) or identity move, the columns swap
+    names (the old one becomes ``<column>_old``, nullable), the primary key is added ``USING INDEX``.
+
+    Idempotent from the catalog: a call that died between two steps continues from there; after the swap it does
+    nothing. Arguments as for :func:`start_column_type_change`.
+
+    Raises:
+        ConstraintError: no change of that column was started; a step failed (the message says what is left).
+        ViolationError: rows break a copied foreign key (one is named).
+        DuplicateKeyError: a unique copy found duplicates.
+        LockUnavailableError: the swap could not get its locks within ``retry_seconds`` (nothing was swapped).
+    """
+    retry = lock_retry(lock_timeout, retry_seconds, sleep)
+    with own_session(bind) as session:
+        record, schema, table = _type_change_record(bind, session, table, column, schema, control_schema)
+        if record is None:
+            raise TypeChangeError(
+                f"no type change of {schema}.{table}.{column} was started (start_column_type_change), "
+                "or it was cleaned up already"
+            )
+        (shadow, using), *_ = record.spec.values.items()
+        state = type_change.read_type_change(session, table, column, schema=schema, shadow=shadow)
+        if state.swapped:
+            return TypeChangeResult()
+        if state.shadow_info is None:
+            raise TypeChangeError(
+                f"the shadow column {shadow!r} of {state.qualified} is missing: run start_column_type_change again"
+            )
+    try:
+        report = _finish_copy(bind, record, settings, control_schema, timeout, time.monotonic, sleep)
+    except BackfillFailedError as exc:
+        raise _copy_failed(state, exc) from None
+    with own_session(bind) as session:
+        results: list[StepResult] = []
+        if state.current.not_null:
+            column_state = notnull.read_state(session, table, shadow, schema=schema, name=None)
+            results += notnull.apply_steps(session, notnull.plan_add(column_state), retry)
+        indexes = type_change.index_copies(session, state)
+        watch = Database.from_bind(bind, "backfill-ddl")
+        for plan in type_change.index_plans(session, state, indexes):
+            results += index.apply_index_plan(session, plan, watch=watch).steps
+        keys = type_change.foreign_key_copies(session, state)
+        for key in keys:
+            found = constraint.read_constraint(session, key.table_name, key.copy, schema=key.schema)
+            key_plan = foreign_key.plan_add_foreign_key(found, key.key, key.referent)
+            results += constraint.apply_plan(session, key_plan, retry).steps
+        new_type = state.shadow_info.type
+        swap = Step("swap", type_change.swap_statement(state, indexes, keys, new_type), True)
+        results += _ddl_steps(session, [swap], retry, state)
+    return TypeChangeResult(tuple(results), copy=report)
+
+
+def cleanup_column_type_change(
+    bind: Bind,
+    table: str,
+    column: str,
+    *,
+    schema: str | None = None,
+    lock_timeout: float = 2.0,
+    retry_seconds: float = 300.0,
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
+    sleep: Callable[[float], None] = time.sleep,
+) -> TypeChangeResult:
+    """Drop the old column (``<column>_old``) of a finished type change, and forget its copy, once no
+    application code reads the old column: ``DROP COLUMN``, an instant of ACCESS EXCLUSIVE under ``lock_timeout``
+    with retries. Idempotent: nothing to do once done. Arguments as for :func:`start_column_type_change`.
+
+    Raises:
+        ConstraintError: the change is not finished (the old column is still the one in use).
+        LockUnavailableError: the lock could not be taken within ``retry_seconds``.
+    """
+    retry = lock_retry(lock_timeout, retry_seconds, sleep)
+    with own_session(bind) as session:
+        record, schema, table = _type_change_record(bind, session, table, column, schema, control_schema)
+        if record is None:
+            return TypeChangeResult()
+        (shadow, _), *_ = record.spec.values.items()
+        state = type_change.read_type_change(session, table, column, schema=schema, shadow=shadow)
+        if state.shadow_info is not None:
+            raise TypeChangeError(
+                f"the type change of {state.qualified}.{column} is not finished (the application still uses the old "
+                "column): run finish_column_type_change first; nothing was dropped"
+            )
+        steps = [type_change.drop_retired_column(state)] if state.retired_info is not None else []
+        results = _ddl_steps(session, steps, retry, state)
+    delete_backfill(bind, record.name, force=True, lock_timeout=lock_timeout, control_schema=control_schema)
+    return TypeChangeResult(tuple(results))
+
+
+def cancel_column_type_change(
+    bind: Bind,
+    table: str,
+    column: str,
+    *,
+    name: str | None = None,
+    schema: str | None = None,
+    lock_timeout: float = 2.0,
+    retry_seconds: float = 300.0,
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
+    sleep: Callable[[float], None] = time.sleep,
+) -> TypeChangeResult:
+    """Undo :func:`start_column_type_change` before the swap (its downgrade): drop the mirror trigger, the shadow
+    column (with any index or foreign key copies a finish built on it) and the copy's record. Idempotent.
+
+    Raises:
+        ConstraintError: the columns were swapped already (the new column is in use: change it back with another
+            type change).
+        LockUnavailableError: a lock could not be taken within ``retry_seconds``.
+    """
+    retry = lock_retry(lock_timeout, retry_seconds, sleep)
+    with own_session(bind) as session:
+        record, schema, table = _type_change_record(bind, session, table, column, schema, control_schema)
+        shadow = next(iter(record.spec.values)) if record is not None else type_change.shadow_name(column, name)
+        state = type_change.read_type_change(session, table, column, schema=schema, shadow=shadow)
+        if state.swapped:
+            raise TypeChangeError(
+                f"the type change of {state.qualified}.{column} was finished (the columns are swapped): cannot "
+                "cancel it; change the column back with another type change"
+            )
+        steps = sync.drop_steps(state.schema, state.table, state.backfill)
+        if type_change.owns_shadow(state):
+            steps.append(type_change.drop_shadow_column(state))
+        results = _ddl_steps(session, steps, retry, state)
+    if record is not None:
+        delete_backfill(bind, record.name, force=True, lock_timeout=lock_timeout, control_schema=control_schema)
+    return TypeChangeResult(tuple(results))

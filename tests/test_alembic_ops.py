@@ -133,7 +133,7 @@ def test_example_upgrades_to_head_and_downgrades_to_base(conn: psycopg.Connectio
 
     command.upgrade(config, "head")
 
-    assert scalar(conn, "SELECT version_num FROM alembic_version") == "0005"
+    assert scalar(conn, "SELECT version_num FROM alembic_version") == "0009"
     assert kind_counts(conn) == {"unknown": 4000, "click": 4000, "view": 4000, "buy": 4000, "share": 4000}
     assert scalar(conn, "SELECT attnotnull FROM pg_attribute WHERE attrelid = 'events'::regclass AND attname = 'kind'")
     record = backfill.get_backfill(db_url, "events_fill_kind")

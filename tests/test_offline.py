@@ -199,7 +199,7 @@ def test_the_example_offline_script_runs_in_psql_to_the_same_schema_and_data_as_
     assert "backfill events_fill_kind: 20000 rows updated in 10 batches" in ran.stderr
     offline_result, online_result = snapshot(db_url), snapshot(second_db)
     assert offline_result == online_result
-    assert offline_result["version"] == [("0005",)]
+    assert offline_result["version"] == [("0009",)]
     assert ("events", "kind", "text", "NO") in offline_result["columns"]
 
 

@@ -2,7 +2,9 @@
 ``op.drop_backfill``, ``op.revert_backfill``, ``op.drop_backfill_trigger``, ``op.add_not_null_constraint``,
 ``op.validate_not_null_constraint`` and ``op.drop_not_null_constraint``; ``op.add_check_constraint``,
 ``op.validate_check_constraint``, ``op.drop_check_constraint``; ``op.add_foreign_key``, ``op.validate_foreign_key``,
-``op.drop_foreign_key``; ``op.add_index_concurrently`` and ``op.drop_index_concurrently``.
+``op.drop_foreign_key``; ``op.add_index_concurrently`` and ``op.drop_index_concurrently``;
+``op.start_column_type_change``, ``op.finish_column_type_change``, ``op.cleanup_column_type_change`` and
+``op.cancel_column_type_change``.
 
 Alembic >= 1.18 loads this module through the ``alembic.plugins`` entry point, so the ``op.`` names work without
 touching env.py; with older Alembic, add ``import backfill.alembic`` to env.py. Type checkers do not see custom
@@ -53,6 +55,10 @@ __all__ = [
     "drop_foreign_key",
     "add_index_concurrently",
     "drop_index_concurrently",
+    "start_column_type_change",
+    "finish_column_type_change",
+    "cleanup_column_type_change",
+    "cancel_column_type_change",
     "MigrationContextError",
     "BackfillNotFinishedError",
     "setup",
@@ -114,3 +120,7 @@ validate_foreign_key = _typed(ops.ValidateForeignKeyOp)
 drop_foreign_key = _typed(ops.DropForeignKeyOp)
 add_index_concurrently = _typed(ops.AddIndexConcurrentlyOp)
 drop_index_concurrently = _typed(ops.DropIndexConcurrentlyOp)
+start_column_type_change = _typed(ops.StartColumnTypeChangeOp)
+finish_column_type_change = _typed(ops.FinishColumnTypeChangeOp)
+cleanup_column_type_change = _typed(ops.CleanupColumnTypeChangeOp)
+cancel_column_type_change = _typed(ops.CancelColumnTypeChangeOp)

@@ -15,11 +15,18 @@ from psycopg import sql
 from backfill.pg.session import PINNED_SETTINGS
 from backfill.pg.statements import ControlTables, TargetSQL, state_literal
 from backfill.schema import sync
-from backfill.schema.ddl import timeout_literal
+from backfill.schema.ddl import not_null_name, timeout_literal
 from backfill.spec import BackfillSpec
 from backfill.state import RunState
 
-__all__ = ["batched_script", "finished_gate", "drop_backfill"]
+__all__ = [
+    "batched_script",
+    "finished_gate",
+    "drop_backfill",
+    "cleanup_type_change",
+    "finish_type_change",
+    "cancel_guard",
+]
 
 _PLACEHOLDER = re.compile(r"%(%|s)")
 
@@ -426,3 +433,313 @@ END"""
         forget=forget,
     )
     return sql.SQL("DO {}").format(_dollar_quote(body.as_string(None), "drop"))
+
+
+def cleanup_type_change(
+    schema: str, table: str, retired: str, backfill: str, control_schema: str, lock_timeout: float
+) -> sql.Composed:
+    """A ``DO`` block that drops the old column of a finished column type change and forgets its copy, or fails
+    (dropping nothing) while the copy's shadow column still exists: the change is not finished."""
+    tables = ControlTables(control_schema)
+    relation = sql.Identifier(schema, table)
+    body = sql.SQL(
+        """DECLARE
+  shadow text;
+BEGIN
+  IF pg_catalog.to_regclass({backfills_name}) IS NULL OR pg_catalog.to_regclass({relation_name}) IS NULL THEN
+    RETURN;
+  END IF;
+  SELECT k INTO shadow FROM {backfills} b, pg_catalog.jsonb_object_keys(b.spec->'values') AS k WHERE b.name = {name};
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = pg_catalog.to_regclass({relation_name})
+              AND attname = shadow AND NOT attisdropped) THEN
+    RAISE EXCEPTION 'the type change % is not finished (column % still exists): run finish_column_type_change '
+      'first; nothing was dropped', {name}, shadow;
+  END IF;
+  PERFORM pg_catalog.set_config('lock_timeout', {lock_timeout}, true);
+  ALTER TABLE {relation} DROP COLUMN IF EXISTS {retired};
+  DELETE FROM {backfills} WHERE name = {name};
+END"""
+    ).format(
+        backfills_name=sql.Literal(tables.backfills.as_string(None)),
+        relation_name=sql.Literal(relation.as_string(None)),
+        backfills=tables.backfills,
+        name=sql.Literal(backfill),
+        lock_timeout=timeout_literal(lock_timeout),
+        relation=relation,
+        retired=sql.Identifier(retired),
+    )
+    return sql.SQL("DO {}").format(_dollar_quote(body.as_string(None), "cleanup"))
+
+
+def finish_type_change(
+    schema: str, table: str, column: str, retired: str, backfill: str, control_schema: str, lock_timeout: float
+) -> list[str]:
+    """The finish of a column type change for psql: a ``DO`` block that reads the catalog and writes the statements
+    left (as :func:`backfill.finish_column_type_change` plans them) into a temporary table, then a ``\\gexec`` line
+    that runs them in order, each in its own transaction: NOT NULL by the CHECK path, index copies built
+    ``CONCURRENTLY`` (an INVALID one dropped first), foreign key copies ``NOT VALID`` then validated, and the swap
+    (one ``DO`` block) under ``lock_timeout``. Run again, it plans only what is left; after the swap, nothing."""
+    tables = ControlTables(control_schema)
+    relation = sql.Identifier(schema, table)
+    body = sql.SQL(
+        """DECLARE
+  rel regclass := pg_catalog.to_regclass({relation_text});
+  rel_text text := {relation_text};
+  nsp text := {schema};
+  col text := {column};
+  retired text := {retired};
+  bf text := {backfill};
+  trg text := {trigger};
+  lt text := {lock_timeout};
+  shadow text; bf_state text; chk text; chk_valid boolean; copy text; copy_valid boolean; seq_type text;
+  decl text := 'DECLARE not_null text; ';
+  nn_name text := {not_null_name};
+  o record; nw record; ix record; fk record;
+  steps text[] := ARRAY[]::text[];
+  fk_drops text[] := ARRAY[]::text[];
+  drops text[] := ARRAY[]::text[];
+  moves text[] := ARRAY[]::text[];
+  renames text[] := ARRAY[]::text[];
+  fk_renames text[] := ARRAY[]::text[];
+  locks text;
+BEGIN
+  CREATE TEMP TABLE IF NOT EXISTS backfill_type_change_plan (n serial, stmt text);
+  TRUNCATE backfill_type_change_plan;
+  IF rel IS NULL THEN
+    RAISE EXCEPTION 'table % does not exist', rel_text;
+  END IF;
+  IF pg_catalog.to_regclass({backfills_name}) IS NULL THEN
+    RAISE EXCEPTION 'no type change of %.% was started (start_column_type_change)', rel_text, col;
+  END IF;
+  SELECT k, b.state INTO shadow, bf_state
+    FROM {backfills} b, pg_catalog.jsonb_object_keys(b.spec->'values') AS k WHERE b.name = bf;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'no type change of %.% was started (start_column_type_change), or it was cleaned up already',
+      rel_text, col;
+  END IF;
+  SELECT a.attnum, a.attnotnull, pg_catalog.format_type(a.atttypid, NULL) AS typ INTO nw
+    FROM pg_catalog.pg_attribute a WHERE a.attrelid = rel AND a.attname = shadow AND NOT a.attisdropped;
+  IF NOT FOUND THEN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = rel AND attname = retired AND NOT attisdropped)
+    THEN
+      RAISE NOTICE 'type change %: swapped before, nothing to do', bf;
+      RETURN;
+    END IF;
+    RAISE EXCEPTION 'the shadow column % of % is missing: run start_column_type_change again', shadow, rel_text;
+  END IF;
+  IF bf_state <> {succeeded} THEN
+    RAISE EXCEPTION 'the copy % is %: finish it with `backfill run %`, then run this again; nothing was swapped',
+      bf, bf_state, bf;
+  END IF;
+  SELECT a.attnum, a.attnotnull, a.attidentity::text AS identity, pg_catalog.pg_get_expr(d.adbin, d.adrelid) AS def,
+         pg_catalog.pg_get_serial_sequence(rel_text, a.attname) AS seq INTO o
+    FROM pg_catalog.pg_attribute a
+    LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+   WHERE a.attrelid = rel AND a.attname = col AND NOT a.attisdropped;
+  -- NOT NULL on the new column by the CHECK path (every version): no scan under ACCESS EXCLUSIVE.
+  chk := pg_catalog.left({table} || '_' || shadow || '_not_null_check', 63);
+  SELECT c.convalidated INTO chk_valid FROM pg_catalog.pg_constraint c
+   WHERE c.conrelid = rel AND c.conname = chk AND c.contype = 'c';
+  IF o.attnotnull AND NOT nw.attnotnull THEN
+    IF chk_valid IS NULL THEN
+      steps := steps || pg_catalog.format('SET lock_timeout = %L', lt)
+        || pg_catalog.format('ALTER TABLE %s ADD CONSTRAINT %I CHECK (%I IS NOT NULL) NOT VALID', rel_text, chk, shadow)
+        || 'RESET lock_timeout'::text;
+    END IF;
+    IF NOT coalesce(chk_valid, false) THEN
+      steps := steps || pg_catalog.format('ALTER TABLE %s VALIDATE CONSTRAINT %I', rel_text, chk);
+    END IF;
+    steps := steps || pg_catalog.format('SET lock_timeout = %L', lt)
+      || pg_catalog.format('ALTER TABLE %s ALTER COLUMN %I SET NOT NULL', rel_text, shadow)
+      || pg_catalog.format('ALTER TABLE %s DROP CONSTRAINT %I', rel_text, chk) || 'RESET lock_timeout'::text;
+  ELSIF chk_valid IS NOT NULL THEN
+    steps := steps || pg_catalog.format('SET lock_timeout = %L', lt)
+      || pg_catalog.format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I', rel_text, chk) || 'RESET lock_timeout'::text;
+  END IF;
+  -- Copies of the column's indexes, built concurrently; the swap drops the old ones and renames the copies.
+  FOR ix IN
+    SELECT ic.relname::text AS name, i.indisunique AS uniq, am.amname::text AS method, con.conname::text AS con,
+           con.contype::text AS kind,
+           (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(CASE WHEN a.attname = col THEN shadow
+                                                                     ELSE a.attname::text END), ', ' ORDER BY k.ord)
+              FROM pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+              JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum) AS cols
+      FROM pg_catalog.pg_index i
+      JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+      JOIN pg_catalog.pg_am am ON am.oid = ic.relam
+      LEFT JOIN pg_catalog.pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid
+                                             AND con.contype IN ('p', 'u')
+     WHERE i.indrelid = rel AND o.attnum = ANY (i.indkey::int2[])
+     ORDER BY ic.relname
+  LOOP
+    copy := CASE WHEN pg_catalog.octet_length(ix.name || '_tc') <= 63 THEN ix.name || '_tc'
+                 ELSE 'tc_' || pg_catalog.md5(ix.name) END;
+    SELECT i.indisvalid INTO copy_valid FROM pg_catalog.pg_index i
+     WHERE i.indexrelid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', nsp, copy));
+    IF copy_valid IS NOT NULL AND NOT copy_valid THEN
+      steps := steps || pg_catalog.format('DROP INDEX CONCURRENTLY IF EXISTS %I.%I', nsp, copy);
+    END IF;
+    IF NOT coalesce(copy_valid, false) THEN
+      steps := steps || pg_catalog.format('CREATE %sINDEX CONCURRENTLY %I ON %s USING %I (%s)',
+        CASE WHEN ix.uniq THEN 'UNIQUE ' ELSE '' END, copy, rel_text, ix.method, ix.cols);
+    END IF;
+    IF ix.con IS NOT NULL THEN
+      drops := drops || pg_catalog.format('ALTER TABLE %s DROP CONSTRAINT %I;', rel_text, ix.con);
+      renames := renames || pg_catalog.format('ALTER TABLE %s ADD CONSTRAINT %I %s USING INDEX %I;', rel_text, ix.con,
+        CASE ix.kind WHEN 'p' THEN 'PRIMARY KEY' ELSE 'UNIQUE' END, copy);
+    ELSE
+      drops := drops || pg_catalog.format('DROP INDEX %I.%I;', nsp, ix.name);
+      renames := renames || pg_catalog.format('ALTER INDEX %I.%I RENAME TO %I;', nsp, copy, ix.name);
+    END IF;
+  END LOOP;
+  -- Copies of the foreign keys from and to the column: NOT VALID, then validated.
+  locks := rel_text;
+  FOR fk IN
+    SELECT c.conname::text AS name, c.conrelid, c.conrelid::regclass::text AS tbl, c.confrelid::regclass::text AS ref,
+           c.confdeltype::text AS del,
+           (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(CASE WHEN c.conrelid = rel AND a.attname = col
+                                                                     THEN shadow ELSE a.attname::text END),
+                                         ', ' ORDER BY k.ord)
+              FROM pg_catalog.unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
+              JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum) AS cols,
+           (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(CASE WHEN c.conrelid <> rel AND a.attname = col
+                                                                     THEN shadow ELSE a.attname::text END),
+                                         ', ' ORDER BY k.ord)
+              FROM pg_catalog.unnest(c.confkey) WITH ORDINALITY AS k(attnum, ord)
+              JOIN pg_catalog.pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum) AS refcols
+      FROM pg_catalog.pg_constraint c
+     WHERE c.contype = 'f' AND ((c.conrelid = rel AND o.attnum = ANY (c.conkey))
+                                OR (c.confrelid = rel AND o.attnum = ANY (c.confkey)))
+     ORDER BY c.conname
+  LOOP
+    copy := CASE WHEN pg_catalog.octet_length(fk.name || '_tc') <= 63 THEN fk.name || '_tc'
+                 ELSE 'tc_' || pg_catalog.md5(fk.name) END;
+    SELECT c.convalidated INTO copy_valid FROM pg_catalog.pg_constraint c
+     WHERE c.conrelid = fk.conrelid AND c.conname = copy;
+    IF copy_valid IS NULL THEN
+      steps := steps || pg_catalog.format('SET lock_timeout = %L', lt)
+        || pg_catalog.format('ALTER TABLE %s ADD CONSTRAINT %I FOREIGN KEY (%s) REFERENCES %s (%s)%s NOT VALID',
+             fk.tbl, copy, fk.cols, fk.ref, fk.refcols,
+             CASE fk.del WHEN 'r' THEN ' ON DELETE RESTRICT' WHEN 'c' THEN ' ON DELETE CASCADE'
+                         WHEN 'n' THEN ' ON DELETE SET NULL' WHEN 'd' THEN ' ON DELETE SET DEFAULT' ELSE '' END)
+        || 'RESET lock_timeout'::text;
+    END IF;
+    IF NOT coalesce(copy_valid, false) THEN
+      steps := steps || pg_catalog.format('ALTER TABLE %s VALIDATE CONSTRAINT %I', fk.tbl, copy);
+    END IF;
+    fk_drops := fk_drops || pg_catalog.format('ALTER TABLE %s DROP CONSTRAINT %I;', fk.tbl, fk.name);
+    fk_renames := fk_renames || pg_catalog.format('ALTER TABLE %s RENAME CONSTRAINT %I TO %I;', fk.tbl, copy, fk.name);
+    IF fk.conrelid <> rel THEN
+      locks := locks || ', ' || fk.tbl;
+    END IF;
+  END LOOP;
+  -- The default, sequence ownership or identity move to the new column.
+  IF o.identity <> '' THEN
+    decl := 'DECLARE not_null text; next_value bigint; ';
+    moves := moves
+      || pg_catalog.format('SELECT CASE WHEN s.is_called THEN s.last_value + %s ELSE s.last_value END INTO next_value '
+                           'FROM %s AS s;', (SELECT q.seqincrement FROM pg_catalog.pg_sequence q
+                                              WHERE q.seqrelid = o.seq::regclass), o.seq)
+      || pg_catalog.format('ALTER TABLE %s ALTER COLUMN %I DROP IDENTITY;', rel_text, col)
+      || pg_catalog.format('EXECUTE %L || next_value || %L;',
+           pg_catalog.format('ALTER TABLE %s ALTER COLUMN %I ADD GENERATED %s AS IDENTITY (SEQUENCE NAME %s '
+                             'INCREMENT BY %s START WITH ', rel_text, shadow,
+                             CASE o.identity WHEN 'a' THEN 'ALWAYS' ELSE 'BY DEFAULT' END, o.seq,
+                             (SELECT q.seqincrement FROM pg_catalog.pg_sequence q WHERE q.seqrelid = o.seq::regclass)),
+           ')');
+  ELSIF o.def IS NOT NULL THEN
+    moves := moves || pg_catalog.format('ALTER TABLE %s ALTER COLUMN %I DROP DEFAULT;', rel_text, col)
+      || pg_catalog.format('ALTER TABLE %s ALTER COLUMN %I SET DEFAULT %s;', rel_text, shadow, o.def);
+    IF o.seq IS NOT NULL THEN
+      moves := moves || pg_catalog.format('ALTER SEQUENCE %s OWNED BY %s.%I;', o.seq, rel_text, shadow);
+      SELECT pg_catalog.format_type(q.seqtypid, NULL) INTO seq_type FROM pg_catalog.pg_sequence q
+       WHERE q.seqrelid = o.seq::regclass;
+      IF pg_catalog.array_position(ARRAY['smallint', 'integer', 'bigint'], nw.typ)
+         > pg_catalog.array_position(ARRAY['smallint', 'integer', 'bigint'], seq_type) THEN
+        moves := moves || pg_catalog.format('ALTER SEQUENCE %s AS %s;', o.seq, nw.typ);
+      END IF;
+    END IF;
+  END IF;
+  IF o.attnotnull THEN
+    moves := moves || pg_catalog.format('ALTER TABLE %s ALTER COLUMN %I DROP NOT NULL;', rel_text, col);
+  END IF;
+  -- PostgreSQL 18+: the new column's not-null constraint takes the old column's default name.
+  moves := moves || pg_catalog.format(
+    'SELECT c.conname INTO not_null FROM pg_catalog.pg_constraint c WHERE c.conrelid = %L::regclass '
+    'AND c.contype = %L AND c.conkey = ARRAY[%s]::int2[]; IF not_null IS NOT NULL AND not_null <> %L THEN '
+    'EXECUTE pg_catalog.format(%L, %L, not_null, %L); END IF;', rel_text, 'n', nw.attnum, nn_name,
+    'ALTER TABLE %s RENAME CONSTRAINT %I TO %I', rel_text, nn_name);
+  moves := moves || pg_catalog.format('COMMENT ON COLUMN %s.%I IS %L;', rel_text, shadow,
+                                       pg_catalog.col_description(rel, o.attnum::int));
+  moves := moves || pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s;', trg, rel_text)
+    || pg_catalog.format('DROP FUNCTION IF EXISTS %I.%I();', nsp, trg)
+    || pg_catalog.format('ALTER TABLE %s RENAME COLUMN %I TO %I;', rel_text, col, retired)
+    || pg_catalog.format('ALTER TABLE %s RENAME COLUMN %I TO %I;', rel_text, shadow, col);
+  -- The swap: one transaction of catalog changes under a short lock_timeout.
+  steps := steps || pg_catalog.format('SET lock_timeout = %L', lt)
+    || ('DO $swap$ ' || decl || 'BEGIN ' || pg_catalog.format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE; ', locks)
+        || pg_catalog.array_to_string(fk_drops || drops || moves || renames || fk_renames, ' ') || ' END $swap$')
+    || 'RESET lock_timeout'::text;
+  INSERT INTO backfill_type_change_plan (stmt) SELECT pg_catalog.unnest(steps);
+END"""
+    ).format(
+        relation_text=sql.Literal(relation.as_string(None)),
+        schema=sql.Literal(schema),
+        table=sql.Literal(table),
+        column=sql.Literal(column),
+        retired=sql.Literal(retired),
+        backfill=sql.Literal(backfill),
+        trigger=sql.Literal(sync.trigger_name(backfill)),
+        not_null_name=sql.Literal(not_null_name(table, column)),
+        lock_timeout=timeout_literal(lock_timeout),
+        backfills_name=sql.Literal(tables.backfills.as_string(None)),
+        backfills=tables.backfills,
+        succeeded=state_literal(RunState.SUCCEEDED),
+    )
+    plan = sql.SQL("DO {}").format(_dollar_quote(body.as_string(None), "plan"))
+    return [plan.as_string(None), "SELECT stmt FROM pg_temp.backfill_type_change_plan ORDER BY n \\gexec"]
+
+
+def cancel_guard(schema: str, table: str, shadow: str, retired: str) -> sql.Composed:
+    """A ``DO`` block that fails, before anything is dropped, once a column type change is swapped (the shadow
+    column is gone and the old column is there under its retired name): cancelling it then is not possible."""
+    relation = sql.Literal(sql.Identifier(schema, table).as_string(None))
+    body = sql.SQL(
+        """BEGIN
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = pg_catalog.to_regclass({relation})
+              AND attname = {retired} AND NOT attisdropped)
+     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = pg_catalog.to_regclass({relation})
+                      AND attname = {shadow} AND NOT attisdropped) THEN
+    RAISE EXCEPTION 'the type change of %.% was finished (the columns are swapped): cannot cancel it; change the '
+      'column back with another type change', {relation}, {retired};
+  END IF;
+END"""
+    ).format(relation=relation, retired=sql.Literal(retired), shadow=sql.Literal(shadow))
+    return sql.SQL("DO {}").format(_dollar_quote(body.as_string(None), "cancel"))
+
+
+def drop_own_shadow(schema: str, table: str, shadow: str, comment: str, lock_timeout: float) -> sql.Composed:
+    """A ``DO`` block that drops the shadow column (CASCADE: the copies built on it) if it carries this change's
+    ``comment``: a column of that name that the change did not add is left alone."""
+    relation = sql.Identifier(schema, table)
+    body = sql.SQL(
+        """BEGIN
+  IF pg_catalog.col_description(pg_catalog.to_regclass({relation_text}),
+       (SELECT attnum FROM pg_catalog.pg_attribute WHERE attrelid = pg_catalog.to_regclass({relation_text})
+           AND attname = {shadow} AND NOT attisdropped)::int) = {comment} THEN
+    PERFORM pg_catalog.set_config('lock_timeout', {lock_timeout}, true);
+    ALTER TABLE {relation} DROP COLUMN {column} CASCADE;
+  END IF;
+END"""
+    ).format(
+        relation_text=sql.Literal(relation.as_string(None)),
+        shadow=sql.Literal(shadow),
+        comment=sql.Literal(comment),
+        lock_timeout=timeout_literal(lock_timeout),
+        relation=relation,
+        column=sql.Identifier(shadow),
+    )
+    return sql.SQL("DO {}").format(_dollar_quote(body.as_string(None), "cancel"))

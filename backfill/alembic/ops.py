@@ -29,10 +29,12 @@ from backfill.executor import RunReport
 from backfill.schema.constraint import ChangeResult
 from backfill.schema.foreign_key import fk_name
 from backfill.schema.index import index_name
+from backfill.schema.type_change import TypeChangeResult
 from backfill.store import BackfillRecord
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ClauseElement
+    from sqlalchemy.types import TypeEngine
 
     from backfill.settings import RunSettings
 
@@ -54,6 +56,11 @@ __all__ = [
     "DropForeignKeyOp",
     "AddIndexConcurrentlyOp",
     "DropIndexConcurrentlyOp",
+    "TypeText",
+    "StartColumnTypeChangeOp",
+    "FinishColumnTypeChangeOp",
+    "CleanupColumnTypeChangeOp",
+    "CancelColumnTypeChangeOp",
 ]
 
 #: An SQL expression: text, or a SQLAlchemy expression (compiled for PostgreSQL with its values inlined).
@@ -635,3 +642,147 @@ class DropIndexConcurrentlyOp(Op[ChangeResult | None]):
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return (type(self).__name__, self.schema, self.table, self.name)
+
+
+# --- column type changes -------------------------------------------------------------------------------------------
+
+#: A column type: SQL text (``"bigint"``) or a SQLAlchemy type (``sa.BigInteger()``), compiled for PostgreSQL.
+TypeText = Union[str, "TypeEngine[Any]"]
+
+
+@dataclass(eq=False)
+class _TypeChangeOp(Op[TypeChangeResult | None]):
+    """An op of a column type change, with the lock settings of its ACCESS EXCLUSIVE steps."""
+
+    table: str
+    column: str
+    _: KW_ONLY
+    schema: str | None = None
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    lock_retry_seconds: float = DEFAULT_LOCK_RETRY_SECONDS
+    control_schema: str = DEFAULT_CONTROL_SCHEMA
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return (type(self).__name__, self.schema, self.table, self.column)
+
+
+@operation("start_column_type_change")
+@dataclass(eq=False)
+class StartColumnTypeChangeOp(_TypeChangeOp):
+    """Start changing ``column`` of ``table`` to ``new_type`` while the application reads and writes it: the
+    first of three revisions (then ``op.finish_column_type_change``, then ``op.cleanup_column_type_change``).
+
+    What the migration did so far is committed first. Then: ``ADD COLUMN <column>_new new_type`` (ACCESS
+    EXCLUSIVE for an instant, no rewrite, at most ``lock_timeout`` seconds of waiting per attempt, retried with
+    backoff); a trigger that sets it to ``using`` on every row the application inserts or updates (CREATE
+    TRIGGER: SHARE ROW EXCLUSIVE for an instant, same timeout); then a resumable backfill named
+    ``type_change:<schema>.<table>.<column>`` copies the existing rows in short batches (row locks only, one
+    batch at a time). Run again, it resumes the copy::
+
+        op.start_column_type_change("accounts", "id", "bigint")
+        op.start_column_type_change("events", "payload", "jsonb", using="payload::jsonb")
+
+    Refused before anything is written: a ``using`` PostgreSQL rejects, a generated column, a CHECK constraint,
+    view, expression or partial index, exclusion constraint or foreign key with ON UPDATE, DEFERRABLE or MATCH
+    FULL on the column (drop it, add it back after finish), a column of the shadow column's name that the change
+    did not add. A copy that fails on a row ``using`` cannot convert fails the upgrade naming the error and what
+    is left; fix the rows and run it again.
+
+    :param table: the table, optionally ``schema.table``.
+    :param column: the column.
+    :param new_type: the new type: SQL text or a SQLAlchemy type.
+    :param using: one SQL expression over the row giving the new value (default ``column::new_type``).
+    :param name: the shadow column's name (default ``<column>_new``).
+    :param defer: only register the copy (state ``pending``) for ``backfill run`` or cron;
+        ``op.finish_column_type_change`` finishes it, or waits for the runner that holds it.
+    :param schema: the table's schema.
+    :param settings: a :class:`backfill.RunSettings` for the copy.
+    :param lock_timeout: seconds each ACCESS EXCLUSIVE attempt may wait.
+    :param lock_retry_seconds: how long to keep retrying before the upgrade fails.
+    :param control_schema: schema of the control tables.
+    :return: a :class:`backfill.TypeChangeResult` (DDL steps, the copy's report); None offline.
+
+    Offline (``--sql``): the ``ADD COLUMN IF NOT EXISTS`` and the trigger under their lock_timeout, then the
+    copy as the same batched ``DO`` block ``op.backfill`` renders. Downgrade: ``op.cancel_column_type_change``
+    (this op's ``reverse()``).
+    """
+
+    new_type: TypeText
+    _: KW_ONLY
+    using: SQLText | None = None
+    name: str | None = None
+    defer: bool = False
+    settings: RunSettings | None = None
+
+    def reverse(self) -> CancelColumnTypeChangeOp:
+        return self.like(CancelColumnTypeChangeOp)
+
+
+@operation("finish_column_type_change")
+@dataclass(eq=False)
+class FinishColumnTypeChangeOp(_TypeChangeOp):
+    """Finish ``op.start_column_type_change`` from an earlier revision: from the swap on, ``column`` is the new
+    column, of the new type.
+
+    Outside the migration's transaction, each step its own transaction: the rest of the copy runs here (or is
+    waited for up to ``timeout`` seconds while a runner elsewhere holds it); NOT NULL is proven on the new column
+    (``op.add_not_null_constraint``'s steps: no scan under ACCESS EXCLUSIVE); the column's indexes are copied with
+    ``CREATE INDEX CONCURRENTLY`` (no lock that blocks the application; an INVALID copy left by a killed build is
+    rebuilt); foreign keys from and to the column are copied ``NOT VALID`` (SHARE ROW EXCLUSIVE on both tables for
+    an instant) and validated (a scan that blocks no write). Then the swap, one transaction that only changes the
+    catalog, under ``lock_timeout`` with retries (ACCESS EXCLUSIVE on the table and on the tables whose foreign
+    keys reference it, for milliseconds): old indexes and constraints dropped, the default, sequence ownership
+    (an ``integer`` sequence becomes ``AS bigint``) or identity moved, the columns' names swapped (the old one
+    becomes ``<column>_old``, nullable, no longer written), the primary key added with ``ADD CONSTRAINT ...
+    PRIMARY KEY USING INDEX`` on its copy, the copies renamed to the old names.
+
+    Idempotent from the catalog: killed between any two steps, it continues when run again; after the swap it
+    does nothing.
+
+    Offline (``--sql``): a ``DO`` block reads the catalog when the script runs and plans the steps left into a
+    temporary table, and a psql ``\\gexec`` line runs them one by one (NOT NULL by the CHECK path, the concurrent
+    builds, the foreign key copies, the swap under ``lock_timeout``); the copy must have finished (it fails
+    naming the ``backfill run`` command otherwise).
+
+    :param table: the table, optionally ``schema.table``.
+    :param column: the column given to ``op.start_column_type_change``.
+    :param settings: a :class:`backfill.RunSettings` for the rest of the copy.
+    :param timeout: seconds to wait for runners elsewhere to finish the copy.
+    :return: a :class:`backfill.TypeChangeResult`; None offline.
+    """
+
+    _: KW_ONLY
+    settings: RunSettings | None = None
+    timeout: float = DEFAULT_FINISH_TIMEOUT
+
+
+@operation("cleanup_column_type_change")
+@dataclass(eq=False)
+class CleanupColumnTypeChangeOp(_TypeChangeOp):
+    """Drop the old column (``<column>_old``) of a type change finished in an earlier revision, in a revision
+    deployed once no application code reads it: ``DROP COLUMN`` (ACCESS EXCLUSIVE for an instant, at most
+    ``lock_timeout`` seconds of waiting per attempt, retried with backoff; no rewrite), and the copy's record in
+    the control tables. Idempotent. Fails, dropping nothing, if the change is not finished.
+
+    :param table: the table, optionally ``schema.table``.
+    :param column: the column.
+    :return: a :class:`backfill.TypeChangeResult`; None offline.
+    """
+
+
+@operation("cancel_column_type_change")
+@dataclass(eq=False)
+class CancelColumnTypeChangeOp(_TypeChangeOp):
+    """The downgrade of ``op.start_column_type_change``: drop the trigger, the shadow column (with any index or
+    foreign key copies a finish built on it) and the copy's record, each under ``lock_timeout`` with retries.
+    Idempotent. Fails, changing nothing, once the columns are swapped (the new column is in use). A column of the
+    shadow column's name that the change did not add is never dropped.
+
+    :param table: the table, optionally ``schema.table``.
+    :param column: the column.
+    :param name: the shadow column's name, if ``start`` was given one and its record is gone.
+    :return: a :class:`backfill.TypeChangeResult`; None offline.
+    """
+
+    _: KW_ONLY
+    name: str | None = None

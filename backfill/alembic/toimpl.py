@@ -22,10 +22,10 @@ from backfill.executor import RunReport
 from backfill.pg.borrowed import SQLAlchemySession
 from backfill.pg.connect import Database
 from backfill.plan import Target
-from backfill.schema import check, constraint, ddl, foreign_key, index, sync
+from backfill.schema import check, constraint, ddl, foreign_key, index, sync, type_change
 from backfill.schema import notnull as constraints
 from backfill.settings import RunSettings
-from backfill.spec import BackfillSpec
+from backfill.spec import BackfillSpec, split_table
 from backfill.state import RunOutcome, RunState
 from backfill.status import BackfillStatus
 from backfill.store import BackfillRecord
@@ -594,3 +594,155 @@ def drop_backfill_trigger(operations: Operations, operation: ops.DropBackfillTri
 
 def _render_drop(name: str, control_schema: str, delete: bool) -> list[str]:
     return [ddl.render(offline.drop_backfill(name, control_schema, delete=delete))]
+
+
+# --- column type changes -------------------------------------------------------------------------------------------
+
+
+def _type_text(value: ops.TypeText) -> str:
+    """A type as SQL text: SQLAlchemy types compiled for PostgreSQL."""
+    if isinstance(value, str):
+        return value
+    return str(value.compile(dialect=PGDialect()))  # type: ignore[no-untyped-call]
+
+
+def _offline_type_change(operation: ops._TypeChangeOp, shadow: str = "") -> type_change.TypeChangeState:
+    # Offline an unqualified table is taken to be in schema public, as op.backfill takes it.
+    schema, table = split_table(operation.table, operation.schema)
+    return type_change.offline_state(schema or "public", table, operation.column, shadow)
+
+
+@Operations.implementation_for(ops.StartColumnTypeChangeOp)
+def start_column_type_change(
+    operations: Operations, operation: ops.StartColumnTypeChangeOp
+) -> type_change.TypeChangeResult | None:
+    new_type = _type_text(operation.new_type)
+    using = _sql_text(operation.using) if operation.using is not None else None
+
+    def render() -> list[str]:
+        state = _offline_type_change(operation, type_change.shadow_name(operation.column, operation.name))
+        expression = using or type_change.default_using(operation.column, new_type)
+        steps = [
+            type_change.add_shadow_column(state, new_type),
+            *sync.install_steps(type_change.mirror_target(state, expression), state.backfill, mirror=True),
+        ]
+        copy = ops.BackfillOp(
+            state.backfill,
+            state.table,
+            {state.shadow: expression},
+            schema=state.schema,
+            defer=operation.defer,
+            settings=operation.settings,
+            control_schema=operation.control_schema,
+        )
+        return [
+            f"-- start_column_type_change {state.qualified}.{state.column}: shadow column {state.shadow} and the "
+            "trigger that mirrors every write into it",
+            *constraints.render_steps(steps, operation.lock_timeout),
+            *_render_backfill(_spec(copy), copy),
+        ]
+
+    def online(connection: sqlalchemy.Connection) -> type_change.TypeChangeResult:
+        return api.start_column_type_change(
+            connection,
+            operation.table,
+            operation.column,
+            new_type,
+            using=using,
+            name=operation.name,
+            defer=operation.defer,
+            schema=operation.schema,
+            settings=operation.settings,
+            lock_timeout=operation.lock_timeout,
+            retry_seconds=operation.lock_retry_seconds,
+            control_schema=operation.control_schema,
+        )
+
+    return _change(operations, operation, render, online)
+
+
+@Operations.implementation_for(ops.FinishColumnTypeChangeOp)
+def finish_column_type_change(
+    operations: Operations, operation: ops.FinishColumnTypeChangeOp
+) -> type_change.TypeChangeResult | None:
+    def render() -> list[str]:
+        state = _offline_type_change(operation)
+        return offline.finish_type_change(
+            state.schema,
+            state.table,
+            state.column,
+            state.retired,
+            state.backfill,
+            operation.control_schema,
+            operation.lock_timeout,
+        )
+
+    def online(connection: sqlalchemy.Connection) -> type_change.TypeChangeResult:
+        return api.finish_column_type_change(
+            connection,
+            operation.table,
+            operation.column,
+            schema=operation.schema,
+            settings=operation.settings,
+            lock_timeout=operation.lock_timeout,
+            retry_seconds=operation.lock_retry_seconds,
+            timeout=operation.timeout,
+            control_schema=operation.control_schema,
+        )
+
+    return _change(operations, operation, render, online)
+
+
+@Operations.implementation_for(ops.CleanupColumnTypeChangeOp)
+def cleanup_column_type_change(
+    operations: Operations, operation: ops.CleanupColumnTypeChangeOp
+) -> type_change.TypeChangeResult | None:
+    def render() -> list[str]:
+        state = _offline_type_change(operation)
+        script = offline.cleanup_type_change(
+            state.schema, state.table, state.retired, state.backfill, operation.control_schema, operation.lock_timeout
+        )
+        return [ddl.render(script)]
+
+    def online(connection: sqlalchemy.Connection) -> type_change.TypeChangeResult:
+        return api.cleanup_column_type_change(
+            connection,
+            operation.table,
+            operation.column,
+            schema=operation.schema,
+            lock_timeout=operation.lock_timeout,
+            retry_seconds=operation.lock_retry_seconds,
+            control_schema=operation.control_schema,
+        )
+
+    return _change(operations, operation, render, online)
+
+
+@Operations.implementation_for(ops.CancelColumnTypeChangeOp)
+def cancel_column_type_change(
+    operations: Operations, operation: ops.CancelColumnTypeChangeOp
+) -> type_change.TypeChangeResult | None:
+    def render() -> list[str]:
+        state = _offline_type_change(operation, type_change.shadow_name(operation.column, operation.name))
+        comment = type_change.shadow_comment(state)
+        return [
+            ddl.render(offline.cancel_guard(state.schema, state.table, state.shadow, state.retired)),
+            *_render_drop(state.backfill, operation.control_schema, True),
+            ddl.render(
+                offline.drop_own_shadow(state.schema, state.table, state.shadow, comment, operation.lock_timeout)
+            ),
+        ]
+
+    def online(connection: sqlalchemy.Connection) -> type_change.TypeChangeResult:
+        return api.cancel_column_type_change(
+            connection,
+            operation.table,
+            operation.column,
+            name=operation.name,
+            schema=operation.schema,
+            lock_timeout=operation.lock_timeout,
+            retry_seconds=operation.lock_retry_seconds,
+            control_schema=operation.control_schema,
+        )
+
+    return _change(operations, operation, render, online)

@@ -18,6 +18,10 @@ The rule, per column the backfill sets:
 The trigger's ``WHEN (col IS NULL ...)`` clause is checked before the function is called, so a write that sets every
 column (new code, and the backfill's own batches, which set the same values) costs one NULL test and no function
 call. The function body is plain PL/pgSQL: its one query is planned once per session and cached.
+
+**Mirror mode** (``mirror=True``, for a column type change's shadow column): every INSERT and every UPDATE gets the
+backfill's values, whatever the application wrote into those columns, so the shadow column always holds what the
+expressions make of the row as it is now (an UPDATE of the old column is mirrored too, not only rows left NULL).
 """
 
 from __future__ import annotations
@@ -74,8 +78,9 @@ def _all(prefix: str, columns: Sequence[str], test: str, joiner: str) -> sql.Com
     return sql.SQL(joiner).join(tests)
 
 
-def create_function(target: Target, backfill: str) -> sql.Composed:
-    """``CREATE OR REPLACE FUNCTION`` of the trigger function (no lock on the table)."""
+def create_function(target: Target, backfill: str, *, mirror: bool = False) -> sql.Composed:
+    """``CREATE OR REPLACE FUNCTION`` of the trigger function (no lock on the table); ``mirror``: every write gets
+    the values, not only the columns the application left NULL."""
     columns = [column for column, _ in target.values]
     # The author's expressions and filter see the new row's columns by name, as in the batch's UPDATE (the subquery
     # carries the table's name, so a qualified ``events.payload`` resolves too); #variable_conflict lets a column
@@ -96,6 +101,20 @@ def create_function(target: Target, backfill: str) -> sql.Composed:
             for i, column in enumerate(columns, start=1)
         )
 
+    if mirror:
+        body = sql.SQL(
+            """#variable_conflict use_column
+DECLARE
+  filled record;
+BEGIN
+  SELECT {computed} INTO filled FROM (SELECT NEW.*) AS {alias}{where};
+  IF FOUND THEN
+    {assign}
+  END IF;
+  RETURN NEW;
+END"""
+        ).format(computed=computed, alias=sql.Identifier(target.table), where=where, assign=fills("TRUE"))
+        return _function_statement(target, backfill, body)
     body = sql.SQL(
         """#variable_conflict use_column
 DECLARE
@@ -122,6 +141,10 @@ END"""
         insert_fills=fills("NEW.{col} IS NULL"),
         update_fills=fills("NEW.{col} IS NULL AND OLD.{col} IS NULL"),
     )
+    return _function_statement(target, backfill, body)
+
+
+def _function_statement(target: Target, backfill: str, body: sql.Composed) -> sql.Composed:
     # SET search_path FROM CURRENT: the author's names resolve as they did where the backfill was registered, not
     # by each writing session's search_path (an application session with another one must never fail its write).
     return sql.SQL(
@@ -129,10 +152,10 @@ END"""
     ).format(_function(target, backfill), _dollar_quote(body.as_string(None), "backfill_sync"))
 
 
-def create_trigger(target: Target, backfill: str) -> sql.Composed:
+def create_trigger(target: Target, backfill: str, *, mirror: bool = False) -> sql.Composed:
     """A ``DO`` block that creates the trigger unless it exists (idempotent on every version from 12 on, where
     ``CREATE OR REPLACE TRIGGER`` is 14+). CREATE TRIGGER takes SHARE ROW EXCLUSIVE on the table for an instant:
-    run it under a short lock_timeout."""
+    run it under a short lock_timeout. A ``mirror`` trigger fires on every row written (no ``WHEN``)."""
     name = trigger_name(backfill)
     relation = sql.Identifier(target.schema, target.table)
     columns = [column for column, _ in target.values]
@@ -140,8 +163,8 @@ def create_trigger(target: Target, backfill: str) -> sql.Composed:
         """BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger
                   WHERE tgrelid = pg_catalog.to_regclass({relation_text}) AND tgname = {name_text}) THEN
-    CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {relation} FOR EACH ROW
-      WHEN ({when}) EXECUTE FUNCTION {function}();
+    CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {relation} FOR EACH ROW{when}
+      EXECUTE FUNCTION {function}();
   END IF;
 END"""
     ).format(
@@ -149,7 +172,7 @@ END"""
         name_text=sql.Literal(name),
         name=sql.Identifier(name),
         relation=relation,
-        when=_all("NEW", columns, "IS NULL", " OR "),
+        when=sql.SQL("") if mirror else sql.SQL(" WHEN ({})").format(_all("NEW", columns, "IS NULL", " OR ")),
         function=_function(target, backfill),
     )
     return sql.SQL("DO {}").format(_dollar_quote(inner.as_string(None), "backfill_sync"))
@@ -166,11 +189,11 @@ def drop_function(schema: str, backfill: str) -> sql.Composed:
     return sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(schema, trigger_name(backfill)))
 
 
-def install_steps(target: Target, backfill: str) -> list[Step]:
+def install_steps(target: Target, backfill: str, *, mirror: bool = False) -> list[Step]:
     """The function (no table lock), then the trigger (an instant of SHARE ROW EXCLUSIVE)."""
     return [
-        Step("create_sync_function", create_function(target, backfill), False),
-        Step("create_sync_trigger", create_trigger(target, backfill), True),
+        Step("create_sync_function", create_function(target, backfill, mirror=mirror), False),
+        Step("create_sync_trigger", create_trigger(target, backfill, mirror=mirror), True),
     ]
 
 
@@ -195,14 +218,17 @@ def trigger_exists(session: DDLSession, schema: str, table: str, backfill: str) 
     return bool(session.fetchall(TRIGGER_EXISTS, (schema, table, trigger_name(backfill)))[0][0])
 
 
-def install_sync_trigger(session: DDLSession, target: Target, backfill: str, retry: LockRetry | None = None) -> None:
-    """Install (or refresh) the keep_in_sync trigger of ``backfill`` on its table. Idempotent; the trigger step
-    waits at most ``retry.lock_timeout`` per attempt for its lock and is retried with backoff.
+def install_sync_trigger(
+    session: DDLSession, target: Target, backfill: str, retry: LockRetry | None = None, *, mirror: bool = False
+) -> None:
+    """Install (or refresh) the keep_in_sync trigger of ``backfill`` on its table (``mirror``: one that gives every
+    written row the values, see the module docstring). Idempotent; the trigger step waits at most
+    ``retry.lock_timeout`` per attempt for its lock and is retried with backoff.
 
     Raises:
         LockUnavailableError: the table stayed locked for the whole retry budget.
     """
-    for step in install_steps(target, backfill):
+    for step in install_steps(target, backfill, mirror=mirror):
         run_step(session, step, retry or LockRetry())
 
 

@@ -2,9 +2,9 @@
 
     uv run python examples/alembic/run_on_embedded.py [--rows N] [--sql]
 
-Upgrades to head (the three phases on ``events``, then an index, a foreign key and a CHECK in 0005), shows the
-result, downgrades to base. With --sql it prints the offline script instead (what ``alembic upgrade head --sql``
-gives a DBA to review).
+Upgrades to head (the three phases on ``events``, then an index, a foreign key and a CHECK in 0005, ``users.id``
+to bigint in 0006-0009), shows the result, downgrades to base. With --sql it prints the offline script instead (what
+``alembic upgrade head --sql`` gives a DBA to review).
 """
 
 from __future__ import annotations

