@@ -427,3 +427,20 @@ def test_undo_logs_have_the_control_tables_access_rules(docs: psycopg.Connection
         backfill.delete_backfill(db_url, "after")
         docs.execute(psycopg.sql.SQL("DROP OWNED BY {}").format(psycopg.sql.Identifier(role)))
         docs.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(role)))
+
+
+def test_a_revert_walked_again_from_the_start_counts_only_the_rows_the_application_changed(
+    docs: psycopg.Connection[Any], db_url: str
+) -> None:
+    before = snapshot(docs)
+    backfill.run_backfill(db_url, BackfillSpec("fill", "docs", VALUES, batch_size=100, reversible=True))
+    docs.execute("UPDATE docs SET label = 'app' WHERE tenant = 't6'")
+    settings = backfill.RunSettings(batch_size=200)
+    backfill.revert_backfill(db_url, "fill", max_batches=3, settings=settings)
+    backfill.delete_backfill(db_url, "fill:revert")  # its checkpoint is gone: the next revert walks from the start
+
+    report = backfill.revert_backfill(db_url, "fill", settings=settings)
+
+    t6 = {row[:2] for row in before if row[0] == "t6"}
+    assert (report.run.rows_updated, report.rows_kept) == (1504 - 600 - len(t6), len(t6))
+    assert [row for row in snapshot(docs) if row[:2] not in t6] == [row for row in before if row[:2] not in t6]

@@ -561,8 +561,9 @@ RETURNING checkpoint, done, (SELECT count(*) FROM _backfill_changed) AS rows, ro
         """A revert's batch: this target is the undo log. Each of its rows in the range whose table row still
         holds the values the backfill wrote (compared as text, as ``skip_unchanged`` compares) gets its old
         values back; a row the application changed (or deleted) since is left as it is, and its undo row is
-        marked ``kept``. Those are rare: marking them costs a look at the range, where deleting every reverted
-        undo row would cost a write per row."""
+        marked ``kept`` (unless the row holds its old values already: put back by an earlier walk, or by the
+        application). Those are rare: marking them costs a look at the range, where deleting every reverted undo
+        row would cost a write per row."""
         reverts = self.reverts
         assert reverts is not None
         n, m = len(self.key), len(self.values)
@@ -588,6 +589,7 @@ RETURNING checkpoint, done, (SELECT count(*) FROM _backfill_changed) AS rows, ro
 ), _backfill_kept AS (
     UPDATE {undo} _backfill_mark SET kept = true
      WHERE {mark_range} AND NOT EXISTS (SELECT FROM _backfill_changed WHERE {mark_key})
+       AND NOT EXISTS (SELECT FROM {dest} WHERE {dest_marked} AND {dest_range} AND {holds_old})
 )"""
         ).format(
             low=self._lower_cte(has_lower),
@@ -606,6 +608,13 @@ RETURNING checkpoint, done, (SELECT count(*) FROM _backfill_changed) AS rows, ro
             undo_key=sql.SQL(", ").join(undo_key),
             mark_key=_row_equal(marked, [sql.SQL("_backfill_changed.{}").format(sql.Identifier(k)) for k in keys]),
             mark_range=self._between(has_lower, marked),
+            dest_marked=_row_equal(dest_key, marked),
+            holds_old=sql.SQL(" AND ").join(
+                sql.SQL("{}.{}::text IS NOT DISTINCT FROM _backfill_mark.{}::text").format(
+                    dest, _ident(c), sql.Identifier(o)
+                )
+                for c, o in zip(reverts.columns, old, strict=True)
+            ),
         )
 
     @staticmethod
