@@ -33,18 +33,20 @@ from backfill.pg.store import PostgresStore
 from backfill.pg.walk import check_walk
 from backfill.plan import Plan
 from backfill.retrying import Timing
-from backfill.schema import constraint, ddl, foreign_key, index, notnull, sync, type_change
+from backfill.schema import constraint, foreign_key, index, notnull, sync, type_change
 from backfill.schema.notnull import (
     ConstraintError,
     DDLSession,
     LockRetry,
     PsycopgSession,
     Step,
+    StepAction,
     StepResult,
     find_table,
     lock_retry,
     own_session,
     run_step,
+    run_steps,
 )
 from backfill.schema.type_change import TypeChangeResult, TypeChangeState
 from backfill.settings import RunSettings
@@ -741,21 +743,10 @@ _COPY_POLL_SECONDS = 1.0
 def _ddl_steps(
     session: DDLSession, steps: Sequence[Step], retry: LockRetry, state: TypeChangeState
 ) -> list[StepResult]:
-    results = []
-    for step in steps:
-        started = time.monotonic()
-        attempts = run_step(session, step, retry)
-        result = StepResult(step.action, ddl.render(step.statement), attempts, time.monotonic() - started)
-        results.append(result)
-        log.info(
-            "ddl_step",
-            table=state.qualified,
-            column=state.column,
-            action=step.action,
-            attempts=attempts,
-            ms=round(result.seconds * 1000, 1),
-        )
-    return results
+    def run(step: Step) -> tuple[int, None]:
+        return run_step(session, step, retry), None
+
+    return run_steps(steps, run, lambda step, done, exc: exc, table=state.qualified, column=state.column)
 
 
 def _type_change_record(
@@ -975,7 +966,7 @@ def finish_column_type_change(
             key_plan = foreign_key.plan_add_foreign_key(found, key.key, key.referent)
             results += constraint.apply_plan(session, key_plan, retry).steps
         new_type = state.shadow_info.type
-        swap = Step("swap", type_change.swap_statement(state, indexes, keys, new_type), True)
+        swap = Step(StepAction.SWAP, type_change.swap_statement(state, indexes, keys, new_type), True)
         results += _ddl_steps(session, [swap], retry, state)
     return TypeChangeResult(tuple(results), copy=report)
 

@@ -25,7 +25,7 @@ from backfill.schema.constraint import (
     change_on_own_session,
     key_text,
 )
-from backfill.schema.notnull import ConstraintError, DDLSession, Step, lock_retry
+from backfill.schema.notnull import ConstraintError, DDLSession, Step, StepAction, lock_retry
 
 __all__ = [
     "CHECK",
@@ -63,7 +63,7 @@ def plan_add_check(state: ConstraintState, condition: str, *, validate: bool = T
     ``validate`` is false or it is valid already). An existing constraint of that name is taken as this one (its
     condition is not compared)."""
     statement = ddl.add_check_expression_not_valid(state.relation, state.name, checked_condition(condition))
-    return CHECK.plan_add(state, Step("add", statement, True), validate=validate)
+    return CHECK.plan_add(state, Step(StepAction.ADD, statement, True), validate=validate)
 
 
 def add_planner(condition: str, *, validate: bool) -> Planner:

@@ -12,7 +12,6 @@ two steps resumes with the second.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,10 +30,12 @@ from backfill.schema.notnull import (
     LockRetry,
     LockUnavailableError,
     Step,
+    StepAction,
     StepResult,
     find_table,
     own_session,
     run_step,
+    run_steps,
 )
 from backfill.spec import split_table
 
@@ -162,7 +163,7 @@ def offline_constraint(
 
 
 def _validate_step(state: ConstraintState) -> Step:
-    return Step("validate", ddl.validate_constraint(state.relation, state.name), False)
+    return Step(StepAction.VALIDATE, ddl.validate_constraint(state.relation, state.name), False)
 
 
 def _other_kind(state: ConstraintState, what: str) -> ConstraintError:
@@ -222,7 +223,7 @@ class ConstraintKind:
 
 
 def _drop_step(state: ConstraintState) -> Step:
-    return Step("drop", ddl.drop_constraint(state.relation, state.name, if_exists=True), True)
+    return Step(StepAction.DROP, ddl.drop_constraint(state.relation, state.name, if_exists=True), True)
 
 
 def server_detail(exc: BaseException) -> str | None:
@@ -269,33 +270,27 @@ def apply_plan(session: DDLSession, plan: ConstraintPlan, retry: LockRetry) -> C
         ConstraintError: PostgreSQL refused a step (its message, and what was left behind).
     """
     state = plan.state
-    results: list[StepResult] = []
-    for step in plan.steps:
-        started = time.monotonic()
-        try:
-            attempts = run_step(session, step, retry)
-        except LockUnavailableError:
-            raise
-        except Exception as exc:
-            error = database_error(exc)
-            if step.action == "validate" and isinstance(error, _VIOLATIONS):
-                raise _violated(session, plan, retry, plan.kind.describe(session, state, exc)) from None
-            if not isinstance(error, psycopg.Error):
-                raise
-            raise ConstraintError(
-                f"cannot {step.action} {plan.what} {state.name!r} on {state.qualified}: {describe(exc)} "
-                f"({_left([r.action for r in results], plan)})"
-            ) from None
-        result = StepResult(step.action, ddl.render(step.statement), attempts, time.monotonic() - started)
-        results.append(result)
-        log.info(
-            "ddl_step",
-            table=state.qualified,
-            constraint=state.name,
-            action=step.action,
-            attempts=attempts,
-            ms=round(result.seconds * 1000, 1),
+
+    def failed(step: Step, done: Sequence[StepResult], exc: Exception) -> BaseException:
+        if isinstance(exc, LockUnavailableError):
+            return exc
+        error = database_error(exc)
+        if step.action is StepAction.VALIDATE and isinstance(error, _VIOLATIONS):
+            return _violated(session, plan, retry, plan.kind.describe(session, state, exc))
+        if not isinstance(error, psycopg.Error):
+            return exc
+        return ConstraintError(
+            f"cannot {step.action} {plan.what} {state.name!r} on {state.qualified}: {describe(exc)} "
+            f"({_left([r.action for r in done], plan)})"
         )
+
+    results = run_steps(
+        plan.steps,
+        lambda step: (run_step(session, step, retry), None),
+        failed,
+        table=state.qualified,
+        constraint=state.name,
+    )
     return ChangeResult(tuple(results), plan.advice)
 
 

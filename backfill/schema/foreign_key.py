@@ -28,7 +28,7 @@ from backfill.schema.constraint import (
     change_on_own_session,
     server_detail,
 )
-from backfill.schema.notnull import ConstraintError, DDLSession, Step, find_table, lock_retry
+from backfill.schema.notnull import ConstraintError, DDLSession, Step, StepAction, find_table, lock_retry
 from backfill.spec import split_table
 
 __all__ = [
@@ -126,7 +126,7 @@ def plan_add_foreign_key(
     statement = ddl.add_foreign_key_not_valid(
         state.relation, state.name, key.columns, referent, key.referent_columns, key.on_delete
     )
-    return FOREIGN_KEY.plan_add(state, Step("add", statement, True), validate=validate)
+    return FOREIGN_KEY.plan_add(state, Step(StepAction.ADD, statement, True), validate=validate)
 
 
 def add_planner(key: ForeignKey, *, validate: bool) -> Planner:

@@ -30,7 +30,16 @@ from backfill.fragments import fragment_problem
 from backfill.pg.connect import Bind, Database
 from backfill.schema import ddl
 from backfill.schema.constraint import ChangeResult, server_detail
-from backfill.schema.notnull import ConstraintError, DDLSession, Step, StepResult, find_table, own_session
+from backfill.schema.notnull import (
+    ConstraintError,
+    DDLSession,
+    Step,
+    StepAction,
+    StepResult,
+    find_table,
+    own_session,
+    run_steps,
+)
 from backfill.spec import split_table
 
 __all__ = [
@@ -189,9 +198,9 @@ def plan_add_index(
     create = ddl.create_index_concurrently(
         state.relation, state.name, names, unique=unique, where=where, using=using, if_not_exists=if_not_exists
     )
-    steps = [Step("create_index", create, False)]
+    steps = [Step(StepAction.CREATE_INDEX, create, False)]
     if state.exists:
-        steps.insert(0, Step("drop_invalid_index", ddl.drop_index_concurrently(state.index), False))
+        steps.insert(0, Step(StepAction.DROP_INVALID_INDEX, ddl.drop_index_concurrently(state.index), False))
     return IndexPlan(state, tuple(steps))
 
 
@@ -208,7 +217,7 @@ def plan_drop_index(state: IndexState) -> IndexPlan:
             f"index {state.schema}.{state.name} backs constraint {state.constraint!r} of {state.qualified_table}: "
             "drop the constraint instead"
         )
-    return IndexPlan(state, (Step("drop_index", ddl.drop_index_concurrently(state.index), False),))
+    return IndexPlan(state, (Step(StepAction.DROP_INDEX, ddl.drop_index_concurrently(state.index), False),))
 
 
 def render_index_plan(plan: IndexPlan) -> list[str]:
@@ -216,7 +225,7 @@ def render_index_plan(plan: IndexPlan) -> list[str]:
     first (a psql ``\\gexec`` line: it is only known when the script runs), then ``CREATE ... IF NOT EXISTS``."""
     out: list[str] = []
     for step in plan.steps:
-        if step.action == "create_index":
+        if step.action is StepAction.CREATE_INDEX:
             out.append(ddl.render(ddl.drop_invalid_index_gexec(plan.state.schema, plan.state.name)))
         out.append(ddl.render(step.statement))
     return out
@@ -310,7 +319,7 @@ def _cleanup_after_failure(session: DDLSession, state: IndexState) -> str:
 
 def _failed(session: DDLSession, state: IndexState, step: Step, exc: BaseException) -> ConstraintError:
     where = f"index {state.name!r} on {state.qualified_table}"
-    if step.action != "create_index":
+    if step.action is not StepAction.CREATE_INDEX:
         return ConstraintError(f"cannot drop {where}: {describe(exc)}; nothing was changed, run again")
     left = _cleanup_after_failure(session, state)
     if isinstance(database_error(exc), psycopg.errors.UniqueViolation):
@@ -350,25 +359,16 @@ def apply_index_plan(
     if watch is not None:
         watcher = BuildWatcher(watch, pid, state.name, state.qualified_table, interval=watch_interval)
         watcher.start()
-    results: list[StepResult] = []
+
+    def run(step: Step) -> tuple[int, None]:
+        session.execute(step.statement)
+        return 1, None
+
+    def failed(step: Step, done: Sequence[StepResult], exc: Exception) -> BaseException:
+        return _failed(session, state, step, exc) if isinstance(database_error(exc), psycopg.Error) else exc
+
     try:
-        for step in plan.steps:
-            started = time.monotonic()
-            try:
-                session.execute(step.statement)
-            except Exception as exc:
-                if not isinstance(database_error(exc), psycopg.Error):
-                    raise
-                raise _failed(session, state, step, exc) from None
-            result = StepResult(step.action, ddl.render(step.statement), 1, time.monotonic() - started)
-            results.append(result)
-            log.info(
-                "ddl_step",
-                table=state.qualified_table,
-                index=state.name,
-                action=step.action,
-                ms=round(result.seconds * 1000, 1),
-            )
+        results = run_steps(plan.steps, run, failed, table=state.qualified_table, index=state.name)
     finally:
         waited = watcher.stop() if watcher is not None else ()
         _restore(session, saved)

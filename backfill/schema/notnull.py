@@ -48,6 +48,7 @@ __all__ = [
     "LockUnavailableError",
     "LockRetry",
     "AssumedState",
+    "StepAction",
     "Step",
     "StepResult",
     "ColumnState",
@@ -62,6 +63,7 @@ __all__ = [
     "plan_drop",
     "apply_steps",
     "run_step",
+    "run_steps",
     "render_steps",
     "add_not_null_constraint",
     "validate_not_null_constraint",
@@ -132,12 +134,47 @@ class AssumedState(enum.Enum):
     ANY = "any"
 
 
+class StepAction(str, enum.Enum):
+    """What one step of an online schema change does: ``StepResult.action`` and the ``action`` of its ``ddl_step``
+    log line. A ``str``, so it compares equal to (and prints as) its value."""
+
+    #: ``ADD CONSTRAINT ... NOT VALID`` (NOT NULL, CHECK, foreign key)
+    ADD = "add"
+    #: ``VALIDATE CONSTRAINT``: the scan that blocks neither reads nor writes
+    VALIDATE = "validate"
+    #: ``SET NOT NULL``, proved without a scan by a valid CHECK (PostgreSQL 12-17)
+    SET_NOT_NULL = "set_not_null"
+    #: dropping the CHECK of the PostgreSQL 12-17 NOT NULL path
+    DROP_CHECK = "drop_check"
+    DROP_NOT_NULL = "drop_not_null"
+    #: ``DROP CONSTRAINT IF EXISTS`` (CHECK, foreign key)
+    DROP = "drop"
+    CREATE_INDEX = "create_index"
+    #: an INVALID index a failed or killed build left, dropped before building it again
+    DROP_INVALID_INDEX = "drop_invalid_index"
+    DROP_INDEX = "drop_index"
+    CREATE_SYNC_FUNCTION = "create_sync_function"
+    CREATE_SYNC_TRIGGER = "create_sync_trigger"
+    DROP_SYNC_TRIGGER = "drop_sync_trigger"
+    DROP_SYNC_FUNCTION = "drop_sync_function"
+    #: a column type change's new column, filled by a backfill before the swap
+    ADD_SHADOW_COLUMN = "add_shadow_column"
+    #: the column a finished type change renamed aside
+    DROP_OLD_COLUMN = "drop_old_column"
+    #: the new column of a type change that was cancelled
+    DROP_SHADOW_COLUMN = "drop_shadow_column"
+    #: a type change's swap: one short transaction that puts the new column in the old one's place
+    SWAP = "swap"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class Step:
-    """One statement of a NOT NULL change."""
+    """One statement of an online schema change."""
 
-    #: ``add``, ``validate``, ``set_not_null``, ``drop_check`` or ``drop_not_null``
-    action: str
+    action: StepAction
     statement: sql.Composed
     #: needs ACCESS EXCLUSIVE: runs with a short lock_timeout and is retried
     exclusive: bool
@@ -148,7 +185,7 @@ class StepResult:
     """A step that ran: how many attempts it took, and for ``set_not_null`` whether the server reported that the
     valid CHECK proved the column has no NULL (so it skipped the scan); None when that could not be observed."""
 
-    action: str
+    action: StepAction
     sql: str
     attempts: int
     seconds: float
@@ -325,17 +362,17 @@ def _check_path(state: ColumnState, name: str | None, *, validate: bool) -> NotN
     if state.not_null:
         # SET NOT NULL is done; only a CHECK left behind by a run that died before dropping it remains.
         if state.check is not None:
-            steps.append(Step("drop_check", ddl.drop_constraint(rel, check), True))
+            steps.append(Step(StepAction.DROP_CHECK, ddl.drop_constraint(rel, check), True))
         return NotNullPlan(state, tuple(steps))
     if state.check is None:
-        steps.append(Step("add", ddl.add_check_not_valid(rel, check, col), True))
+        steps.append(Step(StepAction.ADD, ddl.add_check_not_valid(rel, check, col), True))
         adds = check
     if not validate:
         return NotNullPlan(state, tuple(steps), adds)
     if not state.check:
-        steps.append(Step("validate", ddl.validate_constraint(rel, check), False))
-    steps.append(Step("set_not_null", ddl.set_not_null(rel, col), True))
-    steps.append(Step("drop_check", ddl.drop_constraint(rel, check), True))
+        steps.append(Step(StepAction.VALIDATE, ddl.validate_constraint(rel, check), False))
+    steps.append(Step(StepAction.SET_NOT_NULL, ddl.set_not_null(rel, col), True))
+    steps.append(Step(StepAction.DROP_CHECK, ddl.drop_constraint(rel, check), True))
     return NotNullPlan(state, tuple(steps), adds, validates=not state.check)
 
 
@@ -350,12 +387,12 @@ def plan_add(state: ColumnState, name: str | None = None, *, validate: bool = Tr
     adds = None
     if state.not_null_constraint is None:
         constraint = ddl.not_null_name(state.table, col, name)
-        steps.append(Step("add", ddl.add_not_null_not_valid(rel, constraint, col), True))
+        steps.append(Step(StepAction.ADD, ddl.add_not_null_not_valid(rel, constraint, col), True))
         adds, validated = constraint, False
     else:
         constraint, validated = state.not_null_constraint
     if validate and not validated:
-        steps.append(Step("validate", ddl.validate_constraint(rel, constraint), False))
+        steps.append(Step(StepAction.VALIDATE, ddl.validate_constraint(rel, constraint), False))
     return NotNullPlan(state, tuple(steps), adds, validates=validate and not validated)
 
 
@@ -379,9 +416,9 @@ def plan_drop(state: ColumnState, name: str | None = None) -> NotNullPlan:
     steps: list[Step] = []
     if state.check is not None:
         check = ddl.check_name(state.table, state.column, name)
-        steps.append(Step("drop_check", ddl.drop_constraint(state.relation, check, if_exists=True), True))
+        steps.append(Step(StepAction.DROP_CHECK, ddl.drop_constraint(state.relation, check, if_exists=True), True))
     if state.not_null:
-        steps.append(Step("drop_not_null", ddl.drop_not_null(state.relation, state.column), True))
+        steps.append(Step(StepAction.DROP_NOT_NULL, ddl.drop_not_null(state.relation, state.column), True))
     return NotNullPlan(state, tuple(steps))
 
 
@@ -415,7 +452,7 @@ def _run_step(
     (``validate_timeout`` bounds it; none by default), and the ACCESS EXCLUSIVE steps never scan."""
     attempts = 0
     body: list[Query] = [ddl.set_lock_timeout(retry.lock_timeout, local=True)] if step.exclusive else []
-    body.append(ddl.set_statement_timeout(validate_timeout if step.action == "validate" else None))
+    body.append(ddl.set_statement_timeout(validate_timeout if step.action is StepAction.VALIDATE else None))
     if capture:
         body.append(ddl.SHOW_PROOF)
     body.append(step.statement)
@@ -490,24 +527,46 @@ def apply_steps(
             count = ddl.count_nulls(state.relation, state.column)
             nulls = int(session.fetchall(count, before=timeout)[0][0])
             raise _null_values(state, nulls, "nothing was changed")
+
+    def run(step: Step) -> tuple[int, bool | None]:
+        capture = step.action is StepAction.SET_NOT_NULL
+        notices, attempts = _run_step(session, step, retry, capture=capture, validate_timeout=validate_timeout)
+        return attempts, any("sufficient to prove" in n for n in notices) if capture and notices else None
+
+    def failed(step: Step, done: Sequence[StepResult], exc: Exception) -> BaseException:
+        if step.action is StepAction.VALIDATE and _error_is(exc, VIOLATION_ERRORS):
+            return _nulls_found(session, plan, retry, validate_timeout)
+        return _step_failed(session, plan, step, done, retry, exc)
+
+    return run_steps(plan.steps, run, failed, table=state.qualified, column=state.column)
+
+
+#: Runs one step; returns how many attempts it took and, for ``set_not_null``, whether the server reported that a
+#: valid CHECK proved the column has no NULL (None when not observed).
+StepRunner = Callable[[Step], "tuple[int, bool | None]"]
+#: What a failed step raises, from the step, the steps done before it and its error (the error itself: as it is).
+StepFailure = Callable[[Step, Sequence[StepResult], Exception], BaseException]
+
+
+def run_steps(steps: Sequence[Step], run: StepRunner, failed: StepFailure, **context: Any) -> list[StepResult]:
+    """Run ``steps`` in order with ``run``, each timed and logged as ``ddl_step`` with ``context`` (the table, and
+    the column, constraint or index); the first that fails raises what ``failed`` makes of its error. Every online
+    schema change runs its plan through here."""
     results: list[StepResult] = []
-    for step in plan.steps:
+    for step in steps:
         started = time.monotonic()
-        text = ddl.render(step.statement)
-        capture = step.action == "set_not_null"
         try:
-            notices, attempts = _run_step(session, step, retry, capture=capture, validate_timeout=validate_timeout)
+            attempts, proved = run(step)
         except Exception as exc:
-            if step.action == "validate" and _error_is(exc, VIOLATION_ERRORS):
-                raise _nulls_found(session, plan, retry, validate_timeout) from None
-            raise _step_failed(session, plan, step, results, retry, exc) from None
-        proved = any("sufficient to prove" in n for n in notices) if capture and notices else None
-        result = StepResult(step.action, text, attempts, time.monotonic() - started, proved)
+            error = failed(step, results, exc)
+            if error is exc:
+                raise
+            raise error from None
+        result = StepResult(step.action, ddl.render(step.statement), attempts, time.monotonic() - started, proved)
         results.append(result)
         log.info(
             "ddl_step",
-            table=state.qualified,
-            column=state.column,
+            **context,
             action=step.action,
             attempts=attempts,
             ms=round(result.seconds * 1000, 1),
@@ -521,7 +580,7 @@ def _undo_add(session: DDLSession, plan: NotNullPlan, retry: LockRetry) -> str:
     fail until the change is made again) and say what is left."""
     if plan.adds is None:
         return "the NOT VALID constraint from an earlier call stays (new rows are checked)"
-    undo = Step("drop_check", ddl.drop_constraint(plan.state.relation, plan.adds, if_exists=True), True)
+    undo = Step(StepAction.DROP_CHECK, ddl.drop_constraint(plan.state.relation, plan.adds, if_exists=True), True)
     try:
         _run_step(session, undo, retry, capture=False)
     except Exception as exc:
@@ -539,7 +598,7 @@ def _step_failed(
 ) -> ConstraintError:
     state = plan.state
     reason = str(exc) if isinstance(exc, LockUnavailableError) else _reason(exc)
-    if step.action == "validate":
+    if step.action is StepAction.VALIDATE:
         left = _undo_add(session, plan, retry)
     elif done:
         left = "done: " + ", ".join(result.action for result in done)

@@ -33,7 +33,7 @@ from psycopg import sql
 
 from backfill.plan import Target
 from backfill.schema.ddl import _MAX_IDENTIFIER_BYTES
-from backfill.schema.notnull import DDLSession, LockRetry, Step, run_step
+from backfill.schema.notnull import DDLSession, LockRetry, Step, StepAction, run_step
 
 __all__ = [
     "trigger_name",
@@ -192,15 +192,15 @@ def drop_function(schema: str, backfill: str) -> sql.Composed:
 def install_steps(target: Target, backfill: str, *, mirror: bool = False) -> list[Step]:
     """The function (no table lock), then the trigger (an instant of SHARE ROW EXCLUSIVE)."""
     return [
-        Step("create_sync_function", create_function(target, backfill, mirror=mirror), False),
-        Step("create_sync_trigger", create_trigger(target, backfill, mirror=mirror), True),
+        Step(StepAction.CREATE_SYNC_FUNCTION, create_function(target, backfill, mirror=mirror), False),
+        Step(StepAction.CREATE_SYNC_TRIGGER, create_trigger(target, backfill, mirror=mirror), True),
     ]
 
 
 def drop_steps(schema: str, table: str, backfill: str) -> list[Step]:
     return [
-        Step("drop_sync_trigger", drop_trigger(schema, table, backfill), True),
-        Step("drop_sync_function", drop_function(schema, backfill), False),
+        Step(StepAction.DROP_SYNC_TRIGGER, drop_trigger(schema, table, backfill), True),
+        Step(StepAction.DROP_SYNC_FUNCTION, drop_function(schema, backfill), False),
     ]
 
 

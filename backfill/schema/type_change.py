@@ -35,7 +35,7 @@ from backfill.schema import ddl, sync
 from backfill.schema.constraint import ChangeResult
 from backfill.schema.foreign_key import ForeignKey
 from backfill.schema.index import IndexPlan, plan_add_index, read_index_of_table
-from backfill.schema.notnull import ConstraintError, DDLSession, Step, find_table
+from backfill.schema.notnull import ConstraintError, DDLSession, Step, StepAction, find_table
 
 __all__ = [
     "TypeChangeResult",
@@ -409,7 +409,7 @@ def add_shadow_column(state: TypeChangeState, new_type: str) -> Step:
         type=sql.SQL(new_type),
         note=sql.Literal(shadow_comment(state)),
     )
-    return Step("add_shadow_column", statement, True)
+    return Step(StepAction.ADD_SHADOW_COLUMN, statement, True)
 
 
 def mirror_target(state: TypeChangeState, using: str) -> Target:
@@ -617,7 +617,7 @@ def drop_retired_column(state: TypeChangeState) -> Step:
     """``DROP COLUMN IF EXISTS <column>_old``: an instant of ACCESS EXCLUSIVE (the space is reclaimed as rows are
     rewritten later, not now)."""
     statement = sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(state.relation, sql.Identifier(state.retired))
-    return Step("drop_old_column", statement, True)
+    return Step(StepAction.DROP_OLD_COLUMN, statement, True)
 
 
 def drop_shadow_column(state: TypeChangeState) -> Step:
@@ -626,4 +626,4 @@ def drop_shadow_column(state: TypeChangeState) -> Step:
     statement = sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {} CASCADE").format(
         state.relation, sql.Identifier(state.shadow)
     )
-    return Step("drop_shadow_column", statement, True)
+    return Step(StepAction.DROP_SHADOW_COLUMN, statement, True)
