@@ -19,7 +19,6 @@ from typing import Any
 import psycopg
 import structlog
 from psycopg import errors as pg_errors
-from psycopg import sql
 
 from backfill.errors import database_error, describe
 from backfill.pg.connect import Bind
@@ -32,6 +31,7 @@ from backfill.schema.notnull import (
     Step,
     StepAction,
     StepResult,
+    TableName,
     find_table,
     own_session,
     run_step,
@@ -90,12 +90,9 @@ class ChangeResult:
 
 
 @dataclass(frozen=True)
-class ConstraintState:
+class ConstraintState(TableName):
     """A named constraint of a table, as the catalog has it (``kind`` None: there is none of that name)."""
 
-    #: None only offline, for an unqualified table: the search path decides
-    schema: str | None
-    table: str
     name: str
     #: pg_constraint.contype: ``c`` CHECK, ``f`` foreign key, ...; None when the constraint does not exist
     kind: str | None
@@ -104,14 +101,6 @@ class ConstraintState:
     #: the table a foreign key references (its oid), 0 otherwise
     references: int = 0
     definition: str | None = None
-
-    @property
-    def relation(self) -> sql.Identifier:
-        return sql.Identifier(self.schema, self.table) if self.schema else sql.Identifier(self.table)
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.schema}.{self.table}" if self.schema else self.table
 
 
 #: Names one row that violates the constraint, for the error (None if it cannot).

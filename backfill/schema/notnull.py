@@ -51,6 +51,7 @@ __all__ = [
     "StepAction",
     "Step",
     "StepResult",
+    "TableName",
     "ColumnState",
     "NotNullPlan",
     "DDLSession",
@@ -193,19 +194,12 @@ class StepResult:
 
 
 @dataclass(frozen=True)
-class ColumnState:
-    """What the catalog says about a column's NOT NULL-ness. ``server_version`` is None offline."""
+class TableName:
+    """A table as the catalog names it. ``schema`` is None only offline, for an unqualified name: the search path
+    decides when the script runs."""
 
     schema: str | None
     table: str
-    column: str
-    not_null: bool
-    #: the column's not-null constraint (PostgreSQL 18+): (name, validated)
-    not_null_constraint: tuple[str, bool] | None
-    #: the CHECK of the PostgreSQL 12-17 path, by its name: validated?
-    check: bool | None
-    server_version: int | None
-    oid: int | None = None
 
     @property
     def relation(self) -> sql.Identifier:
@@ -214,6 +208,20 @@ class ColumnState:
     @property
     def qualified(self) -> str:
         return f"{self.schema}.{self.table}" if self.schema else self.table
+
+
+@dataclass(frozen=True)
+class ColumnState(TableName):
+    """What the catalog says about a column's NOT NULL-ness. ``server_version`` is None offline."""
+
+    column: str
+    not_null: bool
+    #: the column's not-null constraint (PostgreSQL 18+): (name, validated)
+    not_null_constraint: tuple[str, bool] | None
+    #: the CHECK of the PostgreSQL 12-17 path, by its name: validated?
+    check: bool | None
+    server_version: int | None
+    oid: int | None = None
 
     @property
     def native(self) -> bool:
