@@ -33,6 +33,47 @@ def wait_for(condition: Callable[[], T], what: str, timeout: float = 60.0) -> T:
     return value
 
 
+def at_poll(n: int, change: Callable[[], object]) -> Callable[[], bool]:
+    """A ``should_stop`` that never stops the run and makes ``change`` at its ``n``-th poll. The runner polls it
+    between batches, so the change lands under a runner that planned without it, after ``n - 1`` batches."""
+    polls = 0
+
+    def should_stop() -> bool:
+        nonlocal polls
+        polls += 1
+        if polls == n:
+            change()
+        return False
+
+    return should_stop
+
+
+#: A batch of a backfill whose expression sleeps, running (pg_stat_activity, for :func:`sessions`).
+BATCH_SLEEPING = "state = 'active' AND wait_event = 'PgSleep' AND query LIKE 'WITH _backfill_go%%'"
+#: A writer of the simulated application waiting for a lock.
+APPSIM_WAITING = "application_name = 'backfill-appsim' AND wait_event_type = 'Lock'"
+
+
+def sessions(conn: psycopg.Connection[Any], where: str) -> int:
+    """How many sessions ``pg_stat_activity`` shows that match the SQL condition ``where``."""
+    row = conn.execute(f"SELECT count(*) FROM pg_stat_activity WHERE {where}").fetchone()
+    return int(row[0]) if row else 0
+
+
+def constraint_state(conn: psycopg.Connection[Any], name: str) -> tuple[str, bool] | None:
+    """The constraint ``name``'s (contype, validated), None if there is none."""
+    row = conn.execute("SELECT contype::text, convalidated FROM pg_constraint WHERE conname = %s", (name,)).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def index_state(conn: psycopg.Connection[Any], name: str) -> tuple[bool, bool] | None:
+    """The index ``name``'s (valid, unique), None if there is none."""
+    row = conn.execute(
+        "SELECT indisvalid, indisunique FROM pg_index WHERE indexrelid = to_regclass(%s)", (name,)
+    ).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
 # --- runners in processes of their own, to be killed without warning --------------------------------------------
 
 _RUNNER = """
@@ -115,3 +156,35 @@ def run_until(
     report = wait_for(attempt, "a killed runner's sessions to go away", timeout)
     assert report is not None
     return report
+
+
+def kill_after_batches(
+    conn: psycopg.Connection[Any],
+    process: subprocess.Popen[Any],
+    batches: int,
+    what: str,
+    before_kill: Callable[[], object] = lambda: None,
+) -> None:
+    """SIGKILL ``process`` once the backfills of ``conn``'s database have committed ``batches`` batches (failing
+    with its stderr if it ends before), after ``before_kill``; its stderr is closed."""
+    try:
+
+        def advanced() -> bool:
+            if process.poll() is not None:
+                error = process.stderr.read() if process.stderr else ""
+                raise AssertionError(f"{what} ended early: {error.decode() if isinstance(error, bytes) else error}")
+            exists = conn.execute("SELECT to_regclass('backfill_slices') IS NOT NULL").fetchone()
+            if not (exists and exists[0]):
+                return False
+            row = conn.execute("SELECT coalesce(sum(batches), 0) FROM backfill_slices").fetchone()
+            return bool(row and row[0] >= batches)
+
+        wait_for(advanced, f"{batches} batches of {what}")
+        before_kill()
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if process.stderr:
+            process.stderr.close()

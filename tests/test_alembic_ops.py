@@ -9,7 +9,6 @@ import contextlib
 import importlib.metadata
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -29,7 +28,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
-from support import wait_for
+from support import kill_after_batches
 
 import backfill
 import backfill.alembic
@@ -267,23 +266,7 @@ def test_an_upgrade_killed_mid_backfill_is_finished_by_the_next_one_updating_eve
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    try:
-        progress = "SELECT coalesce(sum(batches), 0) FROM backfill_slices"
-
-        def advanced() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"alembic ended early: {process.stderr.read().decode() if process.stderr else ''}")
-            has_tables = scalar(conn, "SELECT to_regclass('backfill_slices') IS NOT NULL")
-            return bool(has_tables and scalar(conn, progress) >= 10)
-
-        wait_for(advanced, "the backfill's checkpoint to advance")
-        process.send_signal(signal.SIGKILL)
-        process.wait(30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        if process.stderr:
-            process.stderr.close()
+    kill_after_batches(conn, process, 10, "alembic")
 
     interrupted = backfill.get_backfill(db_url, "items_inc")
     assert interrupted.state is backfill.RunState.RUNNING

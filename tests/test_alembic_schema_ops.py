@@ -23,7 +23,7 @@ from alembic import command
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from structlog.testing import capture_logs
-from support import wait_for
+from support import constraint_state, index_state, wait_for
 from test_alembic_ops import alembic_config, make_project, operations, scalar
 from test_alembic_projects import DRIVERS, init_project, upgrade_head, version, write_revision
 from test_offline import offline, psql, statements
@@ -49,18 +49,6 @@ APP_INSERT = (
     "WITH c AS (INSERT INTO customers (email) VALUES ('new-' || gen_random_uuid() || '@example.com') RETURNING id) "
     "INSERT INTO orders (customer_id, amount) SELECT id, 1 + (random() * 9)::int FROM c"
 )
-
-
-def constraint_state(conn: psycopg.Connection[Any], name: str) -> tuple[str, bool] | None:
-    row = conn.execute("SELECT contype::text, convalidated FROM pg_constraint WHERE conname = %s", (name,)).fetchone()
-    return None if row is None else (row[0], row[1])
-
-
-def index_state(conn: psycopg.Connection[Any], name: str) -> tuple[bool, bool] | None:
-    row = conn.execute(
-        "SELECT indisvalid, indisunique FROM pg_index WHERE indexrelid = to_regclass(%s)", (name,)
-    ).fetchone()
-    return None if row is None else (row[0], row[1])
 
 
 @pytest.fixture

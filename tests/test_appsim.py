@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from support import wait_for
+from support import APPSIM_WAITING, sessions, wait_for
 
 from backfill.tools.appsim import AppSimulator
 
@@ -49,11 +49,7 @@ def test_the_longest_stall_covers_a_lock_the_writers_waited_for(conn: psycopg.Co
     sim = AppSimulator(db_url, update_sql="UPDATE items SET hits = hits + 1 WHERE id = %s", writers=2, key_range=(1, 5))
 
     def waiting_writers() -> int:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'backfill-appsim' "
-            "AND wait_event_type = 'Lock'"
-        ).fetchone()
-        return int(row[0]) if row else 0
+        return sessions(conn, APPSIM_WAITING)
 
     with sim, psycopg.connect(db_url) as locker:
         sim.wait_until_writing()
@@ -96,13 +92,7 @@ def test_a_writer_still_blocked_at_stop_is_cancelled_and_its_wait_counts(
         locker.execute("SELECT 1 FROM items WHERE id = 1 FOR UPDATE")
         sim.start()
         wait_for(
-            lambda: (
-                conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'backfill-appsim' "
-                    "AND wait_event_type = 'Lock'"
-                ).fetchone()
-                == (1,)
-            ),
+            lambda: sessions(conn, APPSIM_WAITING) == 1,
             "the writer to block on the row lock",
         )
         stats = sim.stop(timeout=0.1)

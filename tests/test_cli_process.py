@@ -20,7 +20,7 @@ import sqlalchemy.pool
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
 from sqlalchemy.engine import make_url
-from support import wait_for
+from support import BATCH_SLEEPING, sessions, wait_for
 
 import backfill
 from backfill import BackfillSpec, RunState
@@ -192,11 +192,7 @@ def test_a_second_signal_aborts_the_running_batch_and_rolls_it_back(
     runner = spawn(db_url, "run", "stuck", "--statement-timeout", "1h")
 
     def sleeping() -> bool:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE state = 'active' AND wait_event = 'PgSleep' AND query LIKE 'WITH _backfill_go%%'"
-        ).fetchone()
-        return bool(row and row[0])
+        return sessions(conn, BATCH_SLEEPING) > 0
 
     wait_for(sleeping, "the batch to be running")
     runner.process.send_signal(signal.SIGINT)

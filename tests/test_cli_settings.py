@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import test_cli_process
 from click.testing import CliRunner, Result
-from support import wait_for
+from support import BATCH_SLEEPING, sessions, wait_for
 from test_cli_process import Runner, _counts, _items, run
 
 import backfill
@@ -312,11 +312,7 @@ def test_a_second_signal_rolls_back_every_workers_batch(
     runner = spawn(db_url, "run", "stuck", "--workers", "2", "--statement-timeout", "1h")
 
     def sleeping() -> int:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE state = 'active' AND wait_event = 'PgSleep' AND query LIKE 'WITH _backfill_go%%'"
-        ).fetchone()
-        return int(row[0]) if row else 0
+        return sessions(conn, BATCH_SLEEPING)
 
     wait_for(lambda: sleeping() == 2, "both workers' batches to be running")
     runner.process.send_signal(signal.SIGINT)

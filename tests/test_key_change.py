@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from support import at_poll
 
 import backfill
 from backfill import BackfillSpec, KeyChangedError, RunOutcome, RunState
@@ -28,17 +29,10 @@ def test_a_key_type_changed_mid_run_fails_the_batch_and_retry_refuses(
     conn: psycopg.Connection[Any], db_url: str
 ) -> None:
     _items(conn)
-    polls = 0
+    # After three batches, the key's type changes under a runner that planned the old one.
+    alter = at_poll(4, lambda: conn.execute("ALTER TABLE items ALTER COLUMN id TYPE text"))
 
-    def alter_after_three_batches() -> bool:
-        # Polled between batches: the key's type changes under a runner that planned the old one.
-        nonlocal polls
-        polls += 1
-        if polls == 4:
-            conn.execute("ALTER TABLE items ALTER COLUMN id TYPE text")
-        return False
-
-    report = backfill.run_backfill(db_url, SPEC, should_stop=alter_after_three_batches)
+    report = backfill.run_backfill(db_url, SPEC, should_stop=alter)
 
     with pytest.raises(KeyChangedError) as caught:
         backfill.retry_backfill(db_url, "inc")
@@ -121,16 +115,9 @@ def test_a_collation_or_modifier_changed_under_a_running_runner_fails_its_next_b
     # The statements still parse and plan after such a change; every batch checks the key's types and collations
     # after it has locked the table, so the walk never continues in a different order.
     _items(conn, key, "lpad(g::text, 6, '0')")
-    polls = 0
+    alter = at_poll(3, lambda: conn.execute(f"ALTER TABLE items ALTER COLUMN k {change}"))
 
-    def alter_after_two_batches() -> bool:
-        nonlocal polls
-        polls += 1
-        if polls == 3:
-            conn.execute(f"ALTER TABLE items ALTER COLUMN k {change}")
-        return False
-
-    report = backfill.run_backfill(db_url, SPEC, should_stop=alter_after_two_batches)
+    report = backfill.run_backfill(db_url, SPEC, should_stop=alter)
 
     assert (report.outcome, report.batches) == (RunOutcome.FAILED, 2)
     assert report.error is not None and "its type or collation changed during the run" in report.error

@@ -3,25 +3,17 @@ nothing written), and the CLI's --application-name reaching the runner's connect
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-import structlog
 from click.testing import CliRunner, Result
 
 import backfill
 from backfill import BackfillSpec, RunOutcome, RunSettings, SettingsError, SpecError
 from backfill.cli import EXIT_OK, EXIT_USAGE, cli
 
-
-@pytest.fixture(autouse=True)
-def _no_ambient_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    monkeypatch.delenv("BACKFILL_CONTROL_SCHEMA", raising=False)
-    yield
-    structlog.reset_defaults()
+pytestmark = pytest.mark.usefixtures("no_ambient_database")
 
 
 @pytest.fixture

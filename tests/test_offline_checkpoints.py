@@ -5,14 +5,13 @@ each other; and its pacing settings are rendered."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from support import wait_for
+from support import kill_after_batches
 from test_alembic_ops import operations, scalar
 from test_offline import offline, psql, statements
 
@@ -84,24 +83,9 @@ def psql_process(url: str, script: Path) -> subprocess.Popen[str]:
 
 def kill_mid_run(conn: psycopg.Connection[Any], url: str, script: Path) -> None:
     """Run the script with psql and kill it (client and server process) once ten batches have committed."""
-    process = psql_process(url, script)
-    try:
-
-        def advanced() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"psql ended early: {process.stderr.read() if process.stderr else ''}")
-            exists = scalar(conn, "SELECT to_regclass('backfill_slices') IS NOT NULL")
-            return bool(exists and scalar(conn, "SELECT coalesce(sum(batches), 0) FROM backfill_slices") >= 10)
-
-        wait_for(advanced, "ten batches of the script")
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'DO %%backfill%%'")
-        process.send_signal(signal.SIGKILL)
-        process.wait(30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        if process.stderr:
-            process.stderr.close()
+    # The script's server process too: killing psql alone leaves its DO block running.
+    terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'DO %%backfill%%'"
+    kill_after_batches(conn, psql_process(url, script), 10, "psql", lambda: conn.execute(terminate))
 
 
 def test_a_killed_script_run_again_continues_and_updates_every_row_exactly_once(

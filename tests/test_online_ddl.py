@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 from structlog.testing import capture_logs
-from support import wait_for
+from support import constraint_state, index_state, wait_for
 
 import backfill
 from backfill.schema import check, ddl, foreign_key, index
@@ -23,18 +23,6 @@ def _make_orders(conn: psycopg.Connection[Any], rows: int = 2_000) -> None:
     conn.execute("INSERT INTO customers SELECT g, 'c' || g || '@example.com' FROM generate_series(1, 100) g")
     conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, customer_id integer, amount integer NOT NULL)")
     conn.execute("INSERT INTO orders SELECT g, g %% 100 + 1, g FROM generate_series(1, %s) g", (rows,))
-
-
-def _constraint(conn: psycopg.Connection[Any], name: str) -> tuple[str, bool] | None:
-    row = conn.execute("SELECT contype::text, convalidated FROM pg_constraint WHERE conname = %s", (name,)).fetchone()
-    return None if row is None else (row[0], row[1])
-
-
-def _index(conn: psycopg.Connection[Any], name: str) -> tuple[bool, bool] | None:
-    row = conn.execute(
-        "SELECT indisvalid, indisunique FROM pg_index WHERE indexrelid = to_regclass(%s)", (name,)
-    ).fetchone()
-    return None if row is None else (row[0], row[1])
 
 
 # --- CHECK ---------------------------------------------------------------------------------------------------------
@@ -50,7 +38,7 @@ def test_check_is_added_not_valid_then_validated_and_a_second_call_does_nothing(
 
     assert first.actions == ["add", "validate"]
     assert second.actions == []
-    assert _constraint(conn, "orders_amount_positive") == ("c", True)
+    assert constraint_state(conn, "orders_amount_positive") == ("c", True)
     with pytest.raises(psycopg.errors.CheckViolation):
         conn.execute("INSERT INTO orders VALUES (0, 1, -5)")
 
@@ -63,12 +51,12 @@ def test_check_validate_false_checks_new_rows_and_validate_finishes_it(
     added = backfill.add_check_constraint(db_url, "orders", "amount_positive", "amount > 0", validate=False)
 
     assert added.actions == ["add"]
-    assert _constraint(conn, "amount_positive") == ("c", False)
+    assert constraint_state(conn, "amount_positive") == ("c", False)
     with pytest.raises(psycopg.errors.CheckViolation):
         conn.execute("INSERT INTO orders VALUES (0, 1, -5)")
     assert backfill.validate_check_constraint(db_url, "orders", "amount_positive").actions == ["validate"]
     assert backfill.validate_check_constraint(db_url, "orders", "amount_positive").actions == []
-    assert _constraint(conn, "amount_positive") == ("c", True)
+    assert constraint_state(conn, "amount_positive") == ("c", True)
 
 
 def test_check_violated_names_a_row_by_primary_key_and_drops_what_it_added(
@@ -85,7 +73,7 @@ def test_check_violated_names_a_row_by_primary_key_and_drops_what_it_added(
         "with (id)=(1234); the CHECK constraint this call added was dropped again, nothing changed. Fix those rows "
         "and run again"
     )
-    assert _constraint(conn, "amount_positive") is None
+    assert constraint_state(conn, "amount_positive") is None
 
 
 def test_check_validate_with_violations_keeps_the_not_valid_constraint(
@@ -97,7 +85,7 @@ def test_check_validate_with_violations_keeps_the_not_valid_constraint(
     with pytest.raises(backfill.ViolationError, match=r"\(id\)=\(\d+\); the CHECK constraint stays NOT VALID"):
         backfill.validate_check_constraint(db_url, "orders", "amount_large")
 
-    assert _constraint(conn, "amount_large") == ("c", False)
+    assert constraint_state(conn, "amount_large") == ("c", False)
 
 
 def test_check_condition_keeps_percent_signs_and_a_trailing_comment(conn: psycopg.Connection[Any], db_url: str) -> None:
@@ -105,7 +93,7 @@ def test_check_condition_keeps_percent_signs_and_a_trailing_comment(conn: psycop
 
     backfill.add_check_constraint(db_url, "orders", "amount_even_or_big", "amount % 1 = 0 -- every integer")
 
-    assert _constraint(conn, "amount_even_or_big") == ("c", True)
+    assert constraint_state(conn, "amount_even_or_big") == ("c", True)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +153,7 @@ def test_drop_check_drops_a_valid_or_not_valid_constraint_and_is_idempotent(
 
     assert backfill.drop_check_constraint(db_url, "orders", "amount_positive").actions == ["drop"]
     assert backfill.drop_check_constraint(db_url, "orders", "amount_positive").actions == []
-    assert _constraint(conn, "amount_positive") is None
+    assert constraint_state(conn, "amount_positive") is None
 
 
 # --- foreign keys --------------------------------------------------------------------------------------------------
@@ -182,7 +170,7 @@ def test_foreign_key_is_added_not_valid_then_validated_and_advises_the_missing_i
 
     assert first.actions == ["add", "validate"]
     assert second.actions == []
-    assert _constraint(conn, "orders_customer_id_fkey") == ("f", True)
+    assert constraint_state(conn, "orders_customer_id_fkey") == ("f", True)
     advice = (
         "no index on public.orders (customer_id): every delete or key update on customers scans public.orders to "
         "check foreign key 'orders_customer_id_fkey'; build one with op.add_index_concurrently('orders', "
@@ -203,7 +191,7 @@ def test_an_index_leading_with_the_columns_silences_the_advice(conn: psycopg.Con
     result = backfill.add_foreign_key(db_url, "orders", "customer_id", "customers", "id", name="orders_customer")
 
     assert result.advice == ()
-    assert _constraint(conn, "orders_customer") == ("f", True)
+    assert constraint_state(conn, "orders_customer") == ("f", True)
 
 
 def test_foreign_key_violated_names_the_missing_key_and_drops_what_it_added(
@@ -217,7 +205,7 @@ def test_foreign_key_violated_names_the_missing_key_and_drops_what_it_added(
 
     assert 'e.g. key (customer_id)=(4242) is not present in table "customers"' in str(caught.value)
     assert "dropped again, nothing changed" in str(caught.value)
-    assert _constraint(conn, "orders_customer_id_fkey") is None
+    assert constraint_state(conn, "orders_customer_id_fkey") is None
 
 
 @pytest.mark.parametrize(
@@ -265,7 +253,7 @@ def test_index_is_built_concurrently_and_a_second_call_does_nothing(conn: psycop
 
     assert first.actions == ["create_index"]
     assert second.actions == []
-    assert _index(conn, "orders_customer_id_idx") == (True, False)
+    assert index_state(conn, "orders_customer_id_idx") == (True, False)
     definition = conn.execute("SELECT pg_get_indexdef('orders_customer_id_idx'::regclass)").fetchone()
     assert definition == (
         "CREATE INDEX orders_customer_id_idx ON public.orders USING btree (customer_id) WHERE (amount > 10)",
@@ -279,13 +267,13 @@ def test_an_invalid_index_left_by_a_failed_build_is_dropped_and_rebuilt(
     conn.execute("INSERT INTO customers VALUES (101, 'c1@example.com')")
     with pytest.raises(psycopg.errors.UniqueViolation):
         conn.execute("CREATE UNIQUE INDEX CONCURRENTLY customers_email_idx ON customers (email)")
-    assert _index(conn, "customers_email_idx") == (False, True)
+    assert index_state(conn, "customers_email_idx") == (False, True)
     conn.execute("DELETE FROM customers WHERE id = 101")
 
     result = backfill.add_index_concurrently(db_url, "customers", "email", unique=True)
 
     assert result.actions == ["drop_invalid_index", "create_index"]
-    assert _index(conn, "customers_email_idx") == (True, True)
+    assert index_state(conn, "customers_email_idx") == (True, True)
 
 
 def test_a_unique_build_on_duplicates_names_the_key_and_leaves_no_index(
@@ -303,7 +291,7 @@ def test_a_unique_build_on_duplicates_names_the_key_and_leaves_no_index(
         "duplicates and run again"
     )
     assert caught.value.key == "Key (email)=(c7@example.com)"
-    assert _index(conn, "customers_email_idx") is None
+    assert index_state(conn, "customers_email_idx") is None
     conn.execute("INSERT INTO customers VALUES (102, 'c7@example.com')")  # nothing enforces it: no index is left
 
 
@@ -340,7 +328,7 @@ def test_the_build_names_the_sessions_it_waits_for(conn: psycopg.Connection[Any]
     [result] = outcome
     assert isinstance(result, backfill.ChangeResult)
     assert [(pid, name) for pid, name, _ in result.waited_for] == [(report_pid, "monthly-report")]
-    assert _index(conn, "orders_amount_idx") == (True, False)
+    assert index_state(conn, "orders_amount_idx") == (True, False)
 
 
 def test_the_build_runs_without_the_session_timeouts_and_puts_them_back(
@@ -365,7 +353,7 @@ def test_the_build_runs_without_the_session_timeouts_and_puts_them_back(
         after = session.fetchall(ddl.TIMEOUTS)[0]
 
     assert after == ("10ms", "0")
-    assert _index(conn, "orders_amount_idx") == (True, False)
+    assert index_state(conn, "orders_amount_idx") == (True, False)
 
 
 def test_drop_index_concurrently_is_idempotent_and_refuses_a_constraint_index(
@@ -376,7 +364,7 @@ def test_drop_index_concurrently_is_idempotent_and_refuses_a_constraint_index(
 
     assert backfill.drop_index_concurrently(db_url, "orders_amount_idx").actions == ["drop_index"]
     assert backfill.drop_index_concurrently(db_url, "orders_amount_idx", table="orders").actions == []
-    assert _index(conn, "orders_amount_idx") is None
+    assert index_state(conn, "orders_amount_idx") is None
     with pytest.raises(ConstraintError, match=r"backs constraint 'orders_pkey' of public.orders: drop the constraint"):
         backfill.drop_index_concurrently(db_url, "public.orders_pkey")
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from support import run_until, start_runner, wait_for
+from support import run_until, sessions, start_runner, wait_for
 
 import backfill
 from backfill import BackfillSpec, RunOutcome
@@ -116,13 +116,7 @@ def test_killed_workers_slices_are_taken_over_from_their_checkpoints_exactly_onc
     # The server has each batch whole once it is sent (one round trip): a batch in flight at the kill still commits
     # with its checkpoint. Count what the killed runner did once its sessions are gone.
     wait_for(
-        lambda: (
-            conn.execute(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND application_name = 'backfill'"
-            ).fetchone()
-            == (0,)
-        ),
+        lambda: sessions(conn, "datname = current_database() AND application_name = 'backfill'") == 0,
         "the killed runner's sessions to end",
     )
     before = _slice_rows(conn)

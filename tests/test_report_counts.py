@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from support import at_poll
 
 import backfill
 from backfill import BackfillSpec, RetryPolicy, RunOutcome, RunSettings
@@ -41,19 +42,16 @@ def test_batches_lost_in_a_crash_are_counted_once(crashable: EmbeddedServer) -> 
         conn.execute("INSERT INTO items (id) SELECT generate_series(1, %s)", (rows,))
         conn.execute("CHECKPOINT")
     seen: list[int] = []
-    polls = 0
 
-    def crash_after_ten_batches() -> bool:
-        # Polled between batches, on the runner's thread: the server dies at once (no shutdown checkpoint, WAL
-        # not yet written is gone) and comes back; the runner's next batch reconnects.
-        nonlocal polls
-        polls += 1
-        if polls == 11:
-            seen.append(_committed_batches(url))
-            crashable.stop("immediate")
-            crashable.start()
-            seen.append(_committed_batches(url))
-        return False
+    def crash() -> None:
+        # On the runner's thread, between batches: the server dies at once (no shutdown checkpoint, WAL not yet
+        # written is gone) and comes back; the runner's next batch reconnects.
+        seen.append(_committed_batches(url))
+        crashable.stop("immediate")
+        crashable.start()
+        seen.append(_committed_batches(url))
+
+    crash_after_ten_batches = at_poll(11, crash)
 
     spec = BackfillSpec("inc", "items", {"n": "n + 1", "pad": "repeat('x', 50)"}, batch_size=100)
     settings = RunSettings(retry=RetryPolicy(initial_wait=0.02, max_wait=0.25, budget_seconds=60))

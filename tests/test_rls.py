@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
+from support import at_poll
 
 import backfill
 from backfill import BackfillSpec, PlanError, RunOutcome, RunState
@@ -93,17 +94,10 @@ def test_row_level_security_enabled_during_the_run_fails_it_instead_of_skipping_
     conn: psycopg.Connection[Any], role: tuple[str, str]
 ) -> None:
     _, url = role
-    polls = 0
+    # After two batches, the policy starts to apply under a runner that planned without it.
+    enable = at_poll(3, lambda: conn.execute("ALTER TABLE items ENABLE ROW LEVEL SECURITY"))
 
-    def enable_after_two_batches() -> bool:
-        # Polled between batches: the policy starts to apply under a runner that planned without it.
-        nonlocal polls
-        polls += 1
-        if polls == 3:
-            conn.execute("ALTER TABLE items ENABLE ROW LEVEL SECURITY")
-        return False
-
-    report = backfill.run_backfill(url, SPEC, control_schema="ctl", should_stop=enable_after_two_batches)
+    report = backfill.run_backfill(url, SPEC, control_schema="ctl", should_stop=enable)
 
     assert (report.outcome, report.state, report.batches) == (RunOutcome.FAILED, RunState.FAILED, 2)
     assert report.error is not None and "row-level security" in report.error
