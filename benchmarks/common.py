@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -57,3 +58,17 @@ def quiet_logs() -> None:
     """A script is an application: it may configure logging. Per-batch events would drown the figures; warnings
     (throttle waits, retries) are worth seeing."""
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def server_options(parser: argparse.ArgumentParser) -> None:
+    """``--url`` (an existing server) and ``--pg-bin`` (the binaries of the throwaway one): see :func:`database`."""
+    parser.add_argument("--url", help="an existing PostgreSQL (default: a throwaway embedded server)")
+    parser.add_argument("--pg-bin", help="server binaries for the throwaway server (default: the embedded wheel's)")
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The command line, with :func:`server_options`; logging quietened (:func:`quiet_logs`)."""
+    server_options(parser)
+    args = parser.parse_args()
+    quiet_logs()
+    return args
