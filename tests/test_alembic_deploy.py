@@ -83,29 +83,24 @@ def make_project(tmp_path: Path, revisions: list[tuple[str, str]]) -> Path:
     return project
 
 
+def _application(url: str, update_sql: str, insert_sql: str, **options: Any) -> AppSimulator:
+    """Application code writing ``events``: updates of existing rows, and an insert every third write."""
+    return AppSimulator(
+        url, update_sql=update_sql, insert_sql=insert_sql, insert_every=3, key_range=(1, ROWS), **options
+    )
+
+
 def old_code(url: str) -> AppSimulator:
     """Application code from before the change: it knows nothing of ``kind``."""
-    return AppSimulator(
-        url,
-        update_sql="UPDATE events SET n = n + 1 WHERE id = %s",
-        insert_sql="""INSERT INTO events (payload) VALUES ('{"kind": "old"}')""",
-        insert_every=3,
-        key_range=(1, ROWS),
-        seed=1,
-    )
+    update = "UPDATE events SET n = n + 1 WHERE id = %s"
+    return _application(url, update, """INSERT INTO events (payload) VALUES ('{"kind": "old"}')""", seed=1)
 
 
 def new_code(url: str) -> AppSimulator:
     """Application code deployed after phase 1: it writes ``kind`` itself."""
-    return AppSimulator(
-        url,
-        update_sql="UPDATE events SET kind = 'new', n = n + 1 WHERE id = %s",
-        insert_sql="""INSERT INTO events (payload, kind) VALUES ('{"kind": "x"}', 'new')""",
-        insert_every=3,
-        key_range=(1, ROWS),
-        seed=2,
-        writers=1,
-    )
+    update = "UPDATE events SET kind = 'new', n = n + 1 WHERE id = %s"
+    insert = """INSERT INTO events (payload, kind) VALUES ('{"kind": "x"}', 'new')"""
+    return _application(url, update, insert, seed=2, writers=1)
 
 
 def nulls(conn: psycopg.Connection[Any]) -> int:

@@ -93,6 +93,14 @@ def _items(conn: psycopg.Connection[Any], rows: int = ROWS) -> None:
     conn.execute("ANALYZE items")
 
 
+def _register_stuck(conn: psycopg.Connection[Any], db_url: str) -> None:
+    """The items table and the backfill ``stuck``, whose batch would sleep ten minutes: only an abort ends it
+    within a test's deadline."""
+    _items(conn)
+    spec = BackfillSpec("stuck", "items", {"n": "n + 1 + (SELECT 0 FROM pg_sleep(600))"}, batch_size=100)
+    backfill.register_backfill(db_url, spec)
+
+
 def _counts(conn: psycopg.Connection[Any]) -> dict[int, int]:
     return dict(conn.execute("SELECT n, count(*) FROM items GROUP BY n").fetchall())
 
@@ -185,10 +193,7 @@ def test_sigterm_finishes_the_current_batch_then_a_new_run_resumes_exactly_once(
 def test_a_second_signal_aborts_the_running_batch_and_rolls_it_back(
     conn: psycopg.Connection[Any], db_url: str, spawn: Callable[..., Runner]
 ) -> None:
-    _items(conn)
-    # One batch that would sleep ten minutes: only an abort ends it within the test's deadline.
-    spec = BackfillSpec("stuck", "items", {"n": "n + 1 + (SELECT 0 FROM pg_sleep(600))"}, batch_size=100)
-    backfill.register_backfill(db_url, spec)
+    _register_stuck(conn, db_url)
     runner = spawn(db_url, "run", "stuck", "--statement-timeout", "1h")
 
     def sleeping() -> bool:

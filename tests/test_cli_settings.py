@@ -20,7 +20,7 @@ import pytest
 import test_cli_process
 from click.testing import CliRunner, Result
 from support import BATCH_SLEEPING, sessions, wait_for
-from test_cli_process import Runner, _counts, _items, run
+from test_cli_process import Runner, _counts, _items, _register_stuck, run
 
 import backfill
 from backfill import BackfillSpec, RunAllReport, RunState, api
@@ -306,9 +306,7 @@ def test_sigterm_stops_every_worker_after_its_batch_and_a_resume_finishes_exactl
 def test_a_second_signal_rolls_back_every_workers_batch(
     conn: psycopg.Connection[Any], db_url: str, spawn: Callable[..., Runner]
 ) -> None:
-    _items(conn)
-    spec = BackfillSpec("stuck", "items", {"n": "n + 1 + (SELECT 0 FROM pg_sleep(600))"}, batch_size=100)
-    backfill.register_backfill(db_url, spec)
+    _register_stuck(conn, db_url)
     runner = spawn(db_url, "run", "stuck", "--workers", "2", "--statement-timeout", "1h")
 
     def sleeping() -> int:
