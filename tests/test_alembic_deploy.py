@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from alembic import command
+from alembic.config import Config
 from structlog.testing import capture_logs
 from support import wait_for
 from test_alembic_ops import EXAMPLE, alembic_config, operations, scalar
@@ -117,11 +118,17 @@ def trigger_count(conn: psycopg.Connection[Any]) -> int:
     return int(scalar(conn, "SELECT count(*) FROM pg_trigger WHERE tgname = %s", (sync.trigger_name("events_kind"),)))
 
 
+def at_revision_1(tmp_path: Path, db_url: str) -> Config:
+    """The project of ``REVISIONS``, upgraded to the first: the table with its rows, before the column exists."""
+    config = alembic_config(db_url, make_project(tmp_path, REVISIONS))
+    command.upgrade(config, "0001")
+    return config
+
+
 def test_old_and_new_code_write_through_the_whole_upgrade_with_no_error_and_no_null_left(
     tmp_path: Path, conn: psycopg.Connection[Any], db_url: str
 ) -> None:
-    config = alembic_config(db_url, make_project(tmp_path, REVISIONS))
-    command.upgrade(config, "0001")
+    config = at_revision_1(tmp_path, db_url)
 
     with old_code(db_url) as old:
         old.wait_until_writing()
@@ -147,8 +154,7 @@ def test_old_and_new_code_write_through_the_whole_upgrade_with_no_error_and_no_n
 def test_downgrade_then_upgrade_runs_the_backfill_again_while_old_code_writes(
     tmp_path: Path, conn: psycopg.Connection[Any], db_url: str
 ) -> None:
-    config = alembic_config(db_url, make_project(tmp_path, REVISIONS))
-    command.upgrade(config, "0001")
+    config = at_revision_1(tmp_path, db_url)
 
     with old_code(db_url) as old:
         old.wait_until_writing()
