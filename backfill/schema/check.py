@@ -24,6 +24,7 @@ from backfill.schema.constraint import (
     Planner,
     change_on_own_session,
     key_text,
+    named_change,
 )
 from backfill.schema.notnull import ConstraintError, DDLSession, Step, StepAction, lock_retry
 
@@ -131,16 +132,9 @@ def add_check_constraint(
     return change_on_own_session(bind, table, name, planner, schema, lock_retry(lock_timeout, retry_seconds, sleep))
 
 
-def validate_check_constraint(
-    bind: Bind,
-    table: str,
-    name: str,
-    *,
-    schema: str | None = None,
-    lock_timeout: float = 2.0,
-    retry_seconds: float = 300.0,
-    sleep: Callable[[float], None] = time.sleep,
-) -> ChangeResult:
+validate_check_constraint = named_change(
+    CHECK.plan_validate,
+    "validate_check_constraint",
     """Validate the NOT VALID CHECK constraint ``name`` (from ``add_check_constraint(..., validate=False)``): a
     scan under SHARE UPDATE EXCLUSIVE, which blocks neither reads nor writes. Nothing to do if it is valid.
     Arguments as for :func:`add_check_constraint`.
@@ -148,25 +142,13 @@ def validate_check_constraint(
     Raises:
         ConstraintError: there is no CHECK constraint of that name.
         ViolationError: existing rows violate it (one is named); it stays NOT VALID.
-    """
-    return change_on_own_session(
-        bind, table, name, CHECK.plan_validate, schema, lock_retry(lock_timeout, retry_seconds, sleep)
-    )
+    """,
+)
 
-
-def drop_check_constraint(
-    bind: Bind,
-    table: str,
-    name: str,
-    *,
-    schema: str | None = None,
-    lock_timeout: float = 2.0,
-    retry_seconds: float = 300.0,
-    sleep: Callable[[float], None] = time.sleep,
-) -> ChangeResult:
+drop_check_constraint = named_change(
+    CHECK.plan_drop,
+    "drop_check_constraint",
     """Drop the constraint ``name`` if it exists, valid or not (the downgrade of :func:`add_check_constraint`):
     ACCESS EXCLUSIVE for an instant, under ``lock_timeout`` with retries. Arguments as for
-    :func:`add_check_constraint`."""
-    return change_on_own_session(
-        bind, table, name, CHECK.plan_drop, schema, lock_retry(lock_timeout, retry_seconds, sleep)
-    )
+    :func:`add_check_constraint`.""",
+)

@@ -12,9 +12,11 @@ two steps resumes with the second.
 
 from __future__ import annotations
 
+import inspect
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec
 
 import psycopg
 import structlog
@@ -33,6 +35,7 @@ from backfill.schema.notnull import (
     StepResult,
     TableName,
     find_table,
+    lock_retry,
     own_session,
     run_step,
     run_steps,
@@ -50,11 +53,14 @@ __all__ = [
     "offline_constraint",
     "change",
     "change_on_own_session",
+    "named_change",
     "apply_plan",
     "server_detail",
 ]
 
 log = structlog.get_logger("backfill")
+
+_P = ParamSpec("_P")
 
 #: What a validating scan raises when a row breaks the constraint.
 _VIOLATIONS = (pg_errors.CheckViolation, pg_errors.ForeignKeyViolation)
@@ -234,6 +240,50 @@ def change_on_own_session(
     """:func:`change` on a connection of the plain functions' own."""
     with own_session(bind) as session:
         return change(session, table, name, planner, schema=schema, retry=retry)
+
+
+def _named_constraint(
+    bind: Bind,
+    table: str,
+    name: str,
+    *,
+    schema: str | None = None,
+    lock_timeout: float = 2.0,
+    retry_seconds: float = 300.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[Bind, str, str, str | None, LockRetry]:
+    """The one signature of the plain functions that validate or drop a named constraint (see
+    :data:`named_change`), and what they run with."""
+    return bind, table, name, schema, lock_retry(lock_timeout, retry_seconds, sleep)
+
+
+def _named_changes(
+    arguments: Callable[_P, tuple[Bind, str, str, str | None, LockRetry]],
+) -> Callable[[Planner, str, str], Callable[_P, ChangeResult]]:
+    signature = inspect.signature(arguments).replace(return_annotation="ChangeResult")
+
+    def named_change(planner: Planner, function_name: str, doc: str) -> Callable[_P, ChangeResult]:
+        def change(*args: _P.args, **kwargs: _P.kwargs) -> ChangeResult:
+            try:
+                signature.bind(*args, **kwargs)
+            except TypeError as exc:  # said of the function called, not of the signature's template
+                raise TypeError(f"{function_name}(): {exc}") from None
+            bind, table, name, schema, retry = arguments(*args, **kwargs)
+            return change_on_own_session(bind, table, name, planner, schema, retry)
+
+        change.__name__ = change.__qualname__ = function_name
+        change.__doc__ = doc
+        change.__signature__ = signature  # type: ignore[attr-defined]
+        return change
+
+    return named_change
+
+
+#: ``named_change(planner, function_name, doc)``: the plain function ``function_name(bind, table, name, *,
+#: schema=None, lock_timeout=2.0, retry_seconds=300.0, sleep=time.sleep)`` that plans a change of the constraint
+#: ``name`` with ``planner`` and runs it on a connection of its own (``validate_check_constraint``,
+#: ``drop_foreign_key``, ...): one signature, typed, for all of them.
+named_change = _named_changes(_named_constraint)
 
 
 def change(

@@ -26,6 +26,7 @@ from backfill.schema.constraint import (
     ConstraintState,
     Planner,
     change_on_own_session,
+    named_change,
     server_detail,
 )
 from backfill.schema.notnull import ConstraintError, DDLSession, Step, StepAction, find_table, lock_retry
@@ -221,40 +222,21 @@ def add_foreign_key(
     return change_on_own_session(bind, table, name, add_planner(key, validate=validate), schema, retry)
 
 
-def validate_foreign_key(
-    bind: Bind,
-    table: str,
-    name: str,
-    *,
-    schema: str | None = None,
-    lock_timeout: float = 2.0,
-    retry_seconds: float = 300.0,
-    sleep: Callable[[float], None] = time.sleep,
-) -> ChangeResult:
+validate_foreign_key = named_change(
+    FOREIGN_KEY.plan_validate,
+    "validate_foreign_key",
     """Validate the NOT VALID foreign key ``name`` of ``table``: a scan that blocks neither reads nor writes.
     Nothing to do if it is valid. Arguments as for :func:`add_foreign_key`.
 
     Raises:
         ConstraintError: ``table`` has no foreign key of that name.
         ViolationError: rows reference keys that do not exist (one is named); it stays NOT VALID.
-    """
-    return change_on_own_session(
-        bind, table, name, FOREIGN_KEY.plan_validate, schema, lock_retry(lock_timeout, retry_seconds, sleep)
-    )
+    """,
+)
 
-
-def drop_foreign_key(
-    bind: Bind,
-    table: str,
-    name: str,
-    *,
-    schema: str | None = None,
-    lock_timeout: float = 2.0,
-    retry_seconds: float = 300.0,
-    sleep: Callable[[float], None] = time.sleep,
-) -> ChangeResult:
+drop_foreign_key = named_change(
+    FOREIGN_KEY.plan_drop,
+    "drop_foreign_key",
     """Drop the foreign key ``name`` of ``table`` if it exists, valid or not (the downgrade of
-    :func:`add_foreign_key`): ACCESS EXCLUSIVE on ``table`` for an instant, under ``lock_timeout`` with retries."""
-    return change_on_own_session(
-        bind, table, name, FOREIGN_KEY.plan_drop, schema, lock_retry(lock_timeout, retry_seconds, sleep)
-    )
+    :func:`add_foreign_key`): ACCESS EXCLUSIVE on ``table`` for an instant, under ``lock_timeout`` with retries.""",
+)
