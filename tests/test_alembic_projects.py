@@ -416,3 +416,32 @@ def test_op_classmethod_and_typed_function_take_exactly_the_ops_fields(op_class:
 
     assert _shape(inspect.signature(getattr(op_class, name))) == fields
     assert _shape(inspect.signature(getattr(backfill.alembic, name))) == fields
+
+
+@pytest.mark.parametrize(("op_class", "name"), OPS, ids=[name for _, name in OPS])
+def test_op_name_the_typed_function_and_the_class_show_one_docstring(op_class: type, name: str) -> None:
+    doc = inspect.getdoc(op_class)
+
+    assert doc is not None
+    assert inspect.getdoc(getattr(Operations, name)) == doc
+    assert (inspect.getdoc(getattr(backfill.alembic, name)) or "").endswith(doc)
+    assert _shape(inspect.signature(getattr(Operations, name))) == (
+        [("self", inspect.Parameter.empty), *_shape(inspect.signature(op_class))[0]],
+        _shape(inspect.signature(op_class))[1],
+    )
+
+
+def test_reverse_keeps_the_lock_settings_and_names_what_the_op_added() -> None:
+    add_not_null = ops.AddNotNullConstraintOp("s.t", "c", name="n", lock_timeout=3.0, lock_retry_seconds=9.0)
+    add_key = ops.AddForeignKeyOp("s.t", ["a", "b"], "r", ["x", "y"], lock_timeout=1.5, schema="s")
+    add_index = ops.AddIndexConcurrentlyOp("s.t", "a", unique=True)
+
+    assert vars(add_not_null.reverse()) == vars(
+        ops.DropNotNullConstraintOp("s.t", "c", name="n", lock_timeout=3.0, lock_retry_seconds=9.0)
+    )
+    assert vars(add_not_null.reverse().reverse()) == vars(add_not_null)
+    assert vars(add_key.reverse()) == vars(ops.DropForeignKeyOp("s.t", "t_a_b_fkey", lock_timeout=1.5, schema="s"))
+    assert vars(add_index.reverse()) == vars(ops.DropIndexConcurrentlyOp("t_a_idx", table="s.t"))
+    assert vars(ops.BackfillOp("b", "t", {}, force=True, control_schema="c").reverse()) == vars(
+        ops.DropBackfillOp("b", control_schema="c")
+    )
