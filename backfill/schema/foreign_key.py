@@ -29,7 +29,7 @@ from backfill.schema.constraint import (
     named_change,
     server_detail,
 )
-from backfill.schema.notnull import ConstraintError, DDLSession, Step, StepAction, find_table, lock_retry
+from backfill.schema.notnull import ConstraintError, DDLSession, Step, StepAction, column_names, find_table, lock_retry
 from backfill.spec import split_table
 
 __all__ = [
@@ -60,13 +60,6 @@ class ForeignKey:
     referent_schema: str | None = None
 
 
-def _names(value: str | Sequence[str], what: str) -> tuple[str, ...]:
-    names = (value,) if isinstance(value, str) else tuple(value)
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise ConstraintError(f"{what} must be a column name or a non-empty list of column names, got {value!r}")
-    return names
-
-
 def foreign_key(
     columns: str | Sequence[str],
     referent_table: str,
@@ -79,8 +72,8 @@ def foreign_key(
     Raises:
         ConstraintError: no columns, different numbers of columns on both sides, or an unknown ON DELETE action.
     """
-    local = _names(columns, "columns")
-    remote = _names(referent_columns, "referent_columns")
+    local = column_names(columns)
+    remote = column_names(referent_columns, "referent_columns")
     if len(local) != len(remote):
         raise ConstraintError(
             f"a foreign key needs as many referent_columns as columns: {list(local)} -> {list(remote)}"
@@ -98,7 +91,7 @@ def foreign_key(
 
 def fk_name(table: str, columns: str | Sequence[str], name: str | None = None) -> str:
     """``name``, or PostgreSQL's own pattern ``table_col_fkey``."""
-    return name or ddl.derived_name(split_table(table)[1], _names(columns, "columns"), "fkey")
+    return name or ddl.derived_name(split_table(table)[1], column_names(columns), "fkey")
 
 
 def _referent(session: DDLSession, state: ConstraintState, key: ForeignKey) -> sql.Identifier:

@@ -36,6 +36,7 @@ from backfill.schema.notnull import (
     Step,
     StepAction,
     StepResult,
+    column_names,
     find_table,
     own_session,
     run_steps,
@@ -113,7 +114,7 @@ class IndexPlan:
 
 def index_name(table: str, columns: str | Sequence[str], name: str | None = None) -> str:
     """``name``, or PostgreSQL's own pattern ``table_col_idx``."""
-    return name or ddl.derived_name(split_table(table)[1], _column_names(columns), "idx")
+    return name or ddl.derived_name(split_table(table)[1], column_names(columns), "idx")
 
 
 def read_index(session: DDLSession, name: str, *, schema: str | None) -> IndexState:
@@ -160,13 +161,6 @@ def offline_index(table: str | None, name: str, *, schema: str | None) -> IndexS
     return IndexState(schema, name, table)
 
 
-def _column_names(columns: str | Sequence[str]) -> tuple[str, ...]:
-    names = (columns,) if isinstance(columns, str) else tuple(columns)
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise ConstraintError(f"columns must be a column name or a non-empty list of column names, got {columns!r}")
-    return names
-
-
 def plan_add_index(
     state: IndexState,
     columns: str | Sequence[str],
@@ -182,7 +176,7 @@ def plan_add_index(
     Raises:
         ConstraintError: a valid index of that name is unique where a plain one is asked for, or the reverse.
     """
-    names = _column_names(columns)
+    names = column_names(columns)
     if where is not None and not where.strip():
         raise ConstraintError("where must be a non-empty SQL expression (or None)")
     if where is not None and (problem := fragment_problem(where)):
@@ -422,7 +416,7 @@ def add_index_concurrently(
         ConstraintError: no such table or column, a name used by another relation, a definition PostgreSQL
             rejects; the message says what was left behind.
     """
-    names = _column_names(columns)
+    names = column_names(columns)
     database = Database.from_bind(bind, "backfill-ddl")
     with own_session(database) as session:
         state = read_index_of_table(session, table, index_name(table, names, name), schema=schema)

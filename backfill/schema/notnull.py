@@ -56,6 +56,7 @@ __all__ = [
     "NotNullPlan",
     "DDLSession",
     "PsycopgSession",
+    "column_names",
     "find_table",
     "read_state",
     "offline_state",
@@ -289,6 +290,18 @@ class PsycopgSession:
 
     def execute(self, statement: Query) -> None:
         self.conn.execute(statement)
+
+
+def column_names(value: str | Sequence[str], what: str = "columns") -> tuple[str, ...]:
+    """A column name or a list of them, as a tuple.
+
+    Raises:
+        ConstraintError: ``value`` is empty or holds something other than non-empty names (``what`` names it).
+    """
+    names = (value,) if isinstance(value, str) else tuple(value)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ConstraintError(f"{what} must be a column name or a non-empty list of column names, got {value!r}")
+    return names
 
 
 # --- reading the catalog -------------------------------------------------------------------------------------------
