@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,11 @@ from backfill.alembic.toimpl import _sql_text
 DRIVERS = [("generic", "psycopg"), ("generic", "psycopg2"), ("async", "asyncpg")]
 
 
-def init_project(tmp_path: Path, url: str, driver: str, template: str = "generic") -> Path:
+def init_project(
+    tmp_path: Path, url: str, driver: str, template: str = "generic", revisions: Sequence[str] = ()
+) -> Path:
     """``alembic init -t TEMPLATE migrations`` in a fresh directory, with ``sqlalchemy.url`` set to ``url`` on
-    ``driver`` (the only edit)."""
+    ``driver`` (the only edit), and ``revisions`` (upgrade() bodies) as ``r1``, ``r2``, ..."""
     root = tmp_path / "app"
     root.mkdir()
     subprocess.run(  # noqa: S603
@@ -45,6 +47,8 @@ def init_project(tmp_path: Path, url: str, driver: str, template: str = "generic
     ini = root / "alembic.ini"
     sa_url = make_url(url).set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
     ini.write_text(re.sub(r"^sqlalchemy\.url = .*$", f"sqlalchemy.url = {sa_url}", ini.read_text(), flags=re.M))
+    for number, body in enumerate(revisions, start=1):
+        write_revision(root, number, body)
     return root
 
 
@@ -103,35 +107,25 @@ ITEMS = (
 def test_every_op_runs_on_the_migration_connection_of_each_driver(
     tmp_path: Path, conn: psycopg.Connection[Any], db_url: str, template: str, driver: str
 ) -> None:
-    project = init_project(tmp_path, db_url, driver, template)
-    write_revision(project, 1, ITEMS)
-    write_revision(
-        project,
-        2,
+    revisions = [
+        ITEMS,
         """
         op.add_column("items", sa.Column("kind", sa.Text))
         op.backfill("items_kind", "items", {"kind": sa.literal("100% done")}, where=sa.column("id") % 7 == 0,
                     defer=True)
         """,
-    )
-    write_revision(
-        project,
-        3,
         """
         op.ensure_backfill_finished("items_kind")
         op.backfill("items_rest", "items", {"kind": "'rest'"}, where="kind IS NULL")
         op.add_not_null_constraint("items", "kind", validate=False)
         op.validate_not_null_constraint("items", "kind")
         """,
-    )
-    write_revision(
-        project,
-        4,
         """
         op.drop_not_null_constraint("items", "kind")
         op.add_not_null_constraint("items", "kind")
         """,
-    )
+    ]
+    project = init_project(tmp_path, db_url, driver, template, revisions)
 
     upgrade_head(project)
 
@@ -165,17 +159,15 @@ def test_default_env_py_a_later_revision_fails_then_fixing_it_and_upgrading_agai
     """A revision that commits part of its work (op.backfill) keeps its version stamp with that work: a failure in
     a later revision rolls back only that revision, and the fixed upgrade starts from there (no DuplicateColumn,
     no ``alembic stamp`` by hand)."""
-    project = init_project(tmp_path, db_url, driver, template)
-    write_revision(project, 1, ITEMS)
-    write_revision(
-        project,
-        2,
+    revisions = [
+        ITEMS,
         """
         op.add_column("items", sa.Column("kind", sa.Text))
         op.backfill("items_kind", "items", {"kind": "'k' || id"}, defer=True)
         """,
-    )
-    write_revision(project, 3, f'op.add_column("items", sa.Column("extra", sa.Text))\n{failing}')
+        f'op.add_column("items", sa.Column("extra", sa.Text))\n{failing}',
+    ]
+    project = init_project(tmp_path, db_url, driver, template, revisions)
 
     failed = alembic(project, "upgrade", "head")
 
@@ -321,10 +313,12 @@ def test_validate_outlasts_a_short_role_statement_timeout(
     holds SHARE UPDATE EXCLUSIVE on the table for ten times that, still finishes (it blocks no reader or writer)."""
     role = app_role
     app_url = make_url(db_url).set(username=role).render_as_string(hide_password=False)
-    project = init_project(tmp_path, app_url, "psycopg")
-    write_revision(project, 1, ITEMS.replace("PRIMARY KEY)", "PRIMARY KEY, kind text DEFAULT 'k')"))
-    write_revision(project, 2, 'op.add_not_null_constraint("items", "kind", validate=False)')
-    write_revision(project, 3, 'op.validate_not_null_constraint("items", "kind")')
+    revisions = [
+        ITEMS.replace("PRIMARY KEY)", "PRIMARY KEY, kind text DEFAULT 'k')"),
+        'op.add_not_null_constraint("items", "kind", validate=False)',
+        'op.validate_not_null_constraint("items", "kind")',
+    ]
+    project = init_project(tmp_path, app_url, "psycopg", revisions=revisions)
     done = alembic(project, "upgrade", "r2")
     assert done.returncode == 0, done.stderr
 

@@ -25,7 +25,7 @@ from alembic.runtime.migration import MigrationContext
 from structlog.testing import capture_logs
 from support import constraint_state, index_state, wait_for
 from test_alembic_ops import alembic_config, make_project, operations, scalar
-from test_alembic_projects import DRIVERS, init_project, upgrade_head, version, write_revision
+from test_alembic_projects import DRIVERS, init_project, upgrade_head, version
 from test_offline import offline, psql, statements
 
 import backfill
@@ -508,11 +508,7 @@ def test_odd_names_are_quoted_everywhere(conn: psycopg.Connection[Any], db_url: 
 def test_the_ops_run_on_the_migration_connection_of_each_driver(
     tmp_path: Path, conn: psycopg.Connection[Any], db_url: str, template: str, driver: str
 ) -> None:
-    project = init_project(tmp_path, db_url, driver, template)
-    write_revision(project, 1, TABLES)
-    write_revision(project, 2, REVISIONS[1][0])
-    write_revision(project, 3, REVISIONS[2][0])
-    write_revision(project, 4, REVISIONS[3][0])
+    project = init_project(tmp_path, db_url, driver, template, [TABLES, *(upgrade for upgrade, _ in REVISIONS[1:4])])
 
     upgrade_head(project)
 

@@ -15,17 +15,7 @@ from psycopg import sql
 from backfill.fragments import fragment_problem
 from backfill.pg import statements
 from backfill.pg.connect import Bind
-from backfill.schema import ddl
-from backfill.schema.constraint import (
-    ChangeResult,
-    ConstraintKind,
-    ConstraintPlan,
-    ConstraintState,
-    Planner,
-    change_on_own_session,
-    key_text,
-    named_change,
-)
+from backfill.schema import constraint, ddl
 from backfill.schema.notnull import ConstraintError, DDLSession, Step, StepAction, lock_retry
 
 __all__ = [
@@ -59,7 +49,9 @@ def checked_condition(condition: str) -> str:
     return condition
 
 
-def plan_add_check(state: ConstraintState, condition: str, *, validate: bool = True) -> ConstraintPlan:
+def plan_add_check(
+    state: constraint.ConstraintState, condition: str, *, validate: bool = True
+) -> constraint.ConstraintPlan:
     """``ADD CONSTRAINT ... CHECK (condition) NOT VALID`` unless it exists, then ``VALIDATE`` (unless
     ``validate`` is false or it is valid already). An existing constraint of that name is taken as this one (its
     condition is not compared)."""
@@ -67,13 +59,13 @@ def plan_add_check(state: ConstraintState, condition: str, *, validate: bool = T
     return CHECK.plan_add(state, Step(StepAction.ADD, statement, True), validate=validate)
 
 
-def add_planner(condition: str, *, validate: bool) -> Planner:
+def add_planner(condition: str, *, validate: bool) -> constraint.Planner:
     """Plans :func:`plan_add_check` (the condition is checked at once, before any catalog is read)."""
     checked_condition(condition)
     return lambda state, _: plan_add_check(state, condition, validate=validate)
 
 
-def describe_violation(session: DDLSession, state: ConstraintState, exc: BaseException) -> str | None:
+def describe_violation(session: DDLSession, state: constraint.ConstraintState, exc: BaseException) -> str | None:
     """One row that violates the CHECK constraint, by primary key when the table has one (VALIDATE does not say)."""
     del exc
     expression = session.fetchall(_EXPRESSION, (state.oid, state.name))
@@ -81,10 +73,10 @@ def describe_violation(session: DDLSession, state: ConstraintState, exc: BaseExc
         return None
     key = [row[0] for row in session.fetchall(statements.PRIMARY_KEY, (state.oid,))] or ["ctid"]
     found = session.fetchall(ddl.first_violation(state.relation, key, str(expression[0][0])))
-    return f"e.g. the row with {key_text(key, found[0])}" if found else None
+    return f"e.g. the row with {constraint.key_text(key, found[0])}" if found else None
 
 
-CHECK = ConstraintKind("c", "CHECK constraint", describe_violation)
+CHECK = constraint.ConstraintKind("c", "CHECK constraint", describe_violation)
 
 
 def add_check_constraint(
@@ -98,7 +90,7 @@ def add_check_constraint(
     lock_timeout: float = 2.0,
     retry_seconds: float = 300.0,
     sleep: Callable[[float], None] = time.sleep,
-) -> ChangeResult:
+) -> constraint.ChangeResult:
     """Add ``CHECK (condition)`` to ``table`` without an ACCESS EXCLUSIVE table scan: ``NOT VALID`` first (an
     instant), then ``VALIDATE CONSTRAINT`` (a scan that blocks neither reads nor writes).
 
@@ -129,10 +121,12 @@ def add_check_constraint(
         LockUnavailableError: a lock could not be taken within ``retry_seconds``.
     """
     planner = add_planner(condition, validate=validate)
-    return change_on_own_session(bind, table, name, planner, schema, lock_retry(lock_timeout, retry_seconds, sleep))
+    return constraint.change_on_own_session(
+        bind, table, name, planner, schema, lock_retry(lock_timeout, retry_seconds, sleep)
+    )
 
 
-validate_check_constraint = named_change(
+validate_check_constraint = constraint.named_change(
     CHECK.plan_validate,
     "validate_check_constraint",
     """Validate the NOT VALID CHECK constraint ``name`` (from ``add_check_constraint(..., validate=False)``): a
@@ -145,7 +139,7 @@ validate_check_constraint = named_change(
     """,
 )
 
-drop_check_constraint = named_change(
+drop_check_constraint = constraint.named_change(
     CHECK.plan_drop,
     "drop_check_constraint",
     """Drop the constraint ``name`` if it exists, valid or not (the downgrade of :func:`add_check_constraint`):
