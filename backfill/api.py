@@ -44,13 +44,14 @@ from backfill.schema.notnull import (
     StepResult,
     find_table,
     lock_retry,
+    named_by_caller,
     own_session,
     run_step,
     run_steps,
 )
 from backfill.schema.type_change import TypeChangeResult, TypeChangeState
 from backfill.settings import RunSettings
-from backfill.spec import REVERT_SUFFIX, BackfillSpec, split_table
+from backfill.spec import REVERT_SUFFIX, BackfillSpec
 from backfill.state import OperatorAction, RunOutcome, RunState
 from backfill.status import BackfillStatus
 from backfill.store import BackfillRecord, RunnerStore, SliceRecord
@@ -753,13 +754,9 @@ def _type_change_record(
     bind: Bind, session: DDLSession, table: str, column: str, schema: str | None, control_schema: str
 ) -> tuple[BackfillRecord | None, str, str]:
     """The backfill record of the change of ``column`` (None: none was started), and the table's schema and name."""
-    schema, table = _named_by_caller_table(bind, table, schema)
+    schema, table = named_by_caller(bind, table, schema)
     _, schema, table = find_table(session, table, schema)
     return _copy_record(bind, type_change.backfill_name(schema, table, column), control_schema), schema, table
-
-
-def _named_by_caller_table(bind: Bind, table: str, schema: str | None) -> tuple[str | None, str]:
-    return qualify(bind, table, schema) if isinstance(bind, sqlalchemy.Connection) else split_table(table, schema)
 
 
 def start_column_type_change(
@@ -813,7 +810,7 @@ def start_column_type_change(
     """
     retry = lock_retry(lock_timeout, retry_seconds, sleep)
     with own_session(bind) as session:
-        schema, table = _named_by_caller_table(bind, table, schema)
+        schema, table = named_by_caller(bind, table, schema)
         state = type_change.read_type_change(
             session, table, column, schema=schema, shadow=type_change.shadow_name(column, name)
         )

@@ -58,6 +58,7 @@ __all__ = [
     "PsycopgSession",
     "column_names",
     "find_table",
+    "named_by_caller",
     "read_state",
     "offline_state",
     "plan_add",
@@ -683,9 +684,9 @@ def own_session(bind: Bind) -> Iterator[PsycopgSession]:
         yield PsycopgSession(conn)
 
 
-def _named_by_caller(bind: Bind, table: str, schema: str | None) -> tuple[str | None, str]:
-    # A Connection's own search_path decides which table an unqualified name means; the steps then run on a
-    # connection of ours, where it may mean another one.
+def named_by_caller(bind: Bind, table: str, schema: str | None) -> tuple[str | None, str]:
+    """``(schema, table)`` as the caller means them: a Connection's own search_path decides which table an
+    unqualified name means (the steps then run on a connection of ours, where it may mean another one)."""
     return qualify(bind, table, schema) if isinstance(bind, sqlalchemy.Connection) else split_table(table, schema)
 
 
@@ -734,7 +735,7 @@ def add_not_null_constraint(
         NullValuesError: the column still has NULLs (names how many); nothing this call added is left behind.
         LockUnavailableError: a lock could not be taken within ``retry_seconds``.
     """
-    schema, table = _named_by_caller(bind, table, schema)
+    schema, table = named_by_caller(bind, table, schema)
     with own_session(bind) as session:
         state = read_state(session, table, column, schema=schema, name=name)
         plan = plan_add(state, name, validate=validate)
@@ -764,7 +765,7 @@ def validate_not_null_constraint(
         NullValuesError: the column still has NULLs; the NOT VALID constraint stays.
         LockUnavailableError: a lock could not be taken within ``retry_seconds``.
     """
-    schema, table = _named_by_caller(bind, table, schema)
+    schema, table = named_by_caller(bind, table, schema)
     with own_session(bind) as session:
         state = read_state(session, table, column, schema=schema, name=name)
         retry = lock_retry(lock_timeout, retry_seconds, sleep)
@@ -790,7 +791,7 @@ def drop_not_null_constraint(
         ConstraintError: no such table or column.
         LockUnavailableError: a lock could not be taken within ``retry_seconds``.
     """
-    schema, table = _named_by_caller(bind, table, schema)
+    schema, table = named_by_caller(bind, table, schema)
     with own_session(bind) as session:
         state = read_state(session, table, column, schema=schema, name=name)
         return apply_steps(session, plan_drop(state, name), lock_retry(lock_timeout, retry_seconds, sleep))
