@@ -22,6 +22,7 @@ from backfill.api import (
     RunAllReport,
     TypeChangeError,
     backfill_status,
+    batch_history,
     cancel_backfill,
     cancel_column_type_change,
     cleanup_column_type_change,
@@ -43,6 +44,7 @@ from backfill.api import (
     revert_backfill,
     run_backfill,
     run_backfills,
+    set_backfill_settings,
     start_column_type_change,
 )
 from backfill.errors import (
@@ -50,6 +52,7 @@ from backfill.errors import (
     BackfillError,
     ConnectError,
     ControlTablesMissingError,
+    ControlTablesOutdatedError,
     KeyChangedError,
     KeyRoundTripError,
     NotReversibleError,
@@ -93,14 +96,19 @@ from backfill.schema.notnull import (
 )
 from backfill.schema.sequence import KeyHeadroom, key_headroom
 from backfill.schema.type_change import TypeChangeResult
-from backfill.settings import RunSettings, SettingsError
+from backfill.settings import LIVE_SETTINGS, RunSettings, SettingsError
 from backfill.spec import DEFAULT_BATCH_SIZE, BackfillSpec
 from backfill.state import OperatorAction, RunOutcome, RunState
-from backfill.status import BackfillStatus
-from backfill.store import BackfillRecord, SliceRecord
+from backfill.status import BackfillStatus, LiveRunner
+from backfill.store import BackfillRecord, BatchRecord, SliceRecord
 
 __all__ = [
     "BackfillSpec",
+    "BatchRecord",
+    "LiveRunner",
+    "LIVE_SETTINGS",
+    "batch_history",
+    "set_backfill_settings",
     "DEFAULT_BATCH_SIZE",
     "RunSettings",
     "RunReport",
@@ -182,6 +190,7 @@ __all__ = [
     "KeyChangedError",
     "KeyRoundTripError",
     "ControlTablesMissingError",
+    "ControlTablesOutdatedError",
     "PlanError",
     "SpecError",
     "SpecMismatchError",

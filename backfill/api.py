@@ -50,11 +50,11 @@ from backfill.schema.notnull import (
     run_steps,
 )
 from backfill.schema.type_change import TypeChangeResult, TypeChangeState
-from backfill.settings import RunSettings
-from backfill.spec import REVERT_SUFFIX, BackfillSpec
+from backfill.settings import LIVE_SETTINGS, RunSettings, SettingsError
+from backfill.spec import MAX_BATCH_SIZE, REVERT_SUFFIX, BackfillSpec
 from backfill.state import OperatorAction, RunOutcome, RunState
 from backfill.status import BackfillStatus
-from backfill.store import BackfillRecord, RunnerStore, SliceRecord
+from backfill.store import BackfillRecord, BatchRecord, RunnerStore, SliceRecord
 
 __all__ = [
     "init_control_tables",
@@ -71,6 +71,8 @@ __all__ = [
     "cancel_backfill",
     "retry_backfill",
     "backfill_status",
+    "batch_history",
+    "set_backfill_settings",
     "preview_backfill",
     "delete_backfill",
     "drop_backfill_trigger",
@@ -523,7 +525,91 @@ def backfill_status(
     with open_store(bind, control_schema) as store:
         records = [store.get(name)] if name is not None else store.list_all()
         sizes = store.undo_sizes()
-        return [BackfillStatus(record, tuple(store.slices(record.id)), sizes.get(record.id)) for record in records]
+        statuses = []
+        for record in records:
+            recent = tuple(store.history(record.id, _STATUS_HISTORY))
+            slices = tuple(store.slices(record.id))
+            statuses.append(BackfillStatus(record, slices, sizes.get(record.id), recent, store.now()))
+        return statuses
+
+
+#: Batches ``status`` reads from the history: enough to cover its rate window at hundreds of batches per second.
+_STATUS_HISTORY = 2_000
+
+
+def batch_history(
+    bind: Bind, name: str, *, limit: int = 500, control_schema: str = DEFAULT_CONTROL_SCHEMA
+) -> list[BatchRecord]:
+    """The latest ``limit`` batches of backfill ``name`` over all its slices, oldest first: when each finished
+    (database time), its slice, rows, duration, batch size, retries, and the throttle wait before it with its
+    reason. The history keeps the last ``HISTORY_PER_SLICE`` (500) batches of each slice.
+
+    Raises:
+        UnknownBackfillError: there is no such backfill.
+        SpecError: ``limit`` is not a positive integer.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise SpecError(f"limit must be a positive integer, got {limit!r}")
+    with open_store(bind, control_schema) as store:
+        return store.history(store.get(name).id, limit)
+
+
+def set_backfill_settings(
+    bind: Bind,
+    name: str,
+    *,
+    max_rows_per_second: float | None = None,
+    sleep: float | None = None,
+    target_batch_time: float | None = None,
+    min_batch_size: int | None = None,
+    max_batch_size: int | None = None,
+    max_replica_lag: int | None = None,
+    max_replica_lag_time: float | None = None,
+    reset: bool = False,
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
+) -> BackfillRecord:
+    """Change settings of backfill ``name`` on every live runner (any process, any machine) without restarting
+    them: stored as overrides in the control tables, read by each runner with every batch and every few seconds
+    while it waits, and applied on top of the settings it was started with (until ``reset``). A runner started
+    later applies them from its first batch. ``status`` shows them.
+
+    Args:
+        max_rows_per_second: rate cap for the whole backfill (0: no cap).
+        sleep: seconds between two batches of a runner.
+        target_batch_time: seconds adaptive sizing aims each batch at (0: keep the batch size fixed).
+        min_batch_size, max_batch_size: bounds of adaptive sizing.
+        max_replica_lag, max_replica_lag_time: wait while a replica lags more bytes of WAL, or more seconds.
+        reset: clear every override first (alone: back to each runner's own settings).
+
+    Returns:
+        The backfill's record, its ``overrides`` as now stored.
+
+    Raises:
+        SettingsError: no setting given (and no ``reset``), or a value out of range; nothing is stored.
+        UnknownBackfillError: there is no such backfill.
+    """
+    given = {
+        "max_rows_per_second": max_rows_per_second,
+        "sleep": sleep,
+        "target_batch_time": target_batch_time,
+        "min_batch_size": min_batch_size,
+        "max_batch_size": max_batch_size,
+        "max_replica_lag": max_replica_lag,
+        "max_replica_lag_time": max_replica_lag_time,
+    }
+    values = {key: value for key, value in given.items() if value is not None}
+    assert set(values) <= set(LIVE_SETTINGS)
+    if not values and not reset:
+        raise SettingsError(f"nothing to set for backfill {name!r}: give a setting, or reset")
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise SettingsError(f"{key} must be a number >= 0, got {value!r}")
+    with open_store(bind, control_schema) as store:
+        current = {} if reset else dict(store.get(name).overrides)
+        # Checked whole, as a runner will apply them (batch size bounds only against each other: each runner
+        # applies them against its own).
+        RunSettings(min_batch_size=1, max_batch_size=MAX_BATCH_SIZE).with_overrides({**current, **values})
+        return store.set_overrides(name, values, reset=reset)
 
 
 def preview_backfill(

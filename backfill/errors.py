@@ -15,6 +15,7 @@ __all__ = [
     "SpecMismatchError",
     "UnknownBackfillError",
     "ControlTablesMissingError",
+    "ControlTablesOutdatedError",
     "StateTransitionError",
     "ConnectError",
     "BatchTooSlowError",
@@ -58,6 +59,11 @@ class UnknownBackfillError(BackfillError, LookupError):
 
 class ControlTablesMissingError(BackfillError):
     """Raised when the control tables do not exist (run ``backfill init``) or are newer than this release."""
+
+
+class ControlTablesOutdatedError(BackfillError):
+    """Raised when the control tables are of an older layout than this release uses: ``backfill init``
+    (:func:`backfill.init_control_tables`) upgrades them in place."""
 
 
 class StateTransitionError(BackfillError):

@@ -15,9 +15,9 @@ import random as _random
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
@@ -31,7 +31,7 @@ from backfill.policies import (
     RunContext,
 )
 from backfill.retrying import Timing
-from backfill.settings import RunSettings
+from backfill.settings import RunSettings, SettingsError
 from backfill.state import RunOutcome, RunState
 from backfill.store import BatchRequest, BatchResult, LockLostError, SliceRecord, Store
 
@@ -47,6 +47,11 @@ _WAIT_STEP = 0.5
 _SLOWDOWN = 4.0
 _SLOW_BATCH_SECONDS = 0.005
 _PACE_SMOOTHING = 0.3
+#: A throttle wait at least this long is written on the slice (``status`` shows what the runner waits on); shorter
+#: ones (a rate cap between fast batches) would cost a statement per batch.
+_NOTE_WAIT_SECONDS = 1.0
+#: During a wait, the live setting overrides are read again this often (each batch reads them anyway).
+_SETTINGS_EVERY = 2.0
 
 
 class BackfillFailedError(BackfillError):
@@ -152,11 +157,19 @@ class Executor:
         self.check_walk = check_walk
         #: smoothed seconds per row of key range of recent batches, what a sharp slowdown is measured against
         self._usual_pace: float | None = None
-        spec_batch_size = plan.spec.batch_size if plan is not None else None
+        self._spec_batch_size = plan.spec.batch_size if plan is not None else None
         self._backfill_id: int | None = None
         self.throttle, self.sizer, self.retry = self.settings.policies(
-            health, spec_batch_size=spec_batch_size, sharers=self._live_runners
+            health, spec_batch_size=self._spec_batch_size, sharers=self._live_runners
         )
+        #: the settings the run was started with; live overrides apply on top of them
+        self._base_settings = self.settings
+        self._overrides: dict[str, Any] = {}
+        self._next_settings_read = -float("inf")
+        #: throttle waits (seconds by reason) and retries (by reason) not yet written with a batch
+        self._pending_waits: dict[str, float] = {}
+        self._pending_retries: dict[str, int] = {}
+        self._noted_wait: str | None = None
         self.log = log.bind(backfill=name)
         self._state = RunState.PENDING
         self._retries = 0
@@ -186,12 +199,14 @@ class Executor:
         record = self._step("get", lambda: self.store.get(self.name))
         self._state = record.state
         if self.plan is None and self.settings.sizer is None:
+            self._spec_batch_size = record.spec.batch_size
             self.sizer = self.settings.policies(self.health, spec_batch_size=record.spec.batch_size)[1]
         ctx.batch_size = self.settings.batch_size or record.spec.initial_batch_size
         if record.state in _EARLY:
             return self._report(ctx, _EARLY[record.state], record.state, error=record.last_error)
 
         self._backfill_id = record.id
+        self._apply_overrides(record.overrides)
         self._step("start", lambda: self.store.start(record, self.plan))
         self.log.info(
             "run_started",
@@ -211,6 +226,7 @@ class Executor:
                 self.log.warning("lock_lost", slice=piece.slice, error=str(exc))
                 ended = (RunOutcome.BUSY, RunState.RUNNING, "lock lost")
             finally:
+                self._flush_counters(record.id, piece.slice)
                 self._step("release", lambda: self.store.release(record.id, piece.slice, self.owner))
             if ended is not None:
                 return self._report(ctx, *ended)
@@ -235,13 +251,58 @@ class Executor:
     def _claim_next(self, backfill_id: int) -> SliceRecord | None:
         for piece in self._step("slices", lambda: self.store.slices(backfill_id)):
             if not piece.done and self._step(
-                "claim", functools.partial(self.store.try_claim, backfill_id, piece.slice)
+                "claim", functools.partial(self.store.try_claim, backfill_id, piece.slice, self.owner)
             ):
                 return piece
         return None
 
     def _live_runners(self) -> int:
         return self.store.live_runners(self._backfill_id) if self._backfill_id is not None else 1
+
+    def _apply_overrides(self, overrides: Mapping[str, Any] | None) -> bool:
+        """Apply the backfill's live setting overrides (``backfill set``) on top of the run's own settings, if they
+        changed: the throttle and sizer are rebuilt from them. True if they changed."""
+        if overrides is None or dict(overrides) == self._overrides:
+            return False
+        self._overrides = dict(overrides)
+        try:
+            settings = self._base_settings.with_overrides(self._overrides)
+        except SettingsError as exc:
+            # Checked when they were set, but against the defaults, not this run's settings (say, a min batch size
+            # above this run's max): the run keeps the settings it has.
+            self.log.warning("settings_override_rejected", overrides=self._overrides, error=str(exc))
+            return False
+        self.settings = settings
+        self.throttle, self.sizer, _ = settings.policies(
+            self.health, spec_batch_size=self._spec_batch_size, sharers=self._live_runners
+        )
+        self.log.info("settings_changed", overrides=self._overrides, throttle=repr(self.throttle))
+        return True
+
+    def _reread_overrides(self) -> bool:
+        """During a wait: read the overrides again at most every few seconds; True if they changed."""
+        now = self.clock()
+        if self._backfill_id is None or now < self._next_settings_read:
+            return False
+        self._next_settings_read = now + _SETTINGS_EVERY
+        backfill_id = self._backfill_id
+        try:
+            overrides = self.store.overrides(backfill_id)
+        except Exception as exc:  # the connection may be down: the next batch's retries handle that
+            self.log.debug("settings_read_failed", error=describe(exc))
+            return False
+        return self._apply_overrides(overrides)
+
+    def _flush_counters(self, backfill_id: int, slice_no: int) -> None:
+        """Write throttle waits and retries that no batch carried (the run stopped after them) to the slice."""
+        waits, retries = self._pending_waits, self._pending_retries
+        if not waits and not retries:
+            return
+        try:
+            self._step("counters", lambda: self.store.add_counters(backfill_id, slice_no, waits, retries))
+        except Exception as exc:  # counters are worth a try, not a failed run
+            self.log.warning("counters_not_written", error=describe(exc))
+        self._pending_waits, self._pending_retries = {}, {}
 
     def _work(
         self,
@@ -254,7 +315,9 @@ class Executor:
         """Batches on one slice; returns how the run ends, or None when the slice is done and others may follow."""
         while True:
             try:
-                stop = self._budget_spent(ctx, max_runtime, max_batches) or self._pace(ctx, max_runtime)
+                stop = self._budget_spent(ctx, max_runtime, max_batches) or self._pace(
+                    ctx, max_runtime, backfill_id, piece.slice
+                )
             except _HealthCheckFailed as exc:
                 return self._fail(backfill_id, f"health check failed: {describe(exc.__cause__ or exc)}")
             if stop is not None:
@@ -272,6 +335,7 @@ class Executor:
                     # Our own abort (a second signal cancels parallel workers' statements): the batch rolled back.
                     return RunOutcome.WORK_LEFT, RunState.RUNNING, "aborted"
                 return self._fail(backfill_id, describe(exc))
+            self._apply_overrides(result.overrides)
             if not result.applied:
                 outcome = {
                     RunState.PAUSED: RunOutcome.PAUSED,
@@ -283,6 +347,8 @@ class Executor:
                     return None
                 self.log.info("run_stopped", state=result.state.value)
                 return outcome or RunOutcome.WORK_LEFT, result.state, f"backfill is {result.state.value}"
+            # Written with this batch: what follows counts toward the next one.
+            self._pending_waits, self._pending_retries, self._noted_wait = {}, {}, None
             seconds = self.clock() - started
             ctx.record_batch(result.rows, seconds, ctx.batch_size, result.database_seconds)
             self._count(piece.slice, result)
@@ -351,7 +417,7 @@ class Executor:
             return "stop requested"
         return None
 
-    def _pace(self, ctx: RunContext, max_runtime: float | None) -> str | None:
+    def _pace(self, ctx: RunContext, max_runtime: float | None, backfill_id: int, slice_no: int) -> str | None:
         """Ask the throttle until it lets the next batch go, waiting (and logging why) in between.
 
         A probe that fails transiently (the connection dropped, the server restarts) is logged and the batch goes
@@ -369,17 +435,27 @@ class Executor:
                 return None
             if seconds <= 0:
                 return None
+            reason = getattr(seconds, "reason", type(self.throttle).__name__)
             self.log.info(
-                "throttle_wait",
-                reason=getattr(seconds, "reason", type(self.throttle).__name__),
-                seconds=round(float(seconds), 3),
-                **getattr(seconds, "details", {}),
+                "throttle_wait", reason=reason, seconds=round(float(seconds), 3), **getattr(seconds, "details", {})
             )
+            if seconds >= _NOTE_WAIT_SECONDS and reason != self._noted_wait:
+                self._note_wait(backfill_id, slice_no, reason)
             started = self.clock()
             stop = self._wait(ctx, seconds, max_runtime)
-            self._throttled += self.clock() - started
+            waited = self.clock() - started
+            self._throttled += waited
+            self._pending_waits[reason] = self._pending_waits.get(reason, 0.0) + waited
             if stop is not None:
                 return stop
+
+    def _note_wait(self, backfill_id: int, slice_no: int, reason: str) -> None:
+        try:
+            self.store.note_wait(backfill_id, slice_no, reason)
+        except Exception as exc:  # only for status: the wait and the batch after it go on
+            self.log.debug("wait_not_noted", error=describe(exc))
+            return
+        self._noted_wait = reason
 
     def _wait(self, ctx: RunContext, seconds: float, max_runtime: float | None) -> str | None:
         """Sleep in short steps so a stop request or the end of the time budget cuts a long wait short."""
@@ -389,6 +465,8 @@ class Executor:
                 return "stop requested"
             if max_runtime is not None and ctx.elapsed >= max_runtime:
                 return "max_runtime"
+            if self._reread_overrides():
+                return None  # the throttle is asked again, as the new settings make it
             self.sleep(min(left, _WAIT_STEP))
         return None
 
@@ -423,9 +501,11 @@ class Executor:
                 ctx.timeouts += 1
             ctx.attempt = state.attempt_number
             self._retries += 1
+            reason = _retry_reason(exc, kind)
+            self._pending_retries[reason] = self._pending_retries.get(reason, 0) + 1
             self.log.warning(
                 "batch_retry",
-                reason=_retry_reason(exc, kind),
+                reason=reason,
                 error=describe(exc),
                 attempt=state.attempt_number,
                 wait_s=round(state.upcoming_sleep, 3),
@@ -441,6 +521,8 @@ class Executor:
                 self.owner,
                 self.settings.lock_timeout,
                 self.settings.statement_timeout,
+                waits=dict(self._pending_waits),
+                retries=dict(self._pending_retries),
             )
             started = self.clock()
             try:

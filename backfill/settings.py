@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from backfill.errors import BackfillError
 from backfill.fragments import fragment_problem
@@ -27,7 +29,22 @@ from backfill.policies import (
 )
 from backfill.spec import MAX_BATCH_SIZE
 
-__all__ = ["RunSettings", "SettingsError"]
+__all__ = ["RunSettings", "SettingsError", "LIVE_SETTINGS"]
+
+#: The settings an operator may change on live runners (``backfill set``, :func:`backfill.set_backfill_settings`):
+#: override name -> the :class:`RunSettings` field it replaces. For ``max_rows_per_second`` and
+#: ``target_batch_time``, 0 turns the setting off (no cap; a fixed batch size).
+LIVE_SETTINGS: dict[str, str] = {
+    "max_rows_per_second": "max_rows_per_second",
+    "sleep": "sleep_between",
+    "target_batch_time": "target_batch_seconds",
+    "min_batch_size": "min_batch_size",
+    "max_batch_size": "max_batch_size",
+    "max_replica_lag": "max_replica_lag_bytes",
+    "max_replica_lag_time": "max_replica_lag_seconds",
+}
+_OFF_AT_ZERO = {"max_rows_per_second", "target_batch_time"}
+_INTEGERS = {"min_batch_size", "max_batch_size", "max_replica_lag"}
 
 #: PostgreSQL takes lock_timeout and statement_timeout in milliseconds up to INT_MAX.
 _MAX_TIMEOUT_SECONDS = 2_147_483
@@ -154,6 +171,29 @@ class RunSettings:
                 raise SettingsError("health_check_sql is empty")
             if problem := fragment_problem(query):
                 raise SettingsError(f"health_check_sql is not one query: {problem}")
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> RunSettings:
+        """These settings with live overrides (by :data:`LIVE_SETTINGS` name) in place of their fields.
+
+        Raises:
+            SettingsError: an override is not a number, or the result is out of range (e.g. min > max).
+        """
+        changes: dict[str, Any] = {}
+        for name, value in overrides.items():
+            field = LIVE_SETTINGS.get(name)
+            if field is None:
+                raise SettingsError(f"{name!r} is not a live setting (one of {', '.join(LIVE_SETTINGS)})")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SettingsError(f"{name} must be a number, got {value!r}")
+            if name in _OFF_AT_ZERO and value == 0:
+                changes[field] = None
+            elif name in _INTEGERS:
+                if value != int(value):
+                    raise SettingsError(f"{name} must be a whole number, got {value!r}")
+                changes[field] = int(value)
+            else:
+                changes[field] = value
+        return dataclasses.replace(self, **changes) if changes else self
 
     def pins_batch_size(self, spec_batch_size: int | None) -> bool:
         """Whether batches keep one size: the run or the spec chose it (like pt-online-schema-change's explicit

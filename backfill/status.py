@@ -1,18 +1,20 @@
-"""What ``backfill status`` reports: a backfill's record and slices, with its progress, rate and ETA derived."""
+"""What ``backfill status`` reports: a backfill's record and slices, with its progress, live runners, rate and ETA."""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from backfill.state import RunState
-from backfill.store import LIVE_SECONDS, BackfillRecord, Key, SliceRecord
+from backfill.store import LIVE_SECONDS, BackfillRecord, BatchRecord, Key, SliceRecord
 
-__all__ = ["BackfillStatus", "LIVE_SECONDS", "live_owner"]
+__all__ = ["BackfillStatus", "LiveRunner", "LIVE_SECONDS", "RATE_WINDOW_SECONDS", "live_owner"]
 
-#: A slice's owner counts as holding it while the owner's last batch on it is this recent: the rule the store uses
-#: to count live runners for the shared rows/s cap.
+#: Rate and ETA are measured over the batches of this many last seconds: what the backfill does now, not since it
+#: started (waits between cron runs, or a slow start, would skew an average since then for hours).
+RATE_WINDOW_SECONDS = 60.0
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -20,26 +22,55 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 
 def live_owner(piece: SliceRecord, now: dt.datetime | None = None) -> str | None:
-    """The runner working on ``piece``: its owner, unless the slice is done, was released, or its last batch is
-    older than :data:`LIVE_SECONDS` (the runner died, or waits on a throttle that long)."""
-    if piece.done or piece.owner is None or piece.heartbeat_at is None:
+    """The runner working on ``piece`` right now: its owner while a live session holds the slice's claim (see
+    ``SliceRecord.holder``), whatever the time of its last batch: a runner waiting on a long throttle still holds
+    it, one that was killed holds nothing. None for a done or unclaimed slice. (``now`` is ignored: kept for
+    callers of the heartbeat rule this replaced.)"""
+    del now
+    if piece.done or piece.holder is None:
         return None
-    now = now or dt.datetime.now(dt.timezone.utc)
-    return piece.owner if (now - piece.heartbeat_at).total_seconds() <= LIVE_SECONDS else None
+    return piece.owner or piece.holder
+
+
+@dataclass(frozen=True)
+class LiveRunner:
+    """A runner working on a slice right now: the host and process id it runs in (from its owner name,
+    ``host:pid:tag``; the database session's pid if the owner does not say)."""
+
+    host: str
+    pid: int
+    slice: int
+
+
+def _live_runner(piece: SliceRecord) -> LiveRunner | None:
+    owner = live_owner(piece)
+    if owner is None:
+        return None
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if pid.isdigit():
+        return LiveRunner(host, int(pid), piece.slice)
+    # Not one of our owner names: the session's pid ("pid N, role R, application A").
+    session = (piece.holder or "").removeprefix("pid ").partition(",")[0]
+    return LiveRunner("", int(session) if session.isdigit() else 0, piece.slice)
 
 
 @dataclass(frozen=True)
 class BackfillStatus:
     """One backfill as the operator sees it.
 
-    Rate and ETA are averages since the backfill started, waits between runs included: for a backfill that cron
-    runs in slices of time, the ETA is wall-clock time at that cadence.
+    Rate and ETA are those of the batches of the last :data:`RATE_WINDOW_SECONDS` (throttle waits included), and
+    only while the backfill runs now: running, with a live runner. A backfill that is pending, paused, failed,
+    succeeded, or running with no runner at the moment (between cron runs) has neither.
     """
 
     record: BackfillRecord
     slices: tuple[SliceRecord, ...]
     #: Bytes of the backfill's undo log (a reversible backfill's, until it is purged); None when it keeps none.
     undo_bytes: int | None = None
+    #: the latest batches, oldest first (the history), and the database's time when they were read
+    recent: tuple[BatchRecord, ...] = ()
+    as_of: dt.datetime | None = None
 
     @property
     def checkpoint(self) -> Key | None:
@@ -69,25 +100,75 @@ class BackfillStatus:
         return min(99.9, 100.0 * self.record.rows_updated / estimate)
 
     @property
-    def rows_per_second(self) -> float | None:
-        started, last = self.record.started_at, self.last_activity
-        if started is None or last is None or self.record.rows_updated == 0:
+    def batches(self) -> int:
+        """Batches committed over all slices (a counter: it only grows)."""
+        return self.record.batches
+
+    @property
+    def live_runners(self) -> list[LiveRunner]:
+        """The runners working on the backfill's slices right now, one per slice they hold."""
+        return [runner for piece in self.slices if (runner := _live_runner(piece)) is not None]
+
+    @property
+    def running_now(self) -> bool:
+        """Whether the backfill is running and a runner works on it right now."""
+        return self.record.state is RunState.RUNNING and bool(self.live_runners)
+
+    @property
+    def rate(self) -> float | None:
+        """Rows per second over the last :data:`RATE_WINDOW_SECONDS`, from the start of the first batch in that
+        window to now; 0.0 while the runners wait without a batch; None unless the backfill runs now."""
+        if not self.running_now or self.as_of is None:
             return None
-        seconds = (last - started).total_seconds()
-        return self.record.rows_updated / seconds if seconds > 0 else None
+        since = self.as_of - dt.timedelta(seconds=RATE_WINDOW_SECONDS)
+        window = [batch for batch in self.recent if batch.finished_at > since]
+        if not window:
+            return 0.0
+        start = max(since, min(batch.finished_at - dt.timedelta(seconds=batch.duration) for batch in window))
+        seconds = (self.as_of - start).total_seconds()
+        return sum(batch.rows for batch in window) / seconds if seconds > 0 else None
+
+    @property
+    def rows_per_second(self) -> float | None:
+        """The same as :attr:`rate`."""
+        return self.rate
 
     @property
     def eta_seconds(self) -> float | None:
-        """Seconds until the estimate is reached at the average rate; None when unknown or not runnable."""
-        rate, estimate = self.rows_per_second, self.record.estimated_rows
-        if not self.record.state.runnable or not rate or not estimate:
+        """Seconds until the estimate is reached at the current :attr:`rate`; None unless the backfill runs now
+        at a measurable rate with an estimate."""
+        rate, estimate = self.rate, self.record.estimated_rows
+        if not rate or not estimate:
             return None
         return max(estimate - self.record.rows_updated, 0) / rate
+
+    @property
+    def throttle_wait_by_reason(self) -> dict[str, float]:
+        """Seconds the runners waited on throttles, by reason, over all slices (counters: they only grow)."""
+        return _summed(piece.throttle_seconds for piece in self.slices)
+
+    @property
+    def retries_by_reason(self) -> dict[str, int]:
+        """Retried batch attempts, by reason, over all slices (counters: they only grow)."""
+        return {reason: int(count) for reason, count in _summed(piece.retries for piece in self.slices).items()}
+
+    @property
+    def throttle_reason(self) -> str | None:
+        """What a live runner waits on right now, else why the last batch waited (None: it did not)."""
+        for piece in self.slices:
+            if piece.waiting_for is not None and live_owner(piece) is not None:
+                return piece.waiting_for
+        return self.recent[-1].throttle_reason if self.recent else None
+
+    @property
+    def overrides(self) -> dict[str, float]:
+        """The live setting overrides (``backfill set``) every runner of this backfill applies."""
+        return dict(self.record.overrides)
 
     def to_json(self) -> dict[str, Any]:
         """The ``status --json`` object. The first eleven keys are a stable interface for scripts."""
         record = self.record
-        rate, eta, percent = self.rows_per_second, self.eta_seconds, self.percent
+        rate, eta, percent = self.rate, self.eta_seconds, self.percent
         return {
             "name": record.name,
             "table": record.spec.qualified_table,
@@ -109,6 +190,13 @@ class BackfillStatus:
             "owner": record.owner,
             "heartbeat_at": _iso(record.heartbeat_at),
             "undo_bytes": self.undo_bytes,
+            "live_runners": [
+                {"host": runner.host, "pid": runner.pid, "slice": runner.slice} for runner in self.live_runners
+            ],
+            "throttle_reason": self.throttle_reason,
+            "throttle_wait_by_reason": self.throttle_wait_by_reason,
+            "retries_by_reason": self.retries_by_reason,
+            "overrides": self.overrides,
             "slices": [
                 {
                     "slice": piece.slice,
@@ -124,3 +212,11 @@ class BackfillStatus:
                 for piece in self.slices
             ],
         }
+
+
+def _summed(counters: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for counter in counters:
+        for reason, value in counter.items():
+            total[reason] = total.get(reason, 0.0) + float(value)
+    return total

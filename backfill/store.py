@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,6 +17,7 @@ from backfill.state import RunState
 __all__ = [
     "BackfillRecord",
     "SliceRecord",
+    "BatchRecord",
     "BatchRequest",
     "BatchResult",
     "LockLostError",
@@ -28,7 +29,8 @@ __all__ = [
 
 Key = list[str]
 
-#: A runner whose last batch committed longer ago than this no longer counts as sharing a backfill's rate cap.
+#: Kept for compatibility: liveness now comes from the claims themselves (a slice's claim counts while the session
+#: that made it lives), not from how recent a runner's last batch is.
 LIVE_SECONDS = 60.0
 
 
@@ -46,6 +48,26 @@ class SliceRecord:
     owner: str | None
     heartbeat_at: dt.datetime | None
     holder: str | None = None  #: the live session holding its claim: "pid N, role R, application A"
+    #: seconds its runners waited on throttles, by reason, and retried batch attempts, by reason: they only grow
+    throttle_seconds: dict[str, float] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)
+    #: the throttle its runner waits on right now (a long wait since ``waiting_since``), None between batches
+    waiting_for: str | None = None
+    waiting_since: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One committed batch, as the history keeps it (the last ``HISTORY_PER_SLICE`` batches of each slice)."""
+
+    slice: int
+    finished_at: dt.datetime  #: database time
+    rows: int  #: rows it updated
+    duration: float  #: seconds its transaction worked in the database
+    batch_size: int  #: rows of key range it walked
+    retries: int  #: attempts of it that failed transiently and were retried
+    throttle_wait: float  #: seconds its runner waited on throttles before it
+    throttle_reason: str | None  #: the reason of the longest of those waits
 
 
 @dataclass(frozen=True)
@@ -71,6 +93,8 @@ class BackfillRecord:
     #: What the checkpoint means (see :attr:`backfill.plan.Plan.key_signature`), stored when it was registered;
     #: None for a backfill registered by an older release.
     key_signature: tuple[str, ...] | None = None
+    #: Live setting overrides (``backfill set``), by :data:`backfill.settings.LIVE_SETTINGS` name.
+    overrides: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -83,6 +107,10 @@ class BatchRequest:
     owner: str
     lock_timeout: float
     statement_timeout: float
+    #: seconds waited on throttles since the runner's last batch on this slice, by reason; and retried attempts
+    #: of this batch, by reason: the batch adds them to the slice's counters and its history row
+    waits: Mapping[str, float] = field(default_factory=dict)
+    retries: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -104,6 +132,8 @@ class BatchResult:
     #: it is left out, as no batch size can shorten it. A measurement, not part of what the batch did: left out of
     #: comparisons.
     database_seconds: float | None = field(default=None, compare=False)
+    #: the backfill's live setting overrides as the batch read them (None: the store does not say)
+    overrides: Mapping[str, float] | None = field(default=None, compare=False)
 
 
 class LockLostError(Exception):
@@ -116,7 +146,7 @@ class Store(Protocol):
 
     def get(self, name: str) -> BackfillRecord: ...
 
-    def try_claim(self, backfill_id: int, slice: int) -> bool: ...
+    def try_claim(self, backfill_id: int, slice: int, owner: str | None = None) -> bool: ...
 
     def release(self, backfill_id: int, slice: int, owner: str | None = None) -> None: ...
 
@@ -133,6 +163,14 @@ class Store(Protocol):
     def fail(self, backfill_id: int, error: str) -> None: ...
 
     def split(self, plan: Plan | None, backfill_id: int, parts: int) -> int: ...
+
+    def add_counters(
+        self, backfill_id: int, slice: int, waits: Mapping[str, float], retries: Mapping[str, int]
+    ) -> None: ...
+
+    def note_wait(self, backfill_id: int, slice: int, reason: str) -> None: ...
+
+    def overrides(self, backfill_id: int) -> Mapping[str, float]: ...
 
 
 class RunnerStore(Store, Protocol):

@@ -15,7 +15,7 @@ import bisect
 import datetime as dt
 import itertools
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import psycopg
@@ -66,6 +66,15 @@ class _Slice:
     batches: int = 0
     owner: str | None = None
     heartbeat_at: dt.datetime | None = None
+    throttle_seconds: dict[str, float] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)
+    waiting_for: str | None = None
+
+    def add(self, waits: Mapping[str, float], retries: Mapping[str, int]) -> None:
+        for reason, seconds in waits.items():
+            self.throttle_seconds[reason] = self.throttle_seconds.get(reason, 0.0) + seconds
+        for reason, count in retries.items():
+            self.retries[reason] = self.retries.get(reason, 0) + count
 
     def record(self, number: int, holder: str | None) -> SliceRecord:
         return SliceRecord(
@@ -79,6 +88,9 @@ class _Slice:
             owner=self.owner,
             heartbeat_at=self.heartbeat_at,
             holder=holder,
+            throttle_seconds=dict(self.throttle_seconds),
+            retries=dict(self.retries),
+            waiting_for=self.waiting_for,
         )
 
 
@@ -94,6 +106,7 @@ class _Backfill:
     updated_at: dt.datetime = _EPOCH
     finished_at: dt.datetime | None = None
     slices: dict[int, _Slice] = field(default_factory=dict)
+    overrides: dict[str, float] = field(default_factory=dict)
 
 
 def _key(value: int | None) -> protocol.Key | None:
@@ -250,6 +263,7 @@ class InMemoryStore:
             batches=sum(p.batches for p in pieces),
             heartbeat_at=max(heartbeats, default=None),
             owner=", ".join(owners) or None,
+            overrides=dict(backfill.overrides),
         )
 
     def _named(self, name: str) -> _Backfill:
@@ -273,17 +287,42 @@ class InMemoryStore:
             return [pieces[number].record(number, holders.get(number)) for number in sorted(pieces)]
 
     def live_runners(self, backfill_id: int) -> int:
+        """Stores holding a claim on an unfinished slice (as the PostgreSQL store counts live claim sessions)."""
         with self.database.mutex:
             self._connect()
-            since = self.database.now() - dt.timedelta(seconds=protocol.LIVE_SECONDS)
-            pieces = self.database.by_id(backfill_id).slices.values()
+            pieces = self.database.by_id(backfill_id).slices
             return len(
                 {
-                    p.owner
-                    for p in pieces
-                    if not p.done and p.owner is not None and p.heartbeat_at is not None and p.heartbeat_at > since
+                    holder
+                    for (held_id, number), holder in self.database.locks.items()
+                    if held_id == backfill_id and number in pieces and not pieces[number].done
                 }
             )
+
+    def overrides(self, backfill_id: int) -> dict[str, float]:
+        with self.database.mutex:
+            self._connect()
+            return dict(self.database.by_id(backfill_id).overrides)
+
+    def set_overrides(self, name: str, values: Mapping[str, float], *, reset: bool = False) -> BackfillRecord:
+        """Extend (or, with ``reset``, replace) the live setting overrides, as ``PostgresStore.set_overrides``."""
+        with self.database.mutex:
+            self._connect()
+            backfill = self._named(name)
+            backfill.overrides = {**({} if reset else backfill.overrides), **values}
+            return self._record(backfill)
+
+    def add_counters(
+        self, backfill_id: int, slice: int, waits: Mapping[str, float], retries: Mapping[str, int]
+    ) -> None:
+        with self.database.mutex:
+            self._connect()
+            self.database.by_id(backfill_id).slices[slice].add(waits, retries)
+
+    def note_wait(self, backfill_id: int, slice: int, reason: str) -> None:
+        with self.database.mutex:
+            self._connect()
+            self.database.by_id(backfill_id).slices[slice].waiting_for = reason
 
     def transition(self, name: str, action: OperatorAction) -> BackfillRecord:
         """Apply an operator action, as ``PostgresStore.transition`` does."""
@@ -305,12 +344,14 @@ class InMemoryStore:
 
     # --- runner side -----------------------------------------------------------------------------------------
 
-    def try_claim(self, backfill_id: int, slice: int) -> bool:
+    def try_claim(self, backfill_id: int, slice: int, owner: str | None = None) -> bool:
         with self.database.mutex:
             self._connect()
             if not self._lock((backfill_id, slice)):
                 return False
             self._claims.add((backfill_id, slice))
+            if owner is not None:
+                self.database.by_id(backfill_id).slices[slice].owner = owner
             return True
 
     def release(self, backfill_id: int, slice: int, owner: str | None = None) -> None:
@@ -398,8 +439,9 @@ class InMemoryStore:
             self._connect()
             backfill = self.database.by_id(request.backfill_id)
             piece = backfill.slices[request.slice]
+            overrides = dict(backfill.overrides)
             if backfill.state is not RunState.RUNNING or piece.done:
-                return BatchResult(state=backfill.state, applied=False, slice_done=piece.done)
+                return BatchResult(state=backfill.state, applied=False, slice_done=piece.done, overrides=overrides)
             self.requests.append(request)
             rows = self._range(piece.checkpoint, piece.upper)
             # Like the PostgreSQL batch: the key batch_size rows ahead, or the slice's end when fewer rows are left.
@@ -411,6 +453,8 @@ class InMemoryStore:
             piece.rows_updated += len(chunk)
             piece.batches += 1
             piece.owner, piece.heartbeat_at = request.owner, self.database.now()
+            piece.add(request.waits, request.retries)
+            piece.waiting_for = None
             finished = piece.done and self._finish_if_done(backfill)
             return BatchResult(
                 state=backfill.state,
@@ -420,6 +464,7 @@ class InMemoryStore:
                 slice_done=piece.done,
                 finished=finished,
                 slice_rows=piece.rows_updated,
+                overrides=overrides,
             )
 
     def fail(self, backfill_id: int, error: str) -> None:

@@ -29,7 +29,7 @@ from backfill.cli.commands import RUN_SETTING_OPTIONS
 from backfill.executor import RunReport
 from backfill.settings import RunSettings
 from backfill.state import RunOutcome
-from backfill.status import LIVE_SECONDS, live_owner
+from backfill.status import live_owner
 from backfill.store import SliceRecord
 
 spawn = test_cli_process.spawn  # the fixture: background runners, killed at the end of the test
@@ -172,19 +172,19 @@ def test_a_bad_setting_is_one_line_exit_2_and_nothing_runs(
     assert [] == captured
 
 
-def test_a_slice_owner_is_shown_only_while_its_last_batch_is_recent() -> None:
+def test_a_slice_owner_is_shown_only_while_a_live_session_holds_its_claim() -> None:
     now = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
-    fresh, stale = now - dt.timedelta(seconds=LIVE_SECONDS - 1), now - dt.timedelta(seconds=LIVE_SECONDS + 1)
+    long_ago = now - dt.timedelta(hours=1)
+    holder = "pid 7, role r, application backfill"
 
-    def piece(owner: str | None, beat: dt.datetime | None, done: bool = False) -> SliceRecord:
-        return SliceRecord(0, None, ["9"], ["5"], done, 5, 1, owner, beat)
+    def piece(owner: str | None, held: str | None, done: bool = False) -> SliceRecord:
+        return SliceRecord(0, None, ["9"], ["5"], done, 5, 1, owner, long_ago, holder=held)
 
-    assert ["h:1:a", None, None, None, None] == [
-        live_owner(piece("h:1:a", fresh), now),
-        live_owner(piece("h:1:a", stale), now),  # the runner died, or has waited that long
-        live_owner(piece("h:1:a", fresh, done=True), now),
-        live_owner(piece(None, fresh), now),  # released
-        live_owner(piece("h:1:a", None), now),
+    assert ["h:1:a", holder, None, None] == [
+        live_owner(piece("h:1:a", holder)),  # its last batch an hour ago: waiting on a throttle, still live
+        live_owner(piece(None, holder)),  # claimed, no owner name: the session
+        live_owner(piece("h:1:a", None)),  # the runner died or let go
+        live_owner(piece("h:1:a", holder, done=True)),
     ]
 
 

@@ -51,7 +51,7 @@ def test_init_is_idempotent_and_safe_to_race(conn: psycopg.Connection[Any], db_u
     backfill.init_control_tables(db_url)
 
     assert errors == []
-    assert conn.execute("SELECT version FROM backfill_meta").fetchall() == [(1,)]
+    assert conn.execute("SELECT version FROM backfill_meta").fetchall() == [(2,)]
 
 
 def test_the_state_column_accepts_exactly_the_run_states(items: psycopg.Connection[Any], db_url: str) -> None:

@@ -148,18 +148,22 @@ def test_splitting_leaves_slices_held_by_live_runners_alone(conn: psycopg.Connec
         assert [(s.lower_bound, s.upper_bound) for s in splitter.slices(record.id)] == [(None, ["1000"])]
 
 
-def test_live_runners_are_counted_from_the_control_table(conn: psycopg.Connection[Any], db_url: str) -> None:
+def test_live_runners_are_counted_from_the_claims_whatever_the_last_batch(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
     _make_items(conn, "SELECT generate_series(1, 1000)")
     backfill.run_backfill(db_url, SLOW.with_changes(batch_size=50), slices=3, max_batches=2, workers=2)
-    # Both workers committed a batch in a slice of their own in the last minute, and left work in it.
-    conn.execute("UPDATE backfill_slices SET owner = 'runner-' || slice WHERE batches > 0")
-
-    with open_store(db_url) as store:
-        live = store.live_runners(store.get("inc").id)
+    with open_store(db_url) as store, open_store(db_url) as other, open_store(db_url) as reader:
+        backfill_id = reader.get("inc").id
+        assert store.try_claim(backfill_id, 0) and store.try_claim(backfill_id, 1) and other.try_claim(backfill_id, 2)
+        live = reader.live_runners(backfill_id)
+        # A runner waiting on a long throttle commits no batch for minutes: it still shares the rate cap.
         conn.execute("UPDATE backfill_slices SET heartbeat_at = now() - interval '5 minutes'")
-        stale = store.live_runners(store.get("inc").id)
+        waiting = reader.live_runners(backfill_id)
+        other.close()  # its session ends: its claim with it
+        after = reader.live_runners(backfill_id)
 
-    assert (live, stale) == (2, 0)
+    assert (live, waiting, after) == (2, 2, 1)
 
 
 @pytest.mark.parametrize(("sharers", "expected_wait"), [(1, 0.1), (2, 0.2), (4, 0.4)])

@@ -217,6 +217,8 @@ def test_a_batch_moves_the_rows_and_the_checkpoint_together(bed: MakeBed) -> Non
     assert piece.heartbeat_at is not None
     record = b.store.get("test")
     assert (record.rows_updated, record.batches, record.owner) == (10, 1, "a")
+    assert 0 == b.store.live_runners(b.id)  # liveness is a claim, not a recent batch
+    assert b.store.try_claim(b.id, 0)
     assert 1 == b.store.live_runners(b.id)
 
 
@@ -358,16 +360,18 @@ def test_split_does_nothing_when_there_are_enough_unfinished_slices(bed: MakeBed
     assert 3 == len(b.store.slices(b.id))
 
 
-def test_live_runners_counts_distinct_owners_of_unfinished_slices(bed: MakeBed) -> None:
+def test_live_runners_counts_distinct_sessions_claiming_unfinished_slices(bed: MakeBed) -> None:
     b = bed()
     b.started()
     b.store.split(b.plan, b.id, 3)
+    other = b.another()
 
-    b.batch(slice=0, owner="a")
-    b.batch(slice=1, owner="a")
+    assert b.store.try_claim(b.id, 0) and b.store.try_claim(b.id, 1)
     assert 1 == b.store.live_runners(b.id)
-    b.batch(slice=2, owner="b")
+    assert other.try_claim(b.id, 2)
     assert 2 == b.store.live_runners(b.id)
+    b.lose_connection(other)  # a runner killed: its claim dies with its session, whatever its last batch
+    assert 1 == b.store.live_runners(b.id)
 
 
 # --- lost connections ------------------------------------------------------------------------------------------------

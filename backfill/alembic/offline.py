@@ -254,7 +254,7 @@ BEGIN
     EXIT WHEN sl IS NULL;
     -- The runner's claim on the slice, committed: a live runner working on it keeps this script out, and back;
     -- it dies with this session if the script is killed.
-    EXECUTE {q_claim} INTO claimed USING bf_id, sl;
+    EXECUTE {q_claim} INTO claimed USING bf_id, sl, NULL::text;
     COMMIT;
     IF claimed IS NULL THEN
       busy := busy + 1;

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +21,32 @@ from backfill.fragments import ends_in_line_comment, fragment_problem
 from backfill.plan import Target
 from backfill.state import RunState
 
-__all__ = ["TargetSQL", "for_target", "ControlTables", "CONTROL_VERSION", "state_literal"]
+__all__ = ["TargetSQL", "for_target", "ControlTables", "CONTROL_VERSION", "HISTORY_PER_SLICE", "state_literal"]
 
-#: Version of the control tables' layout; stored in ``backfill_meta`` so later releases can migrate it.
-CONTROL_VERSION = 1
+#: Version of the control tables' layout; stored in ``backfill_meta``. ``init`` upgrades older tables in place
+#: (:meth:`ControlTables.upgrade`); version 2 added the batch history, the counters and the live settings.
+CONTROL_VERSION = 2
+
+#: Batches of each slice kept in the history table: a ring of this many rows per slice, the newest batch
+#: overwriting the oldest, so each batch writes one row (no trimming query) and slices never touch each other's rows.
+HISTORY_PER_SLICE = 500
+
+#: Columns added to the slices after version 1's first release (the claim, then version 2's counters), with their
+#: types: created with the table, and added by the upgrade of older tables.
+_SLICE_COLUMNS_ADDED = (
+    ("claim_pid", "integer"),
+    ("claim_role", "oid"),
+    ("claim_started", "timestamptz"),
+    # Seconds waited on throttles and retried attempts, by reason: they only grow (Prometheus counters), whatever
+    # the history ring forgets.
+    ("throttle_seconds", "jsonb NOT NULL DEFAULT '{}'"),
+    ("retries", "jsonb NOT NULL DEFAULT '{}'"),
+    # The throttle this slice's runner waits on now (set when a long wait starts, cleared by the next batch).
+    ("waiting_for", "text"),
+    ("waiting_since", "timestamptz"),
+)
+#: Columns version 2 added to the backfills: the live setting overrides (``backfill set``).
+_BACKFILL_COLUMNS_ADDED = (("overrides", "jsonb NOT NULL DEFAULT '{}'"),)
 
 
 def _fragment(text: str) -> sql.SQL:
@@ -42,6 +64,12 @@ def _ident(*names: str) -> sql.SQL:
 def _literal(text: str) -> sql.SQL:
     # A literal built from a name (the control schema's) goes into statements with placeholders too.
     return sql.SQL(sql.Literal(text).as_string(None).replace("%", "%%"))
+
+
+def _columns(columns: Sequence[tuple[str, str]], prefix: str = "") -> list[sql.Composable]:
+    # Column definitions: a quoted name and its type (fixed text of this module, not formatted: a DEFAULT '{}'
+    # holds braces).
+    return [sql.Composed([sql.SQL(prefix), sql.Identifier(name), sql.SQL(" " + kind)]) for name, kind in columns]
 
 
 def _text_array(values: tuple[str, ...]) -> sql.Composable:
@@ -79,6 +107,14 @@ _UNDO_PATTERN = "'backfill\\_undo\\_%%'"
 
 #: Whether a batch goes ahead: the slice was as the runner expected, and the end key reads back exactly.
 _GUARD = sql.SQL("(SELECT ok FROM _backfill_go) AND (SELECT same FROM _backfill_end)")
+
+
+def _add_counts(column: sql.SQL, kind: str) -> sql.Composed:
+    """``column`` (a jsonb object of numbers by reason) plus the jsonb object of the next parameter, key by key."""
+    return sql.SQL(
+        "{c} || (SELECT coalesce(jsonb_object_agg(d.k, coalesce(({c} ->> d.k)::{t}, 0) + d.v::{t}), '{{}}') "
+        "FROM jsonb_each_text(%s::jsonb) AS d(k, v))"
+    ).format(c=column, t=sql.SQL(kind))
 
 
 # --- catalog -----------------------------------------------------------------------------------------------------
@@ -366,7 +402,13 @@ class TargetSQL(Target):
         )
 
     def batch(
-        self, tables: ControlTables, has_lower: bool, undo: sql.Composable | None = None, returning_old: bool = False
+        self,
+        tables: ControlTables,
+        has_lower: bool,
+        undo: sql.Composable | None = None,
+        returning_old: bool = False,
+        *,
+        history: bool = True,
     ) -> sql.Composed:
         """A whole batch in one statement, so it costs one round trip whatever the network (params: see
         :meth:`batch_params`). Run it after :meth:`ControlTables.lock_slice` in the same transaction.
@@ -378,7 +420,9 @@ class TargetSQL(Target):
         tells which of the two stopped it). It finds the batch's end key with the index-only look-ahead, updates
         the closed key range ``(checkpoint, end]`` and writes the new checkpoint, returning it with the rows
         changed, the slice's rows so far and the seconds the transaction has spent in the database (what adaptive
-        sizing measures: the network's share is not the batch's cost).
+        sizing measures: the network's share is not the batch's cost). The same statement adds the throttle waits
+        and retries that led up to the batch to the slice's counters and writes the batch into the history ring
+        (``history=False`` leaves that row out, for the benchmark of its cost; the parameters stay the same).
         The range conditions stay index conditions: the end key reaches the UPDATE as an InitPlan parameter.
 
         With ``undo`` (a reversible backfill's undo log), the same statement also stores each changed row's key,
@@ -401,15 +445,21 @@ class TargetSQL(Target):
           ORDER BY {order} OFFSET %s LIMIT 1)
         UNION ALL SELECT 1, {key_param_list}
     ) k (o, {ends}) ORDER BY o LIMIT 1
-), {write}
+), {write}, _backfill_slice AS (
 UPDATE {s} SET checkpoint = (SELECT jsonb_build_array({ends_text}) FROM _backfill_end),
        done = (SELECT {end_row} = {key_params} FROM _backfill_end),
        rows_updated = rows_updated + (SELECT count(*) FROM _backfill_changed), batches = batches + 1,
-       owner = %s, heartbeat_at = now(), updated_at = now()
+       owner = %s, heartbeat_at = now(), updated_at = now(),
+       throttle_seconds = {add_waits}, retries = {add_retries}, waiting_for = NULL, waiting_since = NULL
  WHERE backfill_id = %s AND slice = %s AND (SELECT ok FROM _backfill_go) AND (SELECT same FROM _backfill_end)
 RETURNING checkpoint, done, (SELECT count(*) FROM _backfill_changed) AS rows, rows_updated AS slice_rows,
-          extract(epoch FROM clock_timestamp() - now())::float8 AS seconds"""
+          batches, extract(epoch FROM clock_timestamp() - now())::float8 AS seconds
+){history}
+SELECT checkpoint, done, rows, slice_rows, seconds FROM _backfill_slice"""
         ).format(
+            history=tables.history_insert(written=history),
+            add_waits=_add_counts(sql.SQL("throttle_seconds"), "float8"),
+            add_retries=_add_counts(sql.SQL("retries"), "bigint"),
             s=tables.slices,
             b=tables.backfills,
             running=state_literal(RunState.RUNNING),
@@ -626,13 +676,22 @@ RETURNING checkpoint, done, (SELECT count(*) FROM _backfill_changed) AS rows, ro
         claimed: bool,
         size: int,
         owner: str,
+        *,
+        waits: Mapping[str, float] | None = None,
+        retries: Mapping[str, int] | None = None,
     ) -> list[Any]:
         """The parameters of :meth:`batch` (with ``has_lower = checkpoint is not None``), in their order. An
-        ``upper`` of NULLs matches no slice: the batch then only takes the slice's lock and reads it."""
+        ``upper`` of NULLs matches no slice: the batch then only takes the slice's lock and reads it. ``waits``
+        (seconds by throttle reason) and ``retries`` (attempts by reason) are what led up to this batch."""
         lower = list(checkpoint or [])
         checkpoint_json = Jsonb(checkpoint) if checkpoint is not None else None
         head = [backfill_id, slice, checkpoint_json, Jsonb(upper), claimed]
-        return [*head, *lower, *upper, size - 1, *upper, *lower, *upper, owner, backfill_id, slice]
+        waits, retries = dict(waits or {}), dict(retries or {})
+        counters = [Jsonb(waits), Jsonb(retries)]
+        waited = sum(waits.values())
+        reason = max(waits, key=waits.__getitem__) if waited > 0 else None
+        history = [backfill_id, slice, size, sum(retries.values()), waited, reason]
+        return [*head, *lower, *upper, size - 1, *upper, *lower, *upper, owner, *counters, backfill_id, slice, *history]
 
     def sample_keys(self, has_lower: bool) -> sql.Composed:
         """Sorted keys of a random sample of the table's pages within a key range (params: percent, [lower...],
@@ -699,16 +758,23 @@ class ControlTables:
     def meta(self) -> sql.SQL:
         return self._t("backfill_meta")
 
+    @property
+    def history(self) -> sql.SQL:
+        return self._t("backfill_batches")
+
+    def _format(self) -> dict[str, sql.Composable]:
+        return {"b": self.backfills, "s": self.slices, "m": self.meta, "h": self.history}
+
     def create(self) -> list[sql.Composed]:
-        """Idempotent DDL for version 1, run in one transaction (retried if a concurrent ``init`` wins a race on
-        the catalog: see the store)."""
+        """Idempotent DDL for the current version, run in one transaction (retried if a concurrent ``init`` wins a
+        race on the catalog: see the store). Tables of an older version are left as they are: see :meth:`upgrade`."""
         f = {
             "schema": _ident(self.schema),
             "schema_name": _literal(sql.Identifier(self.schema).as_string(None)),
-            "b": self.backfills,
-            "s": self.slices,
-            "m": self.meta,
+            **self._format(),
             "version": sql.Literal(CONTROL_VERSION),
+            "backfill_added": sql.SQL(",\n                 ").join(_columns(_BACKFILL_COLUMNS_ADDED)),
+            "slice_added": sql.SQL(",\n                 ").join(_columns(_SLICE_COLUMNS_ADDED)),
             "pending": state_literal(RunState.PENDING),
             "states": sql.SQL(", ").join(state_literal(value) for value in RunState),
         }
@@ -736,7 +802,8 @@ class ControlTables:
                  created_at timestamptz NOT NULL DEFAULT now(),
                  started_at timestamptz,
                  updated_at timestamptz NOT NULL DEFAULT now(),
-                 finished_at timestamptz)""",
+                 finished_at timestamptz,
+                 {backfill_added})""",
             """CREATE TABLE IF NOT EXISTS {s} (
                  backfill_id bigint NOT NULL REFERENCES {b} (id) ON DELETE CASCADE,
                  slice integer NOT NULL,
@@ -749,12 +816,26 @@ class ControlTables:
                  owner text,
                  heartbeat_at timestamptz,
                  updated_at timestamptz NOT NULL DEFAULT now(),
-                 claim_pid integer,
-                 claim_role oid,
-                 claim_started timestamptz,
+                 {slice_added},
                  PRIMARY KEY (backfill_id, slice))""",
+            # The batch history: one ring of HISTORY_PER_SLICE rows per slice (slot = the slice's batch number
+            # modulo that), written by the batch statement itself.
+            """CREATE TABLE IF NOT EXISTS {h} (
+                 backfill_id bigint NOT NULL,
+                 slice integer NOT NULL,
+                 slot integer NOT NULL,
+                 batch bigint NOT NULL,
+                 finished_at timestamptz NOT NULL,
+                 rows bigint NOT NULL,
+                 duration float8 NOT NULL,
+                 batch_size bigint NOT NULL,
+                 retries integer NOT NULL,
+                 throttle_wait float8 NOT NULL,
+                 throttle_reason text,
+                 PRIMARY KEY (backfill_id, slice, slot),
+                 FOREIGN KEY (backfill_id, slice) REFERENCES {s} (backfill_id, slice) ON DELETE CASCADE)""",
             "INSERT INTO {m} (version) VALUES ({version}) ON CONFLICT DO NOTHING",
-            "REVOKE ALL ON {m}, {b}, {s} FROM PUBLIC",
+            "REVOKE ALL ON {m}, {b}, {s}, {h} FROM PUBLIC",
         ]
         return [sql.SQL(s).format(**f) for s in statements]
 
@@ -814,6 +895,85 @@ class ControlTables:
         """What a runner needs on an undo log: write it (a run), read it and mark what it kept (a revert)."""
         return sql.SQL("GRANT SELECT, INSERT, UPDATE ON {} TO {}").format(self._t(table), _ident(role))
 
+    def upgrade(self) -> list[sql.Composed]:
+        """DDL that brings tables of an older version to the current one, in place: run after :meth:`create` in
+        the same transaction, only when the stored version is older (its ALTERs lock the tables for an instant)."""
+        f = {
+            **self._format(),
+            "version": sql.Literal(CONTROL_VERSION),
+            "backfill_added": sql.SQL(", ").join(_columns(_BACKFILL_COLUMNS_ADDED, "ADD COLUMN IF NOT EXISTS ")),
+            "slice_added": sql.SQL(", ").join(_columns(_SLICE_COLUMNS_ADDED, "ADD COLUMN IF NOT EXISTS ")),
+        }
+        statements = [
+            "ALTER TABLE {b} {backfill_added}",
+            "ALTER TABLE {s} {slice_added}",
+            "UPDATE {m} SET version = {version} WHERE version < {version}",
+        ]
+        return [sql.SQL(s).format(**f) for s in statements]
+
+    def history_insert(self, *, written: bool = True) -> sql.Composable:
+        """The batch statement's CTE that writes the batch into its slice's history ring (params: backfill id,
+        slice, batch size, retries, throttle wait, throttle reason). Not ``written``: the same expressions in a
+        CTE nothing reads, which PostgreSQL never runs (the benchmark's batch without history)."""
+        select = sql.SQL(
+            "SELECT %s::bigint, %s::integer, (n.batches %% {ring})::integer, n.batches, clock_timestamp(), n.rows, "
+            "n.seconds, %s::bigint, %s::integer, %s::float8, %s::text FROM _backfill_slice n"
+        ).format(ring=sql.Literal(HISTORY_PER_SLICE))
+        if not written:
+            return sql.SQL(", _backfill_history AS ({})").format(select)
+        return sql.SQL(
+            """, _backfill_history AS (
+INSERT INTO {h} (backfill_id, slice, slot, batch, finished_at, rows, duration, batch_size, retries, throttle_wait,
+                 throttle_reason)
+{select}
+ON CONFLICT (backfill_id, slice, slot) DO UPDATE
+   SET batch = EXCLUDED.batch, finished_at = EXCLUDED.finished_at, rows = EXCLUDED.rows,
+       duration = EXCLUDED.duration, batch_size = EXCLUDED.batch_size, retries = EXCLUDED.retries,
+       throttle_wait = EXCLUDED.throttle_wait, throttle_reason = EXCLUDED.throttle_reason
+)"""
+        ).format(h=self.history, select=select)
+
+    def select_history(self) -> sql.Composed:
+        """(backfill_id, limit): the backfill's latest batches over all its slices, oldest first."""
+        return sql.SQL(
+            """SELECT slice, finished_at, rows, duration, batch_size, retries, throttle_wait, throttle_reason
+                 FROM (SELECT * FROM {h} WHERE backfill_id = %s ORDER BY finished_at DESC, slice LIMIT %s) latest
+                ORDER BY finished_at, slice"""
+        ).format(h=self.history)
+
+    def add_counters(self) -> sql.Composed:
+        """(waits, retries, backfill_id, slice): add throttle waits and retries that no batch carried (the run
+        ended after them) to the slice's counters."""
+        return sql.SQL(
+            "UPDATE {s} SET throttle_seconds = {waits}, retries = {retries} WHERE backfill_id = %s AND slice = %s"
+        ).format(
+            s=self.slices,
+            waits=_add_counts(sql.SQL("throttle_seconds"), "float8"),
+            retries=_add_counts(sql.SQL("retries"), "bigint"),
+        )
+
+    def note_wait(self) -> sql.Composed:
+        """(reason, backfill_id, slice): the slice's runner waits on this throttle from now (until its next batch)."""
+        return sql.SQL(
+            "UPDATE {s} SET waiting_for = %s, waiting_since = now() WHERE backfill_id = %s AND slice = %s"
+        ).format(s=self.slices)
+
+    def set_overrides(self) -> sql.Composed:
+        """(reset, overrides, name): replace (reset) or extend the live setting overrides; returns the id."""
+        return sql.SQL(
+            """UPDATE {b} SET overrides = CASE WHEN %s THEN '{{}}'::jsonb ELSE overrides END || %s::jsonb,
+                      updated_at = now()
+                WHERE name = %s RETURNING id"""
+        ).format(b=self.backfills)
+
+    def overrides(self) -> sql.Composed:
+        """(id): the live setting overrides of a backfill (read by runners during long waits)."""
+        return sql.SQL("SELECT overrides FROM {} WHERE id = %s").format(self.backfills)
+
+    def clock(self) -> sql.SQL:
+        """The database's time, which the history's timestamps are in."""
+        return sql.SQL("SELECT clock_timestamp()")
+
     def distrust(self) -> sql.Composed:
         """(schema=, role=): one line per reason for ``role`` (NULL: the current user) not to trust the control
         tables that exist in ``schema``; no row when there is none.
@@ -838,7 +998,7 @@ class ControlTables:
                        pg_catalog.format('%%I.%%I', n.nspname, c.relname) AS label
                   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                  WHERE n.nspname = %(schema)s
-                   AND (c.relname IN ('backfills', 'backfill_slices', 'backfill_meta')
+                   AND (c.relname IN ('backfills', 'backfill_slices', 'backfill_meta', 'backfill_batches')
                         OR (c.relname LIKE {pattern} AND c.relkind <> 'i'))
             )
             SELECT pg_catalog.format('schema %%I is owned by role %%I', n.nspname, n.nspowner::regrole::text)
@@ -872,13 +1032,12 @@ class ControlTables:
         """What a runner needs on the control tables, and nothing more: read every table; add backfills (``run``
         with a spec registers it) and slices (splitting); update both (state, checkpoints, claims). No DELETE,
         no TRUNCATE, no DDL."""
-        f = {"schema": _ident(self.schema), "role": _ident(role)}
-        f.update(b=self.backfills, s=self.slices, m=self.meta)
+        f: dict[str, sql.Composable] = {"schema": _ident(self.schema), "role": _ident(role), **self._format()}
         return [
             sql.SQL(text).format(**f)
             for text in (
                 "GRANT USAGE ON SCHEMA {schema} TO {role}",
-                "GRANT SELECT, INSERT, UPDATE ON {b}, {s} TO {role}",
+                "GRANT SELECT, INSERT, UPDATE ON {b}, {s}, {h} TO {role}",
                 "GRANT SELECT ON {m} TO {role}",
             )
         ]
@@ -887,11 +1046,13 @@ class ControlTables:
         return sql.SQL("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s)")
 
     def complete(self) -> sql.SQL:
-        """(schema): whether all three control tables exist (then ``init`` has nothing to create)."""
+        """(schema): whether all four control tables exist (then ``init`` has nothing to create, unless they are of
+        an older version)."""
         return sql.SQL(
-            """SELECT count(*) = 3 FROM pg_catalog.pg_class c
+            """SELECT count(*) = 4 FROM pg_catalog.pg_class c
                  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                WHERE n.nspname = %s AND c.relname IN ('backfills', 'backfill_slices', 'backfill_meta')"""
+                WHERE n.nspname = %s
+                  AND c.relname IN ('backfills', 'backfill_slices', 'backfill_meta', 'backfill_batches')"""
         )
 
     def exists(self) -> sql.SQL:
@@ -903,7 +1064,7 @@ class ControlTables:
 
     _COLUMNS = (
         "b.id, b.name, b.spec, b.fingerprint, b.state, b.upper_bound, b.estimated_rows, b.last_error, "
-        "b.created_at, b.started_at, b.updated_at, b.finished_at"
+        "b.created_at, b.started_at, b.updated_at, b.finished_at, b.overrides"
     )
 
     def select(self, *, one: bool, lock: bool = False) -> sql.Composed:
@@ -953,7 +1114,7 @@ class ControlTables:
         """(backfill_id): every slice, with who holds its claim (pid, role, application) if that session lives."""
         return sql.SQL(
             """SELECT s.slice, s.lower_bound, s.upper_bound, s.checkpoint, s.done, s.rows_updated, s.batches,
-                      s.owner, s.heartbeat_at,
+                      s.owner, s.heartbeat_at, s.throttle_seconds, s.retries, s.waiting_for, s.waiting_since,
                       (SELECT pg_catalog.format('pid %%s, role %%s, application %%s', a.pid, r.rolname,
                                                 coalesce(nullif(a.application_name, ''), '-'))
                          FROM pg_catalog.pg_stat_activity a LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.usesysid
@@ -973,10 +1134,10 @@ class ControlTables:
         """(backfill_id, slice): the batch's first statement. The row lock serialises any two runners that ever
         reach the same slice, and the checkpoint is read under it, so a batch always starts where the last
         committed one ended, whatever the runner believes. The last column says whether this backend holds the
-        slice's claim."""
+        slice's claim, and the backfill's live setting overrides come along (no extra round trip to read them)."""
         return sql.SQL(
             """SELECT b.state, s.checkpoint, s.upper_bound, s.done,
-                      s.claim_pid IS NOT DISTINCT FROM pg_catalog.pg_backend_pid() AS mine
+                      s.claim_pid IS NOT DISTINCT FROM pg_catalog.pg_backend_pid() AS mine, b.overrides
                  FROM {s} s JOIN {b} b ON b.id = s.backfill_id
                 WHERE s.backfill_id = %s AND s.slice = %s
                   FOR UPDATE OF s"""
@@ -1024,11 +1185,13 @@ class ControlTables:
         ).format(b=self.backfills, s=self.slices)
 
     def live_runners(self) -> sql.Composed:
-        """(backfill_id, seconds): distinct owners of unfinished slices with a heartbeat that recent."""
+        """(backfill_id): sessions holding a claim on an unfinished slice, alive now (see :meth:`claim`): a runner
+        waiting on a long throttle counts, one that died does not, however recent its last batch."""
         return sql.SQL(
-            """SELECT count(DISTINCT owner) FROM {} WHERE backfill_id = %s AND NOT done AND owner IS NOT NULL
-                  AND heartbeat_at > now() - make_interval(secs => %s)"""
-        ).format(self.slices)
+            """SELECT count(DISTINCT s.claim_pid) FROM {s} s
+                WHERE s.backfill_id = %s AND NOT s.done AND s.claim_pid IS NOT NULL
+                  AND EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE {holder})"""
+        ).format(s=self.slices, holder=_HOLDER)
 
     def next_slice(self) -> sql.Composed:
         return sql.SQL("SELECT coalesce(max(slice), -1) + 1 FROM {} WHERE backfill_id = %s").format(self.slices)
@@ -1047,11 +1210,12 @@ class ControlTables:
         ).format(self.slices)
 
     def claim(self) -> sql.Composed:
-        """(backfill_id, slice): claim the slice for this session unless a live session holds it; one row if it
-        did. Only roles that may UPDATE the slices can claim, and a claim counts only while the session that made
-        it lives (its pid, role and start time in ``pg_stat_activity``), so it dies with a crashed runner's
-        connection, and no other role can hold it. (Advisory locks could be taken by any role that can connect.)
-        SKIP LOCKED: a slice whose row a batch or a split holds is busy, not worth waiting for."""
+        """(backfill_id, slice, owner): claim the slice for this session unless a live session holds it, naming the
+        runner (``owner``, if not NULL) on it; one row if it did. Only roles that may UPDATE the slices can
+        claim, and a claim counts only while the session that made it lives (its pid, role and start time in
+        ``pg_stat_activity``), so it dies with a crashed runner's connection, and no other role can hold it.
+        (Advisory locks could be taken by any role that can connect.) SKIP LOCKED: a slice whose row a batch or a
+        split holds is busy, not worth waiting for."""
         return sql.SQL(
             """WITH me AS (SELECT a.pid, a.usesysid, a.backend_start FROM pg_catalog.pg_stat_activity a
                              WHERE a.pid = pg_catalog.pg_backend_pid()),
@@ -1060,7 +1224,8 @@ class ControlTables:
                                 AND (s.claim_pid IS NULL OR s.claim_pid = pg_catalog.pg_backend_pid()
                                      OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE {holder}))
                                 FOR UPDATE OF s SKIP LOCKED)
-               UPDATE {s} s SET claim_pid = me.pid, claim_role = me.usesysid, claim_started = me.backend_start
+               UPDATE {s} s SET claim_pid = me.pid, claim_role = me.usesysid, claim_started = me.backend_start,
+                      owner = coalesce(%s, s.owner)
                  FROM free, me
                 WHERE s.backfill_id = free.backfill_id AND s.slice = free.slice
                RETURNING s.claim_pid"""

@@ -15,8 +15,9 @@ under the slice's lock (see ``TargetSQL.batch``).
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ from psycopg.types.json import Jsonb
 
 from backfill.errors import (
     ControlTablesMissingError,
+    ControlTablesOutdatedError,
     KeyChangedError,
     KeyRoundTripError,
     PoolerError,
@@ -43,8 +45,8 @@ from backfill.plan import Plan, Target
 from backfill.spec import BackfillSpec
 from backfill.state import TRANSITIONS, OperatorAction, RunState
 from backfill.store import (
-    LIVE_SECONDS,
     BackfillRecord,
+    BatchRecord,
     BatchRequest,
     BatchResult,
     Key,
@@ -107,6 +109,7 @@ class _LockedSlice:
     state: str | None = None
     lower_bound: Key | None = None
     mine: bool = True  #: whether this session holds the slice's claim (``lock_slice``)
+    overrides: dict[str, Any] | None = None  #: the backfill's live setting overrides (``lock_slice``)
 
 
 @dataclass(frozen=True)
@@ -126,11 +129,11 @@ def _ms(seconds: float) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _batch_statement(
-    target: Target, tables: sql.ControlTables, has_lower: bool, undo: int | None, returning_old: bool
+    target: Target, tables: sql.ControlTables, has_lower: bool, undo: int | None, returning_old: bool, history: bool
 ) -> pgsql.Composed:
     # Composed once per target and range shape, not once per batch.
     log = tables.undo(undo) if undo is not None else None
-    return sql.for_target(target).batch(tables, has_lower, log, returning_old)
+    return sql.for_target(target).batch(tables, has_lower, log, returning_old, history=history)
 
 
 class PostgresStore:
@@ -140,8 +143,10 @@ class PostgresStore:
     runner works (re-taken after a reconnect, or :class:`LockLostError`).
     """
 
-    def __init__(self, database: Database, schema: str = "public") -> None:
+    def __init__(self, database: Database, schema: str = "public", *, history: bool = True) -> None:
         self.database = database
+        #: whether batches write their history row (False only to measure what it costs: benchmarks/)
+        self.writes_history = history
         self.tables = sql.ControlTables(schema)
         self._conn: psycopg.Connection[Any] | None = None
         self._claims: set[tuple[int, int]] = set()
@@ -199,7 +204,7 @@ class PostgresStore:
         """
         conn = self.conn
         complete = conn.execute(self.tables.complete(), (self.tables.schema,)).fetchone()
-        if complete and complete[0] and not grant:
+        if complete and complete[0] and not grant and self._version() == sql.CONTROL_VERSION:
             # Nothing to create: no DDL, no lock, so a runner role without DDL rights can call it (registering).
             self._check_version()
             return
@@ -210,9 +215,22 @@ class PostgresStore:
                     self._refuse_untrusted()
                     for statement in self.tables.create():
                         conn.execute(statement, ())
+                    # Read under the meta table's lock (create() takes it): one init upgrades, the others wait.
+                    if (self._version() or sql.CONTROL_VERSION) < sql.CONTROL_VERSION:
+                        for statement in self.tables.upgrade():
+                            conn.execute(statement, ())
                     self._refuse_untrusted()
                     self._grant(grant)
                 break
+            except psycopg.errors.InsufficientPrivilege as exc:
+                version = self._version()
+                if version is None or version >= sql.CONTROL_VERSION:
+                    raise
+                raise ControlTablesOutdatedError(
+                    f"the control tables in schema {self.tables.schema!r} are version {version} and upgrading them "
+                    f"to version {sql.CONTROL_VERSION} was refused ({exc.diag.message_primary}): run `backfill init` "
+                    "as their owner"
+                ) from None
             except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable, psycopg.errors.DuplicateObject):
                 # Two first-time inits raced on the catalog; the loser's next attempt finds the tables. (No lock
                 # serialises them: any role that can connect could hold an advisory lock forever.)
@@ -258,12 +276,25 @@ class PostgresStore:
             # Once per connection: only a trusted owner could change the tables after this.
             self._refuse_untrusted()
             self._verified = self._conn
-        row = self.conn.execute(self.tables.version(), ()).fetchone()
-        if row is None or row[0] > sql.CONTROL_VERSION:
+        version = self._version()
+        if version is None or version > sql.CONTROL_VERSION:
             raise ControlTablesMissingError(
-                f"the control tables in schema {self.tables.schema!r} are version {row[0] if row else '?'}, "
+                f"the control tables in schema {self.tables.schema!r} are version {version or '?'}, "
                 f"newer than this release of backfill understands ({sql.CONTROL_VERSION}): upgrade backfill"
             )
+        if version < sql.CONTROL_VERSION:
+            raise ControlTablesOutdatedError(
+                f"the control tables in schema {self.tables.schema!r} are version {version}, older than this release "
+                f"of backfill uses ({sql.CONTROL_VERSION}): run `backfill init` to upgrade them in place"
+            )
+
+    def _version(self) -> int | None:
+        """The control tables' layout version (None: no meta row, or no meta table yet)."""
+        exists = self.conn.execute(self.tables.exists(), (self.tables.schema,)).fetchone()
+        if not exists or not exists[0]:
+            return None
+        row = self.conn.execute(self.tables.version(), ()).fetchone()
+        return int(row[0]) if row is not None else None
 
     def _with_totals(self, record: BackfillRecord, totals: dict[int, dict[str, Any]]) -> BackfillRecord:
         summed = totals.get(record.id)
@@ -299,9 +330,48 @@ class PostgresStore:
         return _fetch(self.conn, SliceRecord, self.tables.select_slices(), (backfill_id,)).fetchall()
 
     def live_runners(self, backfill_id: int) -> int:
-        """Runners that committed a batch of this backfill lately and still hold an unfinished slice."""
-        row = self.conn.execute(self.tables.live_runners(), (backfill_id, LIVE_SECONDS)).fetchone()
+        """Runners whose session holds a claim on an unfinished slice of this backfill right now."""
+        row = self.conn.execute(self.tables.live_runners(), (backfill_id,)).fetchone()
         return int(row[0]) if row else 0
+
+    def history(self, backfill_id: int, limit: int) -> list[BatchRecord]:
+        """The backfill's latest ``limit`` batches over all its slices, oldest first."""
+        return _fetch(self.conn, BatchRecord, self.tables.select_history(), (backfill_id, limit)).fetchall()
+
+    def now(self) -> dt.datetime:
+        """The database's time (the history's timestamps are in it, whatever the local clock says)."""
+        row = self.conn.execute(self.tables.clock(), ()).fetchone()
+        assert row is not None
+        value: dt.datetime = row[0]
+        return value
+
+    def overrides(self, backfill_id: int) -> dict[str, Any]:
+        """The backfill's live setting overrides (a runner reads them during long waits)."""
+        row = self.conn.execute(self.tables.overrides(), (backfill_id,)).fetchone()
+        return dict(row[0]) if row is not None else {}
+
+    def set_overrides(self, name: str, values: Mapping[str, float], *, reset: bool = False) -> BackfillRecord:
+        """Extend (or, with ``reset``, replace) the live setting overrides of backfill ``name``.
+
+        Raises:
+            UnknownBackfillError: there is no such backfill.
+        """
+        self._check_version()
+        with self.conn.transaction():
+            found = self.conn.execute(self.tables.set_overrides(), (reset, Jsonb(dict(values)), name)).fetchone()
+            if found is None:
+                raise UnknownBackfillError(f"no backfill named {name!r}")
+        return self.get(name)
+
+    def add_counters(
+        self, backfill_id: int, slice: int, waits: Mapping[str, float], retries: Mapping[str, int]
+    ) -> None:
+        """Add throttle waits and retries that no batch carried to the slice's counters."""
+        self.conn.execute(self.tables.add_counters(), (Jsonb(dict(waits)), Jsonb(dict(retries)), backfill_id, slice))
+
+    def note_wait(self, backfill_id: int, slice: int, reason: str) -> None:
+        """Say on the slice that its runner waits on ``reason`` from now (its next batch clears it)."""
+        self.conn.execute(self.tables.note_wait(), (reason, backfill_id, slice))
 
     def register(self, plan: Plan, *, force: bool = False) -> BackfillRecord:
         """Store a resolved spec under its name, or check it against the one already stored.
@@ -495,9 +565,9 @@ class PostgresStore:
 
     # --- runner side -----------------------------------------------------------------------------------------
 
-    def _lock(self, backfill_id: int, slice: int) -> bool:
+    def _lock(self, backfill_id: int, slice: int, owner: str | None = None) -> bool:
         assert self._conn is not None
-        if self._conn.execute(self.tables.claim(), (backfill_id, slice)).fetchone() is None:
+        if self._conn.execute(self.tables.claim(), (backfill_id, slice, owner)).fetchone() is None:
             return False
         # A claim is only as good as the session it names. Behind a pooler in transaction mode the next
         # statement may run on another server session: the claim would then guard nothing.
@@ -506,14 +576,15 @@ class PostgresStore:
             raise PoolerError(_POOLER.format(slice=slice))
         return True
 
-    def try_claim(self, backfill_id: int, slice: int) -> bool:
-        """Claim the slice for this store's session; False if another live runner's session holds it.
+    def try_claim(self, backfill_id: int, slice: int, owner: str | None = None) -> bool:
+        """Claim the slice for this store's session (naming ``owner`` on it, if given); False if another live
+        runner's session holds it.
 
         Raises:
             PoolerError: the claim is not visible as this session's own right after it was made.
         """
         self.conn  # noqa: B018 -- connects (and re-takes existing claims) first
-        if not self._lock(backfill_id, slice):
+        if not self._lock(backfill_id, slice, owner):
             return False
         self._claims.add((backfill_id, slice))
         return True
@@ -625,10 +696,11 @@ class PostgresStore:
                     finished=finished,
                     slice_rows=done.slice_rows,
                     database_seconds=done.seconds,
+                    overrides=found.overrides,
                 )
             self._positions[where] = (found.checkpoint, found.upper_bound)
             if state is not RunState.RUNNING or found.done:
-                return BatchResult(state=state, applied=False, slice_done=found.done)
+                return BatchResult(state=state, applied=False, slice_done=found.done, overrides=found.overrides)
             if expected == (found.checkpoint, found.upper_bound):
                 # Everything the batch checks under the lock matched, and still it did nothing: the end key's text
                 # form does not read back as the same key (or, once, an operator's change came in between).
@@ -656,10 +728,19 @@ class PostgresStore:
         checkpoint, upper = expected if expected is not None else (None, [None] * len(target.key))
         undo = request.backfill_id if plan.spec.reversible else None
         returning_old = self.conn.info.server_version >= _RETURNING_OLD
-        statement = _batch_statement(target, tables, checkpoint is not None, undo, returning_old)
+        has_lower = checkpoint is not None
+        statement = _batch_statement(target, tables, has_lower, undo, returning_old, self.writes_history)
         claimed = (request.backfill_id, request.slice) in self._claims
         params = sql.TargetSQL.batch_params(
-            request.backfill_id, request.slice, checkpoint, upper, claimed, request.batch_size, request.owner
+            request.backfill_id,
+            request.slice,
+            checkpoint,
+            upper,
+            claimed,
+            request.batch_size,
+            request.owner,
+            waits=request.waits,
+            retries=request.retries,
         )
         conn = self.conn
         try:
