@@ -31,6 +31,7 @@ from backfill.cli.params import (
     DURATION,
     DURATION_OFF,
     DURATION_ZERO,
+    NUMBER_OFF,
     OFF,
     POSITIVE_INT,
     POSITIVE_NUMBER,
@@ -598,7 +599,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def status(obj: CliContext, name: str | None, as_json: bool) -> None:
     """Show backfills: state, rows done, % of the estimate, rate, ETA, last error.
 
-    A backfill split into slices gets one indented line per slice below it: its key range, done or its checkpoint,
+    Rate and ETA are over the last minute, shown only while a runner works on it. Below a backfill: its live
+    runners (host:pid) and the throttle holding them back, and its live settings (`backfill set`). A backfill split
+    into slices gets one indented line per slice below it: its key range, done or its checkpoint,
     rows, batches and the live runner working on it. Rate and ETA are the backfill's, over all its slices.
     """
     statuses = api.backfill_status(obj.database, name, control_schema=obj.control_schema)
@@ -613,6 +616,8 @@ def status(obj: CliContext, name: str | None, as_json: bool) -> None:
     click.echo(table[0])
     for line, backfill_status in zip(table[1:], statuses, strict=True):
         click.echo(line)
+        for detail in _details(backfill_status):
+            click.echo(detail)
         for slice_line in _slice_lines(backfill_status):
             click.echo(slice_line)
         if backfill_status.undo_bytes is not None:
@@ -627,6 +632,19 @@ def _size(count: int) -> str:
             break
         value, unit = value / 1024, larger
     return f"{value:,.0f} {unit}"
+
+
+def _details(status: BackfillStatus) -> list[str]:
+    """Indented lines under a backfill: its live runners and what they wait on, and its live settings."""
+    lines = []
+    runners = status.live_runners
+    if runners:
+        names = ", ".join(f"{r.host}:{r.pid}" if r.host else f"pid {r.pid}" for r in runners)
+        waiting = f"; throttled by {status.throttle_reason}" if status.throttle_reason else ""
+        lines.append(f"  live runners: {names}{waiting}")
+    if status.overrides:
+        lines.append(f"  live settings: {_overrides(status.overrides)}")
+    return lines
 
 
 @cli.command()
@@ -688,6 +706,35 @@ _operator_action(
     "put back",
     "Put a failed NAME back to pending; the next `run` continues from its checkpoint.",
 )
+
+
+@cli.command(name="set")
+@click.argument("name")
+@click.option("--max-rows-per-second", type=NUMBER_OFF, metavar="N", help="Rows/s cap of the backfill; off: none.")
+@click.option("--sleep", type=DURATION_ZERO, help="Pause between two batches of a runner, e.g. 200ms.")
+@click.option("--target-batch-time", type=DURATION_OFF, help="Adaptive size aims at this; off: keep the size.")
+@click.option("--min-batch-size", type=POSITIVE_INT, metavar="N", help="Smallest batch adaptive sizing may use.")
+@click.option("--max-batch-size", type=POSITIVE_INT, metavar="N", help="Largest batch adaptive sizing may use.")
+@click.option("--max-replica-lag", type=BYTES, help="Wait while a replica lags more bytes, e.g. 64MB.")
+@click.option("--max-replica-lag-time", type=DURATION, help="Wait while a replica lags longer, e.g. 10s.")
+@click.option("--reset", is_flag=True, help="Clear every live setting first (alone: runners use their own).")
+@pass_cli
+def set_(obj: CliContext, /, name: str, reset: bool, **values: Any) -> None:
+    """Change NAME's pace on every live runner, on any machine, without restarting them.
+
+    Stored in the control tables; each runner applies them with its next batch (and within a few seconds while it
+    waits), on top of the settings it was started with, until `set NAME --reset`. `status` shows them.
+    """
+    if values.get("max_replica_lag") is OFF:
+        raise CliError("--max-replica-lag: give a size (--reset goes back to each runner's own limit)")
+    chosen = {key: 0 if value is OFF else value for key, value in values.items() if value is not None}
+    record = api.set_backfill_settings(obj.database, name, reset=reset, control_schema=obj.control_schema, **chosen)
+    click.echo(f"backfill {record.name!r}: {_overrides(record.overrides) or 'no live settings'}")
+
+
+def _overrides(overrides: dict[str, float]) -> str:
+    """Live settings as flags: ``--max-rows-per-second 100 --sleep 0.5`` (0: off)."""
+    return " ".join(f"--{key.replace('_', '-')} {value:g}" for key, value in sorted(overrides.items()))
 
 
 @cli.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import re
 from typing import Any
 
@@ -10,7 +11,7 @@ import click
 
 from backfill.cli.durations import parse_duration
 
-__all__ = ["Off", "OFF", "Duration", "ByteSize", "DURATION", "DURATION_OFF", "DURATION_ZERO", "BYTES"]
+__all__ = ["Off", "OFF", "Duration", "ByteSize", "NumberOrOff", "DURATION", "DURATION_OFF", "DURATION_ZERO", "BYTES"]
 
 
 class Off(enum.Enum):
@@ -74,9 +75,30 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic from click
         return int(float(found[1]) * _BYTE_UNITS[found[2]])
 
 
+class NumberOrOff(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.3 on
+    """A number > 0, or ``off`` (or 0) for a limit turned off: :data:`OFF`."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | Off:
+        if value is OFF or isinstance(value, (int, float)):
+            return value  # a default, already converted
+        text = str(value).strip().lower()
+        if text == "off":
+            return OFF
+        try:
+            number = float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a number (or off)", param, ctx)
+        if not math.isfinite(number) or number < 0:
+            self.fail(f"{value!r} must be a number >= 0 (or off)", param, ctx)
+        return OFF if number == 0 else number
+
+
 DURATION = Duration()
 DURATION_OFF = Duration(off=True)
 DURATION_ZERO = Duration(zero=True)
 BYTES = ByteSize()
 POSITIVE_INT = click.IntRange(min=1)
 POSITIVE_NUMBER = click.FloatRange(min=0, min_open=True)
+NUMBER_OFF = NumberOrOff()
