@@ -23,6 +23,7 @@ import psycopg
 import structlog
 import tenacity
 
+from backfill import tracing
 from backfill.errors import BackfillError, BatchTooSlowError, describe, transient_reason
 from backfill.plan import Plan
 from backfill.policies import (
@@ -170,6 +171,8 @@ class Executor:
         self._pending_waits: dict[str, float] = {}
         self._pending_retries: dict[str, int] = {}
         self._noted_wait: str | None = None
+        #: slice -> the last key done, as this runner knows it (where its next batch's key range starts)
+        self._key_from: dict[int, list[str]] = {}
         self.log = log.bind(backfill=name)
         self._state = RunState.PENDING
         self._retries = 0
@@ -190,10 +193,25 @@ class Executor:
             max_batches: batches after which the run stops.
         """
         ctx = RunContext(self.name, self.settings.batch_size or 1, self.clock(), self.clock)
-        try:
-            return self._run(ctx, max_runtime, max_batches)
-        except _StopRequested:
-            return self._report(ctx, RunOutcome.WORK_LEFT, self._state, "stop requested")
+        with tracing.span("backfill.run", name=self.name, owner=self.owner) as span:
+            try:
+                report = self._run(ctx, max_runtime, max_batches)
+            except _StopRequested:
+                report = self._report(ctx, RunOutcome.WORK_LEFT, self._state, "stop requested")
+            except Exception as exc:
+                span.fail(exc)
+                raise
+            span.set(
+                outcome=report.outcome.value,
+                state=report.state.value,
+                rows=report.rows_updated,
+                batches=report.batches,
+                retries=report.retries,
+                throttle_wait_seconds=report.throttled_seconds,
+                reason=report.reason,
+                error=report.error,
+            )
+            return report
 
     def _run(self, ctx: RunContext, max_runtime: float | None, max_batches: int | None) -> RunReport:
         record = self._step("get", lambda: self.store.get(self.name))
@@ -220,6 +238,8 @@ class Executor:
         # Take any unfinished slice no live runner holds, work it to its end, and look again: slices are re-read
         # each time, so a slice left by a runner that died is taken over from its checkpoint.
         while (piece := self._claim_next(record.id)) is not None:
+            if piece.checkpoint is not None:
+                self._key_from[piece.slice] = piece.checkpoint
             try:
                 ended = self._work(ctx, record.id, piece, max_runtime, max_batches)
             except LockLostError as exc:
@@ -325,7 +345,7 @@ class Executor:
             ctx.batch_size = max(1, self.sizer(ctx))
             started = self.clock()
             try:
-                result = self._batch_with_retry(ctx, backfill_id, piece.slice)
+                result = self._traced_batch(ctx, backfill_id, piece.slice)
             except LockLostError:
                 raise
             except _StopRequested:
@@ -368,6 +388,40 @@ class Executor:
             walk_error = self._watch_pace(ctx)
             if walk_error is not None:
                 return self._fail(backfill_id, walk_error)
+
+    def _traced_batch(self, ctx: RunContext, backfill_id: int, slice_no: int) -> BatchResult:
+        """One batch with its retries, as a span (a child of the run's) when OpenTelemetry is set up."""
+        waits, retries_before = self._pending_waits, self._retries
+        waited = sum(waits.values())
+        key_from = self._key_from.get(slice_no)
+        with tracing.span(
+            "backfill.batch",
+            name=self.name,
+            slice=slice_no,
+            batch_size=ctx.batch_size,
+            key_from=",".join(key_from) if key_from is not None else None,
+            throttle_wait_seconds=waited,
+            throttle_reason=max(waits, key=waits.__getitem__) if waited > 0 else None,
+        ) as span:
+            try:
+                result = self._batch_with_retry(ctx, backfill_id, slice_no)
+            except _StopRequested:
+                span.set(retries=self._retries - retries_before, stopped=True)
+                raise
+            except Exception as exc:
+                span.set(retries=self._retries - retries_before)
+                span.fail(exc)
+                raise
+            if result.checkpoint is not None:
+                self._key_from[slice_no] = result.checkpoint
+            span.set(
+                retries=self._retries - retries_before,
+                rows=result.rows,
+                applied=result.applied,
+                key_to=",".join(result.checkpoint) if result.checkpoint is not None else None,
+                database_seconds=result.database_seconds,
+            )
+            return result
 
     def _watch_pace(self, ctx: RunContext) -> str | None:
         """After a batch much slower per row than the ones before, ask whether an index still serves the walk;
