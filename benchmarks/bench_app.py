@@ -16,7 +16,7 @@ import argparse
 import time
 
 import psycopg
-from common import EXPRESSION, checkpoint, database, fill, parse_args, server_version
+from common import EXPRESSION, checkpoint, database, drop_control_tables, fill, parse_args, server_version
 
 import backfill
 from backfill.tools.appsim import AppSimulator, AppStats
@@ -121,7 +121,7 @@ def main() -> None:
             assert left.fetchone() == (0,), "the backfill missed rows"
             conn.execute("DROP TABLE IF EXISTS bench_app_plain, bench_app_batched")
             conn.execute("DROP SEQUENCE IF EXISTS bench_app_plain_ids, bench_app_batched_ids")
-            conn.execute("DROP TABLE IF EXISTS backfill_slices, backfills, backfill_meta")
+            drop_control_tables(conn)
 
     ratio = batched_rate / plain_rate
     stall_ok = batched_stats.max_stall_ms <= 100

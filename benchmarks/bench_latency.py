@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 from bench_throughput import one_round
-from common import database, parse_args, server_version
+from common import database, drop_control_tables, parse_args, server_version
 from latency_proxy import DelayProxy
 
 
@@ -61,7 +61,7 @@ def main() -> None:
                 summary.append((delay_ms, min(ratios), statistics.median(ratios), max(ratios)))
         setup.execute("DROP TABLE IF EXISTS bench_plain, bench_batched")
         setup.execute("DROP SEQUENCE IF EXISTS bench_plain_ids, bench_batched_ids")
-        setup.execute("DROP TABLE IF EXISTS backfill_slices, backfills, backfill_meta")
+        drop_control_tables(setup)
     for delay_ms, low, median, high in summary:
         print(f"delay {delay_ms:g} ms each way: backfill/plain {low:.2f}-{high:.2f} (median {median:.2f})")
 

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import psycopg
-from common import EXPRESSION, checkpoint, database, fill, parse_args, server_version
+from common import EXPRESSION, checkpoint, database, drop_control_tables, fill, parse_args, server_version
 
 import backfill
 
@@ -57,7 +57,7 @@ def main() -> None:
             )
         conn.execute("DROP TABLE IF EXISTS bench_rerun")
         conn.execute("DROP SEQUENCE IF EXISTS bench_rerun_ids")
-        conn.execute("DROP TABLE IF EXISTS backfill_slices, backfills, backfill_meta")
+        drop_control_tables(conn)
         print(f"re-run WAL / full run WAL: {min(shares):.2%}-{max(shares):.2%} (target < 1%)")
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 import structlog
-from common import EXPRESSION, checkpoint, database, fill, server_options, server_version
+from common import EXPRESSION, checkpoint, database, drop_control_tables, fill, server_options, server_version
 
 import backfill
 
@@ -99,7 +99,7 @@ def main() -> None:
             print(f"median batch at {sizes[-1]:,} / at {sizes[0]:,} rows: {medians[sizes[-1]] / medians[sizes[0]]:.2f}")
         conn.execute("DROP TABLE IF EXISTS bench_scale")
         conn.execute("DROP SEQUENCE IF EXISTS bench_scale_ids")
-        conn.execute("DROP TABLE IF EXISTS backfill_slices, backfills, backfill_meta")
+        drop_control_tables(conn)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import statistics
 import time
 
 import psycopg
-from common import EXPRESSION, checkpoint, database, fill, parse_args, server_version
+from common import EXPRESSION, checkpoint, database, drop_control_tables, fill, parse_args, server_version
 
 import backfill
 
@@ -61,7 +61,7 @@ def main() -> None:
             )
         conn.execute("DROP TABLE IF EXISTS bench_plain, bench_sparse")
         conn.execute("DROP SEQUENCE IF EXISTS bench_plain_ids, bench_sparse_ids")
-        conn.execute("DROP TABLE IF EXISTS backfill_slices, backfills, backfill_meta")
+        drop_control_tables(conn)
         print(
             f"backfill/UPDATE: {min(ratios):.2f}-{max(ratios):.2f} (median {statistics.median(ratios):.2f}; "
             "target <= 1.5)"

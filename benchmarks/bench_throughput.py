@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import psycopg
-from common import EXPRESSION, checkpoint, database, fill, parse_args, server_version
+from common import EXPRESSION, checkpoint, database, drop_control_tables, fill, parse_args, server_version
 
 import backfill
 
@@ -88,7 +88,7 @@ def main() -> None:
             )
         conn.execute("DROP TABLE IF EXISTS bench_plain, bench_batched")
         conn.execute("DROP SEQUENCE IF EXISTS bench_plain_ids, bench_batched_ids")
-        conn.execute("DROP TABLE IF EXISTS backfill_slices, backfills, backfill_meta")
+        drop_control_tables(conn)
         print(f"median ratio backfill/plain: {statistics.median(ratios):.2f} (target >= 0.90)")
 
 

@@ -15,7 +15,7 @@ import os
 import time
 
 import psycopg
-from common import EXPRESSION, checkpoint, database, fill, parse_args, server_version
+from common import EXPRESSION, checkpoint, database, drop_control_tables, fill, parse_args, server_version
 
 import backfill
 
@@ -60,7 +60,7 @@ def main() -> None:
             )
         conn.execute("DROP TABLE IF EXISTS bench_workers")
         conn.execute("DROP SEQUENCE IF EXISTS bench_workers_ids")
-        conn.execute("DROP TABLE IF EXISTS backfill_slices, backfills, backfill_meta")
+        drop_control_tables(conn)
 
 
 if __name__ == "__main__":

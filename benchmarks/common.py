@@ -43,6 +43,11 @@ def fill(conn: psycopg.Connection[Any], table: str, rows: int, *, kind: str = "N
     conn.execute("CHECKPOINT")
 
 
+def drop_control_tables(conn: psycopg.Connection[Any]) -> None:
+    """Remove the control tables the benchmark's backfills made."""
+    conn.execute("DROP TABLE IF EXISTS backfill_batches, backfill_slices, backfills, backfill_meta")
+
+
 def checkpoint(url: str) -> None:
     """Flush dirty buffers so that no contender pays for the one timed before it."""
     with psycopg.connect(url, autocommit=True) as conn:

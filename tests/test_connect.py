@@ -48,7 +48,7 @@ def app_db(password_server: EmbeddedServer) -> Iterator[dict[str, Any]]:
     """Connection parameters of role ``app`` (password required) on a fresh ``items`` table."""
     params = {"host": "127.0.0.1", "port": password_server.port, "user": "app", "dbname": "appdb"}
     with psycopg.connect(**params, password=PASSWORD, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS backfill_slices, backfills, backfill_meta, items")
+        conn.execute("DROP TABLE IF EXISTS backfill_batches, backfill_slices, backfills, backfill_meta, items")
         conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n integer)")
         conn.execute("INSERT INTO items (id) SELECT generate_series(1, 500)")
     yield params
