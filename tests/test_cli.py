@@ -58,7 +58,7 @@ def _control_tables_exist(conn: psycopg.Connection[Any]) -> bool:
 def test_every_command_and_option_has_help_text_and_help_needs_no_database() -> None:
     assert isinstance(cli, click.Group)
     expected = {"init", "add", "run", "status", "pause", "resume", "cancel", "retry", "delete", "plan", "demo", "serve"}
-    expected |= {"revert", "purge"}
+    expected |= {"revert", "purge", "set"}
     assert expected == set(cli.commands)
     for name, command in cli.commands.items():
         assert command.help and command.help.strip(), name
