@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import psycopg
@@ -88,19 +87,6 @@ def test_version_1_tables_are_refused_with_the_fix_until_init_upgrades_them_in_p
     assert [50, 50, 50, 50] == [batch.rows for batch in backfill.batch_history(db_url, "inc")]
     record = backfill.get_backfill(db_url, "inc")
     assert (4 + 2, 300) == (record.batches, record.rows_updated)
-
-
-def test_init_grant_covers_the_history_table(items: psycopg.Connection[Any], db_url: str) -> None:
-    role = f"history_runner_{uuid.uuid4().hex[:8]}"
-    items.execute(psycopg.sql.SQL("CREATE ROLE {}").format(psycopg.sql.Identifier(role)))
-    backfill.init_control_tables(db_url, grant=role)
-
-    privileges = items.execute(
-        "SELECT privilege_type FROM information_schema.role_table_grants "
-        "WHERE grantee = %s AND table_name = 'backfill_batches' ORDER BY 1",
-        (role,),
-    ).fetchall()
-    assert [("INSERT",), ("SELECT",), ("UPDATE",)] == privileges
 
 
 def test_each_batch_writes_its_history_row_in_its_own_transaction(items: psycopg.Connection[Any], db_url: str) -> None:

@@ -26,7 +26,7 @@ from backfill.alembic import offline as offline_sql
 from backfill.tools.embedded import find_bindir
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "alembic"
-CONTROL_TABLES = ("backfills", "backfill_slices", "backfill_meta")
+CONTROL_TABLES = ("backfills", "backfill_slices", "backfill_meta", "backfill_batches")
 
 
 def offline() -> tuple[Operations, io.StringIO]:

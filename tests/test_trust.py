@@ -20,7 +20,7 @@ from backfill import BackfillSpec, UnknownRoleError, UntrustedControlTablesError
 from backfill.cli import EXIT_OK, EXIT_USAGE, cli
 
 SPEC = BackfillSpec("fill", "items", {"n": "id * 2"})
-CONTROL_TABLES = ("backfills", "backfill_slices", "backfill_meta")
+CONTROL_TABLES = ("backfills", "backfill_slices", "backfill_meta", "backfill_batches")
 
 
 @pytest.fixture
@@ -114,6 +114,7 @@ def test_tables_a_low_role_pre_created_with_an_invoker_trigger_are_refused(
             "public.backfill_slices has trigger audit",
         ),
         ("CREATE RULE keep AS ON DELETE TO backfills DO INSTEAD NOTHING", "public.backfills has rule keep"),
+        ("GRANT SELECT ON backfill_batches TO PUBLIC", "public.backfill_batches grants SELECT to PUBLIC"),
         ("ALTER TABLE backfill_meta ENABLE ROW LEVEL SECURITY", "public.backfill_meta has row-level security"),
         ("GRANT UPDATE ON backfills TO PUBLIC", "public.backfills grants UPDATE to PUBLIC"),
         ("GRANT UPDATE (spec) ON backfills TO PUBLIC", "public.backfills grants UPDATE on column spec to PUBLIC"),
@@ -164,6 +165,9 @@ def test_a_runner_role_set_up_only_by_init_grant(
         (list(CONTROL_TABLES), name),
     ).fetchall()
     assert [
+        ("backfill_batches", "INSERT"),
+        ("backfill_batches", "SELECT"),
+        ("backfill_batches", "UPDATE"),
         ("backfill_meta", "SELECT"),
         ("backfill_slices", "INSERT"),
         ("backfill_slices", "SELECT"),
