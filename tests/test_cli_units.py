@@ -17,7 +17,7 @@ from backfill.cli.durations import format_duration, parse_duration
 from backfill.cli.progress import Progress, configure_logging
 from backfill.executor import RunReport
 from backfill.status import BackfillStatus
-from backfill.store import BackfillRecord, SliceRecord
+from backfill.store import BackfillRecord, BatchRecord, SliceRecord
 
 
 @pytest.fixture(autouse=True)
@@ -96,13 +96,16 @@ def _record(state: RunState, rows: int, estimated: int | None, seconds: float, *
     return BackfillRecord(**fields)  # type: ignore[arg-type]
 
 
-def test_status_derives_percent_rate_and_eta_from_the_record() -> None:
-    piece = SliceRecord(0, None, ["1000"], ["250"], False, 250, 3, None, _T0)
-    status = BackfillStatus(_record(RunState.RUNNING, 250, 1000, 5.0), (piece,))
+def test_status_derives_percent_from_the_record_and_rate_and_eta_from_the_recent_batches() -> None:
+    piece = SliceRecord(0, None, ["1000"], ["250"], False, 250, 3, "h:1:a", _T0, holder="pid 9, role r, application a")
+    now = _T0 + dt.timedelta(seconds=5)
+    # Two batches of the last five seconds, the first started at _T0: 100 rows in 5 s.
+    recent = tuple(BatchRecord(0, _T0 + dt.timedelta(seconds=end), 50, 0.5, 50, 0, 0.0, None) for end in (0.5, 4.0))
+    status = BackfillStatus(_record(RunState.RUNNING, 250, 1000, 5.0), (piece,), recent, now)
 
     assert 25.0 == status.percent
-    assert 50.0 == status.rows_per_second
-    assert 15.0 == status.eta_seconds
+    assert 20.0 == status.rows_per_second
+    assert 750 / 20.0 == status.eta_seconds
     assert ["250"] == status.checkpoint
     assert _T0 + dt.timedelta(seconds=5) == status.updated_at
 
