@@ -101,7 +101,7 @@ def test_status_derives_percent_from_the_record_and_rate_and_eta_from_the_recent
     now = _T0 + dt.timedelta(seconds=5)
     # Two batches of the last five seconds, the first started at _T0: 100 rows in 5 s.
     recent = tuple(BatchRecord(0, _T0 + dt.timedelta(seconds=end), 50, 0.5, 50, 0, 0.0, None) for end in (0.5, 4.0))
-    status = BackfillStatus(_record(RunState.RUNNING, 250, 1000, 5.0), (piece,), recent, now)
+    status = BackfillStatus(_record(RunState.RUNNING, 250, 1000, 5.0), (piece,), recent=recent, as_of=now)
 
     assert 25.0 == status.percent
     assert 20.0 == status.rows_per_second

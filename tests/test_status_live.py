@@ -144,7 +144,7 @@ def _held(holder: str | None = "pid 7, role r, application backfill") -> SliceRe
 def test_rate_and_eta_come_from_the_batches_of_the_recent_window_only() -> None:
     old = [_batch(RATE_WINDOW_SECONDS + 100 + i, 10_000) for i in range(10)]  # a fast start, long ago
     recent = [_batch(19.5, 500), _batch(9.5, 500)]
-    running = BackfillStatus(_record(RunState.RUNNING, 50_000), (_held(),), (*old, *recent), NOW)
+    running = BackfillStatus(_record(RunState.RUNNING, 50_000), (_held(),), recent=(*old, *recent), as_of=NOW)
 
     # 1,000 rows from the start of the first recent batch (20 s ago) to now.
     assert running.rate == pytest.approx(50.0)
@@ -153,8 +153,8 @@ def test_rate_and_eta_come_from_the_batches_of_the_recent_window_only() -> None:
 
 
 def test_a_live_runner_without_a_batch_in_the_window_has_rate_zero_and_no_eta() -> None:
-    waiting = BackfillStatus(_record(RunState.RUNNING, 5), (_held(),), (_batch(600, 10),), NOW)
-    nobody = BackfillStatus(_record(RunState.RUNNING, 5), (_held(None),), (_batch(1, 10),), NOW)
+    waiting = BackfillStatus(_record(RunState.RUNNING, 5), (_held(),), recent=(_batch(600, 10),), as_of=NOW)
+    nobody = BackfillStatus(_record(RunState.RUNNING, 5), (_held(None),), recent=(_batch(1, 10),), as_of=NOW)
 
     assert (waiting.rate, waiting.eta_seconds) == (0.0, None)
     assert (nobody.rate, nobody.eta_seconds, nobody.live_runners) == (None, None, [])
