@@ -619,10 +619,16 @@ def preview_backfill(
     estimate of the rows and batches left. Writes nothing.
 
     Raises:
-        UnknownBackfillError, PlanError: no such backfill, or its spec no longer fits the table.
+        UnknownBackfillError, PlanError: no such backfill, its spec no longer fits the table, or it is a revert.
     """
     with open_store(bind, control_schema) as store:
         record = store.get(name)
+        if record.spec.reverts is not None:
+            original = name.removesuffix(REVERT_SUFFIX)
+            raise PlanError(
+                f"backfill {name!r} is the revert of {original!r}: its batches put back the undo log's values, "
+                f"which a preview does not show; `backfill status {name}` shows its progress"
+            )
         plan = resolve(store.conn, record.spec)
         size = batch_size or record.spec.initial_batch_size
         return preview_next_batch(store.conn, plan, record.name, record.state, store.slices(record.id), size)

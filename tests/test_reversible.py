@@ -444,3 +444,17 @@ def test_a_revert_walked_again_from_the_start_counts_only_the_rows_the_applicati
     t6 = {row[:2] for row in before if row[0] == "t6"}
     assert (report.run.rows_updated, report.rows_kept) == (1504 - 600 - len(t6), len(t6))
     assert [row for row in snapshot(docs) if row[:2] not in t6] == [row for row in before if row[:2] not in t6]
+
+
+@pytest.mark.usefixtures("no_ambient_database")
+def test_plan_of_a_revert_is_one_line_saying_what_to_use_instead(docs: psycopg.Connection[Any], db_url: str) -> None:
+    backfill.run_backfill(db_url, BackfillSpec("fill", "docs", VALUES, reversible=True))
+    backfill.revert_backfill(db_url, "fill", max_batches=1, settings=backfill.RunSettings(batch_size=100))
+
+    result = CliRunner().invoke(cli, ["--url", db_url, "plan", "fill:revert"], catch_exceptions=False)
+
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "Error: backfill 'fill:revert' is the revert of 'fill': its batches put back the undo log's values, which "
+        "a preview does not show; `backfill status fill:revert` shows its progress"
+    ]
