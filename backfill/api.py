@@ -38,6 +38,7 @@ from backfill.schema.notnull import (
     ConstraintError,
     DDLSession,
     LockRetry,
+    LockUnavailableError,
     PsycopgSession,
     Step,
     StepAction,
@@ -1056,7 +1057,15 @@ def finish_column_type_change(
             results += constraint.apply_plan(session, key_plan, retry).steps
         new_type = state.shadow_info.type
         swap = Step(StepAction.SWAP, type_change.swap_statement(state, indexes, keys, new_type), True)
-        results += _ddl_steps(session, [swap], retry, state)
+        try:
+            results += _ddl_steps(session, [swap], retry, state)
+        except LockUnavailableError:
+            tables = ", ".join(dict.fromkeys([state.qualified, *(f"{k.schema}.{k.table_name}" for k in keys)]))
+            raise LockUnavailableError(
+                f"the swap of {state.qualified}.{column} could not lock {tables} within {retry_seconds:g}s "
+                f"(attempts of {lock_timeout:g}s): a long transaction holds a lock on one of them (see "
+                "pg_stat_activity); nothing was swapped, the copies are built and stay: run finish again"
+            ) from None
     return TypeChangeResult(tuple(results), copy=report)
 
 

@@ -139,3 +139,30 @@ def test_odd_names_are_quoted_everywhere(conn: psycopg.Connection[Any], db_url: 
         "orders_cust id_fkey": 'FOREIGN KEY ("cust id") REFERENCES "Sales Dept"."Cust%"("Id %")',
         "orders_pkey": "PRIMARY KEY (id)",
     }
+
+
+def test_a_swap_that_cannot_get_its_locks_fails_in_one_line_naming_what_is_left_then_runs_again(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    for statement in PARENT_CHILD:
+        conn.execute(statement)
+    backfill.start_column_type_change(db_url, "accounts", "id", "bigint")
+    reader = psycopg.connect(db_url)
+    try:
+        reader.execute("SELECT count(*) FROM payments")  # ACCESS SHARE until rollback: only the swap waits for it
+        with pytest.raises(backfill.LockUnavailableError) as raised:
+            backfill.finish_column_type_change(
+                db_url, "accounts", "id", lock_timeout=0.05, retry_seconds=0.3, sleep=lambda _: None
+            )
+    finally:
+        reader.close()
+    unswapped = column_type(conn, "accounts", "id")
+    again = backfill.finish_column_type_change(db_url, "accounts", "id")
+
+    message = str(raised.value)
+    assert "\n" not in message and "DO" not in message
+    assert "could not lock public.accounts, public.payments within 0.3s" in message
+    assert "nothing was swapped, the copies are built and stay: run finish again" in message
+    assert unswapped == "integer"
+    assert again.actions == ["swap"]
+    assert column_type(conn, "accounts", "id") == "bigint"
