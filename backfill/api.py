@@ -920,6 +920,10 @@ def start_column_type_change(
             type_change.check_start(session, state, new_type)
             type_change.check_using(session, state, new_type, using)
             steps.append(type_change.add_shadow_column(state, new_type))
+            # A new shadow column needs a new copy: a record left by an earlier change of a column of that name
+            # (its table dropped and made again, say) would report the copy done without copying a row.
+            if _copy_record(bind, state.backfill, control_schema) is not None:
+                delete_backfill(bind, state.backfill, lock_timeout=lock_timeout, control_schema=control_schema)
         # Before the copy fixes its key range: from then on, every row the application writes is the trigger's.
         if not sync.trigger_exists(session, state.schema, state.table, state.backfill):
             steps.extend(sync.install_steps(type_change.mirror_target(state, using), state.backfill, mirror=True))

@@ -107,10 +107,9 @@ def main() -> None:
                 fill(conn, args.rows)
             stats, seconds, results = measure(url, args.rows, args.writers, lambda: online(url))
             report("integer -> bigint", "online", seconds, stats)
-            swap = [s for result in results for s in result.steps if s.action == "swap"]  # type: ignore[attr-defined]
-            print(
-                f"{'':<22} {'':<8} the swap transaction: {swap[0].seconds * 1000:.0f} ms, {swap[0].attempts} attempt(s)"
-            )
+            swap = next(step for result in results for step in result.steps if step.action == "swap")
+            print(f"{'':<31} the swap transaction: {swap.seconds * 1000:.0f} ms, {swap.attempts} attempt(s)")
+            backfill.cleanup_column_type_change(url, ACCOUNTS, "id")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ columns change type with ``using``, each step run twice, and what the change ref
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import psycopg
 import pytest
+from support import wait_for
 from test_alembic_ops import scalar
 
 import backfill
@@ -166,3 +168,83 @@ def test_a_swap_that_cannot_get_its_locks_fails_in_one_line_naming_what_is_left_
     assert unswapped == "integer"
     assert again.actions == ["swap"]
     assert column_type(conn, "accounts", "id") == "bigint"
+
+
+def _everything_but_the_swap(url: str) -> None:
+    """Run finish with a reader on payments that only the swap waits for, and a retry budget that gives up."""
+    reader = psycopg.connect(url)
+    try:
+        reader.execute("SELECT count(*) FROM payments")
+        with pytest.raises(backfill.LockUnavailableError):
+            backfill.finish_column_type_change(url, "accounts", "id", lock_timeout=0.05, retry_seconds=0.2)
+    finally:
+        reader.close()
+
+
+def _lock_waiters(conn: psycopg.Connection[Any], query: str) -> list[int]:
+    rows = conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s", (query + "%",)
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def test_the_swap_never_waits_for_a_referencing_table_while_holding_its_own_so_no_application_write_deadlocks(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    """A transaction holding payments queues for accounts behind the swap; when the swap then got accounts and
+    queued for payments, the application's transaction (which had waited longer) found the deadlock and failed.
+    The swap now takes the referencing tables without queueing: it gives up, and is retried, instead."""
+    for statement in PARENT_CHILD:
+        conn.execute(statement)
+    backfill.start_column_type_change(db_url, "accounts", "id", "bigint")
+    _everything_but_the_swap(db_url)
+    holder, application = psycopg.connect(db_url), psycopg.connect(db_url)
+    outcome: dict[str, Any] = {}
+
+    def finish() -> None:
+        outcome["finish"] = backfill.finish_column_type_change(db_url, "accounts", "id", lock_timeout=30)
+
+    def write() -> None:
+        try:
+            application.execute("INSERT INTO accounts (email) VALUES ('late@example.com')")
+            outcome["write"] = "ok"
+        except psycopg.Error as exc:
+            outcome["write"] = type(exc).__name__
+
+    try:
+        holder.execute("LOCK TABLE accounts IN ROW EXCLUSIVE MODE")
+        application.execute("LOCK TABLE payments IN ROW EXCLUSIVE MODE")
+        finisher = threading.Thread(target=finish, daemon=True)
+        finisher.start()
+        wait_for(lambda: _lock_waiters(conn, "DO"), "the swap to queue for accounts")
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        wait_for(lambda: _lock_waiters(conn, "INSERT INTO accounts"), "the application to queue behind the swap")
+        holder.commit()
+        writer.join(30)
+        application.commit()
+        finisher.join(60)
+    finally:
+        holder.close()
+        application.close()
+
+    assert outcome["write"] == "ok"
+    assert outcome["finish"].actions[-1] == "swap"
+    assert column_type(conn, "accounts", "id") == "bigint"
+
+
+def test_a_record_left_by_an_earlier_change_of_a_recreated_table_does_not_stand_for_the_copy(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    conn.execute("CREATE TABLE tags (id integer PRIMARY KEY, label text)")
+    conn.execute("INSERT INTO tags SELECT g, 't' || g FROM generate_series(1, 200) g")
+    backfill.start_column_type_change(db_url, "tags", "id", "bigint")
+    backfill.finish_column_type_change(db_url, "tags", "id")
+    conn.execute("DROP TABLE tags")  # no cleanup: the copy's record stays
+    conn.execute("CREATE TABLE tags (id integer PRIMARY KEY, label text)")
+    conn.execute("INSERT INTO tags SELECT g, 't' || g FROM generate_series(1, 300) g")
+
+    started = backfill.start_column_type_change(db_url, "tags", "id", "bigint")
+
+    assert started.copy is not None and started.copy.rows_updated == 300
+    assert scalar(conn, "SELECT count(*) FROM tags WHERE id_new IS NULL") == 0

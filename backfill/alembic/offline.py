@@ -16,6 +16,7 @@ from backfill.pg.session import PINNED_SETTINGS
 from backfill.pg.statements import ControlTables, TargetSQL, state_literal
 from backfill.schema import sync
 from backfill.schema.ddl import not_null_name, timeout_literal
+from backfill.schema.type_change import lock_without_waiting
 from backfill.spec import BackfillSpec
 from backfill.state import RunState
 
@@ -495,7 +496,7 @@ def finish_type_change(
   trg text := {trigger};
   lt text := {lock_timeout};
   shadow text; bf_state text; chk text; chk_valid boolean; copy text; copy_valid boolean; seq_type text;
-  decl text := 'DECLARE not_null text; ';
+  decl text := 'DECLARE not_null text; attempt int; ';
   nn_name text := {not_null_name};
   o record; nw record; ix record; fk record;
   steps text[] := ARRAY[]::text[];
@@ -505,6 +506,7 @@ def finish_type_change(
   renames text[] := ARRAY[]::text[];
   fk_renames text[] := ARRAY[]::text[];
   locks text;
+  others text[] := ARRAY[]::text[];
 BEGIN
   CREATE TEMP TABLE IF NOT EXISTS backfill_type_change_plan (n serial, stmt text);
   TRUNCATE backfill_type_change_plan;
@@ -596,7 +598,6 @@ BEGIN
     END IF;
   END LOOP;
   -- Copies of the foreign keys from and to the column: NOT VALID, then validated.
-  locks := rel_text;
   FOR fk IN
     SELECT c.conname::text AS name, c.conrelid, c.conrelid::regclass::text AS tbl, c.confrelid::regclass::text AS ref,
            c.confdeltype::text AS del,
@@ -632,13 +633,26 @@ BEGIN
     END IF;
     fk_drops := fk_drops || pg_catalog.format('ALTER TABLE %s DROP CONSTRAINT %I;', fk.tbl, fk.name);
     fk_renames := fk_renames || pg_catalog.format('ALTER TABLE %s RENAME CONSTRAINT %I TO %I;', fk.tbl, copy, fk.name);
-    IF fk.conrelid <> rel THEN
-      locks := locks || ', ' || fk.tbl;
+    IF fk.conrelid <> rel AND NOT fk.tbl = ANY (others) THEN
+      others := others || fk.tbl;
     END IF;
   END LOOP;
+  -- The locks: at most one queued wait, never while holding another of the tables (see lock_in_either_order).
+  IF pg_catalog.cardinality(others) = 0 THEN
+    locks := pg_catalog.format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE; ', rel_text);
+  ELSE
+    locks := 'BEGIN ' || pg_catalog.format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE; ', rel_text)
+      || (SELECT pg_catalog.string_agg(pg_catalog.replace({nowait}, '__relation__', t), ' ')
+            FROM pg_catalog.unnest(others) AS t)
+      || ' EXCEPTION WHEN lock_not_available THEN '
+      || pg_catalog.format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE; ', others[1])
+      || coalesce((SELECT pg_catalog.string_agg(pg_catalog.replace({nowait}, '__relation__', t), ' ')
+                     FROM pg_catalog.unnest(others[2:]) AS t) || ' ', '')
+      || pg_catalog.replace({nowait}, '__relation__', rel_text) || ' END; ';
+  END IF;
   -- The default, sequence ownership or identity move to the new column.
   IF o.identity <> '' THEN
-    decl := 'DECLARE not_null text; next_value bigint; ';
+    decl := 'DECLARE not_null text; attempt int; next_value bigint; ';
     moves := moves
       || pg_catalog.format('SELECT CASE WHEN s.is_called THEN s.last_value + %s ELSE s.last_value END INTO next_value '
                            'FROM %s AS s;', (SELECT q.seqincrement FROM pg_catalog.pg_sequence q
@@ -680,7 +694,7 @@ BEGIN
     || pg_catalog.format('ALTER TABLE %s RENAME COLUMN %I TO %I;', rel_text, shadow, col);
   -- The swap: one transaction of catalog changes under a short lock_timeout.
   steps := steps || pg_catalog.format('SET lock_timeout = %L', lt)
-    || ('DO $swap$ ' || decl || 'BEGIN ' || pg_catalog.format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE; ', locks)
+    || ('DO $swap$ ' || decl || 'BEGIN ' || locks
         || pg_catalog.array_to_string(fk_drops || drops || moves || renames || fk_renames, ' ') || ' END $swap$')
     || 'RESET lock_timeout'::text;
   INSERT INTO backfill_type_change_plan (stmt) SELECT pg_catalog.unnest(steps);
@@ -694,6 +708,7 @@ END"""
         backfill=sql.Literal(backfill),
         trigger=sql.Literal(sync.trigger_name(backfill)),
         not_null_name=sql.Literal(not_null_name(table, column)),
+        nowait=sql.Literal(lock_without_waiting("__relation__")),
         lock_timeout=timeout_literal(lock_timeout),
         backfills_name=sql.Literal(tables.backfills.as_string(None)),
         backfills=tables.backfills,

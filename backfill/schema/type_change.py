@@ -61,6 +61,8 @@ __all__ = [
     "index_copies",
     "foreign_key_copies",
     "swap_statement",
+    "lock_without_waiting",
+    "lock_in_either_order",
     "drop_retired_column",
     "drop_shadow_column",
 ]
@@ -492,11 +494,45 @@ def foreign_key_copies(session: DDLSession, state: TypeChangeState) -> list[Fore
     return copies
 
 
-def _tables(state: TypeChangeState, keys: Sequence[ForeignKeyCopy]) -> sql.Composed:
-    seen: dict[tuple[str, str], sql.Identifier] = {(state.schema, state.table): state.relation}
+#: How many times, a millisecond apart, the swap tries to lock each other table without waiting.
+_NOWAIT_TRIES = 50
+
+
+def lock_without_waiting(relation: str) -> str:
+    """PL/pgSQL that takes ACCESS EXCLUSIVE on ``relation`` (quoted SQL text) without ever queueing for it: up to
+    ``_NOWAIT_TRIES`` ``NOWAIT`` attempts a millisecond apart, then ``lock_not_available`` (the swap is retried).
+
+    The swap holds the table's own lock by then: queueing for a referencing table could close a cycle with an
+    application transaction that holds that table and waits for ours, and the deadlock detector may pick the
+    application's transaction as the victim. Never waiting leaves no cycle."""
+    return (
+        f"FOR attempt IN 1..{_NOWAIT_TRIES} LOOP BEGIN LOCK TABLE {relation} IN ACCESS EXCLUSIVE MODE NOWAIT; EXIT; "
+        f"EXCEPTION WHEN lock_not_available THEN IF attempt = {_NOWAIT_TRIES} THEN RAISE; END IF; "
+        "PERFORM pg_catalog.pg_sleep(0.001); END; END LOOP;"
+    )
+
+
+def lock_in_either_order(main: str, others: Sequence[str]) -> str:
+    """PL/pgSQL that takes ACCESS EXCLUSIVE on ``main`` and ``others`` (quoted SQL text) with at most one queued
+    wait, never while holding another of them: the table first (waiting up to lock_timeout), the others without
+    waiting; if one is busy (an application transaction holding it may be queued behind our lock on the table),
+    everything is let go and the other order is tried: the first other table waiting, then the rest without
+    waiting. ``lock_not_available`` when neither order gets them all (the swap is retried with backoff)."""
+    first = f"LOCK TABLE {main} IN ACCESS EXCLUSIVE MODE;"
+    if not others:
+        return first
+    then = " ".join(lock_without_waiting(other) for other in others)
+    second = f"LOCK TABLE {others[0]} IN ACCESS EXCLUSIVE MODE;"
+    rest = " ".join(lock_without_waiting(other) for other in [*others[1:], main])
+    return f"BEGIN {first} {then} EXCEPTION WHEN lock_not_available THEN {second} {rest} END;"
+
+
+def _lock_tables(state: TypeChangeState, keys: Sequence[ForeignKeyCopy]) -> list[sql.Composable]:
+    others: dict[tuple[str, str], str] = {}
     for key in keys:
-        seen.setdefault((key.schema, key.table_name), key.table)
-    return sql.SQL(", ").join(seen.values())
+        if (key.schema, key.table_name) != (state.schema, state.table):
+            others.setdefault((key.schema, key.table_name), key.table.as_string(None))
+    return [sql.SQL(lock_in_either_order(state.relation.as_string(None), list(others.values())))]
 
 
 def swap_statement(
@@ -512,7 +548,7 @@ def swap_statement(
     other copies take the old names."""
     relation, column, shadow = state.relation, sql.Identifier(state.column), sql.Identifier(state.shadow)
     old = state.current
-    lines: list[sql.Composable] = [sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE;").format(_tables(state, keys))]
+    lines: list[sql.Composable] = _lock_tables(state, keys)
     for key in keys:
         lines.append(sql.SQL("{};").format(ddl.drop_constraint(key.table, key.name)))
     for index in indexes:
@@ -520,7 +556,7 @@ def swap_statement(
             lines.append(sql.SQL("{};").format(ddl.drop_constraint(relation, index.constraint)))
         else:
             lines.append(sql.SQL("DROP INDEX {};").format(sql.Identifier(state.schema, index.name)))
-    declarations = sql.SQL("DECLARE next_value bigint; not_null text;\n")
+    declarations = sql.SQL("DECLARE next_value bigint; not_null text; attempt int;\n")
     if old.identity:
         assert old.sequence is not None
         # The identity's sequence goes with it: its next value is read first and the new identity starts there,
