@@ -149,9 +149,11 @@ def _card(driver: webdriver.Chrome, name: str) -> WebElement:
     return driver.find_element(By.CSS_SELECTOR, f'section.backfill[data-backfill="{name}"]')
 
 
-def _post(url: str, fields: dict[str, str], headers: dict[str, str] | None = None) -> tuple[int, str]:
+def _post(
+    url: str, fields: dict[str, str], headers: dict[str, str] | None = None, path: str = "action"
+) -> tuple[int, str]:
     request = urllib.request.Request(
-        url + "action", data=urllib.parse.urlencode(fields).encode(), headers=headers or {}, method="POST"
+        url + path, data=urllib.parse.urlencode(fields).encode(), headers=headers or {}, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 -- our own server on 127.0.0.1
@@ -184,7 +186,9 @@ def test_the_page_shows_a_running_backfill_its_state_and_progress(
     assert 0 < rows_shown <= _rows_done(url, "live_fill")
     assert float(card.find_element(By.CSS_SELECTOR, ".progress progress").get_attribute("value") or 0) > 0
     runners = card.find_element(By.CSS_SELECTOR, ".runners").text
-    assert "pid" in runners, runners
+    assert f"pid {os.getpid()} (slice 0)" in runners, runners  # the runner is a thread of this process
+    assert card.find_element(By.CSS_SELECTOR, ".throttle").text == "sleep_between"
+    assert card.find_element(By.CSS_SELECTOR, ".charts svg polyline").get_attribute("points")
     assert card.find_element(By.CSS_SELECTOR, "button.pause").is_displayed()
 
 
@@ -221,7 +225,7 @@ def test_pause_clicked_with_the_token_pauses_the_backfill_in_the_control_table(
     browser.refresh()
     card = _card(browser, "live_fill")
     assert card.find_element(By.CSS_SELECTOR, ".state").text == "paused"
-    buttons = [button.text for button in card.find_elements(By.CSS_SELECTOR, ".actions button")]
+    buttons = [button.text for button in card.find_elements(By.CSS_SELECTOR, "form.action button")]
     assert buttons == ["resume", "cancel"]
     assert browser.current_url == server.url
 
@@ -274,6 +278,52 @@ def test_the_page_carries_no_password_and_loads_nothing_from_elsewhere(url: str,
         assert status == 503 and secret not in text and len(text.strip().splitlines()) == 1
 
 
+# --- live settings ---------------------------------------------------------------------------------------------
+
+
+def _overrides(url: str, name: str) -> dict[str, float]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT overrides FROM backfills WHERE name = %s", (name,)).fetchone()
+    assert row is not None
+    return dict(row[0] or {})
+
+
+def test_live_settings_set_from_the_page_with_the_token_reach_the_control_table(
+    browser: webdriver.Chrome, server: DashboardServer, url: str
+) -> None:
+    _create_table(url, "settings_table", 500)
+    backfill.register_backfill(url, _spec("settings_fill", "settings_table"))
+    browser.get(server.url)
+    field = browser.find_element(By.ID, "token")
+    field.clear()
+    field.send_keys(TOKEN)
+    form = _card(browser, "settings_fill").find_element(By.CSS_SELECTOR, "form.settings")
+    form.find_element(By.NAME, "max_rows_per_second").send_keys("500")
+    form.find_element(By.NAME, "sleep").send_keys("200ms")
+    form.find_element(By.CSS_SELECTOR, "button.set").click()
+    notice = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".notice.ok"), "the answer")[0]
+    assert notice.text == "live settings of 'settings_fill': max rows/s 500 · sleep 0.2s"
+    assert _overrides(url, "settings_fill") == {"max_rows_per_second": 500, "sleep": 0.2}
+    shown = _card(browser, "settings_fill").find_element(By.CSS_SELECTOR, ".overrides").text
+    assert shown == "live settings: max rows/s 500 · sleep 0.2s"
+
+    assert _post(server.url, {"backfill": "settings_fill", "max_rows_per_second": "5"}, path="settings")[0] == 403
+    for fields, status, text in (
+        ({"max_rows_per_second": "fast"}, 400, "max rows/s: &#39;fast&#39; is not a number"),
+        ({"sleep": "1 fortnight"}, 400, "sleep: &#39;1 fortnight&#39; is not a number, a duration"),
+        ({}, 400, "give at least one setting, or reset"),
+        ({"max_rows_per_second": "5", "token": "wrong-token-0123456789"}, 403, "wrong or missing token"),
+    ):
+        answer = _post(
+            server.url, {"backfill": "settings_fill", "token": TOKEN, "op": "set", **fields}, path="settings"
+        )
+        assert answer[0] == status and text in answer[1], answer
+    assert _overrides(url, "settings_fill") == {"max_rows_per_second": 500, "sleep": 0.2}
+    status, body = _post(server.url, {"backfill": "settings_fill", "token": TOKEN, "op": "reset"}, path="settings")
+    assert status == 200 and "each runner uses its own settings" in body
+    assert _overrides(url, "settings_fill") == {}
+
+
 # --- /metrics --------------------------------------------------------------------------------------------------
 
 
@@ -317,6 +367,35 @@ def test_metrics_parsed_by_the_prometheus_parser_match_the_control_tables(
             " FROM backfills b LEFT JOIN backfill_slices s ON s.backfill_id = b.id GROUP BY b.name, b.state"
         ).fetchall()
     assert {name for name, *_ in rows} >= {"live_fill", "done_fill"}
+    with psycopg.connect(url, autocommit=True) as conn:
+        counters = {
+            column: {
+                (name, reason): value
+                for name, reason, value in conn.execute(
+                    f"SELECT b.name, c.key, sum(c.value::float8) FROM backfills b"
+                    f" JOIN backfill_slices s ON s.backfill_id = b.id, jsonb_each_text(s.{column}) c GROUP BY 1, 2"
+                )
+            }
+            for column in ("throttle_seconds", "retries")
+        }
+        history = {
+            name: (count, total)
+            for name, count, total in conn.execute(
+                "SELECT b.name, count(h.*), coalesce(sum(h.duration), 0) FROM backfills b"
+                " LEFT JOIN backfill_batches h ON h.backfill_id = b.id GROUP BY b.name"
+            )
+        }
+    assert counters["throttle_seconds"][("live_fill", "sleep_between")] > 0
+    waits = {
+        (sample.labels["backfill"], sample.labels["reason"]): sample.value
+        for sample in families["backfill_throttle_wait_seconds"].samples
+    }
+    assert waits == pytest.approx(counters["throttle_seconds"])
+    retries = {
+        (sample.labels["backfill"], sample.labels["reason"]): sample.value
+        for sample in families["backfill_retries"].samples
+    }
+    assert retries == counters["retries"]
     for name, state, rows_updated, batches in rows:
         rows_family = families["backfill_rows_updated"]
         assert _samples(rows_family, backfill=name) == {"backfill_rows_updated_total": rows_updated}
@@ -327,6 +406,12 @@ def test_metrics_parsed_by_the_prometheus_parser_match_the_control_tables(
         # Nobody runs these now (one finished, one paused, one never started): no runner, no ETA.
         assert _samples(families["backfill_live_runners"], backfill=name) == {"backfill_live_runners": 0}
         assert _samples(families["backfill_estimated_seconds_remaining"], backfill=name) == {}
+        # The duration histogram: this server's first scrape, so every batch of the history, once.
+        durations = _samples(families["backfill_batch_duration_seconds"], backfill=name)
+        count, total = history[name]
+        assert durations["backfill_batch_duration_seconds_count"] == count
+        assert durations["backfill_batch_duration_seconds_sum"] == pytest.approx(total)
+        assert durations["backfill_batch_duration_seconds_bucket[('le', '+Inf')]"] == count
     assert _samples(families["backfill_rows_updated"], backfill="done_fill") == {"backfill_rows_updated_total": 1_000}
 
 

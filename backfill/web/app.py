@@ -21,11 +21,13 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from backfill import api
+from backfill.cli.durations import parse_duration
 from backfill.errors import BackfillError, describe
 from backfill.pg.connect import Bind, Database
+from backfill.settings import SettingsError
 from backfill.state import OperatorAction
 from backfill.web.metrics import Snapshot, metrics_registry
-from backfill.web.views import BackfillView, backfill_view
+from backfill.web.views import SETTINGS_FORM, BackfillView, backfill_view, live_settings
 
 __all__ = ["ControlReader", "create_app", "MIN_TOKEN_LENGTH", "TokenError"]
 
@@ -62,15 +64,37 @@ class ControlReader:
 
     database: Database
     control_schema: str = api.DEFAULT_CONTROL_SCHEMA
-    history_limit: int = 500
 
     def snapshot(self) -> Snapshot:
-        statuses = api.backfill_status(self.database, control_schema=self.control_schema)
-        return [(status, []) for status in statuses]
+        """Every backfill's status with its recent batches, read on one connection."""
+        return api.backfill_status(self.database, control_schema=self.control_schema)
 
     def act(self, name: str, action: OperatorAction) -> str:
         record = _ACTIONS[action](self.database, name, control_schema=self.control_schema)
         return record.state.value
+
+    def set(self, name: str, values: dict[str, float], reset: bool) -> dict[str, float]:
+        record = api.set_backfill_settings(
+            self.database,
+            name,
+            max_rows_per_second=values.get("max_rows_per_second"),
+            sleep=values.get("sleep"),
+            target_batch_time=values.get("target_batch_time"),
+            reset=reset,
+            control_schema=self.control_schema,
+        )
+        return dict(record.overrides)
+
+
+def _setting(name: str, text: str) -> float:
+    """A live setting typed into the page: a number (rows/s), a duration (``200ms``, ``1.5s``) or ``off`` (0)."""
+    label = next(label for key, label, _, _ in SETTINGS_FORM if key == name)
+    if text.lower() == "off":
+        return 0.0
+    try:
+        return float(text) if name == "max_rows_per_second" else parse_duration(text)
+    except ValueError:
+        raise SettingsError(f"{label}: {text!r} is not a number, a duration (200ms, 1.5s) or off") from None
 
 
 def _unavailable(exc: Exception) -> str:
@@ -134,6 +158,7 @@ class _Dashboard:
                 Route("/", self.page, methods=["GET"]),
                 Route("/backfills", self.fragment, methods=["GET"]),
                 Route("/action", self.action, methods=["POST"]),
+                Route("/settings", self.settings, methods=["POST"]),
                 Route("/metrics", metrics, methods=["GET"]),
                 Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
             ]
@@ -152,6 +177,7 @@ class _Dashboard:
             "database": self.reader.database.display,
             "control_schema": self.reader.control_schema,
             "refresh_ms": int(self.refresh_seconds * 1000),
+            "settings_form": SETTINGS_FORM,
             "now": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         }
         response = self.templates.TemplateResponse(
@@ -165,7 +191,7 @@ class _Dashboard:
             snapshot = self.reader.snapshot()
         except (BackfillError, psycopg.Error) as exc:
             return [], _unavailable(exc)
-        return [backfill_view(status, history) for status, history in snapshot], None
+        return [backfill_view(status) for status in snapshot], None
 
     async def page(self, request: Request) -> Response:
         return await run_in_threadpool(self._render, request, "dashboard.html")
@@ -189,19 +215,42 @@ class _Dashboard:
         except ValueError:
             return await self._notice(request, f"unknown action {verb!r}", status=400)
         if not self._authorised(request, given):
-            log.warning("serve_action_refused", backfill=name, action=action.value, read_only=self.token is None)
-            why = (
-                "this dashboard is read-only: start `backfill serve` with --token or BACKFILL_SERVE_TOKEN to allow it"
-                if self.token is None
-                else "wrong or missing token"
-            )
-            return await self._notice(request, f"{action.value} {name!r} refused: {why}", status=403)
+            return await self._refused(request, name, action.value)
         try:
             state = await run_in_threadpool(self.reader.act, name, action)
         except (BackfillError, psycopg.Error) as exc:
             return await self._notice(request, f"{action.value} {name!r} failed: {_unavailable(exc)}", status=409)
         log.info("serve_action", backfill=name, action=action.value, state=state)
         return await self._notice(request, f"{action.value} {name!r}: now {state}", ok=True, status=200)
+
+    async def settings(self, request: Request) -> Response:
+        form = await request.form()
+        name, given, op = (str(form.get(key) or "") for key in ("backfill", "token", "op"))
+        if not self._authorised(request, given):
+            return await self._refused(request, name, "set")
+        reset = op == "reset"
+        try:
+            typed = {key: str(form.get(key) or "").strip() for key, *_ in SETTINGS_FORM}
+            values = {} if reset else {key: _setting(key, text) for key, text in typed.items() if text}
+            if not values and not reset:
+                raise SettingsError("give at least one setting, or reset")
+            overrides = await run_in_threadpool(self.reader.set, name, values, reset)
+        except SettingsError as exc:
+            return await self._notice(request, f"set {name!r} refused: {exc}", status=400)
+        except (BackfillError, psycopg.Error) as exc:
+            return await self._notice(request, f"set {name!r} failed: {_unavailable(exc)}", status=409)
+        log.info("serve_settings", backfill=name, overrides=overrides, reset=reset)
+        shown = live_settings(overrides) or "none (each runner uses its own settings)"
+        return await self._notice(request, f"live settings of {name!r}: {shown}", ok=True, status=200)
+
+    async def _refused(self, request: Request, name: str, what: str) -> Response:
+        log.warning("serve_action_refused", backfill=name, action=what, read_only=self.token is None)
+        why = (
+            "this dashboard is read-only: start `backfill serve` with --token or BACKFILL_SERVE_TOKEN to allow it"
+            if self.token is None
+            else "wrong or missing token"
+        )
+        return await self._notice(request, f"{what} {name!r} refused: {why}", status=403)
 
     async def _notice(self, request: Request, text: str, *, status: int, ok: bool = False) -> Response:
         return await run_in_threadpool(

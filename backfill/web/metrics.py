@@ -14,7 +14,6 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from backfill.state import RunState
 from backfill.status import BackfillStatus
 from backfill.web.charts import Batch
-from backfill.web.views import runners_of
 
 __all__ = ["DURATION_BUCKETS", "ControlTablesCollector", "Snapshot", "metrics_registry"]
 
@@ -22,8 +21,8 @@ __all__ = ["DURATION_BUCKETS", "ControlTablesCollector", "Snapshot", "metrics_re
 #: 30 s by default.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-#: What a scrape reads: every backfill's status with its recent batches (oldest first).
-Snapshot = Sequence[tuple[BackfillStatus, Sequence[Batch]]]
+#: What a scrape reads: every backfill's status, with its recent batches (oldest first).
+Snapshot = Sequence[BackfillStatus]
 
 
 @dataclass
@@ -101,21 +100,25 @@ class ControlTablesCollector(Collector):
             labels=["backfill"],
         )
         with self._lock:
-            for status, history in snapshot:
+            for status in snapshot:
                 record = status.record
                 name = record.name
                 rows.add_metric([name], record.rows_updated)
-                batches.add_metric([name], record.batches)
+                batches.add_metric([name], status.batches)
                 tally = self._tallies.setdefault(name, _Tally())
-                tally.add(history)
+                tally.add(status.recent)
                 durations.add_metric([name], tally.buckets(), tally.total)
+                for reason, seconds in sorted(status.throttle_wait_by_reason.items()):
+                    waits.add_metric([name, reason], seconds)
+                for reason, count in sorted(status.retries_by_reason.items()):
+                    retries.add_metric([name, reason], count)
                 for value in RunState:
                     state.add_metric([name, value.value], 1.0 if record.state is value else 0.0)
-                live.add_metric([name], len(runners_of(status)))
+                live.add_metric([name], len(status.live_runners))
                 if status.eta_seconds is not None:
                     eta.add_metric([name], status.eta_seconds)
             # A backfill deleted since the last scrape: forget its tally.
-            for gone in set(self._tallies) - {status.record.name for status, _ in snapshot}:
+            for gone in set(self._tallies) - {status.record.name for status in snapshot}:
                 del self._tallies[gone]
         yield from (rows, batches, durations, waits, retries, state, live, eta)
 

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from backfill.cli.durations import format_duration
 from backfill.state import TRANSITIONS, OperatorAction, RunState
-from backfill.status import BackfillStatus, live_owner
+from backfill.status import BackfillStatus, LiveRunner
 from backfill.store import SliceRecord
 from backfill.web.charts import Batch, Chart, duration_points, line_chart, rate_points
 
-__all__ = ["BackfillView", "RunnerView", "SliceView", "backfill_view", "runners_of", "slice_fraction"]
+__all__ = ["SETTINGS_FORM", "BackfillView", "SliceView", "backfill_view", "live_settings", "slice_fraction"]
 
-
-@dataclass(frozen=True)
-class RunnerView:
-    """A runner working on the backfill right now."""
-
-    host: str
-    pid: int
-    slice: int
+#: The live settings the dashboard's form changes: (``set_backfill_settings`` keyword, label, unit, what 0 means).
+SETTINGS_FORM = (
+    ("max_rows_per_second", "max rows/s", "", "no cap"),
+    ("sleep", "sleep", "s", "none"),
+    ("target_batch_time", "target batch time", "s", "fixed size"),
+)
 
 
 @dataclass(frozen=True)
@@ -47,10 +44,13 @@ class BackfillView:
     rate: str
     eta: str
     batches: int
-    retries: int | None  #: None: the control tables do not count them
+    retries: int
+    retries_by_reason: str  #: "lock_timeout 3, deadlock 1"
     throttle_reason: str | None
+    throttle_waited: str  #: time waited on throttles, all reasons
     last_error: str | None
-    runners: tuple[RunnerView, ...]
+    runners: tuple[LiveRunner, ...]
+    overrides: str  #: the live settings (``backfill set``), "" without
     slices: tuple[SliceView, ...]
     rate_chart: Chart
     duration_chart: Chart
@@ -100,28 +100,27 @@ def _slice_view(piece: SliceRecord, overall: float | None, only: bool) -> SliceV
     return SliceView(piece.slice, fraction, where, piece.rows_updated, piece.batches)
 
 
-def runners_of(status: BackfillStatus, now: dt.datetime | None = None) -> tuple[RunnerView, ...]:
-    """The runners working on the backfill now, with the slice each holds."""
-    runners = []
-    for piece in status.slices:
-        owner = live_owner(piece, now)
-        if owner is None:
-            continue
-        # A runner's owner name is "host:pid:nonce" (backfill.executor.default_owner).
-        host, _, rest = owner.partition(":")
-        pid_text = rest.partition(":")[0]
-        runners.append(RunnerView(host, int(pid_text) if pid_text.isdigit() else 0, piece.slice))
-    return tuple(runners)
+def live_settings(overrides: dict[str, float]) -> str:
+    """The live settings in the page's words: ``max rows/s 500 · sleep 0.2s`` (other names as stored)."""
+    labels = {name: (label, unit, zero) for name, label, unit, zero in SETTINGS_FORM}
+    shown = []
+    for name, value in sorted(overrides.items()):
+        label, unit, zero = labels.get(name, (name, "", ""))
+        shown.append(f"{label} {zero}" if value == 0 and zero else f"{label} {value:g}{unit}")
+    return " · ".join(shown)
 
 
 def _actions(state: RunState) -> tuple[str, ...]:
     return tuple(action.value for action in OperatorAction if state in TRANSITIONS[action][0])
 
 
-def backfill_view(status: BackfillStatus, history: Sequence[Batch], *, now: dt.datetime | None = None) -> BackfillView:
-    """The card of one backfill: its status, its runners and slices, and charts of its recent batches."""
+def backfill_view(status: BackfillStatus, history: Sequence[Batch] | None = None) -> BackfillView:
+    """The card of one backfill: its status, its runners and slices, and charts of its recent batches (by default
+    those the status read)."""
     record = status.record
-    percent, rate, eta = status.percent, status.rows_per_second, status.eta_seconds
+    history = status.recent if history is None else history
+    percent, rate, eta = status.percent, status.rate, status.eta_seconds
+    retries = status.retries_by_reason
     only = len(status.slices) == 1
     return BackfillView(
         name=record.name,
@@ -133,10 +132,13 @@ def backfill_view(status: BackfillStatus, history: Sequence[Batch], *, now: dt.d
         rate=f"{rate:,.0f} rows/s" if rate is not None else "-",
         eta=format_duration(eta) if eta is not None else "-",
         batches=record.batches,
-        retries=None,
-        throttle_reason=None,
+        retries=sum(retries.values()),
+        retries_by_reason=", ".join(f"{reason} {count:,}" for reason, count in sorted(retries.items())),
+        throttle_reason=status.throttle_reason,
+        throttle_waited=format_duration(sum(status.throttle_wait_by_reason.values())),
         last_error=record.last_error,
-        runners=runners_of(status, now),
+        runners=tuple(status.live_runners),
+        overrides=live_settings(status.overrides),
         slices=tuple(_slice_view(piece, percent, only) for piece in status.slices),
         rate_chart=line_chart(rate_points(history), "rows/s"),
         duration_chart=line_chart(duration_points(history), "ms"),

@@ -1,5 +1,5 @@
-// The dashboard's only script: it hands the operator token to the action forms, asks before a cancel, and
-// reloads the list of backfills every few seconds. Nothing is loaded from elsewhere.
+// The dashboard's only script: it hands the operator token to the forms that change something, asks before a
+// cancel, and reloads the list of backfills every few seconds. Nothing is loaded from elsewhere.
 "use strict";
 (() => {
   const KEY = "backfill-serve-token";
@@ -32,8 +32,8 @@
 
   document.addEventListener("submit", (event) => {
     const form = event.target;
-    if (!form.classList.contains("action")) return;
-    const action = form.elements.action.value;
+    if (!form.elements.token) return;
+    const action = form.elements.action ? form.elements.action.value : "";
     if (action === "cancel" && !confirm(`Cancel ${form.elements.backfill.value} for good?`)) {
       event.preventDefault();
       return;
