@@ -62,7 +62,7 @@ def main() -> int:
         "--disable-component-update",
         "--disable-sync",
         "--hide-scrollbars",
-        "--window-size=1100,760",
+        "--window-size=1100,570",
         f"--user-data-dir={tempfile.mkdtemp(prefix='backfill-shot-')}",
     ):
         options.add_argument(flag)
