@@ -230,6 +230,29 @@ def test_pause_clicked_with_the_token_pauses_the_backfill_in_the_control_table(
     assert browser.current_url == server.url
 
 
+def test_a_backfill_named_like_markup_shows_as_text_and_its_buttons_act_on_it(
+    browser: webdriver.Chrome, server: DashboardServer, url: str
+) -> None:
+    hostile = 'x"><img src=y onerror="document.title=1"> & \'quoted\''
+    _create_table(url, "markup_table", 100)
+    backfill.register_backfill(url, _spec(hostile, "markup_table"))
+    browser.get(server.url)
+    assert browser.find_elements(By.TAG_NAME, "img") == [] and browser.title == "backfill dashboard"
+    card = next(
+        c
+        for c in browser.find_elements(By.CSS_SELECTOR, "section.backfill")
+        if c.get_attribute("data-backfill") == hostile
+    )
+    assert card.find_element(By.CSS_SELECTOR, ".name").text == hostile
+    field = browser.find_element(By.ID, "token")
+    field.clear()
+    field.send_keys(TOKEN)
+    card.find_element(By.CSS_SELECTOR, "button.pause").click()
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".notice.ok"), "the action's answer")
+    assert _state(url, hostile) == "paused"
+    assert browser.find_elements(By.TAG_NAME, "img") == []
+
+
 def test_actions_are_post_only_and_a_read_only_dashboard_refuses_them(url: str, running: Runner) -> None:
     before = _state(url, "live_fill")
     with DashboardServer(create_app(url), port=0) as read_only:
