@@ -45,7 +45,7 @@ def test_a_line_chart_puts_the_peak_at_the_top_and_zero_at_the_bottom() -> None:
     chart = line_chart([(0.0, 0.0), (5.0, 50.0), (10.0, 100.0)], "ms")
     assert chart.points == f"0.0,{HEIGHT:.1f} {WIDTH / 2:.1f},{HEIGHT / 2:.1f} {WIDTH:.1f},0.0"
     assert (chart.peak, chart.span_seconds, chart.count, chart.empty) == (100.0, 10.0, 3, False)
-    assert line_chart([], "ms").empty
+    assert line_chart([], "ms").empty and line_chart([(1.0, 5.0)], "ms").empty  # one point draws no line
 
 
 def test_slice_progress_is_the_checkpoints_place_in_an_integer_key_range() -> None:

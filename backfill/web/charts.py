@@ -56,7 +56,8 @@ class Chart:
 
     @property
     def empty(self) -> bool:
-        return self.count == 0
+        """Fewer than two points: no line to draw."""
+        return self.count < 2
 
 
 def _spans(history: Sequence[Batch]) -> list[tuple[float, float, int]]:
