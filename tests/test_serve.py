@@ -176,6 +176,8 @@ def _get(url: str) -> tuple[int, str, Any]:
 def test_the_page_shows_a_running_backfill_its_state_and_progress(
     browser: webdriver.Chrome, server: DashboardServer, url: str, running: Runner
 ) -> None:
+    # From the second batch on, each batch has waited sleep_between before it.
+    wait_for(lambda: backfill.backfill_status(url, "live_fill")[0].throttle_reason, "a batch that waited")
     browser.get(server.url)
     card = _card(browser, "live_fill")
     assert card.find_element(By.CSS_SELECTOR, ".name").text == "live_fill"
