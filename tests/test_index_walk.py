@@ -5,14 +5,13 @@ planner again and stops with the reason instead of scanning the table thousands 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 from structlog.testing import capture_logs
-from support import wait_for
+from support import at_poll
 
 import backfill
 from backfill import BackfillSpec, PlanError, RunOutcome, RunSettings, RunState
@@ -95,26 +94,26 @@ def test_an_index_dropped_mid_run_stops_the_run_after_the_first_slow_batch(
     conn.execute("CREATE INDEX walk ON items (k)")
     conn.execute("VACUUM ANALYZE items")
     spec = SPEC.with_changes(batch_size=200)
-    reports: list[backfill.RunReport] = []
 
     def batches() -> int:
         row = conn.execute("SELECT coalesce(sum(batches), 0)::int FROM backfill_slices").fetchone()
         return int(row[0]) if row else 0
 
-    with capture_logs() as logs:
-        runner = threading.Thread(target=lambda: reports.append(backfill.run_backfill(db_url, spec)))
-        runner.start()
-        wait_for(lambda: conn.execute("SELECT to_regclass('backfill_slices')").fetchone() != (None,), "a start")
-        wait_for(lambda: batches() >= 20, "twenty batches")
-        conn.execute("DROP INDEX walk")
-        dropped_at = batches()
-        runner.join(120)
+    dropped_at: list[int] = []
 
-    assert not runner.is_alive()
-    report = reports[0]
+    def drop_the_index() -> None:
+        conn.execute("DROP INDEX walk")
+        dropped_at.append(batches())
+
+    # Dropped between the 20th and 21st batch, under a runner that planned with it (a thread polling for the 20th
+    # batch could, on a loaded machine, wake up after the run had finished all 500).
+    with capture_logs() as logs:
+        report = backfill.run_backfill(db_url, spec, should_stop=at_poll(21, drop_the_index))
+
+    assert dropped_at == [20]
     assert (report.outcome, report.state) == (RunOutcome.FAILED, RunState.FAILED)
     assert report.error is not None and "no index of public.items serves the walk by (k)" in report.error
-    assert batches() - dropped_at <= 3  # not the 480 full scans it would take to finish
+    assert batches() - dropped_at[0] <= 3  # not the 480 full scans it would take to finish
     assert [e for e in logs if e["event"] == "walk_check"]
     record = backfill.get_backfill(db_url, "w")
     assert record.last_error == report.error
