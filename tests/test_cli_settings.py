@@ -279,7 +279,10 @@ def test_sigterm_stops_every_worker_after_its_batch_and_a_resume_finishes_exactl
     conn: psycopg.Connection[Any], db_url: str, spawn: Callable[..., Runner]
 ) -> None:
     _items(conn)
-    backfill.register_backfill(db_url, BackfillSpec("inc", "items", {"n": SLOW}, batch_size=10))
+    # 200 batches of at least 200 ms on two workers: 20 s, far longer than the `status` command the test runs
+    # before its signal takes on a loaded machine (with SLOW's 5 s, the run once finished first).
+    slower = SLOW.replace("0.05", "0.2")
+    backfill.register_backfill(db_url, BackfillSpec("inc", "items", {"n": slower}, batch_size=10))
     runner = spawn(db_url, "run", "inc", "--workers", "2", "--slices", "4")
     wait_for(lambda: len(_live_owners(db_url)) == 2, "both workers to commit a batch")
 
