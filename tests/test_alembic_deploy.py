@@ -16,7 +16,7 @@ from alembic import command
 from alembic.config import Config
 from structlog.testing import capture_logs
 from support import wait_for
-from test_alembic_ops import EXAMPLE, alembic_config, operations, scalar
+from test_alembic_ops import EXAMPLE, at_first_revision, operations, scalar
 
 import backfill
 from backfill.alembic import BackfillNotFinishedError
@@ -120,9 +120,7 @@ def trigger_count(conn: psycopg.Connection[Any]) -> int:
 
 def at_revision_1(tmp_path: Path, db_url: str) -> Config:
     """The project of ``REVISIONS``, upgraded to the first: the table with its rows, before the column exists."""
-    config = alembic_config(db_url, make_project(tmp_path, REVISIONS))
-    command.upgrade(config, "0001")
-    return config
+    return at_first_revision(db_url, make_project(tmp_path, REVISIONS))
 
 
 def test_old_and_new_code_write_through_the_whole_upgrade_with_no_error_and_no_null_left(

@@ -90,6 +90,28 @@ def make_project(tmp_path: Path, *revisions: str | tuple[str, str]) -> Path:
     return project
 
 
+def at_first_revision(url: str, project: Path) -> Config:
+    """The Config of ``project``, upgraded to its first revision (the tables the later ones change)."""
+    config = alembic_config(url, project)
+    command.upgrade(config, "0001")
+    return config
+
+
+@contextlib.contextmanager
+def upgrade_while_writing(
+    config: Config, url: str, update_sql: str, insert_sql: str, key_range: tuple[int, int], seed: int
+) -> Iterator[tuple[AppSimulator, list[dict[str, Any]]]]:
+    """Upgrade ``config`` to head while two application writers run (the simulator, still writing, and the logs of
+    the upgrade are yielded; stop the simulator inside the block to read its stats)."""
+    with AppSimulator(
+        url, update_sql=update_sql, insert_sql=insert_sql, key_range=key_range, writers=2, seed=seed
+    ) as app:
+        app.wait_until_writing()
+        with capture_logs() as logs:
+            command.upgrade(config, "head")
+        yield app, logs
+
+
 @contextlib.contextmanager
 def operations(url: str, *, begin: bool = False) -> Iterator[Operations]:
     """Alembic Operations on a fresh connection, as in a migration (``begin``: inside a transaction of the caller's,
@@ -203,8 +225,7 @@ def test_a_writer_never_waits_longer_than_the_lock_timeout_during_the_whole_upgr
         op.add_not_null_constraint("items", "kind", lock_timeout={lock_timeout})
         """,
     )
-    config = alembic_config(db_url, project)
-    command.upgrade(config, "0001")
+    config = at_first_revision(db_url, project)
     app = AppSimulator(db_url, update_sql="UPDATE items SET id = id WHERE id = %s", writers=1, key_range=(1, 30_000))
     app.start()
     holder = psycopg.connect(db_url)

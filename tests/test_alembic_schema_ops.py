@@ -6,7 +6,6 @@ index whose build fails on a duplicate, run again once the duplicate is gone."""
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import signal
 import subprocess
@@ -24,9 +23,9 @@ from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from structlog.testing import capture_logs
 from support import constraint_state, index_state, wait_for
-from test_alembic_ops import alembic_config, make_project, operations, scalar
+from test_alembic_ops import alembic_config, at_first_revision, make_project, operations, scalar, upgrade_while_writing
 from test_alembic_projects import DRIVERS, init_project, upgrade_head, version
-from test_offline import offline, psql, statements
+from test_offline import offline, offline_script, psql, statements
 
 import backfill
 import backfill.alembic
@@ -90,15 +89,9 @@ REVISIONS: tuple[tuple[str, str], ...] = (
 def test_the_project_upgrades_and_downgrades_while_the_application_writes_with_no_failed_write(
     tmp_path: Path, conn: psycopg.Connection[Any], db_url: str
 ) -> None:
-    config = alembic_config(db_url, make_project(tmp_path, *REVISIONS))
-    command.upgrade(config, "0001")
+    config = at_first_revision(db_url, make_project(tmp_path, *REVISIONS))
 
-    with AppSimulator(
-        db_url, update_sql=APP_UPDATE, insert_sql=APP_INSERT, key_range=(1, 5000), writers=2, seed=7
-    ) as app:
-        app.wait_until_writing()
-        with capture_logs() as logs:
-            command.upgrade(config, "head")
+    with upgrade_while_writing(config, db_url, APP_UPDATE, APP_INSERT, (1, 5000), seed=7) as (app, logs):
         head = {
             name: constraint_state(conn, name) for name in ("orders_amount_positive", "orders_customer_id_fkey")
         } | {name: index_state(conn, name) for name in ("orders_customer_id_idx", "customers_email_key")}
@@ -207,8 +200,7 @@ def test_a_unique_build_failing_on_a_duplicate_fails_the_upgrade_then_runs_once_
     tmp_path: Path, conn: psycopg.Connection[Any], db_url: str
 ) -> None:
     project = make_project(tmp_path, TABLES, 'op.add_index_concurrently("customers", ["email"], unique=True)')
-    config = alembic_config(db_url, project)
-    command.upgrade(config, "0001")
+    config = at_first_revision(db_url, project)
     conn.execute("INSERT INTO customers (email) VALUES ('c42@example.com')")
 
     with AppSimulator(db_url, update_sql=APP_UPDATE, insert_sql=APP_INSERT, key_range=(1, 5000)) as app:
@@ -417,12 +409,7 @@ def test_the_offline_script_runs_in_psql_and_rebuilds_an_invalid_index(
     conn.execute("DELETE FROM customers WHERE id > 200")
     assert index_state(conn, "customers_email_key") == (False, True)
     project = make_project(tmp_path, *(upgrade for upgrade, _ in REVISIONS[1:]))
-    buffer = io.StringIO()
-    config = alembic_config(db_url, project)
-    config.output_buffer = buffer
-    command.upgrade(config, "head", sql=True)
-    script = tmp_path / "upgrade.sql"
-    script.write_text(buffer.getvalue())
+    script = offline_script(alembic_config(db_url, project), tmp_path / "upgrade.sql")
 
     ran = psql(db_url, script)
 

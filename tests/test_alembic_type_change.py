@@ -5,7 +5,6 @@ twice, offline scripts run by psql, a revision killed between its steps then run
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,9 @@ import sqlalchemy as sa
 from alembic import command
 from structlog.testing import capture_logs
 from support import wait_for
-from test_alembic_ops import alembic_config, make_project, operations, scalar
+from test_alembic_ops import alembic_config, at_first_revision, make_project, operations, scalar, upgrade_while_writing
 from test_alembic_schema_ops import _kill, _upgrading, _waiting
-from test_offline import offline, psql, statements
+from test_offline import offline, offline_script, psql, statements
 from test_type_change import APP_INSERT, APP_UPDATE, PARENT_CHILD, column_type, constraints, indexes
 
 import backfill
@@ -72,16 +71,10 @@ def shape(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
 def test_a_referenced_integer_primary_key_becomes_bigint_while_the_application_writes_both_tables(
     tmp_path: Path, conn: psycopg.Connection[Any], db_url: str
 ) -> None:
-    config = alembic_config(db_url, make_project(tmp_path, *REVISIONS))
-    command.upgrade(config, "0001")
+    config = at_first_revision(db_url, make_project(tmp_path, *REVISIONS))
     before = shape(conn)
 
-    with AppSimulator(
-        db_url, update_sql=APP_UPDATE, insert_sql=APP_INSERT, key_range=(1, 6000), writers=2, seed=11
-    ) as app:
-        app.wait_until_writing()
-        with capture_logs() as logs:
-            command.upgrade(config, "head")
+    with upgrade_while_writing(config, db_url, APP_UPDATE, APP_INSERT, (1, 6000), seed=11) as (app, logs):
         stats = app.stop()
 
     assert stats.errors == 0, stats.last_error
@@ -108,8 +101,7 @@ def test_a_referenced_integer_primary_key_becomes_bigint_while_the_application_w
 
 
 def test_the_downgrade_of_start_cancels_it(tmp_path: Path, conn: psycopg.Connection[Any], db_url: str) -> None:
-    config = alembic_config(db_url, make_project(tmp_path, *REVISIONS))
-    command.upgrade(config, "0001")
+    config = at_first_revision(db_url, make_project(tmp_path, *REVISIONS))
     before = shape(conn)
 
     command.upgrade(config, "0002")
@@ -250,12 +242,7 @@ def test_the_offline_start_finish_and_cleanup_run_in_psql(
 
     def script(body: str) -> Path:
         project = make_project(tmp_path / str(len(list(tmp_path.iterdir()))), body)
-        buffer = io.StringIO()
-        config = alembic_config(db_url, project)
-        config.output_buffer = buffer
-        command.upgrade(config, "head", sql=True)
-        path = project / "upgrade.sql"
-        path.write_text(buffer.getvalue())
+        path = offline_script(alembic_config(db_url, project), project / "upgrade.sql")
         conn.execute("DROP TABLE IF EXISTS alembic_version")
         return path
 
@@ -441,12 +428,7 @@ def test_the_headline_offline_script_gives_the_schema_and_data_of_an_online_upgr
         with psycopg.connect(second_db, autocommit=True) as online:
             online.execute(statement)
     project = make_project(tmp_path, *(upgrade for upgrade, _ in REVISIONS[1:]))
-    buffer = io.StringIO()
-    config = alembic_config(db_url, project)
-    config.output_buffer = buffer
-    command.upgrade(config, "head", sql=True)
-    script = tmp_path / "upgrade.sql"
-    script.write_text(buffer.getvalue())
+    script = offline_script(alembic_config(db_url, project), tmp_path / "upgrade.sql")
 
     ran = psql(db_url, script)
     command.upgrade(alembic_config(second_db, project), "head")
@@ -476,11 +458,7 @@ def test_the_offline_cancel_drops_the_shadow_column_the_trigger_and_the_record(
     config = alembic_config(db_url, project)
     command.upgrade(config, "head")
     started = column_type(conn, "events", "n_new")
-    buffer = io.StringIO()
-    config.output_buffer = buffer
-    command.downgrade(config, "0001:base", sql=True)
-    script = tmp_path / "downgrade.sql"
-    script.write_text(buffer.getvalue())
+    script = offline_script(config, tmp_path / "downgrade.sql", "0001:base", downgrade=True)
 
     ran = psql(db_url, script)
 

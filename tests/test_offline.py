@@ -4,7 +4,6 @@ schema and data as the online upgrade."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import subprocess
@@ -21,11 +20,11 @@ from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from psycopg import sql
 from sqlalchemy.dialects.postgresql import JSONB
+from test_alembic_ops import alembic_config
 
 from backfill.alembic import offline as offline_sql
 from backfill.tools.embedded import find_bindir
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "alembic"
 CONTROL_TABLES = ("backfills", "backfill_slices", "backfill_meta", "backfill_batches")
 
 
@@ -143,13 +142,14 @@ def test_ensure_backfill_finished_renders_a_gate_on_the_control_table() -> None:
 # --- running the rendered SQL ------------------------------------------------------------------------------------
 
 
-def example_config(url: str, buffer: io.StringIO | None = None) -> Config:
-    return Config(
-        str(EXAMPLE / "alembic.ini"),
-        cmd_opts=argparse.Namespace(x=[f"url={url}"]),
-        attributes={"skip_logging_config": True},
-        output_buffer=buffer,
-    )
+def offline_script(config: Config, path: Path, revision: str = "head", *, downgrade: bool = False) -> Path:
+    """Write to ``path`` the SQL script that ``alembic upgrade REVISION --sql`` (or ``downgrade``) prints for
+    ``config``, as an operator would hand it to psql."""
+    buffer = io.StringIO()
+    config.output_buffer = buffer
+    (command.downgrade if downgrade else command.upgrade)(config, revision, sql=True)
+    path.write_text(buffer.getvalue())
+    return path
 
 
 def psql(url: str, script: Path) -> subprocess.CompletedProcess[str]:
@@ -187,13 +187,10 @@ def snapshot(url: str) -> dict[str, Any]:
 def test_the_example_offline_script_runs_in_psql_to_the_same_schema_and_data_as_online(
     tmp_path: Path, db_url: str, second_db: str
 ) -> None:
-    buffer = io.StringIO()
-    command.upgrade(example_config(db_url, buffer), "head", sql=True)
-    script = tmp_path / "upgrade.sql"
-    script.write_text(buffer.getvalue())
+    script = offline_script(alembic_config(db_url), tmp_path / "upgrade.sql")
 
     ran = psql(db_url, script)
-    command.upgrade(example_config(second_db), "head")
+    command.upgrade(alembic_config(second_db), "head")
 
     assert ran.returncode == 0, ran.stderr
     assert "backfill events_fill_kind: 20000 rows updated in 10 batches" in ran.stderr
