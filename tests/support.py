@@ -48,6 +48,18 @@ def at_poll(n: int, change: Callable[[], object]) -> Callable[[], bool]:
     return should_stop
 
 
+def make_items(
+    conn: psycopg.Connection[Any], rows: int, columns: str = "n integer NOT NULL DEFAULT 0", *, analyze: bool = False
+) -> psycopg.Connection[Any]:
+    """Create the table ``items (id integer PRIMARY KEY, <columns>)`` most tests backfill, with ids 1..``rows`` (the
+    other columns at their defaults), ANALYZEd when a test needs the planner's estimate. Returns ``conn``."""
+    conn.execute(f"CREATE TABLE items (id integer PRIMARY KEY, {columns})")
+    conn.execute("INSERT INTO items (id) SELECT generate_series(1, %s)", (rows,))
+    if analyze:
+        conn.execute("ANALYZE items")
+    return conn
+
+
 #: A batch of a backfill whose expression sleeps, running (pg_stat_activity, for :func:`sessions`).
 BATCH_SLEEPING = "state = 'active' AND wait_event = 'PgSleep' AND query LIKE 'WITH _backfill_go%%'"
 #: A writer of the simulated application waiting for a lock.

@@ -15,7 +15,7 @@ import pytest
 from alembic import command
 from alembic.config import Config
 from structlog.testing import capture_logs
-from support import wait_for
+from support import make_items, wait_for
 from test_alembic_ops import EXAMPLE, at_first_revision, operations, scalar
 
 import backfill
@@ -177,9 +177,7 @@ def test_downgrade_then_upgrade_runs_the_backfill_again_while_old_code_writes(
 
 @pytest.fixture
 def items(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n integer NOT NULL DEFAULT 0)")
-    conn.execute("INSERT INTO items (id) SELECT g FROM generate_series(1, 2000) g")
-    return conn
+    return make_items(conn, 2000)
 
 
 def hold_slice(url: str, backfill_id: int, slice_no: int) -> PostgresStore:

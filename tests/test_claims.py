@@ -14,6 +14,7 @@ import structlog
 from click.testing import CliRunner
 from psycopg import sql
 from sqlalchemy.engine import make_url
+from support import make_items
 
 import backfill
 from backfill import BackfillSpec, RunSettings
@@ -26,9 +27,7 @@ SPEC = BackfillSpec("fill", "items", {"n": "id * 2"}, batch_size=100)
 
 @pytest.fixture
 def items(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n integer)")
-    conn.execute("INSERT INTO items (id) SELECT generate_series(1, 1000)")
-    return conn
+    return make_items(conn, 1000, "n integer")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from support import kill_runners_at_random_instants, rows_done, run_until, start_runner, wait_for
+from support import kill_runners_at_random_instants, make_items, rows_done, run_until, start_runner, wait_for
 
 import backfill
 from backfill import BackfillSpec, RunOutcome, RunReport
@@ -22,9 +22,7 @@ SLOW = BackfillSpec("inc", "items", {"n": "n + 1 + length(pg_sleep(0.0004)::text
 
 @pytest.fixture
 def items(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n integer NOT NULL DEFAULT 0)")
-    conn.execute("INSERT INTO items (id) SELECT generate_series(1, %s)", (ROWS,))
-    return conn
+    return make_items(conn, ROWS)
 
 
 def test_sigkill_at_random_instants_then_resume_updates_every_row_exactly_once(

@@ -7,6 +7,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from support import make_items
 
 import backfill
 from backfill import (
@@ -22,9 +23,7 @@ from backfill import (
 
 @pytest.fixture
 def items(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n integer NOT NULL DEFAULT 0, label text)")
-    conn.execute("INSERT INTO items (id) SELECT generate_series(1, 300)")
-    return conn
+    return make_items(conn, 300, "n integer NOT NULL DEFAULT 0, label text")
 
 
 SPEC = BackfillSpec("inc", "items", {"n": "n + 1"}, batch_size=50)

@@ -7,6 +7,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
+from support import make_items
 
 import backfill
 from backfill import BackfillSpec, ControlTablesOutdatedError, RunOutcome, RunSettings, RunState
@@ -41,9 +42,7 @@ VERSION_1 = [
 
 @pytest.fixture
 def items(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n integer NOT NULL DEFAULT 0)")
-    conn.execute("INSERT INTO items (id) SELECT generate_series(1, 300)")
-    return conn
+    return make_items(conn, 300)
 
 
 def _version_1_with_progress(conn: psycopg.Connection[Any], db_url: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 from click.testing import CliRunner
-from support import wait_for
+from support import make_items, wait_for
 
 import backfill
 from backfill import BackfillSpec, BatchRecord, RunOutcome, RunReport, RunSettings, SettingsError
@@ -24,10 +24,7 @@ SPEC = BackfillSpec("inc", "items", {"n": "n + 1"}, batch_size=20)
 
 @pytest.fixture
 def items(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n integer NOT NULL DEFAULT 0)")
-    conn.execute("INSERT INTO items (id) SELECT generate_series(1, 4000)")
-    conn.execute("ANALYZE items")
-    return conn
+    return make_items(conn, 4000, analyze=True)
 
 
 @pytest.fixture

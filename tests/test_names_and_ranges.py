@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
+from support import make_items
 
 import backfill
 from backfill import BackfillSpec, RunOutcome, RunSettings, SettingsError, SpecError
@@ -18,9 +19,7 @@ pytestmark = pytest.mark.usefixtures("no_ambient_database")
 
 @pytest.fixture
 def items(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n integer NOT NULL DEFAULT 0, label text)")
-    conn.execute("INSERT INTO items (id) SELECT generate_series(1, 300)")
-    return conn
+    return make_items(conn, 300, "n integer NOT NULL DEFAULT 0, label text")
 
 
 def invoke(url: str, *args: str) -> Result:

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from support import kill_after_batches
+from support import kill_after_batches, make_items
 from test_alembic_ops import operations, scalar
 from test_offline import offline, psql, statements
 
@@ -23,9 +23,7 @@ ROWS = 3_000
 
 @pytest.fixture
 def items(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n integer NOT NULL DEFAULT 0)")
-    conn.execute(f"INSERT INTO items (id) SELECT g FROM generate_series(1, {ROWS}) g")
-    return conn
+    return make_items(conn, ROWS)
 
 
 def render(tmp_path: Path, **settings: Any) -> Path:

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from support import start_runner, wait_for
+from support import make_items, start_runner, wait_for
 
 import backfill
 from backfill import BackfillSpec, BackfillStatus, BatchRecord, RunOutcome, RunSettings, RunState
@@ -25,10 +25,7 @@ SLOW = "n + 1 + (SELECT 0 FROM pg_sleep(0.05))"
 
 @pytest.fixture
 def items(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n integer NOT NULL DEFAULT 0)")
-    conn.execute("INSERT INTO items (id) SELECT generate_series(1, 2000)")
-    conn.execute("ANALYZE items")
-    return conn
+    return make_items(conn, 2000, analyze=True)
 
 
 def status(url: str, name: str = "inc") -> BackfillStatus:

@@ -14,6 +14,7 @@ import structlog
 from click.testing import CliRunner, Result
 from psycopg import sql
 from sqlalchemy.engine import make_url
+from support import make_items
 
 import backfill
 from backfill import BackfillSpec, UnknownRoleError, UntrustedControlTablesError
@@ -42,8 +43,7 @@ def roles(conn: psycopg.Connection[Any], db_url: str) -> Iterator[Callable[[str]
 
 @pytest.fixture
 def items(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n integer)")
-    conn.execute("INSERT INTO items (id) SELECT generate_series(1, 300)")
+    make_items(conn, 300, "n integer")
     conn.execute("CREATE TABLE secret (s text)")
     conn.execute("INSERT INTO secret VALUES ('the payroll')")
     return conn
