@@ -4,8 +4,6 @@ finds a cron runner working on the backfill."""
 
 from __future__ import annotations
 
-import shutil
-import textwrap
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from alembic import command
 from alembic.config import Config
 from structlog.testing import capture_logs
 from support import make_items, wait_for
-from test_alembic_ops import EXAMPLE, at_first_revision, operations, scalar
+from test_alembic_ops import at_first_revision, make_project, operations, scalar
 
 import backfill
 from backfill.alembic import BackfillNotFinishedError
@@ -58,32 +56,6 @@ REVISIONS = [
 ]
 
 
-def make_project(tmp_path: Path, revisions: list[tuple[str, str]]) -> Path:
-    """The example's environment with these revisions (upgrade and downgrade bodies)."""
-    project = tmp_path / "project"
-    (project / "versions").mkdir(parents=True)
-    for name in ("alembic.ini", "env.py", "script.py.mako"):
-        shutil.copy(EXAMPLE / name, project / name)
-    for number, (upgrade, downgrade) in enumerate(revisions, start=1):
-        down = f"{number - 1:04d}" if number > 1 else None
-        source = "\n".join(
-            [
-                "import sqlalchemy as sa",
-                "from alembic import op",
-                "import backfill",
-                f"revision = '{number:04d}'",
-                f"down_revision = {down!r}",
-                "def upgrade() -> None:",
-                textwrap.indent(textwrap.dedent(upgrade).strip(), "    "),
-                "def downgrade() -> None:",
-                textwrap.indent(textwrap.dedent(downgrade).strip(), "    "),
-                "",
-            ]
-        )
-        (project / "versions" / f"{number:04d}_rev.py").write_text(source)
-    return project
-
-
 def _application(url: str, update_sql: str, insert_sql: str, **options: Any) -> AppSimulator:
     """Application code writing ``events``: updates of existing rows, and an insert every third write."""
     return AppSimulator(
@@ -120,7 +92,7 @@ def trigger_count(conn: psycopg.Connection[Any]) -> int:
 
 def at_revision_1(tmp_path: Path, db_url: str) -> Config:
     """The project of ``REVISIONS``, upgraded to the first: the table with its rows, before the column exists."""
-    return at_first_revision(db_url, make_project(tmp_path, REVISIONS))
+    return at_first_revision(db_url, make_project(tmp_path, *REVISIONS))
 
 
 def test_old_and_new_code_write_through_the_whole_upgrade_with_no_error_and_no_null_left(
