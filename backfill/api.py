@@ -33,7 +33,7 @@ from backfill.pg.store import PostgresStore
 from backfill.pg.walk import check_walk
 from backfill.plan import Plan
 from backfill.retrying import Timing
-from backfill.schema import constraint, foreign_key, index, notnull, sync, type_change
+from backfill.schema import constraint, ddl, foreign_key, index, notnull, sync, type_change
 from backfill.schema.notnull import (
     ConstraintError,
     DDLSession,
@@ -646,7 +646,7 @@ def delete_backfill(
     name: str,
     *,
     force: bool = False,
-    lock_timeout: float = 2.0,
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT,
     control_schema: str = DEFAULT_CONTROL_SCHEMA,
 ) -> BackfillRecord:
     """Forget backfill ``name``: drop its keep_in_sync trigger (if any) and delete its control rows, so that
@@ -724,7 +724,7 @@ def revert_backfill(
     settings: RunSettings | None = None,
     workers: int = 1,
     slices: int | None = None,
-    lock_timeout: float = 2.0,
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT,
     control_schema: str = DEFAULT_CONTROL_SCHEMA,
     should_stop: Callable[[], bool] | None = None,
 ) -> RevertReport:
@@ -811,7 +811,11 @@ def purge_backfill(bind: Bind, name: str, *, control_schema: str = DEFAULT_CONTR
 
 
 def drop_backfill_trigger(
-    bind: Bind, name: str, *, lock_timeout: float = 2.0, control_schema: str = DEFAULT_CONTROL_SCHEMA
+    bind: Bind,
+    name: str,
+    *,
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT,
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
 ) -> bool:
     """Drop the keep_in_sync trigger of backfill ``name`` and its function (once no code that does not know the
     column writes to the table any more). Idempotent: returns whether the trigger existed.
@@ -863,8 +867,8 @@ def start_column_type_change(
     defer: bool = False,
     schema: str | None = None,
     settings: RunSettings | None = None,
-    lock_timeout: float = 2.0,
-    retry_seconds: float = 300.0,
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT,
+    retry_seconds: float = ddl.DEFAULT_LOCK_RETRY_SECONDS,
     control_schema: str = DEFAULT_CONTROL_SCHEMA,
     sleep: Callable[[float], None] = time.sleep,
 ) -> TypeChangeResult:
@@ -1000,8 +1004,8 @@ def finish_column_type_change(
     *,
     schema: str | None = None,
     settings: RunSettings | None = None,
-    lock_timeout: float = 2.0,
-    retry_seconds: float = 300.0,
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT,
+    retry_seconds: float = ddl.DEFAULT_LOCK_RETRY_SECONDS,
     timeout: float = 3600.0,
     control_schema: str = DEFAULT_CONTROL_SCHEMA,
     sleep: Callable[[float], None] = time.sleep,
@@ -1079,8 +1083,8 @@ def cleanup_column_type_change(
     column: str,
     *,
     schema: str | None = None,
-    lock_timeout: float = 2.0,
-    retry_seconds: float = 300.0,
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT,
+    retry_seconds: float = ddl.DEFAULT_LOCK_RETRY_SECONDS,
     control_schema: str = DEFAULT_CONTROL_SCHEMA,
     sleep: Callable[[float], None] = time.sleep,
 ) -> TypeChangeResult:
@@ -1117,8 +1121,8 @@ def cancel_column_type_change(
     *,
     name: str | None = None,
     schema: str | None = None,
-    lock_timeout: float = 2.0,
-    retry_seconds: float = 300.0,
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT,
+    retry_seconds: float = ddl.DEFAULT_LOCK_RETRY_SECONDS,
     control_schema: str = DEFAULT_CONTROL_SCHEMA,
     sleep: Callable[[float], None] = time.sleep,
 ) -> TypeChangeResult:

@@ -27,6 +27,7 @@ from alembic.operations import MigrateOperation, Operations
 from backfill.api import DEFAULT_CONTROL_SCHEMA
 from backfill.executor import RunReport
 from backfill.schema.constraint import ChangeResult
+from backfill.schema.ddl import DEFAULT_LOCK_RETRY_SECONDS, DEFAULT_LOCK_TIMEOUT
 from backfill.schema.foreign_key import fk_name
 from backfill.schema.index import index_name
 from backfill.schema.type_change import TypeChangeResult
@@ -66,10 +67,6 @@ __all__ = [
 #: An SQL expression: text, or a SQLAlchemy expression (compiled for PostgreSQL with its values inlined).
 SQLText = Union[str, "ClauseElement"]
 
-#: Seconds an ACCESS EXCLUSIVE step may wait for its lock, per attempt.
-DEFAULT_LOCK_TIMEOUT = 2.0
-#: Seconds to keep retrying such a step before the upgrade fails.
-DEFAULT_LOCK_RETRY_SECONDS = 300.0
 #: Seconds ``op.ensure_backfill_finished`` waits for runners elsewhere before the upgrade fails.
 DEFAULT_FINISH_TIMEOUT = 3600.0
 

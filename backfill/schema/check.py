@@ -87,8 +87,8 @@ def add_check_constraint(
     *,
     schema: str | None = None,
     validate: bool = True,
-    lock_timeout: float = 2.0,
-    retry_seconds: float = 300.0,
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT,
+    retry_seconds: float = ddl.DEFAULT_LOCK_RETRY_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
 ) -> constraint.ChangeResult:
     """Add ``CHECK (condition)`` to ``table`` without an ACCESS EXCLUSIVE table scan: ``NOT VALID`` first (an

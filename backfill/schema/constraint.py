@@ -248,8 +248,8 @@ def _named_constraint(
     name: str,
     *,
     schema: str | None = None,
-    lock_timeout: float = 2.0,
-    retry_seconds: float = 300.0,
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT,
+    retry_seconds: float = ddl.DEFAULT_LOCK_RETRY_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[Bind, str, str, str | None, LockRetry]:
     """The one signature of the plain functions that validate or drop a named constraint (see

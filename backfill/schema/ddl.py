@@ -6,6 +6,12 @@ from collections.abc import Sequence
 
 from psycopg import sql
 
+#: Seconds a step that needs a strong lock may wait for it, per attempt: kept short because the application's
+#: queries queue behind a waiting ACCESS EXCLUSIVE request.
+DEFAULT_LOCK_TIMEOUT = 2.0
+#: Seconds to keep retrying such a step (with backoff) before giving up.
+DEFAULT_LOCK_RETRY_SECONDS = 300.0
+
 __all__ = [
     "not_null_name",
     "check_name",

@@ -177,8 +177,8 @@ def add_foreign_key(
     on_delete: str | None = None,
     validate: bool = True,
     schema: str | None = None,
-    lock_timeout: float = 2.0,
-    retry_seconds: float = 300.0,
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT,
+    retry_seconds: float = ddl.DEFAULT_LOCK_RETRY_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
 ) -> ChangeResult:
     """Add a foreign key from ``table`` (``columns``) to ``referent_table`` (``referent_columns``) without blocking

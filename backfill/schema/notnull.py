@@ -117,8 +117,8 @@ class LockRetry:
         sleep, clock, random: injected time and jitter, so tests count waits instead of sleeping.
     """
 
-    lock_timeout: float = 2.0
-    budget_seconds: float = 300.0
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT
+    budget_seconds: float = ddl.DEFAULT_LOCK_RETRY_SECONDS
     initial_wait: float = 0.5
     max_wait: float = 15.0
     sleep: Callable[[float], None] = time.sleep
@@ -703,8 +703,8 @@ def add_not_null_constraint(
     name: str | None = None,
     validate: bool = True,
     validate_timeout: float | None = None,
-    lock_timeout: float = 2.0,
-    retry_seconds: float = 300.0,
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT,
+    retry_seconds: float = ddl.DEFAULT_LOCK_RETRY_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[StepResult]:
     """Make ``column`` NOT NULL without an ACCESS EXCLUSIVE table scan (see the module docstring for the steps).
@@ -752,8 +752,8 @@ def validate_not_null_constraint(
     schema: str | None = None,
     name: str | None = None,
     validate_timeout: float | None = None,
-    lock_timeout: float = 2.0,
-    retry_seconds: float = 300.0,
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT,
+    retry_seconds: float = ddl.DEFAULT_LOCK_RETRY_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[StepResult]:
     """Finish what ``add_not_null_constraint(..., validate=False)`` started: validate the constraint (a scan that
@@ -779,8 +779,8 @@ def drop_not_null_constraint(
     *,
     schema: str | None = None,
     name: str | None = None,
-    lock_timeout: float = 2.0,
-    retry_seconds: float = 300.0,
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT,
+    retry_seconds: float = ddl.DEFAULT_LOCK_RETRY_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[StepResult]:
     """Make ``column`` nullable again, whatever stage a NOT NULL change reached (for downgrades). Each statement
