@@ -42,22 +42,28 @@ def column_type(conn: psycopg.Connection[Any], table: str, column: str) -> str |
     return None if row is None else str(row[0])
 
 
+#: A table's primary key, unique and foreign key constraints: name and definition.
+CONSTRAINTS = (
+    "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s::regclass "
+    "AND contype IN ('p', 'u', 'f') ORDER BY conname"
+)
+#: A table's valid indexes: name and definition.
+INDEXES = (
+    "SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+    "WHERE i.indrelid = %s::regclass AND i.indisvalid ORDER BY 1"
+)
+
+
+def _definitions(conn: psycopg.Connection[Any], query: str, table: str) -> dict[str, str]:
+    return {str(name): str(definition) for name, definition in conn.execute(query, (table,)).fetchall()}
+
+
 def constraints(conn: psycopg.Connection[Any], table: str) -> dict[str, str]:
-    rows = conn.execute(
-        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s::regclass "
-        "AND contype IN ('p', 'u', 'f') ORDER BY conname",
-        (table,),
-    ).fetchall()
-    return {str(name): str(definition) for name, definition in rows}
+    return _definitions(conn, CONSTRAINTS, table)
 
 
 def indexes(conn: psycopg.Connection[Any], table: str) -> dict[str, str]:
-    rows = conn.execute(
-        "SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-        "WHERE i.indrelid = %s::regclass AND i.indisvalid ORDER BY 1",
-        (table,),
-    ).fetchall()
-    return {str(name): str(definition) for name, definition in rows}
+    return _definitions(conn, INDEXES, table)
 
 
 def test_an_integer_primary_key_referenced_by_a_foreign_key_becomes_bigint_while_the_application_writes(
