@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any
 
 import psycopg
-from common import EXPRESSION, checkpoint, database, fill, quiet_logs, server_version
+from common import EXPRESSION, checkpoint, database, fill, quiet_logs, require_none, server_version
 
 import backfill
 
@@ -92,7 +91,8 @@ def main() -> None:
             size = undo_bytes(url, "undo") * 1_000_000 / args.rows
             checkpoint(url)
             rates["revert"] = timed_revert(url, "undo", args.rows)
-            check_reverted(conn)
+            # The revert did its job in the measured run: every row of the reversible table is back to NULL.
+            require_none(conn, REVERSIBLE, "kind IS NOT NULL", "were not put back")
             cost.append(rates["undo"] / rates["plain"])
             back.append(rates["revert"] / rates["undo"])
             back_plain.append(rates["revert"] / rates["plain"])
@@ -109,13 +109,6 @@ def main() -> None:
         ):
             print(f"{label}: median {statistics.median(values):.3f}, range {min(values):.3f}..{max(values):.3f}")
         print(f"undo log per million rows: median {statistics.median(sizes) / 2**20:,.1f} MiB")
-
-
-def check_reverted(conn: psycopg.Connection[Any]) -> None:
-    """The revert did its job in the measured run: every row of the reversible table is back to NULL."""
-    row = conn.execute(f"SELECT count(*) FROM {REVERSIBLE} WHERE kind IS NOT NULL").fetchone()
-    if row and row[0]:
-        raise SystemExit(f"{row[0]} rows of {REVERSIBLE} were not put back")
 
 
 if __name__ == "__main__":

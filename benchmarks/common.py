@@ -43,6 +43,14 @@ def fill(conn: psycopg.Connection[Any], table: str, rows: int, *, kind: str = "N
     conn.execute("CHECKPOINT")
 
 
+def require_none(conn: psycopg.Connection[Any], table: str, where: str, failure: str) -> None:
+    """Stop the script unless no row of ``table`` matches ``where``: a contender that did not do its job has no
+    figure worth printing. ``failure`` says what those rows lack, after their count."""
+    row = conn.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchone()
+    if row and row[0]:
+        raise SystemExit(f"{row[0]} rows of {table} {failure}")
+
+
 def drop_control_tables(conn: psycopg.Connection[Any]) -> None:
     """Remove the control tables the benchmark's backfills made."""
     conn.execute("DROP TABLE IF EXISTS backfill_batches, backfill_slices, backfills, backfill_meta")
