@@ -736,6 +736,16 @@ def state_literal(value: RunState) -> sql.Literal:
     return sql.Literal(value.value)
 
 
+class _ControlTable:
+    """One control table's name, qualified with the schema of the :class:`ControlTables` it is read from."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, tables: ControlTables, owner: type[ControlTables] | None = None) -> sql.SQL:
+        return tables._t(self.name)
+
+
 @dataclass(frozen=True)
 class ControlTables:
     """Statements on the control tables in one schema. Execute each with a parameter sequence, if only an empty
@@ -743,24 +753,13 @@ class ControlTables:
 
     schema: str
 
+    backfills = _ControlTable("backfills")
+    slices = _ControlTable("backfill_slices")
+    meta = _ControlTable("backfill_meta")
+    history = _ControlTable("backfill_batches")
+
     def _t(self, name: str) -> sql.SQL:
         return _ident(self.schema, name)
-
-    @property
-    def backfills(self) -> sql.SQL:
-        return self._t("backfills")
-
-    @property
-    def slices(self) -> sql.SQL:
-        return self._t("backfill_slices")
-
-    @property
-    def meta(self) -> sql.SQL:
-        return self._t("backfill_meta")
-
-    @property
-    def history(self) -> sql.SQL:
-        return self._t("backfill_batches")
 
     def _format(self) -> dict[str, sql.Composable]:
         return {"b": self.backfills, "s": self.slices, "m": self.meta, "h": self.history}
