@@ -5,7 +5,8 @@ sessions a build waits for named. Planning is also tested without a database."""
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -17,12 +18,25 @@ from backfill.schema import check, ddl, foreign_key, index
 from backfill.schema.constraint import ConstraintState
 from backfill.schema.notnull import ConstraintError, PsycopgSession
 
+E = TypeVar("E", bound=BaseException)
+
 
 def _make_orders(conn: psycopg.Connection[Any], rows: int = 2_000) -> None:
     conn.execute("CREATE TABLE customers (id integer PRIMARY KEY, email text)")
     conn.execute("INSERT INTO customers SELECT g, 'c' || g || '@example.com' FROM generate_series(1, 100) g")
     conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, customer_id integer, amount integer NOT NULL)")
     conn.execute("INSERT INTO orders SELECT g, g %% 100 + 1, g FROM generate_series(1, %s) g", (rows,))
+
+
+def _refused(
+    conn: psycopg.Connection[Any], db_url: str, error: type[E], spoil: str, change: Callable[[str], object]
+) -> E:
+    """What ``change`` (given the URL) raises on the orders tables once ``spoil`` left rows it cannot accept."""
+    _make_orders(conn)
+    conn.execute(spoil)
+    with pytest.raises(error) as caught:
+        change(db_url)
+    return caught.value
 
 
 # --- CHECK ---------------------------------------------------------------------------------------------------------
@@ -57,23 +71,6 @@ def test_check_validate_false_checks_new_rows_and_validate_finishes_it(
     assert backfill.validate_check_constraint(db_url, "orders", "amount_positive").actions == ["validate"]
     assert backfill.validate_check_constraint(db_url, "orders", "amount_positive").actions == []
     assert constraint_state(conn, "amount_positive") == ("c", True)
-
-
-def test_check_violated_names_a_row_by_primary_key_and_drops_what_it_added(
-    conn: psycopg.Connection[Any], db_url: str
-) -> None:
-    _make_orders(conn)
-    conn.execute("UPDATE orders SET amount = -1 WHERE id = 1234")
-
-    with pytest.raises(backfill.ViolationError) as caught:
-        backfill.add_check_constraint(db_url, "orders", "amount_positive", "amount > 0")
-
-    assert str(caught.value) == (
-        "cannot validate CHECK constraint 'amount_positive' on public.orders, existing rows violate it: e.g. the row "
-        "with (id)=(1234); the CHECK constraint this call added was dropped again, nothing changed. Fix those rows "
-        "and run again"
-    )
-    assert constraint_state(conn, "amount_positive") is None
 
 
 def test_check_validate_with_violations_keeps_the_not_valid_constraint(
@@ -194,18 +191,35 @@ def test_an_index_leading_with_the_columns_silences_the_advice(conn: psycopg.Con
     assert constraint_state(conn, "orders_customer") == ("f", True)
 
 
-def test_foreign_key_violated_names_the_missing_key_and_drops_what_it_added(
-    conn: psycopg.Connection[Any], db_url: str
+@pytest.mark.parametrize(
+    ("spoil", "change", "name", "message"),
+    [
+        (
+            "UPDATE orders SET amount = -1 WHERE id = 1234",
+            lambda url: backfill.add_check_constraint(url, "orders", "amount_positive", "amount > 0"),
+            "amount_positive",
+            "cannot validate CHECK constraint 'amount_positive' on public.orders, existing rows violate it: e.g. the "
+            "row with (id)=(1234); the CHECK constraint this call added was dropped again, nothing changed. Fix those "
+            "rows and run again",
+        ),
+        (
+            "UPDATE orders SET customer_id = 4242 WHERE id = 17",
+            lambda url: backfill.add_foreign_key(url, "orders", "customer_id", "customers", "id"),
+            "orders_customer_id_fkey",
+            "cannot validate foreign key 'orders_customer_id_fkey' on public.orders, existing rows violate it: e.g. "
+            'key (customer_id)=(4242) is not present in table "customers"; the foreign key this call added was '
+            "dropped again, nothing changed. Fix those rows and run again",
+        ),
+    ],
+    ids=["check", "foreign-key"],
+)
+def test_a_violated_constraint_names_a_row_and_drops_what_it_added(
+    conn: psycopg.Connection[Any], db_url: str, spoil: str, change: Callable[[str], object], name: str, message: str
 ) -> None:
-    _make_orders(conn)
-    conn.execute("UPDATE orders SET customer_id = 4242 WHERE id = 17")
+    violation = _refused(conn, db_url, backfill.ViolationError, spoil, change)
 
-    with pytest.raises(backfill.ViolationError) as caught:
-        backfill.add_foreign_key(db_url, "orders", "customer_id", "customers", "id")
-
-    assert 'e.g. key (customer_id)=(4242) is not present in table "customers"' in str(caught.value)
-    assert "dropped again, nothing changed" in str(caught.value)
-    assert constraint_state(conn, "orders_customer_id_fkey") is None
+    assert str(violation) == message
+    assert constraint_state(conn, name) is None
 
 
 @pytest.mark.parametrize(
@@ -279,18 +293,20 @@ def test_an_invalid_index_left_by_a_failed_build_is_dropped_and_rebuilt(
 def test_a_unique_build_on_duplicates_names_the_key_and_leaves_no_index(
     conn: psycopg.Connection[Any], db_url: str
 ) -> None:
-    _make_orders(conn)
-    conn.execute("INSERT INTO customers VALUES (101, 'c7@example.com')")
+    duplicate = _refused(
+        conn,
+        db_url,
+        backfill.DuplicateKeyError,
+        "INSERT INTO customers VALUES (101, 'c7@example.com')",
+        lambda url: backfill.add_index_concurrently(url, "customers", ["email"], unique=True),
+    )
 
-    with pytest.raises(backfill.DuplicateKeyError) as caught:
-        backfill.add_index_concurrently(db_url, "customers", ["email"], unique=True)
-
-    assert str(caught.value) == (
+    assert str(duplicate) == (
         "cannot build unique index 'customers_email_idx' on public.customers, rows share a key: key "
         "(email)=(c7@example.com) is duplicated; the INVALID index the build left was dropped again. Remove the "
         "duplicates and run again"
     )
-    assert caught.value.key == "Key (email)=(c7@example.com)"
+    assert duplicate.key == "Key (email)=(c7@example.com)"
     assert index_state(conn, "customers_email_idx") is None
     conn.execute("INSERT INTO customers VALUES (102, 'c7@example.com')")  # nothing enforces it: no index is left
 
