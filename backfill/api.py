@@ -33,7 +33,7 @@ from backfill.pg.store import PostgresStore
 from backfill.pg.walk import check_walk
 from backfill.plan import Plan
 from backfill.retrying import Timing
-from backfill.schema import constraint, ddl, foreign_key, index, notnull, sync, type_change
+from backfill.schema import check, constraint, ddl, foreign_key, index, notnull, sync, type_change
 from backfill.schema.notnull import (
     ConstraintError,
     DDLSession,
@@ -923,6 +923,7 @@ def start_column_type_change(
         if state.shadow_info is None:
             type_change.check_start(session, state, new_type)
             type_change.check_using(session, state, new_type, using)
+            type_change.carried_over(session, state, new_type, "nothing was changed")
             steps.append(type_change.add_shadow_column(state, new_type))
             # A new shadow column needs a new copy: a record left by an earlier change of a column of that name
             # (its table dropped and made again, say) would report the copy done without copying a row.
@@ -1050,13 +1051,24 @@ def finish_column_type_change(
     except BackfillFailedError as exc:
         raise _copy_failed(state, exc) from None
     with own_session(bind) as session:
+        # Before any step: a CHECK constraint or index that cannot hold on the new type stops finish here.
+        carried = type_change.carried_over(
+            session, state, None, "nothing was swapped: drop or change it, then run finish again"
+        )
+        checks = type_change.check_copies(carried)
         results: list[StepResult] = []
         if state.current.not_null:
             column_state = notnull.read_state(session, table, shadow, schema=schema, name=None)
             results += notnull.apply_steps(session, notnull.plan_add(column_state), retry)
-        indexes = type_change.index_copies(session, state)
+        for item in checks:
+            found = constraint.read_constraint(session, state.table, item.copy, schema=state.schema)
+            check_plan = check.plan_add_check(found, item.condition, validate=item.validated)
+            results += constraint.apply_plan(session, check_plan, retry).steps
+        indexes = type_change.index_copies(session, state, carried)
         watch = Database.from_bind(bind, "backfill-ddl")
-        for plan in type_change.index_plans(session, state, indexes):
+        for copy, plan in zip(indexes, type_change.index_plans(session, state, indexes), strict=True):
+            if copy.note and plan.steps:
+                log.warning("index_copy_changed", table=state.qualified, index=copy.name, note=copy.note)
             results += index.apply_index_plan(session, plan, watch=watch).steps
         keys = type_change.foreign_key_copies(session, state)
         for key in keys:
@@ -1064,7 +1076,7 @@ def finish_column_type_change(
             key_plan = foreign_key.plan_add_foreign_key(found, key.key, key.referent)
             results += constraint.apply_plan(session, key_plan, retry).steps
         new_type = state.shadow_info.type
-        swap = Step(StepAction.SWAP, type_change.swap_statement(state, indexes, keys, new_type), True)
+        swap = Step(StepAction.SWAP, type_change.swap_statement(state, indexes, keys, new_type, checks), True)
         try:
             results += _ddl_steps(session, [swap], retry, state)
         except LockUnavailableError:

@@ -14,7 +14,7 @@ from psycopg import sql
 
 from backfill.pg.session import PINNED_SETTINGS
 from backfill.pg.statements import ControlTables, TargetSQL, state_literal
-from backfill.schema import sync
+from backfill.schema import carry_over, sync
 from backfill.schema.ddl import not_null_name, timeout_literal
 from backfill.schema.type_change import lock_without_waiting
 from backfill.spec import BackfillSpec
@@ -498,13 +498,14 @@ def finish_type_change(
   shadow text; bf_state text; chk text; chk_valid boolean; copy text; copy_valid boolean; seq_type text;
   decl text := 'DECLARE not_null text; attempt int; ';
   nn_name text := {not_null_name};
-  o record; nw record; ix record; fk record;
+  o record; nw record; ix record; fk record; ck record; problem text;
   steps text[] := ARRAY[]::text[];
   fk_drops text[] := ARRAY[]::text[];
   drops text[] := ARRAY[]::text[];
   moves text[] := ARRAY[]::text[];
   renames text[] := ARRAY[]::text[];
   fk_renames text[] := ARRAY[]::text[];
+  check_renames text[] := ARRAY[]::text[];
   locks text;
   others text[] := ARRAY[]::text[];
 BEGIN
@@ -561,22 +562,61 @@ BEGIN
     steps := steps || pg_catalog.format('SET lock_timeout = %L', lt)
       || pg_catalog.format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I', rel_text, chk) || 'RESET lock_timeout'::text;
   END IF;
+  -- The column's CHECK constraints and indexes, their definitions rewritten for the shadow column by PostgreSQL.
+  SELECT pg_catalog.format('exclusion constraint %s of %s uses %s, which a type change cannot carry over: drop it, '
+                           'run finish again, and add it back after', c.conname, rel_text, col) INTO problem
+    FROM pg_catalog.pg_constraint c WHERE c.conrelid = rel AND c.contype = 'x' AND o.attnum = ANY (c.conkey) LIMIT 1;
+  IF problem IS NOT NULL THEN
+    RAISE EXCEPTION '%', problem;
+  END IF;
+  PERFORM pg_catalog.set_config('backfill.type_change_relation', rel_text, true),
+          pg_catalog.set_config('backfill.type_change_column', col, true),
+          pg_catalog.set_config('backfill.type_change_shadow', shadow, true),
+          pg_catalog.set_config('backfill.type_change_type', '', true);
+  EXECUTE {copies_block};
+  SELECT pg_catalog.format('%s %s of %s cannot be carried over to the new type %s: %s; nothing was swapped: drop or '
+                           'change it, then run finish again', CASE c.kind WHEN 'check' THEN 'CHECK constraint'
+                           ELSE 'index' END, c.name, rel_text, pg_catalog.format_type(a.atttypid, a.atttypmod),
+                           c.problem) INTO problem
+    FROM pg_temp.backfill_type_change_copies c, pg_catalog.pg_attribute a
+   WHERE c.problem IS NOT NULL AND a.attrelid = rel AND a.attname = shadow ORDER BY c.kind, c.name LIMIT 1;
+  IF problem IS NOT NULL THEN
+    RAISE EXCEPTION '%', problem;
+  END IF;
+  -- Copies of the CHECK constraints: NOT VALID, then validated (unless the old one is NOT VALID).
+  FOR ck IN SELECT c.name, c.definition, c.validated FROM pg_temp.backfill_type_change_copies c
+             WHERE c.kind = 'check' ORDER BY c.name
+  LOOP
+    copy := CASE WHEN pg_catalog.octet_length(ck.name || '_tc') <= 63 THEN ck.name || '_tc'
+                 ELSE 'tc_' || pg_catalog.md5(ck.name) END;
+    SELECT c.convalidated INTO copy_valid FROM pg_catalog.pg_constraint c WHERE c.conrelid = rel AND c.conname = copy;
+    IF copy_valid IS NULL THEN
+      steps := steps || pg_catalog.format('SET lock_timeout = %L', lt)
+        || pg_catalog.format('ALTER TABLE %s ADD CONSTRAINT %I CHECK (%s) NOT VALID', rel_text, copy, ck.definition)
+        || 'RESET lock_timeout'::text;
+    END IF;
+    IF ck.validated AND NOT coalesce(copy_valid, false) THEN
+      steps := steps || pg_catalog.format('ALTER TABLE %s VALIDATE CONSTRAINT %I', rel_text, copy);
+    END IF;
+    drops := drops || pg_catalog.format('ALTER TABLE %s DROP CONSTRAINT %I;', rel_text, ck.name);
+    check_renames := check_renames || pg_catalog.format('ALTER TABLE %s RENAME CONSTRAINT %I TO %I;', rel_text,
+                                                        copy, ck.name);
+  END LOOP;
   -- Copies of the column's indexes, built concurrently; the swap drops the old ones and renames the copies.
   FOR ix IN
-    SELECT ic.relname::text AS name, i.indisunique AS uniq, am.amname::text AS method, con.conname::text AS con,
-           con.contype::text AS kind,
-           (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(CASE WHEN a.attname = col THEN shadow
-                                                                     ELSE a.attname::text END), ', ' ORDER BY k.ord)
-              FROM pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-              JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum) AS cols
-      FROM pg_catalog.pg_index i
-      JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
-      JOIN pg_catalog.pg_am am ON am.oid = ic.relam
+    SELECT ic.relname::text AS name, i.indisunique AS uniq, con.conname::text AS con, con.contype::text AS kind,
+           c.definition AS def, c.note
+      FROM pg_temp.backfill_type_change_copies c
+      JOIN pg_catalog.pg_index i ON i.indrelid = rel
+      JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid AND ic.relname = c.name
       LEFT JOIN pg_catalog.pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid
                                              AND con.contype IN ('p', 'u')
-     WHERE i.indrelid = rel AND o.attnum = ANY (i.indkey::int2[])
+     WHERE c.kind = 'index'
      ORDER BY ic.relname
   LOOP
+    IF ix.note IS NOT NULL THEN
+      RAISE WARNING 'index % of %: %', ix.name, rel_text, ix.note;
+    END IF;
     copy := CASE WHEN pg_catalog.octet_length(ix.name || '_tc') <= 63 THEN ix.name || '_tc'
                  ELSE 'tc_' || pg_catalog.md5(ix.name) END;
     SELECT i.indisvalid INTO copy_valid FROM pg_catalog.pg_index i
@@ -585,8 +625,8 @@ BEGIN
       steps := steps || pg_catalog.format('DROP INDEX CONCURRENTLY IF EXISTS %I.%I', nsp, copy);
     END IF;
     IF NOT coalesce(copy_valid, false) THEN
-      steps := steps || pg_catalog.format('CREATE %sINDEX CONCURRENTLY %I ON %s USING %I (%s)',
-        CASE WHEN ix.uniq THEN 'UNIQUE ' ELSE '' END, copy, rel_text, ix.method, ix.cols);
+      steps := steps || pg_catalog.format('CREATE %sINDEX CONCURRENTLY %I ON %s %s',
+        CASE WHEN ix.uniq THEN 'UNIQUE ' ELSE '' END, copy, rel_text, ix.def);
     END IF;
     IF ix.con IS NOT NULL THEN
       drops := drops || pg_catalog.format('ALTER TABLE %s DROP CONSTRAINT %I;', rel_text, ix.con);
@@ -695,7 +735,8 @@ BEGIN
   -- The swap: one transaction of catalog changes under a short lock_timeout.
   steps := steps || pg_catalog.format('SET lock_timeout = %L', lt)
     || ('DO $swap$ ' || decl || 'BEGIN ' || locks
-        || pg_catalog.array_to_string(fk_drops || drops || moves || renames || fk_renames, ' ') || ' END $swap$')
+        || pg_catalog.array_to_string(fk_drops || drops || moves || renames || check_renames || fk_renames, ' ')
+        || ' END $swap$')
     || 'RESET lock_timeout'::text;
   INSERT INTO backfill_type_change_plan (stmt) SELECT pg_catalog.unnest(steps);
 END"""
@@ -709,6 +750,7 @@ END"""
         trigger=sql.Literal(sync.trigger_name(backfill)),
         not_null_name=sql.Literal(not_null_name(table, column)),
         nowait=sql.Literal(lock_without_waiting("__relation__")),
+        copies_block=sql.Literal(carry_over.COPIES_BLOCK.as_string(None)),
         lock_timeout=timeout_literal(lock_timeout),
         backfills_name=sql.Literal(tables.backfills.as_string(None)),
         backfills=tables.backfills,

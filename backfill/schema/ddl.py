@@ -32,6 +32,7 @@ __all__ = [
     "first_violation",
     "add_foreign_key_not_valid",
     "create_index_concurrently",
+    "create_index_concurrently_as",
     "drop_index_concurrently",
     "drop_invalid_index_gexec",
 ]
@@ -300,6 +301,13 @@ def create_index_concurrently(
         sql.SQL(" USING {}").format(sql.Identifier(using)) if using else sql.SQL(""),
         _columns(columns),
         sql.SQL(" WHERE {}").format(_expression(where)) if where else sql.SQL(""),
+    )
+
+
+def create_index_concurrently_as(relation: sql.Identifier, name: str, definition: str, unique: bool) -> sql.Composed:
+    """:func:`create_index_concurrently` of a definition as ``pg_get_indexdef`` prints it from ``USING`` on."""
+    return sql.SQL("CREATE {}INDEX CONCURRENTLY {} ON {} {}").format(
+        sql.SQL("UNIQUE " if unique else ""), sql.Identifier(name), relation, sql.SQL(definition)
     )
 
 

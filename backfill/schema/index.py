@@ -52,6 +52,7 @@ __all__ = [
     "read_index_of_table",
     "offline_index",
     "plan_add_index",
+    "plan_add_index_as",
     "plan_drop_index",
     "apply_index_plan",
     "render_index_plan",
@@ -181,6 +182,24 @@ def plan_add_index(
         raise ConstraintError("where must be a non-empty SQL expression (or None)")
     if where is not None and (problem := fragment_problem(where)):
         raise ConstraintError(f"the where of an index must be one SQL expression: {problem}")
+    create = ddl.create_index_concurrently(
+        state.relation, state.name, names, unique=unique, where=where, using=using, if_not_exists=if_not_exists
+    )
+    return _plan_create(state, create, unique)
+
+
+def plan_add_index_as(state: IndexState, definition: str, *, unique: bool) -> IndexPlan:
+    """:func:`plan_add_index` for a definition PostgreSQL printed (``pg_get_indexdef`` from ``USING`` on: method,
+    keys with their operator classes, collations and order, ``INCLUDE``, storage parameters, predicate), as the
+    copies of a column type change are built.
+
+    Raises:
+        ConstraintError: a valid index of that name is unique where a plain one is asked for, or the reverse.
+    """
+    return _plan_create(state, ddl.create_index_concurrently_as(state.relation, state.name, definition, unique), unique)
+
+
+def _plan_create(state: IndexState, create: sql.Composed, unique: bool) -> IndexPlan:
     if state.exists and state.valid:
         if state.unique != unique:
             asked = "unique" if unique else "not unique"
@@ -189,9 +208,6 @@ def plan_add_index(
                 f"is {asked}: drop it first (op.drop_index_concurrently) or choose another name"
             )
         return IndexPlan(state, ())
-    create = ddl.create_index_concurrently(
-        state.relation, state.name, names, unique=unique, where=where, using=using, if_not_exists=if_not_exists
-    )
     steps = [Step(StepAction.CREATE_INDEX, create, False)]
     if state.exists:
         steps.insert(0, Step(StepAction.DROP_INVALID_INDEX, ddl.drop_index_concurrently(state.index), False))

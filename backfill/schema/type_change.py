@@ -9,8 +9,10 @@ EXCLUSIVE: every read and write of the application waits. Instead:
   trigger (:mod:`backfill.schema.sync`) that gives it ``using`` on every row the application inserts or updates,
   then a resumable backfill copies the existing rows.
 * **finish**: once the copy is done, NOT NULL on the shadow column (the three-phase machinery: no scan under
-  ACCESS EXCLUSIVE), copies of the column's indexes built ``CONCURRENTLY`` (a unique one for a primary key), the
-  foreign keys from and to the column added ``NOT VALID`` and validated; then one short transaction under
+  ACCESS EXCLUSIVE), copies of the column's indexes built ``CONCURRENTLY`` (a unique one for a primary key; operator
+  classes, collations, order, ``INCLUDE``, expressions and predicates kept), its CHECK constraints and the foreign
+  keys from and to the column added ``NOT VALID`` and validated (definitions rewritten for the shadow column by
+  PostgreSQL: :mod:`backfill.schema.carry_over`); then one short transaction under
   ``lock_timeout`` with retries swaps them: old constraints and indexes dropped, default, sequence ownership
   (``AS bigint`` for an integer sequence) or identity moved, the names of the two columns exchanged, the primary
   key added ``USING INDEX`` (no scan: NOT NULL is proven), the copies renamed to the old names.
@@ -32,15 +34,17 @@ from backfill.executor import RunReport
 from backfill.fragments import fragment_problem
 from backfill.plan import Target
 from backfill.schema import ddl, sync
+from backfill.schema.carry_over import Carried, read_carried, refuse_problems
 from backfill.schema.constraint import ChangeResult
 from backfill.schema.foreign_key import ForeignKey
-from backfill.schema.index import IndexPlan, plan_add_index, read_index_of_table
+from backfill.schema.index import IndexPlan, plan_add_index_as, read_index_of_table
 from backfill.schema.notnull import ConstraintError, DDLSession, Step, StepAction, find_table
 
 __all__ = [
     "TypeChangeResult",
     "ColumnInfo",
     "IndexCopy",
+    "CheckCopy",
     "ForeignKeyCopy",
     "TypeChangeState",
     "backfill_name",
@@ -59,6 +63,8 @@ __all__ = [
     "mirror_target",
     "index_plans",
     "index_copies",
+    "check_copies",
+    "carried_over",
     "foreign_key_copies",
     "swap_statement",
     "lock_without_waiting",
@@ -185,13 +191,9 @@ _FOREIGN_KEYS = sql.SQL(
     """
 )
 
-#: (relation oid, attnum): CHECK and exclusion constraints on the column, and views and rules that use it.
+#: (relation oid, attnum): the views and rules that use the column.
 _UNSUPPORTED = sql.SQL(
     """
-    SELECT 'CHECK constraint ' || pg_catalog.quote_ident(c.conname)
-      FROM pg_catalog.pg_constraint c
-     WHERE c.conrelid = %(oid)s AND c.contype = 'c' AND %(attnum)s = ANY (c.conkey)
-    UNION ALL
     SELECT DISTINCT 'view or rule ' || r.ev_class::regclass::text
       FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
      WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.refobjid = %(oid)s AND d.refobjsubid = %(attnum)s
@@ -224,12 +226,25 @@ class IndexCopy:
 
     name: str
     copy: str
-    columns: tuple[str, ...]
+    #: the copy's definition from ``USING`` on, as PostgreSQL printed it for the shadow column and the new type
+    definition: str
     unique: bool
-    method: str
+    #: what had to change (an operator class that does not accept the new type replaced by its default)
+    note: str | None
     #: the constraint the index backs (primary key or unique), re-added ``USING INDEX`` on the copy at the swap
     constraint: str | None
     constraint_kind: str | None
+
+
+@dataclass(frozen=True)
+class CheckCopy:
+    """A CHECK constraint on the old column and its copy on the shadow column (NOT VALID if the old one is)."""
+
+    name: str
+    copy: str
+    #: the condition for the shadow column, as PostgreSQL printed it
+    condition: str
+    validated: bool
 
 
 @dataclass(frozen=True)
@@ -337,9 +352,8 @@ def check_start(session: DDLSession, state: TypeChangeState, new_type: str) -> N
     """Refuse, before anything is written, what the change cannot carry over.
 
     Raises:
-        ConstraintError: a generated column; a CHECK constraint, view or rule, an expression or partial index, an
-            exclusion constraint or a foreign key with ON UPDATE, DEFERRABLE or MATCH FULL that uses the column;
-            ``<column>_old`` taken.
+        ConstraintError: a generated column; a view or rule, an exclusion constraint or a foreign key with ON
+            UPDATE, DEFERRABLE or MATCH FULL that uses the column; ``<column>_old`` taken.
     """
     where = f"{state.qualified}.{state.column}"
     if not new_type.strip() or fragment_problem(new_type):
@@ -354,8 +368,8 @@ def check_start(session: DDLSession, state: TypeChangeState, new_type: str) -> N
     foreign_key_copies(session, state)
     found = session.fetchall(_UNSUPPORTED, {"oid": state.oid, "attnum": state.current.attnum})
     for index in _indexes(session, state):
-        if index[5] or index[7] == "x":
-            found.append((f"index {index[0]} (an expression, predicate or exclusion constraint)",))
+        if index[7] == "x":
+            found.append((f"exclusion constraint {index[6]}",))
     if found:
         listed = ", ".join(str(row[0]) for row in found)
         raise ConstraintError(
@@ -433,18 +447,41 @@ def _indexes(session: DDLSession, state: TypeChangeState) -> list[tuple[object, 
     return session.fetchall(_INDEXES, {"oid": state.oid, "attnum": state.current.attnum})
 
 
-def index_copies(session: DDLSession, state: TypeChangeState) -> list[IndexCopy]:
-    """The indexes that use the old column, each with the copy to build on the shadow column."""
+def carried_over(session: DDLSession, state: TypeChangeState, new_type: str | None, left: str) -> list[Carried]:
+    """The CHECK constraints and indexes of the old column with their definitions for the shadow column of
+    ``new_type`` (None: the shadow column's type), rewritten by PostgreSQL (see :mod:`backfill.schema.carry_over`).
+
+    Raises:
+        ConstraintError: one of them cannot hold on the new type (named, followed by ``left``).
+    """
+    carried = read_carried(session, state.relation, state.column, state.shadow, new_type)
+    refuse_problems(carried, state.qualified, new_type or (state.shadow_info.type if state.shadow_info else ""), left)
+    return carried
+
+
+def index_copies(session: DDLSession, state: TypeChangeState, carried: Sequence[Carried]) -> list[IndexCopy]:
+    """The indexes that use the old column, each with the copy to build on the shadow column.
+
+    Raises:
+        ConstraintError: an exclusion constraint uses the column (added after start).
+    """
+    definitions = {item.name: item for item in carried if item.kind == "index"}
     copies = []
-    for name, unique, _, method, columns, _, constraint, kind in _indexes(session, state):
-        swapped = tuple(state.shadow if c == state.column else str(c) for c in (columns or []))  # type: ignore[attr-defined]
+    for name, unique, _, _, _, _, constraint, kind in _indexes(session, state):
+        if kind == "x":
+            raise ConstraintError(
+                f"exclusion constraint {constraint} of {state.qualified} uses {state.column}, which a type change "
+                "cannot carry over: drop it, run finish again, and add it back after"
+            )
+        item = definitions[str(name)]
+        assert item.definition is not None
         copies.append(
             IndexCopy(
                 str(name),
                 copy_name(str(name)),
-                swapped,
+                item.definition,
                 bool(unique),
-                str(method),
+                item.note,
                 None if constraint is None else str(constraint),
                 None if kind is None else str(kind),
             )
@@ -452,12 +489,21 @@ def index_copies(session: DDLSession, state: TypeChangeState) -> list[IndexCopy]
     return copies
 
 
+def check_copies(carried: Sequence[Carried]) -> list[CheckCopy]:
+    """The CHECK constraints on the old column, each with its copy on the shadow column."""
+    return [
+        CheckCopy(item.name, copy_name(item.name), item.definition, item.validated)
+        for item in carried
+        if item.kind == "check" and item.definition is not None
+    ]
+
+
 def index_plans(session: DDLSession, state: TypeChangeState, copies: Sequence[IndexCopy]) -> list[IndexPlan]:
     """The concurrent builds of the copies (an INVALID copy left by a killed build is dropped and built again)."""
     plans = []
     for index in copies:
         found = read_index_of_table(session, state.table, index.copy, schema=state.schema)
-        plans.append(plan_add_index(found, index.columns, unique=index.unique, using=index.method))
+        plans.append(plan_add_index_as(found, index.definition, unique=index.unique))
     return plans
 
 
@@ -536,21 +582,27 @@ def _lock_tables(state: TypeChangeState, keys: Sequence[ForeignKeyCopy]) -> list
 
 
 def swap_statement(
-    state: TypeChangeState, indexes: Sequence[IndexCopy], keys: Sequence[ForeignKeyCopy], new_type: str
+    state: TypeChangeState,
+    indexes: Sequence[IndexCopy],
+    keys: Sequence[ForeignKeyCopy],
+    new_type: str,
+    checks: Sequence[CheckCopy] = (),
 ) -> sql.Composed:
     """The swap: one ``DO`` block, so one transaction, that takes ACCESS EXCLUSIVE on the table (and on the tables
     whose foreign keys reference it) and only changes the catalog: no scan, no rewrite.
 
-    The old column's foreign keys, constraints and indexes go; its default, sequence ownership or identity move to
-    the shadow column (an integer sequence becomes ``AS`` the new type, so values beyond the old type's limit can
-    be handed out); the old column loses NOT NULL (the application no longer writes it); the mirror trigger goes;
-    the two columns swap names; the primary key or unique constraint is added ``USING INDEX`` on the copy and the
-    other copies take the old names."""
+    The old column's foreign keys, CHECK and other constraints and indexes go; its default, sequence ownership or
+    identity move to the shadow column (an integer sequence becomes ``AS`` the new type, so values beyond the old
+    type's limit can be handed out); the old column loses NOT NULL (the application no longer writes it); the
+    mirror trigger goes; the two columns swap names; the primary key or unique constraint is added ``USING INDEX``
+    on the copy and the other copies (indexes, CHECK constraints, foreign keys) take the old names."""
     relation, column, shadow = state.relation, sql.Identifier(state.column), sql.Identifier(state.shadow)
     old = state.current
     lines: list[sql.Composable] = _lock_tables(state, keys)
     for key in keys:
         lines.append(sql.SQL("{};").format(ddl.drop_constraint(key.table, key.name)))
+    for check in checks:
+        lines.append(sql.SQL("{};").format(ddl.drop_constraint(relation, check.name)))
     for index in indexes:
         if index.constraint:
             lines.append(sql.SQL("{};").format(ddl.drop_constraint(relation, index.constraint)))
@@ -611,10 +663,11 @@ def swap_statement(
                     sql.Identifier(state.schema, index.copy), sql.Identifier(index.name)
                 )
             )
-    for key in keys:
+    renamed = [(check.copy, check.name, relation) for check in checks]
+    for copy, name, table in [*renamed, *((key.copy, key.name, key.table) for key in keys)]:
         lines.append(
             sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {};").format(
-                key.table, sql.Identifier(key.copy), sql.Identifier(key.name)
+                table, sql.Identifier(copy), sql.Identifier(name)
             )
         )
     body = sql.SQL("{}BEGIN\n  {}\nEND").format(declarations, sql.SQL("\n  ").join(lines))
