@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 import backfill
-from backfill import BackfillSpec, KeyRoundTripError, PlanError, RunOutcome
+from backfill import BackfillSpec, KeyRoundTripError, PlanError, RunOutcome, RunSettings
 from backfill.alembic import offline as offline_sql
 from backfill.pg.catalog import resolve
 from backfill.pg.connect import Database
@@ -118,10 +118,8 @@ def test_a_key_text_form_that_does_not_read_back_fails_the_batch_not_the_data(
 def test_the_offline_script_casts_keys_with_their_type_modifier(conn: psycopg.Connection[Any]) -> None:
     conn.execute("CREATE TABLE items (id character(6) PRIMARY KEY, n integer NOT NULL DEFAULT 0)")
     conn.execute("INSERT INTO items (id) SELECT lpad(g::text, 6, '0') FROM generate_series(1, 2000) g")
-    script = offline_sql.batched_script(
-        name="inc", schema="public", table="items", key=("id",), values=(("n", "n + 1"),), where=None,
-        batch_size=100, lock_timeout=2.0,
-    )  # fmt: skip
+    spec = BackfillSpec(name="inc", schema="public", table="items", key=("id",), values={"n": "n + 1"}, batch_size=100)
+    script = offline_sql.batched_script(spec, RunSettings(lock_timeout=2.0))
     conn.execute("SET statement_timeout = '60s'")  # a key read back as character(1) walks forever
 
     conn.execute(script)

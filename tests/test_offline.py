@@ -22,6 +22,7 @@ from psycopg import sql
 from sqlalchemy.dialects.postgresql import JSONB
 from test_alembic_ops import alembic_config
 
+from backfill import BackfillSpec, RunSettings
 from backfill.alembic import offline as offline_sql
 from backfill.tools.embedded import find_bindir
 
@@ -211,16 +212,16 @@ def _table(conn: psycopg.Connection[Any]) -> None:
 
 
 def _script(batch_size: int, lock_timeout: float = 2.0) -> sql.Composed:
-    return offline_sql.batched_script(
+    spec = BackfillSpec(
         name="odd",
         schema="public",
         table="Odd%Items",
         key=("tenant", "seq no"),
-        values=(("n", "n + 1"), ("note", "'it''s 100% ' || \"seq no\"")),
+        values={"n": "n + 1", "note": "'it''s 100% ' || \"seq no\""},
         where="\"seq no\" LIKE '1%'",
         batch_size=batch_size,
-        lock_timeout=lock_timeout,
     )
+    return offline_sql.batched_script(spec, RunSettings(lock_timeout=lock_timeout))
 
 
 def test_the_batched_script_walks_a_composite_key_once_with_quotes_and_percent_signs(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 
 from psycopg import sql
 
@@ -17,6 +16,7 @@ from backfill.pg.statements import ControlTables, TargetSQL, state_literal
 from backfill.schema import carry_over, sync
 from backfill.schema.ddl import not_null_name, timeout_literal
 from backfill.schema.type_change import lock_without_waiting
+from backfill.settings import RunSettings
 from backfill.spec import BackfillSpec
 from backfill.state import RunState
 
@@ -71,50 +71,36 @@ def _pin_settings() -> sql.Composed:
 
 
 def batched_script(
-    *,
-    name: str,
-    schema: str,
-    table: str,
-    key: Sequence[str] | None,
-    values: Sequence[tuple[str, str]],
-    where: str | None,
-    batch_size: int,
-    lock_timeout: float,
-    control_schema: str = "public",
-    spec: BackfillSpec | None = None,
-    statement_timeout: float = 30.0,
-    sleep_between: float = 0.0,
-    max_rows_per_second: float | None = None,
-    skip_unchanged: bool = True,
-    max_attempts: int = 20,
+    spec: BackfillSpec, settings: RunSettings, *, control_schema: str = "public", max_attempts: int = 20
 ) -> sql.Composed:
-    """A ``DO`` block that runs a backfill in batches of ``batch_size`` rows, committing each one with its
-    checkpoint in the control tables, exactly as the runner does.
+    """A ``DO`` block that runs backfill ``spec`` in batches of ``settings.batch_size`` rows (else the spec's),
+    committing each one with its checkpoint in the control tables, exactly as the runner does. An unqualified
+    table is taken to be in schema public. Of the settings, those that mean something in SQL apply: the timeouts,
+    the pause between batches and the rate cap (replica lag, vacuum and health checks need the runner).
 
     It registers the backfill (creating the control tables if needed) unless it is registered already, fixes its
     upper key on the first run, and then works every unfinished slice no live runner holds (the same claim in
     the slice's control row as the runner): each batch locks its slice's control row, reads the checkpoint, finds
     the key ``batch_size`` rows ahead, updates that closed key range and writes the new checkpoint, in one
     transaction. So a script interrupted at any point and run again continues where the last committed batch ended
-    and never repeats one; a backfill that has succeeded is left alone. Without ``key`` the script finds the table's
-    primary key when it runs (a single column; a composite key must be named). Between batches it sleeps
-    ``sleep_between`` seconds and as long as ``max_rows_per_second`` needs. A batch that meets a lock timeout or a
-    deadlock is retried with backoff. Must run outside a transaction block (COMMIT inside DO needs that).
+    and never repeats one; a backfill that has succeeded is left alone. Without a key in the spec the script finds
+    the table's primary key when it runs (a single column; a composite key must be named). Between batches it
+    sleeps ``sleep_between`` seconds and as long as ``max_rows_per_second`` needs. A batch that meets a lock
+    timeout or a deadlock is retried with backoff. Must run outside a transaction block (COMMIT inside DO needs
+    that).
     """
-    known = key is not None
-    columns = tuple(key) if key is not None else (_column_marker(1),)
+    name, schema, batch_size = spec.name, spec.schema or "public", settings.batch_size or spec.initial_batch_size
+    known = spec.key is not None
+    columns = spec.key if spec.key is not None else (_column_marker(1),)
     n = len(columns)
-    spec = spec or BackfillSpec(
-        name, table, dict(values), where, tuple(columns), batch_size, schema, skip_unchanged=skip_unchanged
-    )
     target = TargetSQL(
         schema=schema,
-        table=table,
+        table=spec.table,
         key=columns,
         key_types=tuple(_type_marker(i) for i in range(1, n + 1)),
-        values=tuple(values),
-        where=where,
-        skip_unchanged=skip_unchanged,
+        values=tuple(spec.values.items()),
+        where=spec.where,
+        skip_unchanged=spec.skip_unchanged,
     )
     tables = ControlTables(control_schema)
 
@@ -143,7 +129,7 @@ def batched_script(
         return sql.SQL(" ".join(f"{prefix}_{i} := {source}->>{i - 1};" for i in range(1, n + 1)))
 
     lower, upper, end = names("lo"), names("up"), names("en")
-    relation = sql.Literal(sql.Identifier(schema, table).as_string(None))
+    relation = sql.Literal(sql.Identifier(schema, spec.table).as_string(None))
     declarations = [f"t_{i} text; k_{i} text; lo_{i} text; up_{i} text; en_{i} text;" for i in range(1, n + 1)]
     if known:
         find_key = sql.SQL(" ").join(
@@ -187,14 +173,14 @@ def batched_script(
         ).format(sql.Literal(stored.fingerprint_text()), sql.Literal(marker_json))
     done = " AND ".join(f"en_{i} = up_{i}" for i in range(1, n + 1))
     pace = []
-    if sleep_between > 0:
-        pace.append(sql.SQL("PERFORM pg_catalog.pg_sleep({});").format(sql.Literal(sleep_between)))
-    if max_rows_per_second:
+    if settings.sleep_between > 0:
+        pace.append(sql.SQL("PERFORM pg_catalog.pg_sleep({});").format(sql.Literal(settings.sleep_between)))
+    if settings.max_rows_per_second:
         pace.append(
             sql.SQL(
                 "PERFORM pg_catalog.pg_sleep(greatest(0, total / {}::float8 "
                 "- extract(epoch FROM pg_catalog.clock_timestamp() - began)));"
-            ).format(sql.Literal(float(max_rows_per_second)))
+            ).format(sql.Literal(float(settings.max_rows_per_second)))
         )
     create = sql.SQL("\n    ").join(sql.SQL("{};").format(statement) for statement in tables.create())
     body = sql.SQL(
@@ -358,8 +344,8 @@ END"""
         unpack_lower=unpack("cp", "lo"),
         done=sql.SQL(done),
         bf=sql.Literal(name),
-        lock_timeout=timeout_literal(lock_timeout),
-        statement_timeout=timeout_literal(statement_timeout),
+        lock_timeout=timeout_literal(settings.lock_timeout),
+        statement_timeout=timeout_literal(settings.statement_timeout),
         batch_size=sql.Literal(batch_size),
         max_attempts=sql.Literal(max_attempts),
         pace=sql.SQL("\n      ").join(pace),

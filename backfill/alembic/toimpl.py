@@ -210,24 +210,7 @@ def _render_backfill(spec: BackfillSpec, operation: ops.BackfillOp) -> list[str]
     settings = operation.settings or RunSettings()
     schema = spec.schema or "public"
     batch_size = settings.batch_size or spec.initial_batch_size
-    # The settings that mean something in SQL: timeouts, the pause between batches and the rate cap. (Replica
-    # lag, vacuum and health checks need the runner.)
-    script = offline.batched_script(
-        name=spec.name,
-        schema=schema,
-        table=spec.table,
-        key=spec.key,
-        values=tuple(spec.values.items()),
-        where=spec.where,
-        skip_unchanged=spec.skip_unchanged,
-        batch_size=batch_size,
-        lock_timeout=settings.lock_timeout,
-        control_schema=operation.control_schema,
-        spec=spec,
-        statement_timeout=settings.statement_timeout,
-        sleep_between=settings.sleep_between,
-        max_rows_per_second=settings.max_rows_per_second,
-    )
+    script = offline.batched_script(spec, settings, control_schema=operation.control_schema)
     lines: list[str] = []
     if spec.keep_in_sync:
         target = Target(
