@@ -4,7 +4,9 @@ finds a cron runner working on the backfill."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +65,25 @@ def _application(url: str, update_sql: str, insert_sql: str, **options: Any) -> 
     )
 
 
-def old_code(url: str) -> AppSimulator:
-    """Application code from before the change: it knows nothing of ``kind``."""
+@contextlib.contextmanager
+def _writing(app: AppSimulator) -> Iterator[AppSimulator]:
+    """``app`` running for the block: started, its first writes through; stopped (its stats taken) at the end."""
+    with app:
+        app.wait_until_writing()
+        yield app
+
+
+def old_code(url: str) -> contextlib.AbstractContextManager[AppSimulator]:
+    """Application code from before the change, writing: it knows nothing of ``kind``."""
     update = "UPDATE events SET n = n + 1 WHERE id = %s"
-    return _application(url, update, """INSERT INTO events (payload) VALUES ('{"kind": "old"}')""", seed=1)
+    return _writing(_application(url, update, """INSERT INTO events (payload) VALUES ('{"kind": "old"}')""", seed=1))
 
 
-def new_code(url: str) -> AppSimulator:
-    """Application code deployed after phase 1: it writes ``kind`` itself."""
+def new_code(url: str) -> contextlib.AbstractContextManager[AppSimulator]:
+    """Application code deployed after phase 1, writing: it writes ``kind`` itself."""
     update = "UPDATE events SET kind = 'new', n = n + 1 WHERE id = %s"
     insert = """INSERT INTO events (payload, kind) VALUES ('{"kind": "x"}', 'new')"""
-    return _application(url, update, insert, seed=2, writers=1)
+    return _writing(_application(url, update, insert, seed=2, writers=1))
 
 
 def nulls(conn: psycopg.Connection[Any]) -> int:
@@ -90,21 +100,18 @@ def trigger_count(conn: psycopg.Connection[Any]) -> int:
     return int(scalar(conn, "SELECT count(*) FROM pg_trigger WHERE tgname = %s", (sync.trigger_name("events_kind"),)))
 
 
-def at_revision_1(tmp_path: Path, db_url: str) -> Config:
+@pytest.fixture
+def config(tmp_path: Path, db_url: str) -> Config:
     """The project of ``REVISIONS``, upgraded to the first: the table with its rows, before the column exists."""
     return at_first_revision(db_url, make_project(tmp_path, *REVISIONS))
 
 
 def test_old_and_new_code_write_through_the_whole_upgrade_with_no_error_and_no_null_left(
-    tmp_path: Path, conn: psycopg.Connection[Any], db_url: str
+    config: Config, conn: psycopg.Connection[Any], db_url: str
 ) -> None:
-    config = at_revision_1(tmp_path, db_url)
-
     with old_code(db_url) as old:
-        old.wait_until_writing()
         command.upgrade(config, "0002")
         with new_code(db_url) as new:
-            new.wait_until_writing()
             command.upgrade(config, "head")
             # Old code keeps writing after NOT NULL: the trigger fills its rows.
             inserted = scalar(conn, "SELECT max(id) FROM events")
@@ -122,12 +129,9 @@ def test_old_and_new_code_write_through_the_whole_upgrade_with_no_error_and_no_n
 
 
 def test_downgrade_then_upgrade_runs_the_backfill_again_while_old_code_writes(
-    tmp_path: Path, conn: psycopg.Connection[Any], db_url: str
+    config: Config, conn: psycopg.Connection[Any], db_url: str
 ) -> None:
-    config = at_revision_1(tmp_path, db_url)
-
     with old_code(db_url) as old:
-        old.wait_until_writing()
         command.upgrade(config, "head")
         command.downgrade(config, "0001")
 
