@@ -13,9 +13,8 @@ from psycopg import sql
 
 from backfill.pg.session import PINNED_SETTINGS
 from backfill.pg.statements import ControlTables, TargetSQL, state_literal
-from backfill.schema import carry_over, sync
+from backfill.schema import carry_over, ddl, sync
 from backfill.schema.ddl import not_null_name, timeout_literal
-from backfill.schema.type_change import lock_without_waiting
 from backfill.settings import RunSettings
 from backfill.spec import BackfillSpec
 from backfill.state import RunState
@@ -42,12 +41,6 @@ def _type_marker(position: int) -> str:
     # Stands in for a key column's type in the statement templates; the script swaps in the type it reads from
     # the catalog when it runs (offline, nothing is known about the database).
     return f"__backfill_key_type_{position}__"
-
-
-def _dollar_quote(body: str, tag: str) -> sql.Composed:
-    while f"${tag}$" in body:
-        tag += "_"
-    return sql.SQL("${tag}$\n{body}\n${tag}$").format(tag=sql.SQL(tag), body=sql.SQL(body))
 
 
 def _column_marker(position: int) -> str:
@@ -355,7 +348,7 @@ END"""
         busy_hint=sql.Literal(f"run this again once it has stopped; see `backfill status {name}`"),
     )
     text = body.as_string(None)
-    return sql.SQL("DO {}").format(_dollar_quote(text, "backfill"))
+    return sql.SQL("DO {}").format(ddl.dollar_quote(text, "backfill"))
 
 
 def finished_gate(name: str, control_schema: str) -> sql.Composed:
@@ -381,7 +374,7 @@ END"""
         name=sql.Literal(name),
         succeeded=state_literal(RunState.SUCCEEDED),
     )
-    return sql.SQL("DO {}").format(_dollar_quote(body.as_string(None), "gate"))
+    return sql.SQL("DO {}").format(ddl.dollar_quote(body.as_string(None), "gate"))
 
 
 def drop_backfill(name: str, control_schema: str, *, delete: bool, lock_timeout: float = 2.0) -> sql.Composed:
@@ -419,7 +412,7 @@ END"""
         lock_timeout=timeout_literal(lock_timeout),
         forget=forget,
     )
-    return sql.SQL("DO {}").format(_dollar_quote(body.as_string(None), "drop"))
+    return sql.SQL("DO {}").format(ddl.dollar_quote(body.as_string(None), "drop"))
 
 
 def cleanup_type_change(
@@ -458,7 +451,7 @@ END"""
         relation=relation,
         retired=sql.Identifier(retired),
     )
-    return sql.SQL("DO {}").format(_dollar_quote(body.as_string(None), "cleanup"))
+    return sql.SQL("DO {}").format(ddl.dollar_quote(body.as_string(None), "cleanup"))
 
 
 def finish_type_change(
@@ -481,7 +474,7 @@ def finish_type_change(
   bf text := {backfill};
   trg text := {trigger};
   lt text := {lock_timeout};
-  shadow text; bf_state text; chk text; chk_valid boolean; copy text; copy_valid boolean; seq_type text;
+  shadow text; bf_state text; chk text; chk_valid boolean; copy text; copy_valid boolean; seq_type text; add_fk text;
   decl text := 'DECLARE not_null text; attempt int; ';
   nn_name text := {not_null_name};
   o record; nw record; ix record; fk record; ck record; problem text;
@@ -647,12 +640,16 @@ BEGIN
     SELECT c.convalidated INTO copy_valid FROM pg_catalog.pg_constraint c
      WHERE c.conrelid = fk.conrelid AND c.conname = copy;
     IF copy_valid IS NULL THEN
-      steps := steps || pg_catalog.format('SET lock_timeout = %L', lt)
-        || pg_catalog.format('ALTER TABLE %s ADD CONSTRAINT %I FOREIGN KEY (%s) REFERENCES %s (%s)%s NOT VALID',
+      add_fk := pg_catalog.format('ALTER TABLE %s ADD CONSTRAINT %I FOREIGN KEY (%s) REFERENCES %s (%s)%s NOT VALID',
              fk.tbl, copy, fk.cols, fk.ref, fk.refcols,
              CASE fk.del WHEN 'r' THEN ' ON DELETE RESTRICT' WHEN 'c' THEN ' ON DELETE CASCADE'
-                         WHEN 'n' THEN ' ON DELETE SET NULL' WHEN 'd' THEN ' ON DELETE SET DEFAULT' ELSE '' END)
-        || 'RESET lock_timeout'::text;
+                         WHEN 'n' THEN ' ON DELETE SET NULL' WHEN 'd' THEN ' ON DELETE SET DEFAULT' ELSE '' END);
+      -- Both tables locked in either order first, never queueing while holding one (see locked_in_either_order).
+      IF fk.tbl <> fk.ref THEN
+        add_fk := pg_catalog.format('DO %L', 'DECLARE attempt int; BEGIN '
+          || pg_catalog.format({lock_pair}, fk.tbl, fk.ref) || ' ' || add_fk || '; END');
+      END IF;
+      steps := steps || pg_catalog.format('SET lock_timeout = %L', lt) || add_fk || 'RESET lock_timeout'::text;
     END IF;
     IF NOT coalesce(copy_valid, false) THEN
       steps := steps || pg_catalog.format('ALTER TABLE %s VALIDATE CONSTRAINT %I', fk.tbl, copy);
@@ -735,14 +732,15 @@ END"""
         backfill=sql.Literal(backfill),
         trigger=sql.Literal(sync.trigger_name(backfill)),
         not_null_name=sql.Literal(not_null_name(table, column)),
-        nowait=sql.Literal(lock_without_waiting("__relation__")),
+        nowait=sql.Literal(ddl.lock_without_waiting("__relation__")),
         copies_block=sql.Literal(carry_over.COPIES_BLOCK.as_string(None)),
+        lock_pair=sql.Literal(ddl.lock_in_either_order("%1$s", ["%2$s"], ddl.SHARE_ROW_EXCLUSIVE)),
         lock_timeout=timeout_literal(lock_timeout),
         backfills_name=sql.Literal(tables.backfills.as_string(None)),
         backfills=tables.backfills,
         succeeded=state_literal(RunState.SUCCEEDED),
     )
-    plan = sql.SQL("DO {}").format(_dollar_quote(body.as_string(None), "plan"))
+    plan = sql.SQL("DO {}").format(ddl.dollar_quote(body.as_string(None), "plan"))
     return [plan.as_string(None), "SELECT stmt FROM pg_temp.backfill_type_change_plan ORDER BY n \\gexec"]
 
 
@@ -761,7 +759,7 @@ def cancel_guard(schema: str, table: str, shadow: str, retired: str) -> sql.Comp
   END IF;
 END"""
     ).format(relation=relation, retired=sql.Literal(retired), shadow=sql.Literal(shadow))
-    return sql.SQL("DO {}").format(_dollar_quote(body.as_string(None), "cancel"))
+    return sql.SQL("DO {}").format(ddl.dollar_quote(body.as_string(None), "cancel"))
 
 
 def drop_own_shadow(schema: str, table: str, shadow: str, comment: str, lock_timeout: float) -> sql.Composed:
@@ -785,4 +783,4 @@ END"""
         relation=relation,
         column=sql.Identifier(shadow),
     )
-    return sql.SQL("DO {}").format(_dollar_quote(body.as_string(None), "cancel"))
+    return sql.SQL("DO {}").format(ddl.dollar_quote(body.as_string(None), "cancel"))

@@ -35,6 +35,12 @@ __all__ = [
     "create_index_concurrently_as",
     "drop_index_concurrently",
     "drop_invalid_index_gexec",
+    "ACCESS_EXCLUSIVE",
+    "SHARE_ROW_EXCLUSIVE",
+    "dollar_quote",
+    "lock_without_waiting",
+    "lock_in_either_order",
+    "locked_in_either_order",
 ]
 
 #: PostgreSQL keeps the first 63 bytes of an identifier (NAMEDATALEN - 1).
@@ -242,6 +248,70 @@ def add_foreign_key_not_valid(
     return sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}){} NOT VALID").format(
         relation, sql.Identifier(name), _columns(columns), referent, _columns(referent_columns), action
     )
+
+
+# --- locks on more than one table ---------------------------------------------------------------------------------
+
+ACCESS_EXCLUSIVE = "ACCESS EXCLUSIVE"
+#: What ``ADD FOREIGN KEY`` takes on both tables: it conflicts with every write.
+SHARE_ROW_EXCLUSIVE = "SHARE ROW EXCLUSIVE"
+
+#: How many times, a millisecond apart, a step tries to lock each further table without waiting.
+_NOWAIT_TRIES = 50
+
+
+def dollar_quote(body: str, tag: str = "backfill") -> sql.Composed:
+    """``body`` between dollar quotes whose tag it does not contain."""
+    while f"${tag}$" in body:
+        tag += "_"
+    return sql.SQL("${tag}$\n{body}\n${tag}$").format(tag=sql.SQL(tag), body=sql.SQL(body))
+
+
+def lock_without_waiting(relation: str, mode: str = ACCESS_EXCLUSIVE) -> str:
+    """PL/pgSQL that takes ``mode`` on ``relation`` (quoted SQL text) without ever queueing for it: up to
+    ``_NOWAIT_TRIES`` ``NOWAIT`` attempts a millisecond apart, then ``lock_not_available`` (the step is retried).
+
+    The caller holds another table's lock by then: queueing for this one could close a cycle with an application
+    transaction that holds this table and waits for the other, and the deadlock detector may pick the
+    application's transaction as the victim. Never waiting leaves no cycle."""
+    return (
+        f"FOR attempt IN 1..{_NOWAIT_TRIES} LOOP BEGIN LOCK TABLE {relation} IN {mode} MODE NOWAIT; EXIT; "
+        f"EXCEPTION WHEN lock_not_available THEN IF attempt = {_NOWAIT_TRIES} THEN RAISE; END IF; "
+        "PERFORM pg_catalog.pg_sleep(0.001); END; END LOOP;"
+    )
+
+
+def lock_in_either_order(main: str, others: Sequence[str], mode: str = ACCESS_EXCLUSIVE) -> str:
+    """PL/pgSQL that takes ``mode`` on ``main`` and ``others`` (quoted SQL text) with at most one queued wait, never
+    while holding another of them: ``main`` first (waiting up to lock_timeout), the others without waiting; if one
+    is busy (an application transaction holding it may be queued behind our lock on ``main``), everything is let
+    go (the block is a subtransaction) and the other order is tried: the first other table waiting, then the rest
+    without waiting. ``lock_not_available`` when neither order gets them all (the step is retried with backoff).
+    Needs a variable ``attempt int`` declared."""
+    first = f"LOCK TABLE {main} IN {mode} MODE;"
+    if not others:
+        return first
+    then = " ".join(lock_without_waiting(other, mode) for other in others)
+    second = f"LOCK TABLE {others[0]} IN {mode} MODE;"
+    rest = " ".join(lock_without_waiting(other, mode) for other in [*others[1:], main])
+    return f"BEGIN {first} {then} EXCEPTION WHEN lock_not_available THEN {second} {rest} END;"
+
+
+def locked_in_either_order(
+    statement: sql.Composed, main: sql.Identifier, others: Sequence[sql.Identifier], mode: str
+) -> sql.Composed:
+    """``statement`` run after :func:`lock_in_either_order` has taken ``mode`` on ``main`` and ``others``, in one
+    ``DO`` block (so in the statement's transaction); ``statement`` alone when there is no other table.
+
+    For DDL that locks two tables itself (``ADD FOREIGN KEY`` takes the referencing table, then queues for the
+    referenced one): an application transaction that wrote the referenced table and then writes the referencing
+    one would close a deadlock cycle with it."""
+    others = [other for other in others if other != main]
+    if not others:
+        return statement
+    locks = lock_in_either_order(main.as_string(None), [other.as_string(None) for other in others], mode)
+    body = f"DECLARE attempt int;\nBEGIN\n  {locks}\n  {statement.as_string(None)};\nEND"
+    return sql.SQL("DO {}").format(dollar_quote(body, "locked"))
 
 
 # --- indexes -------------------------------------------------------------------------------------------------------

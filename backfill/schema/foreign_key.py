@@ -117,9 +117,10 @@ def plan_add_foreign_key(
 ) -> ConstraintPlan:
     """``ADD CONSTRAINT ... FOREIGN KEY ... NOT VALID`` unless it exists, then ``VALIDATE`` (unless ``validate``
     is false or it is valid already)."""
-    statement = ddl.add_foreign_key_not_valid(
+    add = ddl.add_foreign_key_not_valid(
         state.relation, state.name, key.columns, referent, key.referent_columns, key.on_delete
     )
+    statement = ddl.locked_in_either_order(add, state.relation, [referent], ddl.SHARE_ROW_EXCLUSIVE)
     return FOREIGN_KEY.plan_add(state, Step(StepAction.ADD, statement, True), validate=validate)
 
 

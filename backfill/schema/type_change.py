@@ -67,8 +67,6 @@ __all__ = [
     "carried_over",
     "foreign_key_copies",
     "swap_statement",
-    "lock_without_waiting",
-    "lock_in_either_order",
     "drop_retired_column",
     "drop_shadow_column",
 ]
@@ -540,45 +538,12 @@ def foreign_key_copies(session: DDLSession, state: TypeChangeState) -> list[Fore
     return copies
 
 
-#: How many times, a millisecond apart, the swap tries to lock each other table without waiting.
-_NOWAIT_TRIES = 50
-
-
-def lock_without_waiting(relation: str) -> str:
-    """PL/pgSQL that takes ACCESS EXCLUSIVE on ``relation`` (quoted SQL text) without ever queueing for it: up to
-    ``_NOWAIT_TRIES`` ``NOWAIT`` attempts a millisecond apart, then ``lock_not_available`` (the swap is retried).
-
-    The swap holds the table's own lock by then: queueing for a referencing table could close a cycle with an
-    application transaction that holds that table and waits for ours, and the deadlock detector may pick the
-    application's transaction as the victim. Never waiting leaves no cycle."""
-    return (
-        f"FOR attempt IN 1..{_NOWAIT_TRIES} LOOP BEGIN LOCK TABLE {relation} IN ACCESS EXCLUSIVE MODE NOWAIT; EXIT; "
-        f"EXCEPTION WHEN lock_not_available THEN IF attempt = {_NOWAIT_TRIES} THEN RAISE; END IF; "
-        "PERFORM pg_catalog.pg_sleep(0.001); END; END LOOP;"
-    )
-
-
-def lock_in_either_order(main: str, others: Sequence[str]) -> str:
-    """PL/pgSQL that takes ACCESS EXCLUSIVE on ``main`` and ``others`` (quoted SQL text) with at most one queued
-    wait, never while holding another of them: the table first (waiting up to lock_timeout), the others without
-    waiting; if one is busy (an application transaction holding it may be queued behind our lock on the table),
-    everything is let go and the other order is tried: the first other table waiting, then the rest without
-    waiting. ``lock_not_available`` when neither order gets them all (the swap is retried with backoff)."""
-    first = f"LOCK TABLE {main} IN ACCESS EXCLUSIVE MODE;"
-    if not others:
-        return first
-    then = " ".join(lock_without_waiting(other) for other in others)
-    second = f"LOCK TABLE {others[0]} IN ACCESS EXCLUSIVE MODE;"
-    rest = " ".join(lock_without_waiting(other) for other in [*others[1:], main])
-    return f"BEGIN {first} {then} EXCEPTION WHEN lock_not_available THEN {second} {rest} END;"
-
-
 def _lock_tables(state: TypeChangeState, keys: Sequence[ForeignKeyCopy]) -> list[sql.Composable]:
     others: dict[tuple[str, str], str] = {}
     for key in keys:
         if (key.schema, key.table_name) != (state.schema, state.table):
             others.setdefault((key.schema, key.table_name), key.table.as_string(None))
-    return [sql.SQL(lock_in_either_order(state.relation.as_string(None), list(others.values())))]
+    return [sql.SQL(ddl.lock_in_either_order(state.relation.as_string(None), list(others.values())))]
 
 
 def swap_statement(
@@ -671,7 +636,7 @@ def swap_statement(
             )
         )
     body = sql.SQL("{}BEGIN\n  {}\nEND").format(declarations, sql.SQL("\n  ").join(lines))
-    return sql.SQL("DO {}").format(_dollar_quote(body.as_string(None)))
+    return sql.SQL("DO {}").format(ddl.dollar_quote(body.as_string(None), "type_change"))
 
 
 def _take_not_null_name(state: TypeChangeState, attnum: int) -> sql.Composed:
@@ -691,12 +656,6 @@ def _take_not_null_name(state: TypeChangeState, attnum: int) -> sql.Composed:
 
 #: The integer types, by size: a sequence of a smaller one becomes ``AS`` the larger one at the swap.
 _INTEGER_RANK = {"smallint": 1, "integer": 2, "bigint": 3, "int2": 1, "int4": 2, "int8": 3, "int": 2}
-
-
-def _dollar_quote(body: str, tag: str = "type_change") -> sql.Composed:
-    while f"${tag}$" in body:
-        tag += "_"
-    return sql.SQL("${tag}$\n{body}\n${tag}$").format(tag=sql.SQL(tag), body=sql.SQL(body))
 
 
 # --- cleanup -------------------------------------------------------------------------------------------------------
