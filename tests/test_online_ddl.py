@@ -222,14 +222,19 @@ def test_a_violated_constraint_names_a_row_and_drops_what_it_added(
     assert constraint_state(conn, name) is None
 
 
-def test_adding_a_foreign_key_never_queues_for_one_table_while_holding_the_other(
-    conn: psycopg.Connection[Any], db_url: str
+@pytest.mark.parametrize("change", ["add", "drop"])
+def test_a_foreign_key_change_never_queues_for_one_table_while_holding_the_other(
+    conn: psycopg.Connection[Any], db_url: str, change: str
 ) -> None:
-    """An application transaction writes the referenced table, then the referencing one. The ADD used to take the
-    referencing table and queue for the referenced one: the application's second write then closed a deadlock
-    cycle, and the deadlock detector could abort the application's transaction. Now the ADD queues holding
-    nothing, and the application's transaction goes through."""
+    """An application transaction writes the referenced table, then the referencing one. The ADD (and the DROP)
+    used to take the referencing table and queue for the referenced one: the application's second write then
+    closed a deadlock cycle, and the deadlock detector could abort the application's transaction. Now the step
+    queues holding nothing, and the application's transaction goes through."""
     _make_orders(conn)
+    if change == "drop":
+        conn.execute(
+            "ALTER TABLE orders ADD CONSTRAINT orders_customer_id_fkey FOREIGN KEY (customer_id) REFERENCES customers"
+        )
     app = psycopg.connect(db_url)
     # The application's side runs the deadlock check first: it would be the victim of a cycle.
     app.execute("SET deadlock_timeout = '20ms'")
@@ -239,7 +244,10 @@ def test_adding_a_foreign_key_never_queues_for_one_table_while_holding_the_other
 
     def add() -> None:
         try:
-            outcome.append(backfill.add_foreign_key(db_url, "orders", "customer_id", "customers", "id"))
+            if change == "add":
+                outcome.append(backfill.add_foreign_key(db_url, "orders", "customer_id", "customers", "id"))
+            else:
+                outcome.append(backfill.drop_foreign_key(db_url, "orders", "orders_customer_id_fkey"))
         except BaseException as exc:
             outcome.append(exc)
 
@@ -247,14 +255,14 @@ def test_adding_a_foreign_key_never_queues_for_one_table_while_holding_the_other
     adder.start()
     try:
 
-        def add_is_queued() -> bool:
+        def queued() -> bool:
             row = conn.execute(
                 "SELECT count(*) FROM pg_locks WHERE relation = 'customers'::regclass AND NOT granted AND pid <> %s",
                 (app.info.backend_pid,),
             ).fetchone()
             return row is not None and row[0] > 0
 
-        wait_for(add_is_queued, "the ADD to queue for the referenced table")
+        wait_for(queued, "the change to queue for the referenced table")
         app.execute("INSERT INTO orders VALUES (100000, 1000, 1)")
         app.commit()
     finally:
@@ -263,8 +271,8 @@ def test_adding_a_foreign_key_never_queues_for_one_table_while_holding_the_other
 
     [result] = outcome
     assert isinstance(result, backfill.ChangeResult), result
-    assert result.actions == ["add", "validate"]
-    assert constraint_state(conn, "orders_customer_id_fkey") == ("f", True)
+    assert result.actions == (["add", "validate"] if change == "add" else ["drop"])
+    assert constraint_state(conn, "orders_customer_id_fkey") == (("f", True) if change == "add" else None)
     assert conn.execute("SELECT customer_id FROM orders WHERE id = 100000").fetchone() == (1000,)
 
 

@@ -218,7 +218,11 @@ class ConstraintKind:
 
 
 def _drop_step(state: ConstraintState) -> Step:
-    return Step(StepAction.DROP, ddl.drop_constraint(state.relation, state.name, if_exists=True), True)
+    drop = ddl.drop_constraint(state.relation, state.name, if_exists=True)
+    if state.kind == "f":
+        # ACCESS EXCLUSIVE on both tables of the key: taken in either order first, never queueing while holding one.
+        drop = ddl.locked_with_related(drop, state.relation, ddl.foreign_key_tables(state.relation, name=state.name))
+    return Step(StepAction.DROP, drop, True)
 
 
 def server_detail(exc: BaseException) -> str | None:

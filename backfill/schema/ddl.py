@@ -41,6 +41,8 @@ __all__ = [
     "lock_without_waiting",
     "lock_in_either_order",
     "locked_in_either_order",
+    "locked_with_related",
+    "foreign_key_tables",
 ]
 
 #: PostgreSQL keeps the first 63 bytes of an identifier (NAMEDATALEN - 1).
@@ -267,18 +269,25 @@ def dollar_quote(body: str, tag: str = "backfill") -> sql.Composed:
     return sql.SQL("${tag}$\n{body}\n${tag}$").format(tag=sql.SQL(tag), body=sql.SQL(body))
 
 
-def lock_without_waiting(relation: str, mode: str = ACCESS_EXCLUSIVE) -> str:
-    """PL/pgSQL that takes ``mode`` on ``relation`` (quoted SQL text) without ever queueing for it: up to
-    ``_NOWAIT_TRIES`` ``NOWAIT`` attempts a millisecond apart, then ``lock_not_available`` (the step is retried).
+def lock_without_waiting(relation: str, mode: str = ACCESS_EXCLUSIVE, *, dynamic: bool = False) -> str:
+    """PL/pgSQL that takes ``mode`` on ``relation`` (quoted SQL text, or with ``dynamic`` a PL/pgSQL expression
+    giving it) without ever queueing for it: up to ``_NOWAIT_TRIES`` ``NOWAIT`` attempts a millisecond apart, then
+    ``lock_not_available`` (the step is retried).
 
     The caller holds another table's lock by then: queueing for this one could close a cycle with an application
     transaction that holds this table and waits for the other, and the deadlock detector may pick the
     application's transaction as the victim. Never waiting leaves no cycle."""
+    lock = _lock(relation, mode, dynamic=dynamic, nowait=True)
     return (
-        f"FOR attempt IN 1..{_NOWAIT_TRIES} LOOP BEGIN LOCK TABLE {relation} IN {mode} MODE NOWAIT; EXIT; "
+        f"FOR attempt IN 1..{_NOWAIT_TRIES} LOOP BEGIN {lock} EXIT; "
         f"EXCEPTION WHEN lock_not_available THEN IF attempt = {_NOWAIT_TRIES} THEN RAISE; END IF; "
         "PERFORM pg_catalog.pg_sleep(0.001); END; END LOOP;"
     )
+
+
+def _lock(relation: str, mode: str, *, dynamic: bool = False, nowait: bool = False) -> str:
+    tail = f" IN {mode} MODE{' NOWAIT' if nowait else ''}"
+    return f"EXECUTE 'LOCK TABLE ' || {relation} || '{tail}';" if dynamic else f"LOCK TABLE {relation}{tail};"
 
 
 def lock_in_either_order(main: str, others: Sequence[str], mode: str = ACCESS_EXCLUSIVE) -> str:
@@ -288,11 +297,11 @@ def lock_in_either_order(main: str, others: Sequence[str], mode: str = ACCESS_EX
     go (the block is a subtransaction) and the other order is tried: the first other table waiting, then the rest
     without waiting. ``lock_not_available`` when neither order gets them all (the step is retried with backoff).
     Needs a variable ``attempt int`` declared."""
-    first = f"LOCK TABLE {main} IN {mode} MODE;"
+    first = _lock(main, mode)
     if not others:
         return first
     then = " ".join(lock_without_waiting(other, mode) for other in others)
-    second = f"LOCK TABLE {others[0]} IN {mode} MODE;"
+    second = _lock(others[0], mode)
     rest = " ".join(lock_without_waiting(other, mode) for other in [*others[1:], main])
     return f"BEGIN {first} {then} EXCEPTION WHEN lock_not_available THEN {second} {rest} END;"
 
@@ -312,6 +321,56 @@ def locked_in_either_order(
     locks = lock_in_either_order(main.as_string(None), [other.as_string(None) for other in others], mode)
     body = f"DECLARE attempt int;\nBEGIN\n  {locks}\n  {statement.as_string(None)};\nEND"
     return sql.SQL("DO {}").format(dollar_quote(body, "locked"))
+
+
+def locked_with_related(
+    statement: sql.Composed, relation: sql.Identifier, related: sql.Composable, mode: str = ACCESS_EXCLUSIVE
+) -> sql.Composed:
+    """``statement`` run after ``mode`` is taken on ``relation`` and on the tables ``related`` (a query of their
+    oids, run when the statement runs, online or offline) in either order, as :func:`lock_in_either_order` does,
+    in one ``DO`` block.
+
+    For DDL whose tables are only known from the catalog: dropping a foreign key, or a column with foreign keys,
+    takes ACCESS EXCLUSIVE on the table and then queues for the other table of each key."""
+    nowait = sql.SQL(lock_without_waiting("other", mode, dynamic=True))
+    body = sql.SQL(
+        "DECLARE attempt int; main text := {main}; others text[]; other text;\nBEGIN\n"
+        "  others := ARRAY(SELECT DISTINCT r::regclass::text FROM ({related}) AS q(r)\n"
+        "                   WHERE r <> main::regclass ORDER BY 1);\n"
+        "  IF pg_catalog.cardinality(others) > 0 THEN\n"
+        "    BEGIN {lock_main} FOREACH other IN ARRAY others LOOP {nowait} END LOOP;\n"
+        "    EXCEPTION WHEN lock_not_available THEN {lock_first}\n"
+        "      FOREACH other IN ARRAY others[2:] || main LOOP {nowait} END LOOP;\n"
+        "    END;\n"
+        "  END IF;\n"
+        "  {statement};\nEND"
+    ).format(
+        main=sql.Literal(relation.as_string(None)),
+        related=related,
+        lock_main=sql.SQL(_lock("main", mode, dynamic=True)),
+        lock_first=sql.SQL(_lock("others[1]", mode, dynamic=True)),
+        nowait=nowait,
+        statement=statement,
+    )
+    return sql.SQL("DO {}").format(dollar_quote(body.as_string(None), "locked"))
+
+
+def foreign_key_tables(relation: sql.Identifier, *, name: str | None = None, column: str | None = None) -> sql.Composed:
+    """A query of the tables at both ends of ``relation``'s foreign keys named ``name``, or of those on or to its
+    ``column`` (the catalog is read when the query runs)."""
+    rel = sql.SQL("{}::regclass").format(sql.Literal(relation.as_string(None)))
+    if name is not None:
+        which = sql.SQL("c.conrelid = {rel} AND c.conname = {name}").format(rel=rel, name=sql.Literal(name))
+    else:
+        which = sql.SQL(
+            "EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = {rel} AND a.attname = {col} "
+            "AND ((c.conrelid = {rel} AND a.attnum = ANY (c.conkey)) OR (c.confrelid = {rel} AND a.attnum = ANY "
+            "(c.confkey))))"
+        ).format(rel=rel, col=sql.Literal(column))
+    return sql.SQL(
+        "SELECT t FROM pg_catalog.pg_constraint c, LATERAL (VALUES (c.conrelid), (c.confrelid)) AS v(t) "
+        "WHERE c.contype = 'f' AND {}"
+    ).format(which)
 
 
 # --- indexes -------------------------------------------------------------------------------------------------------

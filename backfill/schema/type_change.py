@@ -674,4 +674,7 @@ def drop_shadow_column(state: TypeChangeState) -> Step:
     statement = sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {} CASCADE").format(
         state.relation, sql.Identifier(state.shadow)
     )
-    return Step(StepAction.DROP_SHADOW_COLUMN, statement, True)
+    # The foreign key copies' other tables are locked too: taken in either order first, never queueing while
+    # holding one.
+    related = ddl.foreign_key_tables(state.relation, column=state.shadow)
+    return Step(StepAction.DROP_SHADOW_COLUMN, ddl.locked_with_related(statement, state.relation, related), True)
