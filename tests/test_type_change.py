@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 from support import wait_for
 from test_alembic_ops import scalar
 
@@ -176,13 +177,14 @@ def test_a_swap_that_cannot_get_its_locks_fails_in_one_line_naming_what_is_left_
     assert column_type(conn, "accounts", "id") == "bigint"
 
 
-def _everything_but_the_swap(url: str) -> None:
-    """Run finish with a reader on payments that only the swap waits for, and a retry budget that gives up."""
+def _everything_but_the_swap(url: str, table: str = "accounts", column: str = "id", other: str = "payments") -> None:
+    """Run finish with a reader on the other table that only the swap waits for, and a retry budget that gives
+    up."""
     reader = psycopg.connect(url)
     try:
-        reader.execute("SELECT count(*) FROM payments")
+        reader.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(other)))
         with pytest.raises(backfill.LockUnavailableError):
-            backfill.finish_column_type_change(url, "accounts", "id", lock_timeout=0.05, retry_seconds=0.2)
+            backfill.finish_column_type_change(url, table, column, lock_timeout=0.05, retry_seconds=0.2)
     finally:
         reader.close()
 
@@ -237,6 +239,46 @@ def test_the_swap_never_waits_for_a_referencing_table_while_holding_its_own_so_n
     assert outcome["write"] == "ok"
     assert outcome["finish"].actions[-1] == "swap"
     assert column_type(conn, "accounts", "id") == "bigint"
+
+
+def test_the_swap_of_a_referencing_column_never_waits_for_the_referenced_table_while_holding_its_own(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    """Dropping the old foreign key in the swap takes ACCESS EXCLUSIVE on the table it references too. An
+    application transaction that wrote accounts and then writes payments (what APP_INSERT does in one statement)
+    queued for payments behind the swap while the swap, holding payments, queued for accounts: a deadlock that the
+    application could lose. The swap now queues holding nothing."""
+    for statement in PARENT_CHILD:
+        conn.execute(statement)
+    backfill.start_column_type_change(db_url, "payments", "account_id", "bigint")
+    _everything_but_the_swap(db_url, "payments", "account_id", other="accounts")
+    application = psycopg.connect(db_url)
+    outcome: dict[str, Any] = {}
+
+    def finish() -> None:
+        try:
+            outcome["finish"] = backfill.finish_column_type_change(db_url, "payments", "account_id", lock_timeout=30)
+        except BaseException as exc:
+            outcome["finish"] = exc
+
+    try:
+        # The application runs the deadlock check first: it would be the victim of a cycle.
+        application.execute("SET deadlock_timeout = '20ms'")
+        application.execute("SET statement_timeout = '20s'")
+        new = scalar(application, "INSERT INTO accounts (email) VALUES ('late@example.com') RETURNING id")
+        finisher = threading.Thread(target=finish, daemon=True)
+        finisher.start()
+        wait_for(lambda: _lock_waiters(conn, "DO"), "the swap to queue for accounts")
+        application.execute("INSERT INTO payments (account_id, amount) VALUES (%s, 1)", (new,))
+        application.commit()
+    finally:
+        application.close()
+        finisher.join(60)
+
+    assert isinstance(outcome["finish"], backfill.TypeChangeResult), outcome["finish"]
+    assert outcome["finish"].actions[-1] == "swap"
+    assert column_type(conn, "payments", "account_id") == "bigint"
+    assert scalar(conn, "SELECT count(*) FROM payments WHERE account_id = %s", (new,)) == 1
 
 
 def test_a_record_left_by_an_earlier_change_of_a_recreated_table_does_not_stand_for_the_copy(

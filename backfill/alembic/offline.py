@@ -618,7 +618,8 @@ BEGIN
   END LOOP;
   -- Copies of the foreign keys from and to the column: NOT VALID, then validated.
   FOR fk IN
-    SELECT c.conname::text AS name, c.conrelid, c.conrelid::regclass::text AS tbl, c.confrelid::regclass::text AS ref,
+    SELECT c.conname::text AS name, c.conrelid, c.confrelid, c.conrelid::regclass::text AS tbl,
+           c.confrelid::regclass::text AS ref,
            c.confdeltype::text AS del,
            (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(CASE WHEN c.conrelid = rel AND a.attname = col
                                                                      THEN shadow ELSE a.attname::text END),
@@ -656,8 +657,12 @@ BEGIN
     END IF;
     fk_drops := fk_drops || pg_catalog.format('ALTER TABLE %s DROP CONSTRAINT %I;', fk.tbl, fk.name);
     fk_renames := fk_renames || pg_catalog.format('ALTER TABLE %s RENAME CONSTRAINT %I TO %I;', fk.tbl, copy, fk.name);
+    -- Both ends of every key: dropping a foreign key takes ACCESS EXCLUSIVE on the table it references too.
     IF fk.conrelid <> rel AND NOT fk.tbl = ANY (others) THEN
       others := others || fk.tbl;
+    END IF;
+    IF fk.confrelid <> rel AND NOT fk.ref = ANY (others) THEN
+      others := others || fk.ref;
     END IF;
   END LOOP;
   -- The locks: at most one queued wait, never while holding another of the tables (see lock_in_either_order).

@@ -539,10 +539,14 @@ def foreign_key_copies(session: DDLSession, state: TypeChangeState) -> list[Fore
 
 
 def _lock_tables(state: TypeChangeState, keys: Sequence[ForeignKeyCopy]) -> list[sql.Composable]:
-    others: dict[tuple[str, str], str] = {}
+    # Both ends of every key: dropping a foreign key takes ACCESS EXCLUSIVE on the table it references too.
+    others: dict[str, str] = {}
+    main = state.relation.as_string(None)
     for key in keys:
-        if (key.schema, key.table_name) != (state.schema, state.table):
-            others.setdefault((key.schema, key.table_name), key.table.as_string(None))
+        for end in (key.table, key.referent):
+            text = end.as_string(None)
+            if text != main:
+                others.setdefault(text, text)
     return [sql.SQL(ddl.lock_in_either_order(state.relation.as_string(None), list(others.values())))]
 
 
