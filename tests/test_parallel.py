@@ -160,7 +160,8 @@ def test_live_runners_are_counted_from_the_claims_whatever_the_last_batch(
         # A runner waiting on a long throttle commits no batch for minutes: it still shares the rate cap.
         conn.execute("UPDATE backfill_slices SET heartbeat_at = now() - interval '5 minutes'")
         waiting = reader.live_runners(backfill_id)
-        other.close()  # its session ends: its claim with it
+        other.close()  # its session ends: its claim with it (the server process exits after the client has gone)
+        wait_for(lambda: reader.live_runners(backfill_id) < live, "the closed session's claim to end")
         after = reader.live_runners(backfill_id)
 
     assert (live, waiting, after) == (2, 2, 1)
