@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from psycopg import sql
 
 from backfill.plan import Target
-from backfill.schema.ddl import _MAX_IDENTIFIER_BYTES
+from backfill.schema.ddl import _MAX_IDENTIFIER_BYTES, dollar_quote
 from backfill.schema.notnull import DDLSession, LockRetry, Step, StepAction, run_step
 
 __all__ = [
@@ -65,12 +65,6 @@ def trigger_name(backfill: str) -> str:
 
 def _function(target: Target, backfill: str) -> sql.Identifier:
     return sql.Identifier(target.schema, trigger_name(backfill))
-
-
-def _dollar_quote(body: str, tag: str) -> sql.Composed:
-    while f"${tag}$" in body:
-        tag += "_"
-    return sql.SQL("${tag}$\n{body}\n${tag}$").format(tag=sql.SQL(tag), body=sql.SQL(body))
 
 
 def _all(prefix: str, columns: Sequence[str], test: str, joiner: str) -> sql.Composable:
@@ -149,7 +143,7 @@ def _function_statement(target: Target, backfill: str, body: sql.Composed) -> sq
     # by each writing session's search_path (an application session with another one must never fail its write).
     return sql.SQL(
         "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS {}"
-    ).format(_function(target, backfill), _dollar_quote(body.as_string(None), "backfill_sync"))
+    ).format(_function(target, backfill), dollar_quote(body.as_string(None), "backfill_sync"))
 
 
 def create_trigger(target: Target, backfill: str, *, mirror: bool = False) -> sql.Composed:
@@ -175,7 +169,7 @@ END"""
         when=sql.SQL("") if mirror else sql.SQL(" WHEN ({})").format(_all("NEW", columns, "IS NULL", " OR ")),
         function=_function(target, backfill),
     )
-    return sql.SQL("DO {}").format(_dollar_quote(inner.as_string(None), "backfill_sync"))
+    return sql.SQL("DO {}").format(dollar_quote(inner.as_string(None), "backfill_sync"))
 
 
 def drop_trigger(schema: str, table: str, backfill: str) -> sql.Composed:
