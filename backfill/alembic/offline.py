@@ -15,6 +15,7 @@ from backfill.pg.session import PINNED_SETTINGS
 from backfill.pg.statements import ControlTables, TargetSQL, state_literal
 from backfill.schema import carry_over, ddl, sync
 from backfill.schema.ddl import not_null_name, timeout_literal
+from backfill.schema.type_change import TypeChangeState
 from backfill.settings import RunSettings
 from backfill.spec import BackfillSpec
 from backfill.state import RunState
@@ -415,13 +416,11 @@ END"""
     return sql.SQL("DO {}").format(ddl.dollar_quote(body.as_string(None), "drop"))
 
 
-def cleanup_type_change(
-    schema: str, table: str, retired: str, backfill: str, control_schema: str, lock_timeout: float
-) -> sql.Composed:
+def cleanup_type_change(state: TypeChangeState, control_schema: str, lock_timeout: float) -> sql.Composed:
     """A ``DO`` block that drops the old column of a finished column type change and forgets its copy, or fails
     (dropping nothing) while the copy's shadow column still exists: the change is not finished."""
     tables = ControlTables(control_schema)
-    relation = sql.Identifier(schema, table)
+    relation = state.relation
     body = sql.SQL(
         """DECLARE
   shadow text;
@@ -446,24 +445,22 @@ END"""
         backfills_name=sql.Literal(tables.backfills.as_string(None)),
         relation_name=sql.Literal(relation.as_string(None)),
         backfills=tables.backfills,
-        name=sql.Literal(backfill),
+        name=sql.Literal(state.backfill),
         lock_timeout=timeout_literal(lock_timeout),
         relation=relation,
-        retired=sql.Identifier(retired),
+        retired=sql.Identifier(state.retired),
     )
     return sql.SQL("DO {}").format(ddl.dollar_quote(body.as_string(None), "cleanup"))
 
 
-def finish_type_change(
-    schema: str, table: str, column: str, retired: str, backfill: str, control_schema: str, lock_timeout: float
-) -> list[str]:
+def finish_type_change(state: TypeChangeState, control_schema: str, lock_timeout: float) -> list[str]:
     """The finish of a column type change for psql: a ``DO`` block that reads the catalog and writes the statements
     left (as :func:`backfill.finish_column_type_change` plans them) into a temporary table, then a ``\\gexec`` line
     that runs them in order, each in its own transaction: NOT NULL by the CHECK path, index copies built
     ``CONCURRENTLY`` (an INVALID one dropped first), foreign key copies ``NOT VALID`` then validated, and the swap
     (one ``DO`` block) under ``lock_timeout``. Run again, it plans only what is left; after the swap, nothing."""
     tables = ControlTables(control_schema)
-    relation = sql.Identifier(schema, table)
+    relation = state.relation
     body = sql.SQL(
         """DECLARE
   rel regclass := pg_catalog.to_regclass({relation_text});
@@ -730,13 +727,13 @@ BEGIN
 END"""
     ).format(
         relation_text=sql.Literal(relation.as_string(None)),
-        schema=sql.Literal(schema),
-        table=sql.Literal(table),
-        column=sql.Literal(column),
-        retired=sql.Literal(retired),
-        backfill=sql.Literal(backfill),
-        trigger=sql.Literal(sync.trigger_name(backfill)),
-        not_null_name=sql.Literal(not_null_name(table, column)),
+        schema=sql.Literal(state.schema),
+        table=sql.Literal(state.table),
+        column=sql.Literal(state.column),
+        retired=sql.Literal(state.retired),
+        backfill=sql.Literal(state.backfill),
+        trigger=sql.Literal(sync.trigger_name(state.backfill)),
+        not_null_name=sql.Literal(not_null_name(state.table, state.column)),
         nowait=sql.Literal(ddl.lock_without_waiting("__relation__")),
         copies_block=sql.Literal(carry_over.COPIES_BLOCK.as_string(None)),
         lock_pair=sql.Literal(ddl.lock_in_either_order("%1$s", ["%2$s"], ddl.SHARE_ROW_EXCLUSIVE)),

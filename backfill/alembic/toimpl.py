@@ -595,6 +595,34 @@ def _offline_type_change(operation: ops._TypeChangeOp, shadow: str = "") -> type
     return type_change.offline_state(schema or "public", table, operation.column, shadow)
 
 
+def _type_change(
+    operations: Operations,
+    operation: ops._TypeChangeOp,
+    render: Callable[[], Sequence[str]],
+    change: Callable[..., type_change.TypeChangeResult],
+    *args: Any,
+    **arguments: Any,
+) -> type_change.TypeChangeResult | None:
+    """Run a type change op: offline, the lines ``render`` gives; online, ``change`` (the API function of the op's
+    name) on the migration's connection with the table, column, schema and lock settings every type change op has,
+    then ``args`` and ``arguments``."""
+
+    def online(connection: sqlalchemy.Connection) -> type_change.TypeChangeResult:
+        return change(
+            connection,
+            operation.table,
+            operation.column,
+            *args,
+            schema=operation.schema,
+            lock_timeout=operation.lock_timeout,
+            retry_seconds=operation.lock_retry_seconds,
+            control_schema=operation.control_schema,
+            **arguments,
+        )
+
+    return _change(operations, operation, render, online)
+
+
 @Operations.implementation_for(ops.StartColumnTypeChangeOp)
 def start_column_type_change(
     operations: Operations, operation: ops.StartColumnTypeChangeOp
@@ -625,23 +653,8 @@ def start_column_type_change(
             *_render_backfill(_spec(copy), copy),
         ]
 
-    def online(connection: sqlalchemy.Connection) -> type_change.TypeChangeResult:
-        return api.start_column_type_change(
-            connection,
-            operation.table,
-            operation.column,
-            new_type,
-            using=using,
-            name=operation.name,
-            defer=operation.defer,
-            schema=operation.schema,
-            settings=operation.settings,
-            lock_timeout=operation.lock_timeout,
-            retry_seconds=operation.lock_retry_seconds,
-            control_schema=operation.control_schema,
-        )
-
-    return _change(operations, operation, render, online)
+    arguments = {"using": using, "name": operation.name, "defer": operation.defer, "settings": operation.settings}
+    return _type_change(operations, operation, render, api.start_column_type_change, new_type, **arguments)
 
 
 @Operations.implementation_for(ops.FinishColumnTypeChangeOp)
@@ -649,31 +662,12 @@ def finish_column_type_change(
     operations: Operations, operation: ops.FinishColumnTypeChangeOp
 ) -> type_change.TypeChangeResult | None:
     def render() -> list[str]:
-        state = _offline_type_change(operation)
         return offline.finish_type_change(
-            state.schema,
-            state.table,
-            state.column,
-            state.retired,
-            state.backfill,
-            operation.control_schema,
-            operation.lock_timeout,
+            _offline_type_change(operation), operation.control_schema, operation.lock_timeout
         )
 
-    def online(connection: sqlalchemy.Connection) -> type_change.TypeChangeResult:
-        return api.finish_column_type_change(
-            connection,
-            operation.table,
-            operation.column,
-            schema=operation.schema,
-            settings=operation.settings,
-            lock_timeout=operation.lock_timeout,
-            retry_seconds=operation.lock_retry_seconds,
-            timeout=operation.timeout,
-            control_schema=operation.control_schema,
-        )
-
-    return _change(operations, operation, render, online)
+    arguments = {"settings": operation.settings, "timeout": operation.timeout}
+    return _type_change(operations, operation, render, api.finish_column_type_change, **arguments)
 
 
 @Operations.implementation_for(ops.CleanupColumnTypeChangeOp)
@@ -682,23 +676,9 @@ def cleanup_column_type_change(
 ) -> type_change.TypeChangeResult | None:
     def render() -> list[str]:
         state = _offline_type_change(operation)
-        script = offline.cleanup_type_change(
-            state.schema, state.table, state.retired, state.backfill, operation.control_schema, operation.lock_timeout
-        )
-        return [ddl.render(script)]
+        return [ddl.render(offline.cleanup_type_change(state, operation.control_schema, operation.lock_timeout))]
 
-    def online(connection: sqlalchemy.Connection) -> type_change.TypeChangeResult:
-        return api.cleanup_column_type_change(
-            connection,
-            operation.table,
-            operation.column,
-            schema=operation.schema,
-            lock_timeout=operation.lock_timeout,
-            retry_seconds=operation.lock_retry_seconds,
-            control_schema=operation.control_schema,
-        )
-
-    return _change(operations, operation, render, online)
+    return _type_change(operations, operation, render, api.cleanup_column_type_change)
 
 
 @Operations.implementation_for(ops.CancelColumnTypeChangeOp)
@@ -716,16 +696,4 @@ def cancel_column_type_change(
             ),
         ]
 
-    def online(connection: sqlalchemy.Connection) -> type_change.TypeChangeResult:
-        return api.cancel_column_type_change(
-            connection,
-            operation.table,
-            operation.column,
-            name=operation.name,
-            schema=operation.schema,
-            lock_timeout=operation.lock_timeout,
-            retry_seconds=operation.lock_retry_seconds,
-            control_schema=operation.control_schema,
-        )
-
-    return _change(operations, operation, render, online)
+    return _type_change(operations, operation, render, api.cancel_column_type_change, name=operation.name)
