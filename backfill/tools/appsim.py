@@ -15,7 +15,6 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import psycopg
@@ -150,9 +149,7 @@ class AppSimulator:
     def __enter__(self) -> AppSimulator:
         return self.start()
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # --- measuring ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import signal
 import socket
 import threading
 import time
-from types import FrameType, TracebackType
+from types import FrameType
 
 import uvicorn
 from starlette.applications import Starlette
@@ -83,7 +83,5 @@ class DashboardServer:
     def __enter__(self) -> DashboardServer:
         return self.start()
 
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
