@@ -200,3 +200,85 @@ def kill_after_batches(
             process.kill()
         if process.stderr:
             process.stderr.close()
+
+
+# --- an Alembic upgrade killed at each of its step boundaries ------------------------------------------------------
+
+#: The structlog events logged once a step has committed: a DDL step, or a batch of a backfill.
+STEP_EVENTS = ("ddl_step", "batch_committed")
+
+_STEP_KILLER = """
+import json, os, signal, sys
+import structlog
+import alembic.config, backfill, backfill.alembic, psycopg, sqlalchemy
+
+
+def kill_after_the_step(logger, method, event):
+    if event.get("event") in %(events)r:
+        what = event.get("action") or event["event"]
+        name = event.get("constraint") or event.get("index") or event.get("column") or str(event.get("checkpoint"))
+        if [str(what), name] not in run["passed"]:
+            print(json.dumps([str(what), name]), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return event
+
+
+for line in sys.stdin:
+    run = json.loads(line)
+    child = os.fork()
+    if child == 0:
+        structlog.configure(processors=[kill_after_the_step, structlog.processors.JSONRenderer()],
+                            logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+        try:
+            alembic.config.main(run["argv"])
+        except SystemExit as exc:
+            os._exit(1 if exc.code else 0)
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    print(json.dumps({"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                      "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}), flush=True)
+"""
+
+
+class StepKiller:
+    """Runs ``alembic upgrade head`` of ``project`` again and again, each run in a process that SIGKILLs itself
+    right after the first step it commits that no earlier run was killed after (from the step's own structlog
+    event, so at a step boundary, never inside a step; a step a run redoes, such as ``CREATE OR REPLACE`` of a
+    trigger's function, is let pass the second time), until a run ends by itself. The runs are forked from one
+    process that imported everything once, so a run costs what its work costs, not an interpreter start."""
+
+    def __init__(self, project: Path, url: str, stderr: Path) -> None:
+        self.argv = ["-c", str(project / "alembic.ini"), "-x", f"url={url}", "upgrade", "head"]
+        #: the steps (action or event, and the constraint, index, column or batch checkpoint) killed after so far
+        self.killed_after: list[tuple[str, str]] = []
+        self._err = stderr.open("wb")
+        self.process = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-c", _STEP_KILLER % {"events": STEP_EVENTS}],
+            cwd=project,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            text=True,
+        )
+
+    def run(self) -> tuple[str, str] | None:
+        """One run: the step it was killed after, or None when it ran to the end."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"argv": self.argv, "passed": self.killed_after}) + "\n")
+        self.process.stdin.flush()
+        step = json.loads(self.process.stdout.readline())
+        if isinstance(step, list):
+            status = json.loads(self.process.stdout.readline())
+            assert status["signal"] == signal.SIGKILL, status
+            self.killed_after.append((step[0], step[1]))
+            return self.killed_after[-1]
+        assert step["code"] == 0, f"the upgrade failed (see {self._err.name})"
+        return None
+
+    def close(self) -> None:
+        if self.process.stdin:
+            self.process.stdin.close()
+        self.process.wait(30)
+        self._err.close()
