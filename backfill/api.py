@@ -899,9 +899,9 @@ def start_column_type_change(
         A :class:`TypeChangeResult`: the DDL steps that ran and the copy's report (None when deferred).
 
     Raises:
-        ConstraintError: no such table or column; a ``using`` PostgreSQL rejects; a generated column; a CHECK
-            constraint, view, expression or partial index or exclusion constraint on the column (nothing is
-            changed).
+        ConstraintError: no such table or column; a ``using`` PostgreSQL rejects; a generated column; a view or
+            exclusion constraint on the column; a CHECK constraint or index of it that cannot hold on the new type
+            (named; nothing is changed).
         LockUnavailableError: a lock could not be taken within ``retry_seconds``.
         BackfillFailedError: the copy failed (its error is stored; ``backfill retry`` then run again).
     """
@@ -1015,8 +1015,9 @@ def finish_column_type_change(
 
     In order, each step its own transaction: the copy is finished here (or waited for, up to ``timeout`` seconds,
     while runners elsewhere hold it); NOT NULL is proven on the new column without an ACCESS EXCLUSIVE scan; the
-    column's indexes are copied ``CONCURRENTLY`` (a unique copy for a primary key); the foreign keys from and to it
-    are copied ``NOT VALID`` then validated; then one short transaction (ACCESS EXCLUSIVE on the table and on the
+    column's indexes are copied ``CONCURRENTLY`` (a unique copy for a primary key; operator classes, collations,
+    sort order, ``INCLUDE``, expressions and predicates kept); its CHECK constraints and the foreign keys from and
+    to it are copied ``NOT VALID`` then validated; then one short transaction (ACCESS EXCLUSIVE on the table and on the
     tables that reference it, catalog changes only) under ``lock_timeout`` with retries swaps everything: the
     default, sequence ownership (an integer sequence becomes ``AS bigint``) or identity move, the columns swap
     names (the old one becomes ``<column>_old``, nullable), the primary key is added ``USING INDEX``.
@@ -1025,7 +1026,8 @@ def finish_column_type_change(
     nothing. Arguments as for :func:`start_column_type_change`.
 
     Raises:
-        ConstraintError: no change of that column was started; a step failed (the message says what is left).
+        ConstraintError: no change of that column was started; a CHECK constraint or index that cannot hold on the
+            new type (named, before any step); a step failed (the message says what is left).
         ViolationError: rows break a copied foreign key (one is named).
         DuplicateKeyError: a unique copy found duplicates.
         LockUnavailableError: the swap could not get its locks within ``retry_seconds`` (nothing was swapped).

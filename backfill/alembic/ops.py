@@ -679,11 +679,11 @@ class StartColumnTypeChangeOp(_TypeChangeOp):
         op.start_column_type_change("accounts", "id", "bigint")
         op.start_column_type_change("events", "payload", "jsonb", using="payload::jsonb")
 
-    Refused before anything is written: a ``using`` PostgreSQL rejects, a generated column, a CHECK constraint,
-    view, expression or partial index, exclusion constraint or foreign key with ON UPDATE, DEFERRABLE or MATCH
-    FULL on the column (drop it, add it back after finish), a column of the shadow column's name that the change
-    did not add. A copy that fails on a row ``using`` cannot convert fails the upgrade naming the error and what
-    is left; fix the rows and run it again.
+    Refused before anything is written: a ``using`` PostgreSQL rejects, a generated column, a view, exclusion
+    constraint or foreign key with ON UPDATE, DEFERRABLE or MATCH FULL on the column, a CHECK constraint or index of
+    it that cannot hold on the new type (drop it, add it back after finish), a column of the shadow column's name
+    that the change did not add. A copy that fails on a row ``using`` cannot convert fails the upgrade naming the
+    error and what is left; fix the rows and run it again.
 
     :param table: the table, optionally ``schema.table``.
     :param column: the column.
@@ -721,25 +721,27 @@ class FinishColumnTypeChangeOp(_TypeChangeOp):
     """Finish ``op.start_column_type_change`` from an earlier revision: from the swap on, ``column`` is the new
     column, of the new type.
 
-    Outside the migration's transaction, each step its own transaction: the rest of the copy runs here (or is
-    waited for up to ``timeout`` seconds while a runner elsewhere holds it); NOT NULL is proven on the new column
+    Outside the migration's transaction, each step its own transaction: the rest of the copy runs here (or is waited
+    for up to ``timeout`` seconds while a runner elsewhere holds it); NOT NULL is proven on the new column
     (``op.add_not_null_constraint``'s steps: no scan under ACCESS EXCLUSIVE); the column's indexes are copied with
     ``CREATE INDEX CONCURRENTLY`` (no lock that blocks the application; an INVALID copy left by a killed build is
-    rebuilt); foreign keys from and to the column are copied ``NOT VALID`` (SHARE ROW EXCLUSIVE on both tables for
-    an instant) and validated (a scan that blocks no write). Then the swap, one transaction that only changes the
-    catalog, under ``lock_timeout`` with retries (ACCESS EXCLUSIVE on the table and on the tables whose foreign
-    keys reference it, for milliseconds): old indexes and constraints dropped, the default, sequence ownership
-    (an ``integer`` sequence becomes ``AS bigint``) or identity moved, the columns' names swapped (the old one
-    becomes ``<column>_old``, nullable, no longer written), the primary key added with ``ADD CONSTRAINT ...
-    PRIMARY KEY USING INDEX`` on its copy, the copies renamed to the old names.
+    rebuilt; operator classes, collations, sort order, ``INCLUDE``, expressions and predicates kept); its CHECK
+    constraints (``NOT VALID``, ACCESS EXCLUSIVE for an instant) and the foreign keys from and to the column (``NOT
+    VALID``, SHARE ROW EXCLUSIVE on both tables for an instant) are copied and validated (a scan that blocks no
+    write). A CHECK constraint or index that cannot hold on the new type stops it before any step, naming it. Then
+    the swap, one transaction that only changes the catalog, under ``lock_timeout`` with retries (ACCESS EXCLUSIVE
+    on the table and on the tables whose foreign keys reference it, for milliseconds): old indexes and constraints
+    dropped, the default, sequence ownership (an ``integer`` sequence becomes ``AS bigint``) or identity moved, the
+    columns' names swapped (the old one becomes ``<column>_old``, nullable, no longer written), the primary key
+    added with ``ADD CONSTRAINT ... PRIMARY KEY USING INDEX`` on its copy, the copies renamed to the old names.
 
     Idempotent from the catalog: killed between any two steps, it continues when run again; after the swap it
     does nothing.
 
     Offline (``--sql``): a ``DO`` block reads the catalog when the script runs and plans the steps left into a
-    temporary table, and a psql ``\\gexec`` line runs them one by one (NOT NULL by the CHECK path, the concurrent
-    builds, the foreign key copies, the swap under ``lock_timeout``); the copy must have finished (it fails
-    naming the ``backfill run`` command otherwise).
+    temporary table, and a psql ``\\gexec`` line runs them one by one (NOT NULL by the CHECK path, the CHECK copies,
+    the concurrent builds, the foreign key copies, the swap under ``lock_timeout``); the copy must have finished (it
+    fails naming the ``backfill run`` command otherwise).
 
     :param table: the table, optionally ``schema.table``.
     :param column: the column given to ``op.start_column_type_change``.
