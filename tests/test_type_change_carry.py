@@ -29,7 +29,7 @@ PRODUCTS = (
     'CREATE INDEX products_price_label_idx ON products (price DESC NULLS LAST, label COLLATE "C" text_pattern_ops) '
     "INCLUDE (price_cap) WITH (fillfactor = 80) WHERE price > 10 AND label <> 'price'",
     "CREATE INDEX products_expr_idx ON products ((price * 2), lower(label))",
-    "CREATE UNIQUE INDEX products_label_price_key ON products (label, price)",
+    "CREATE UNIQUE INDEX products_label_price_key ON products (label, price) NULLS NOT DISTINCT",
     "CREATE INDEX products_price_hash ON products USING hash (price)",
     "CREATE INDEX products_cap_idx ON products (price_cap) WHERE price IS NOT NULL",
     "CREATE INDEX products_price_brin ON products USING brin (price int4_minmax_multi_ops)",
@@ -145,8 +145,13 @@ def test_a_check_constraint_that_cannot_hold_on_the_new_type_stops_finish_before
             "index accounts_email_lower of public.accounts cannot be carried over to the new type jsonb: "
             "function lower(jsonb) does not exist; nothing was changed",
         ),
+        (
+            "ALTER TABLE accounts ADD CONSTRAINT accounts_email_set CHECK (email IS NOT NULL) NO INHERIT",
+            "CHECK constraint accounts_email_set of public.accounts cannot be carried over to the new type jsonb: a NO "
+            "INHERIT constraint is not carried over; nothing was changed",
+        ),
     ],
-    ids=["check", "expression_index"],
+    ids=["check", "expression_index", "no_inherit"],
 )
 def test_start_refuses_what_cannot_hold_on_the_new_type_before_writing_anything(
     conn: psycopg.Connection[Any], db_url: str, setup: str, message: str
