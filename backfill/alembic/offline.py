@@ -15,7 +15,7 @@ from backfill.pg.session import PINNED_SETTINGS
 from backfill.pg.statements import ControlTables, TargetSQL, state_literal
 from backfill.schema import carry_over, ddl, sync
 from backfill.schema.ddl import not_null_name, timeout_literal
-from backfill.schema.type_change import TypeChangeState
+from backfill.schema.type_change import TypeChangeState, shadow_comment
 from backfill.settings import RunSettings
 from backfill.spec import BackfillSpec
 from backfill.state import RunState
@@ -746,10 +746,10 @@ END"""
     return [plan.as_string(None), "SELECT stmt FROM pg_temp.backfill_type_change_plan ORDER BY n \\gexec"]
 
 
-def cancel_guard(schema: str, table: str, shadow: str, retired: str) -> sql.Composed:
+def cancel_guard(state: TypeChangeState) -> sql.Composed:
     """A ``DO`` block that fails, before anything is dropped, once a column type change is swapped (the shadow
     column is gone and the old column is there under its retired name): cancelling it then is not possible."""
-    relation = sql.Literal(sql.Identifier(schema, table).as_string(None))
+    relation = sql.Literal(state.relation.as_string(None))
     body = sql.SQL(
         """BEGIN
   IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = pg_catalog.to_regclass({relation})
@@ -760,14 +760,14 @@ def cancel_guard(schema: str, table: str, shadow: str, retired: str) -> sql.Comp
       'column back with another type change', {relation}, {retired};
   END IF;
 END"""
-    ).format(relation=relation, retired=sql.Literal(retired), shadow=sql.Literal(shadow))
+    ).format(relation=relation, retired=sql.Literal(state.retired), shadow=sql.Literal(state.shadow))
     return sql.SQL("DO {}").format(ddl.dollar_quote(body.as_string(None), "cancel"))
 
 
-def drop_own_shadow(schema: str, table: str, shadow: str, comment: str, lock_timeout: float) -> sql.Composed:
-    """A ``DO`` block that drops the shadow column (CASCADE: the copies built on it) if it carries this change's
-    ``comment``: a column of that name that the change did not add is left alone."""
-    relation = sql.Identifier(schema, table)
+def drop_own_shadow(state: TypeChangeState, lock_timeout: float) -> sql.Composed:
+    """A ``DO`` block that drops the shadow column (CASCADE: the copies built on it) if it carries the comment this
+    change gave it (:func:`~backfill.schema.type_change.shadow_comment`): a column of that name that the change did
+    not add is left alone."""
     body = sql.SQL(
         """BEGIN
   IF pg_catalog.col_description(pg_catalog.to_regclass({relation_text}),
@@ -778,11 +778,11 @@ def drop_own_shadow(schema: str, table: str, shadow: str, comment: str, lock_tim
   END IF;
 END"""
     ).format(
-        relation_text=sql.Literal(relation.as_string(None)),
-        shadow=sql.Literal(shadow),
-        comment=sql.Literal(comment),
+        relation_text=sql.Literal(state.relation.as_string(None)),
+        shadow=sql.Literal(state.shadow),
+        comment=sql.Literal(shadow_comment(state)),
         lock_timeout=timeout_literal(lock_timeout),
-        relation=relation,
-        column=sql.Identifier(shadow),
+        relation=state.relation,
+        column=sql.Identifier(state.shadow),
     )
     return sql.SQL("DO {}").format(ddl.dollar_quote(body.as_string(None), "cancel"))

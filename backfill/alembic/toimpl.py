@@ -687,13 +687,10 @@ def cancel_column_type_change(
 ) -> type_change.TypeChangeResult | None:
     def render() -> list[str]:
         state = _offline_type_change(operation, type_change.shadow_name(operation.column, operation.name))
-        comment = type_change.shadow_comment(state)
         return [
-            ddl.render(offline.cancel_guard(state.schema, state.table, state.shadow, state.retired)),
+            ddl.render(offline.cancel_guard(state)),
             *_render_drop(state.backfill, operation.control_schema, True),
-            ddl.render(
-                offline.drop_own_shadow(state.schema, state.table, state.shadow, comment, operation.lock_timeout)
-            ),
+            ddl.render(offline.drop_own_shadow(state, operation.lock_timeout)),
         ]
 
     return _type_change(operations, operation, render, api.cancel_column_type_change, name=operation.name)
