@@ -1074,7 +1074,7 @@ def finish_column_type_change(
             results += index.apply_index_plan(session, plan, watch=watch).steps
         keys = type_change.foreign_key_copies(session, state)
         for key in keys:
-            found = constraint.read_constraint(session, key.table_name, key.copy, schema=key.schema)
+            found = constraint.read_constraint(session, key.table, key.copy, schema=key.schema)
             key_plan = foreign_key.plan_add_foreign_key(found, key.key, key.referent)
             results += constraint.apply_plan(session, key_plan, retry).steps
         new_type = state.shadow_info.type
@@ -1082,7 +1082,7 @@ def finish_column_type_change(
         try:
             results += _ddl_steps(session, [swap], retry, state)
         except LockUnavailableError:
-            tables = ", ".join(dict.fromkeys([state.qualified, *(f"{k.schema}.{k.table_name}" for k in keys)]))
+            tables = ", ".join(dict.fromkeys([state.qualified, *(k.qualified for k in keys)]))
             raise LockUnavailableError(
                 f"the swap of {state.qualified}.{column} could not lock {tables} within {retry_seconds:g}s "
                 f"(attempts of {lock_timeout:g}s): a long transaction holds a lock on one of them (see "

@@ -195,10 +195,10 @@ class StepResult:
     proved_by_check: bool | None = None
 
 
-@dataclass(frozen=True)
-class TableName:
-    """A table as the catalog names it. ``schema`` is None only offline, for an unqualified name: the search path
-    decides when the script runs."""
+class InTable:
+    """What names a table by ``schema`` and ``table``: the table as one SQL identifier (:attr:`relation`) and as
+    text (:attr:`qualified`). ``schema`` is None only offline, for an unqualified name: the search path decides
+    when the script runs."""
 
     schema: str | None
     table: str
@@ -210,6 +210,14 @@ class TableName:
     @property
     def qualified(self) -> str:
         return f"{self.schema}.{self.table}" if self.schema else self.table
+
+
+@dataclass(frozen=True)
+class TableName(InTable):
+    """A table as the catalog names it."""
+
+    schema: str | None
+    table: str
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from backfill.schema.carry_over import Carried, read_carried, refuse_problems
 from backfill.schema.constraint import ChangeResult
 from backfill.schema.foreign_key import ForeignKey
 from backfill.schema.index import IndexPlan, plan_add_index_as, read_index_of_table
-from backfill.schema.notnull import ConstraintError, DDLSession, Step, StepAction, find_table
+from backfill.schema.notnull import ConstraintError, DDLSession, InTable, Step, StepAction, find_table
 
 __all__ = [
     "TypeChangeResult",
@@ -246,21 +246,17 @@ class CheckCopy:
 
 
 @dataclass(frozen=True)
-class ForeignKeyCopy:
+class ForeignKeyCopy(InTable):
     """A foreign key from or to the old column, and its copy on the shadow column."""
 
     name: str
     copy: str
     schema: str
-    table_name: str
+    table: str
     columns: tuple[str, ...]
     referent: sql.Identifier
     referent_columns: tuple[str, ...]
     on_delete: str | None
-
-    @property
-    def table(self) -> sql.Identifier:
-        return sql.Identifier(self.schema, self.table_name)
 
     @property
     def key(self) -> ForeignKey:
@@ -268,7 +264,7 @@ class ForeignKeyCopy:
 
 
 @dataclass(frozen=True)
-class TypeChangeState:
+class TypeChangeState(InTable):
     """Where a column type change of ``schema.table.column`` stands, read from the catalog."""
 
     oid: int
@@ -283,14 +279,6 @@ class TypeChangeState:
     shadow_info: ColumnInfo | None
     #: the old column after the swap, None before it (or after cleanup)
     retired_info: ColumnInfo | None
-
-    @property
-    def relation(self) -> sql.Identifier:
-        return sql.Identifier(self.schema, self.table)
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.schema}.{self.table}"
 
     @property
     def swapped(self) -> bool:
@@ -543,7 +531,7 @@ def _lock_tables(state: TypeChangeState, keys: Sequence[ForeignKeyCopy]) -> list
     others: dict[str, str] = {}
     main = state.relation.as_string(None)
     for key in keys:
-        for end in (key.table, key.referent):
+        for end in (key.relation, key.referent):
             text = end.as_string(None)
             if text != main:
                 others.setdefault(text, text)
@@ -569,7 +557,7 @@ def swap_statement(
     old = state.current
     lines: list[sql.Composable] = _lock_tables(state, keys)
     for key in keys:
-        lines.append(sql.SQL("{};").format(ddl.drop_constraint(key.table, key.name)))
+        lines.append(sql.SQL("{};").format(ddl.drop_constraint(key.relation, key.name)))
     for check in checks:
         lines.append(sql.SQL("{};").format(ddl.drop_constraint(relation, check.name)))
     for index in indexes:
@@ -633,7 +621,7 @@ def swap_statement(
                 )
             )
     renamed = [(check.copy, check.name, relation) for check in checks]
-    for copy, name, table in [*renamed, *((key.copy, key.name, key.table) for key in keys)]:
+    for copy, name, table in [*renamed, *((key.copy, key.name, key.relation) for key in keys)]:
         lines.append(
             sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {};").format(
                 table, sql.Identifier(copy), sql.Identifier(name)
