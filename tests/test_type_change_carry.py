@@ -186,3 +186,32 @@ def test_the_offline_finish_carries_them_over_as_the_online_one_does(
     assert ran.returncode == 0, ran.stderr
     assert 'index products_price_brin of "public"."products": operator class int4_minmax_multi_ops' in ran.stderr
     assert catalog(conn, "products") == expected
+
+
+def test_rows_the_new_type_makes_break_a_check_constraint_stop_finish_naming_one_then_it_runs_again(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    """0.4 rounds to 0 as an integer: the copy of CHECK (price > 0) cannot be validated. Finish fails naming the
+    row, drops the NOT VALID copy it added (the application's writes are not checked by it meanwhile) and swaps
+    nothing; with the row fixed, it runs to the end."""
+    conn.execute(
+        "CREATE TABLE prices (id integer PRIMARY KEY, price numeric(10, 2) CONSTRAINT prices_positive CHECK "
+        "(price > 0))"
+    )
+    conn.execute("INSERT INTO prices SELECT g, g FROM generate_series(1, 300) g")
+    conn.execute("UPDATE prices SET price = 0.4 WHERE id = 7")
+    backfill.start_column_type_change(db_url, "prices", "price", "integer")
+    before = catalog(conn, "prices")
+
+    with pytest.raises(backfill.ViolationError) as raised:
+        backfill.finish_column_type_change(db_url, "prices", "price")
+    left = catalog(conn, "prices")
+    conn.execute("UPDATE prices SET price = 1 WHERE id = 7")
+    backfill.finish_column_type_change(db_url, "prices", "price")
+
+    assert "\n" not in str(raised.value)
+    assert "e.g. the row with (id)=(7); the CHECK constraint this call added was dropped again" in str(raised.value)
+    assert left == before
+    assert column_type(conn, "prices", "price") == "integer"
+    with pytest.raises(psycopg.errors.CheckViolation, match="prices_positive"):
+        conn.execute("INSERT INTO prices (id, price) VALUES (1000, 0)")
