@@ -7,7 +7,7 @@ import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy
 import structlog
@@ -57,6 +57,9 @@ from backfill.state import OperatorAction, RunOutcome, RunState
 from backfill.status import BackfillStatus
 from backfill.store import BackfillRecord, BatchRecord, RunnerStore, SliceRecord
 
+if TYPE_CHECKING:
+    from psycopg import sql
+
 __all__ = [
     "init_control_tables",
     "register_backfill",
@@ -86,6 +89,8 @@ __all__ = [
     "finish_column_type_change",
     "cleanup_column_type_change",
     "cancel_column_type_change",
+    "unfinish_column_type_change",
+    "restore_column_type_change",
 ]
 
 DEFAULT_CONTROL_SCHEMA = "public"
@@ -856,6 +861,22 @@ def _type_change_record(
     return _copy_record(bind, type_change.backfill_name(schema, table, column), control_schema), schema, table
 
 
+def _read_change(
+    bind: Bind,
+    session: DDLSession,
+    table: str,
+    column: str,
+    schema: str | None,
+    control_schema: str,
+    name: str | None = None,
+) -> tuple[BackfillRecord | None, TypeChangeState]:
+    """The change's record (None: never started, or cleaned up) and its state, the shadow column named by the
+    record (or ``name``, or ``<column>_new``)."""
+    record, schema, table = _type_change_record(bind, session, table, column, schema, control_schema)
+    shadow = next(iter(record.spec.values)) if record is not None else type_change.shadow_name(column, name)
+    return record, type_change.read_type_change(session, table, column, schema=schema, shadow=shadow)
+
+
 def start_column_type_change(
     bind: Bind,
     table: str,
@@ -921,9 +942,7 @@ def start_column_type_change(
         using = using or type_change.default_using(column, new_type)
         steps: list[Step] = []
         if state.shadow_info is None:
-            type_change.check_start(session, state, new_type)
-            type_change.check_using(session, state, new_type, using)
-            type_change.carried_over(session, state, new_type, "nothing was changed")
+            _check_change(session, state, new_type, using)
             steps.append(type_change.add_shadow_column(state, new_type))
             # A new shadow column needs a new copy: a record left by an earlier change of a column of that name
             # (its table dropped and made again, say) would report the copy done without copying a row.
@@ -933,9 +952,7 @@ def start_column_type_change(
         if not sync.trigger_exists(session, state.schema, state.table, state.backfill):
             steps.extend(sync.install_steps(type_change.mirror_target(state, using), state.backfill, mirror=True))
         results = _ddl_steps(session, steps, retry, state)
-    spec = BackfillSpec(
-        name=state.backfill, table=state.table, schema=state.schema, values={state.shadow: using}, skip_unchanged=True
-    )
+    spec = _copy_spec(state, using)
     _retry_failed_copy(bind, state.backfill, control_schema)
     if defer:
         register_backfill(bind, spec, control_schema=control_schema)
@@ -945,6 +962,20 @@ def start_column_type_change(
     except BackfillFailedError as exc:
         raise _copy_failed(state, exc) from None
     return TypeChangeResult(tuple(results), copy=report)
+
+
+def _check_change(session: DDLSession, state: TypeChangeState, new_type: str, using: str) -> None:
+    """Refuse, before anything is written, a change of ``state`` to ``new_type`` that cannot be made."""
+    type_change.check_start(session, state, new_type)
+    type_change.check_using(session, state, new_type, using)
+    type_change.carried_over(session, state, new_type, "nothing was changed")
+
+
+def _copy_spec(state: TypeChangeState, using: str) -> BackfillSpec:
+    """The backfill that copies the rows into the shadow column: only rows whose shadow value differs are written."""
+    return BackfillSpec(
+        name=state.backfill, table=state.table, schema=state.schema, values={state.shadow: using}, skip_unchanged=True
+    )
 
 
 def _copy_record(bind: Bind, name: str, control_schema: str) -> BackfillRecord | None:
@@ -1053,42 +1084,56 @@ def finish_column_type_change(
     except BackfillFailedError as exc:
         raise _copy_failed(state, exc) from None
     with own_session(bind) as session:
-        # Before any step: a CHECK constraint or index that cannot hold on the new type stops finish here.
-        carried = type_change.carried_over(
-            session, state, None, "nothing was swapped: drop or change it, then run finish again"
-        )
-        checks = type_change.check_copies(carried)
-        results: list[StepResult] = []
-        if state.current.not_null:
-            column_state = notnull.read_state(session, table, shadow, schema=schema, name=None)
-            results += notnull.apply_steps(session, notnull.plan_add(column_state), retry)
-        for item in checks:
-            found = constraint.read_constraint(session, state.table, item.copy, schema=state.schema)
-            check_plan = check.plan_add_check(found, item.condition, validate=item.validated)
-            results += constraint.apply_plan(session, check_plan, retry).steps
-        indexes = type_change.index_copies(session, state, carried)
-        watch = Database.from_bind(bind, "backfill-ddl")
-        for copy, plan in zip(indexes, type_change.index_plans(session, state, indexes), strict=True):
-            if copy.note and plan.steps:
-                log.warning("index_copy_changed", table=state.qualified, index=copy.name, note=copy.note)
-            results += index.apply_index_plan(session, plan, watch=watch).steps
-        keys = type_change.foreign_key_copies(session, state)
-        for key in keys:
-            found = constraint.read_constraint(session, key.table, key.copy, schema=key.schema)
-            key_plan = foreign_key.plan_add_foreign_key(found, key.key, key.referent)
-            results += constraint.apply_plan(session, key_plan, retry).steps
-        new_type = state.shadow_info.type
-        swap = Step(StepAction.SWAP, type_change.swap_statement(state, indexes, keys, new_type, checks), True)
-        try:
-            results += _ddl_steps(session, [swap], retry, state)
-        except LockUnavailableError:
-            tables = ", ".join(dict.fromkeys([state.qualified, *(k.qualified for k in keys)]))
-            raise LockUnavailableError(
-                f"the swap of {state.qualified}.{column} could not lock {tables} within {retry_seconds:g}s "
-                f"(attempts of {lock_timeout:g}s): a long transaction holds a lock on one of them (see "
-                "pg_stat_activity); nothing was swapped, the copies are built and stay: run finish again"
-            ) from None
+        results = _copies_and_swap(bind, session, state, retry, "finish")
     return TypeChangeResult(tuple(results), copy=report)
+
+
+def _copies_and_swap(
+    bind: Bind,
+    session: DDLSession,
+    state: TypeChangeState,
+    retry: LockRetry,
+    again: str,
+    then: Sequence[sql.Composable] = (),
+) -> list[StepResult]:
+    """Everything of a finish after the copy, each step planned from the catalog: NOT NULL proven on the shadow
+    column, the index and foreign key copies built, then the swap (``then`` run last in its transaction)."""
+    assert state.shadow_info is not None
+    # Before any step: a CHECK constraint or index that cannot hold on the new type stops here.
+    carried = type_change.carried_over(
+        session, state, None, f"nothing was swapped: drop or change it, then run {again} again"
+    )
+    checks = type_change.check_copies(carried)
+    results: list[StepResult] = []
+    if state.current.not_null:
+        column_state = notnull.read_state(session, state.table, state.shadow, schema=state.schema, name=None)
+        results += notnull.apply_steps(session, notnull.plan_add(column_state), retry)
+    for item in checks:
+        found = constraint.read_constraint(session, state.table, item.copy, schema=state.schema)
+        check_plan = check.plan_add_check(found, item.condition, validate=item.validated)
+        results += constraint.apply_plan(session, check_plan, retry).steps
+    indexes = type_change.index_copies(session, state, carried)
+    watch = Database.from_bind(bind, "backfill-ddl")
+    for copy, plan in zip(indexes, type_change.index_plans(session, state, indexes), strict=True):
+        if copy.note and plan.steps:
+            log.warning("index_copy_changed", table=state.qualified, index=copy.name, note=copy.note)
+        results += index.apply_index_plan(session, plan, watch=watch).steps
+    keys = type_change.foreign_key_copies(session, state)
+    for key in keys:
+        found = constraint.read_constraint(session, key.table, key.copy, schema=key.schema)
+        key_plan = foreign_key.plan_add_foreign_key(found, key.key, key.referent)
+        results += constraint.apply_plan(session, key_plan, retry).steps
+    statement = type_change.swap_statement(state, indexes, keys, state.shadow_info.type, checks, then)
+    try:
+        results += _ddl_steps(session, [Step(StepAction.SWAP, statement, True)], retry, state)
+    except LockUnavailableError:
+        tables = ", ".join(dict.fromkeys([state.qualified, *(k.qualified for k in keys)]))
+        raise LockUnavailableError(
+            f"the swap of {state.qualified}.{state.column} could not lock {tables} within {retry.budget_seconds:g}s "
+            f"(attempts of {retry.lock_timeout:g}s): a long transaction holds a lock on one of them (see "
+            f"pg_stat_activity); nothing was swapped, the copies are built and stay: run {again} again"
+        ) from None
+    return results
 
 
 def cleanup_column_type_change(
@@ -1112,11 +1157,10 @@ def cleanup_column_type_change(
     """
     retry = lock_retry(lock_timeout, retry_seconds, sleep)
     with own_session(bind) as session:
-        record, schema, table = _type_change_record(bind, session, table, column, schema, control_schema)
-        if record is None:
+        record, state = _read_change(bind, session, table, column, schema, control_schema)
+        if record is None and not type_change.owns_shadow(type_change.undo_state(state)):
+            # Cleaned up already; only a column restore_column_type_change added is dropped without a record.
             return TypeChangeResult()
-        (shadow, _), *_ = record.spec.values.items()
-        state = type_change.read_type_change(session, table, column, schema=schema, shadow=shadow)
         if state.shadow_info is not None:
             raise TypeChangeError(
                 f"the type change of {state.qualified}.{column} is not finished (the application still uses the old "
@@ -1124,7 +1168,8 @@ def cleanup_column_type_change(
             )
         steps = [type_change.drop_retired_column(state)] if state.retired_info is not None else []
         results = _ddl_steps(session, steps, retry, state)
-    delete_backfill(bind, record.name, force=True, lock_timeout=lock_timeout, control_schema=control_schema)
+    if record is not None:
+        delete_backfill(bind, record.name, force=True, lock_timeout=lock_timeout, control_schema=control_schema)
     return TypeChangeResult(tuple(results))
 
 
@@ -1150,9 +1195,7 @@ def cancel_column_type_change(
     """
     retry = lock_retry(lock_timeout, retry_seconds, sleep)
     with own_session(bind) as session:
-        record, schema, table = _type_change_record(bind, session, table, column, schema, control_schema)
-        shadow = next(iter(record.spec.values)) if record is not None else type_change.shadow_name(column, name)
-        state = type_change.read_type_change(session, table, column, schema=schema, shadow=shadow)
+        record, state = _read_change(bind, session, table, column, schema, control_schema, name)
         if state.swapped:
             raise TypeChangeError(
                 f"the type change of {state.qualified}.{column} was finished (the columns are swapped): cannot "
@@ -1165,3 +1208,158 @@ def cancel_column_type_change(
     if record is not None:
         delete_backfill(bind, record.name, force=True, lock_timeout=lock_timeout, control_schema=control_schema)
     return TypeChangeResult(tuple(results))
+
+
+def restore_column_type_change(
+    bind: Bind,
+    table: str,
+    column: str,
+    old_type: str,
+    *,
+    schema: str | None = None,
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT,
+    retry_seconds: float = ddl.DEFAULT_LOCK_RETRY_SECONDS,
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
+    sleep: Callable[[float], None] = time.sleep,
+) -> TypeChangeResult:
+    """Undo :func:`cleanup_column_type_change` (its downgrade): add ``<column>_old`` of ``old_type`` back, nullable
+    and empty (``ADD COLUMN``: an instant of ACCESS EXCLUSIVE under ``lock_timeout`` with retries, no rewrite), so
+    that :func:`unfinish_column_type_change` can copy the column back into it. Idempotent: nothing to do while
+    ``<column>_old`` exists (cleanup has not run). Other arguments as for :func:`start_column_type_change`.
+
+    Raises:
+        ConstraintError: no such table or column; ``old_type`` is not a type the column converts to; the change
+            is not finished (``<column>_new`` still exists: cancel it instead). Nothing is changed.
+        LockUnavailableError: the lock could not be taken within ``retry_seconds``.
+    """
+    retry = lock_retry(lock_timeout, retry_seconds, sleep)
+    with own_session(bind) as session:
+        record, state = _read_change(bind, session, table, column, schema, control_schema)
+        if state.retired_info is not None:
+            return TypeChangeResult()
+        if state.shadow_info is not None:
+            raise TypeChangeError(
+                f"the type change of {state.qualified}.{column} is not finished ({state.shadow!r} exists): nothing "
+                "to restore; undo it with cancel_column_type_change (nothing was changed)"
+            )
+        undo = type_change.undo_state(state)
+        _check_change(session, undo, old_type, type_change.default_using(column, old_type))
+        results = _ddl_steps(session, [type_change.add_shadow_column(undo, old_type)], retry, undo)
+    return TypeChangeResult(tuple(results))
+
+
+def unfinish_column_type_change(
+    bind: Bind,
+    table: str,
+    column: str,
+    *,
+    using: str | None = None,
+    schema: str | None = None,
+    settings: RunSettings | None = None,
+    lock_timeout: float = ddl.DEFAULT_LOCK_TIMEOUT,
+    retry_seconds: float = ddl.DEFAULT_LOCK_RETRY_SECONDS,
+    control_schema: str = DEFAULT_CONTROL_SCHEMA,
+    sleep: Callable[[float], None] = time.sleep,
+) -> TypeChangeResult:
+    """Undo :func:`finish_column_type_change` (its downgrade), online: ``column`` gets its old type back, with its
+    indexes, constraints, foreign keys and default, sequence or identity, and ``<column>_new`` is the shadow
+    column again, kept in sync by the change's trigger, as right after :func:`start_column_type_change`.
+
+    It is a type change back, run by finish's own steps on the columns the other way round: a trigger mirrors every
+    write of the column into ``<column>_old`` (``using``, default ``column::old_type``); a resumable backfill named
+    ``type_change_undo:<schema>.<table>.<column>`` copies the rows (only those changed since the swap, or every
+    row after :func:`restore_column_type_change`); NOT NULL is proven, the indexes are copied ``CONCURRENTLY``, the
+    foreign keys ``NOT VALID`` then validated; then the swap back, one short transaction (ACCESS EXCLUSIVE on the
+    table and the tables that reference it, catalog changes only, under ``lock_timeout`` with retries), which also
+    puts an integer sequence back ``AS`` the old type and installs the change's trigger again.
+
+    Refused before anything is written when the column or its sequence holds a value beyond the old integer type
+    (the message names the row or the sequence). Idempotent from the catalog: a call that died between two steps
+    continues from there; once undone it does nothing. Other arguments as for :func:`finish_column_type_change`.
+
+    Raises:
+        ConstraintError: no finished change of the column (after cleanup: run restore_column_type_change first);
+            a value beyond the old type; a step failed (the message says what is left).
+        BackfillFailedError: the copy back failed on a row (its trigger is dropped and its record deleted: the
+            application's writes go on; fix the row and run this again).
+        LockUnavailableError: a lock could not be taken within ``retry_seconds``.
+    """
+    retry = lock_retry(lock_timeout, retry_seconds, sleep)
+    with own_session(bind) as session:
+        record, state = _read_change(bind, session, table, column, schema, control_schema)
+        undo = type_change.undo_state(state)
+        if state.retired_info is None and type_change.owns_shadow(state):
+            # Undone already (or never finished): the columns are as start left them.
+            using_forward = _forward_using(record, state)
+            _forget_undo(bind, state, using_forward, settings, lock_timeout, control_schema)
+            return TypeChangeResult()
+        if not state.swapped or (record is None and not type_change.owns_shadow(undo)):
+            raise TypeChangeError(
+                f"no finished type change of {state.qualified}.{column} to undo: finish_column_type_change has not "
+                f"run, or cleanup_column_type_change dropped {state.retired!r} (restore_column_type_change adds it "
+                "back); nothing was changed"
+            )
+        assert undo.shadow_info is not None
+        old_type, using_forward = undo.shadow_info.type, _forward_using(record, state)
+        using = using or type_change.default_using(column, old_type)
+        steps: list[Step] = []
+        # Before the copy fixes its key range: from then on, every row the application writes is the trigger's.
+        if not sync.trigger_exists(session, state.schema, state.table, undo.backfill):
+            _check_change(session, undo, old_type, using)
+            if problem := type_change.out_of_range(session, state, old_type):
+                raise TypeChangeError(
+                    f"cannot change {state.qualified}.{column} back to {old_type}: {problem} (nothing was changed)"
+                )
+            # A copy made while no trigger mirrored the writes is stale: it starts again.
+            if _copy_record(bind, undo.backfill, control_schema) is not None:
+                delete_backfill(
+                    bind, undo.backfill, force=True, lock_timeout=lock_timeout, control_schema=control_schema
+                )
+            steps.extend(sync.install_steps(type_change.mirror_target(undo, using), undo.backfill, mirror=True))
+        results = _ddl_steps(session, steps, retry, undo)
+    spec = _copy_spec(undo, using)
+    try:
+        report = run_backfill(bind, spec, settings=settings, control_schema=control_schema).raise_for_outcome()
+    except BackfillFailedError as exc:
+        # Leave no trigger that fails the application's writes of such values, and no copy to resume: the rows
+        # written while no trigger ran would be missed.
+        delete_backfill(bind, undo.backfill, force=True, lock_timeout=lock_timeout, control_schema=control_schema)
+        raise TypeChangeError(
+            f"{exc}; nothing was swapped, the copy back and its trigger were dropped ({undo.shadow!r} stays): "
+            "fix those rows and run unfinish_column_type_change again"
+        ) from None
+    with own_session(bind) as session:
+        then = type_change.mirror_statements(state, using_forward)
+        results += _copies_and_swap(bind, session, undo, retry, "unfinish", then)
+    _forget_undo(bind, state, using_forward, settings, lock_timeout, control_schema)
+    return TypeChangeResult(tuple(results), copy=report)
+
+
+def _forward_using(record: BackfillRecord | None, state: TypeChangeState) -> str:
+    """The expression the change's trigger gives its shadow column: its record's, or (its record deleted by cleanup)
+    the default cast to the type of the column of the new type."""
+    if record is not None:
+        return next(iter(record.spec.values.values()))
+    new = state.current if state.swapped else state.shadow_info
+    assert new is not None
+    return type_change.default_using(state.column, new.type)
+
+
+def _forget_undo(
+    bind: Bind,
+    state: TypeChangeState,
+    using: str,
+    settings: RunSettings | None,
+    lock_timeout: float,
+    control_schema: str,
+) -> None:
+    """After the swap back: the change's own copy is recorded (done: the trigger keeps its column in sync), and
+    the copy back is forgotten."""
+    if _copy_record(bind, state.backfill, control_schema) is None:
+        # Deleted by cleanup: registered again and run over rows that hold their values already (writes none).
+        run_backfill(
+            bind, _copy_spec(state, using), settings=settings, control_schema=control_schema
+        ).raise_for_outcome()
+    undo = type_change.undo_name(state.schema, state.table, state.column)
+    if _copy_record(bind, undo, control_schema) is not None:
+        delete_backfill(bind, undo, force=True, lock_timeout=lock_timeout, control_schema=control_schema)

@@ -39,6 +39,7 @@ __all__ = [
     "trigger_name",
     "create_function",
     "create_trigger",
+    "trigger_statement",
     "drop_trigger",
     "drop_function",
     "install_steps",
@@ -150,26 +151,34 @@ def create_trigger(target: Target, backfill: str, *, mirror: bool = False) -> sq
     """A ``DO`` block that creates the trigger unless it exists (idempotent on every version from 12 on, where
     ``CREATE OR REPLACE TRIGGER`` is 14+). CREATE TRIGGER takes SHARE ROW EXCLUSIVE on the table for an instant:
     run it under a short lock_timeout. A ``mirror`` trigger fires on every row written (no ``WHEN``)."""
-    name = trigger_name(backfill)
     relation = sql.Identifier(target.schema, target.table)
-    columns = [column for column, _ in target.values]
     inner = sql.SQL(
         """BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger
                   WHERE tgrelid = pg_catalog.to_regclass({relation_text}) AND tgname = {name_text}) THEN
-    CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {relation} FOR EACH ROW{when}
-      EXECUTE FUNCTION {function}();
+    {create};
   END IF;
 END"""
     ).format(
         relation_text=sql.Literal(relation.as_string(None)),
-        name_text=sql.Literal(name),
-        name=sql.Identifier(name),
-        relation=relation,
+        name_text=sql.Literal(trigger_name(backfill)),
+        create=trigger_statement(target, backfill, mirror=mirror),
+    )
+    return sql.SQL("DO {}").format(dollar_quote(inner.as_string(None), "backfill_sync"))
+
+
+def trigger_statement(target: Target, backfill: str, *, mirror: bool = False) -> sql.Composed:
+    """The plain ``CREATE TRIGGER`` (fails if it exists: :func:`create_trigger` is the idempotent form)."""
+    columns = [column for column, _ in target.values]
+    return sql.SQL(
+        "CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {relation} FOR EACH ROW{when}\n"
+        "      EXECUTE FUNCTION {function}()"
+    ).format(
+        name=sql.Identifier(trigger_name(backfill)),
+        relation=sql.Identifier(target.schema, target.table),
         when=sql.SQL("") if mirror else sql.SQL(" WHEN ({})").format(_all("NEW", columns, "IS NULL", " OR ")),
         function=_function(target, backfill),
     )
-    return sql.SQL("DO {}").format(dollar_quote(inner.as_string(None), "backfill_sync"))
 
 
 def drop_trigger(schema: str, table: str, backfill: str) -> sql.Composed:

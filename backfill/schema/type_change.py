@@ -17,6 +17,9 @@ EXCLUSIVE: every read and write of the application waits. Instead:
   (``AS bigint`` for an integer sequence) or identity moved, the names of the two columns exchanged, the primary
   key added ``USING INDEX`` (no scan: NOT NULL is proven), the copies renamed to the old names.
 * **cleanup**: the old column (renamed ``<column>_old``) dropped, once no application code reads it.
+* **the way back** (:func:`undo_state`): a finished change undone is a change of the column back into
+  ``<column>_old`` (added back, empty, after cleanup), run by finish's own steps; its swap renames the column to
+  ``<column>_new`` again and installs the change's trigger, as start left it.
 
 Every step is planned from the catalog, so a change that died between two steps is finished by running it again.
 """
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from psycopg import sql
 
@@ -48,6 +51,7 @@ __all__ = [
     "ForeignKeyCopy",
     "TypeChangeState",
     "backfill_name",
+    "undo_name",
     "shadow_name",
     "retired_name",
     "copy_name",
@@ -57,10 +61,13 @@ __all__ = [
     "check_start",
     "check_using",
     "offline_state",
+    "undo_state",
+    "out_of_range",
     "shadow_comment",
     "owns_shadow",
     "add_shadow_column",
     "mirror_target",
+    "mirror_statements",
     "index_plans",
     "index_copies",
     "check_copies",
@@ -95,6 +102,12 @@ def _clip_with_digest(name: str, whole: str) -> str:
 def backfill_name(schema: str, table: str, column: str) -> str:
     """The name of the backfill that copies ``column`` into its shadow column (``backfill status NAME``)."""
     return f"type_change:{schema}.{table}.{column}"[:200]
+
+
+def undo_name(schema: str, table: str, column: str) -> str:
+    """The name of the backfill that copies ``column`` back into ``<column>_old`` when a finished change is undone
+    (:func:`backfill.unfinish_column_type_change`)."""
+    return f"type_change_undo:{schema}.{table}.{column}"[:200]
 
 
 def shadow_name(column: str, name: str | None = None) -> str:
@@ -279,6 +292,9 @@ class TypeChangeState(InTable):
     shadow_info: ColumnInfo | None
     #: the old column after the swap, None before it (or after cleanup)
     retired_info: ColumnInfo | None
+    #: the change undone (:func:`undo_state`): ``<column>_old`` is the shadow column, ``<column>_new`` the name the
+    #: column takes at the swap back
+    undo: bool = False
 
     @property
     def swapped(self) -> bool:
@@ -286,7 +302,7 @@ class TypeChangeState(InTable):
 
     @property
     def backfill(self) -> str:
-        return backfill_name(self.schema, self.table, self.column)
+        return (undo_name if self.undo else backfill_name)(self.schema, self.table, self.column)
 
 
 def read_column(session: DDLSession, oid: int, column: str) -> ColumnInfo | None:
@@ -390,6 +406,63 @@ def offline_state(schema: str, table: str, column: str, shadow: str) -> TypeChan
     return TypeChangeState(0, schema, table, column, shadow, retired_name(column), nothing, None, None)
 
 
+def undo_state(state: TypeChangeState) -> TypeChangeState:
+    """The change of ``state`` undone: a type change back, from the column into ``<column>_old`` (its shadow
+    column), whose swap renames the column to ``<column>_new`` again. Everything finish does runs on it as it is."""
+    return replace(
+        state,
+        shadow=state.retired,
+        retired=state.shadow,
+        shadow_info=state.retired_info,
+        retired_info=state.shadow_info,
+        undo=not state.undo,
+    )
+
+
+#: (relation oid): the primary key's columns, in order (none: no primary key).
+_PRIMARY_KEY = sql.SQL(
+    """
+    SELECT a.attname::text
+      FROM pg_catalog.pg_index i, pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attnum = k.attnum
+     WHERE i.indrelid = %s AND i.indisprimary AND a.attrelid = i.indrelid
+     ORDER BY k.ord
+    """
+)
+
+
+def out_of_range(session: DDLSession, state: TypeChangeState, new_type: str) -> str | None:
+    """What keeps the column of ``state`` from becoming the smaller integer type ``new_type`` (its sequence, or a
+    row and its key, beyond that type's range), or None. Reads the sequence and at most one row; writes nothing."""
+    rank = _INTEGER_RANK.get(new_type.strip().lower())
+    if rank is None or rank >= _INTEGER_RANK["bigint"]:
+        return None
+    highest = 2 ** (15 if rank == 1 else 31) - 1
+    where = f"{state.qualified}.{state.column}"
+    sequence = state.current.sequence
+    if sequence is not None:
+        (last,), *_ = session.fetchall(sql.SQL("SELECT last_value FROM {}").format(sql.SQL(sequence)))
+        if int(last) > highest:
+            return f"the sequence {sequence} of {where} is at {last}, beyond {new_type}'s {highest}"
+    key = [str(name) for (name,) in session.fetchall(_PRIMARY_KEY, (state.oid,))] or [state.column]
+    column = sql.Identifier(state.column)
+    row = session.fetchall(
+        sql.SQL(
+            "SELECT ROW({key})::text, {col}::text FROM {rel} WHERE {col} NOT BETWEEN {low} AND {high} LIMIT 1"
+        ).format(
+            key=sql.SQL(", ").join(map(sql.Identifier, key)),
+            col=column,
+            rel=state.relation,
+            low=sql.Literal(-highest - 1),
+            high=sql.Literal(highest),
+        )
+    )
+    if not row:
+        return None
+    (values, value), *_ = row
+    return f"the row ({', '.join(key)})={values} of {state.qualified} holds {state.column} = {value}, beyond {new_type}"
+
+
 def shadow_comment(state: TypeChangeState) -> str:
     """The comment that marks a shadow column as this change's (a column of that name without it is not ours)."""
     return f"backfill: the new {state.column} of {state.backfill}, until the swap"
@@ -403,15 +476,28 @@ def owns_shadow(state: TypeChangeState) -> bool:
 def add_shadow_column(state: TypeChangeState, new_type: str) -> Step:
     """``ADD COLUMN IF NOT EXISTS`` the shadow column, nullable without a default (an instant of ACCESS EXCLUSIVE,
     no rewrite), marked as this change's by its comment in the same transaction."""
-    statement = sql.SQL(
-        "ALTER TABLE {rel} ADD COLUMN IF NOT EXISTS {col} {type}; COMMENT ON COLUMN {rel}.{col} IS {note}"
-    ).format(
-        rel=state.relation,
-        col=sql.Identifier(state.shadow),
-        type=sql.SQL(new_type),
-        note=sql.Literal(shadow_comment(state)),
+    statement = sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}; {}").format(
+        state.relation, sql.Identifier(state.shadow), sql.SQL(new_type), _mark_shadow(state)
     )
     return Step(StepAction.ADD_SHADOW_COLUMN, statement, True)
+
+
+def _mark_shadow(state: TypeChangeState) -> sql.Composed:
+    return sql.SQL("COMMENT ON COLUMN {}.{} IS {}").format(
+        state.relation, sql.Identifier(state.shadow), sql.Literal(shadow_comment(state))
+    )
+
+
+def mirror_statements(state: TypeChangeState, using: str) -> list[sql.Composable]:
+    """The mirror trigger of the change ``state`` and the comment that marks its shadow column as the change's, as
+    plain statements: the swap of the change undone runs them in its transaction (``then``)."""
+    target = mirror_target(state, using)
+    return [
+        _mark_shadow(state),
+        sync.create_function(target, state.backfill, mirror=True),
+        sync.drop_trigger(state.schema, state.table, state.backfill),
+        sync.trigger_statement(target, state.backfill, mirror=True),
+    ]
 
 
 def mirror_target(state: TypeChangeState, using: str) -> Target:
@@ -544,6 +630,7 @@ def swap_statement(
     keys: Sequence[ForeignKeyCopy],
     new_type: str,
     checks: Sequence[CheckCopy] = (),
+    then: Sequence[sql.Composable] = (),
 ) -> sql.Composed:
     """The swap: one ``DO`` block, so one transaction, that takes ACCESS EXCLUSIVE on the table (and on the tables
     whose foreign keys reference it) and only changes the catalog: no scan, no rewrite.
@@ -552,7 +639,9 @@ def swap_statement(
     identity move to the shadow column (an integer sequence becomes ``AS`` the new type, so values beyond the old
     type's limit can be handed out); the old column loses NOT NULL (the application no longer writes it); the
     mirror trigger goes; the two columns swap names; the primary key or unique constraint is added ``USING INDEX``
-    on the copy and the other copies (indexes, CHECK constraints, foreign keys) take the old names."""
+    on the copy and the other copies (indexes, CHECK constraints, foreign keys) take the old names. ``then``:
+    statements run last, in the same transaction (undone, the forward change's trigger is installed there, so that
+    no write between the swap and it goes unmirrored)."""
     relation, column, shadow = state.relation, sql.Identifier(state.column), sql.Identifier(state.shadow)
     old = state.current
     lines: list[sql.Composable] = _lock_tables(state, keys)
@@ -592,7 +681,9 @@ def swap_statement(
             seq = sql.SQL(old.sequence)
             lines.append(sql.SQL("ALTER SEQUENCE {} OWNED BY {}.{};").format(seq, relation, shadow))
             if old.sequence_type in _INTEGER_RANK and new_type.strip().lower() in _INTEGER_RANK:
-                if _INTEGER_RANK[new_type.strip().lower()] > _INTEGER_RANK[old.sequence_type]:
+                wider = _INTEGER_RANK[new_type.strip().lower()] - _INTEGER_RANK[old.sequence_type]
+                # Undone, the sequence goes back to the column's type (out_of_range checked that it fits).
+                if wider > 0 or (wider < 0 and state.undo):
                     lines.append(sql.SQL("ALTER SEQUENCE {} AS {};").format(seq, sql.SQL(new_type)))
     if old.not_null:
         lines.append(sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL;").format(relation, column))
@@ -627,6 +718,7 @@ def swap_statement(
                 table, sql.Identifier(copy), sql.Identifier(name)
             )
         )
+    lines.extend(sql.SQL("{};").format(statement) for statement in then)
     body = sql.SQL("{}BEGIN\n  {}\nEND").format(declarations, sql.SQL("\n  ").join(lines))
     return sql.SQL("DO {}").format(ddl.dollar_quote(body.as_string(None), "type_change"))
 
