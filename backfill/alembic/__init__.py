@@ -4,7 +4,8 @@
 ``op.validate_check_constraint``, ``op.drop_check_constraint``; ``op.add_foreign_key``, ``op.validate_foreign_key``,
 ``op.drop_foreign_key``; ``op.add_index_concurrently`` and ``op.drop_index_concurrently``;
 ``op.start_column_type_change``, ``op.finish_column_type_change``, ``op.cleanup_column_type_change`` and
-``op.cancel_column_type_change``.
+``op.cancel_column_type_change``, and the downgrades of finish and cleanup, ``op.unfinish_column_type_change`` and
+``op.restore_column_type_change``.
 
 Alembic >= 1.18 loads this module through the ``alembic.plugins`` entry point, so the ``op.`` names work without
 touching env.py; with older Alembic, add ``import backfill.alembic`` to env.py. Type checkers do not see custom
@@ -56,9 +57,11 @@ __all__ = [
     "add_index_concurrently",
     "drop_index_concurrently",
     "start_column_type_change",
-    "finish_column_type_change",
-    "cleanup_column_type_change",
     "cancel_column_type_change",
+    "finish_column_type_change",
+    "unfinish_column_type_change",
+    "cleanup_column_type_change",
+    "restore_column_type_change",
     "MigrationContextError",
     "BackfillNotFinishedError",
     "setup",
@@ -124,3 +127,5 @@ start_column_type_change = _typed(ops.StartColumnTypeChangeOp)
 finish_column_type_change = _typed(ops.FinishColumnTypeChangeOp)
 cleanup_column_type_change = _typed(ops.CleanupColumnTypeChangeOp)
 cancel_column_type_change = _typed(ops.CancelColumnTypeChangeOp)
+unfinish_column_type_change = _typed(ops.UnfinishColumnTypeChangeOp)
+restore_column_type_change = _typed(ops.RestoreColumnTypeChangeOp)

@@ -62,6 +62,8 @@ __all__ = [
     "FinishColumnTypeChangeOp",
     "CleanupColumnTypeChangeOp",
     "CancelColumnTypeChangeOp",
+    "UnfinishColumnTypeChangeOp",
+    "RestoreColumnTypeChangeOp",
 ]
 
 #: An SQL expression: text, or a SQLAlchemy expression (compiled for PostgreSQL with its values inlined).
@@ -748,11 +750,16 @@ class FinishColumnTypeChangeOp(_TypeChangeOp):
     :param settings: a :class:`backfill.RunSettings` for the rest of the copy.
     :param timeout: seconds to wait for runners elsewhere to finish the copy.
     :return: a :class:`backfill.TypeChangeResult`; None offline.
+
+    Downgrade: ``op.unfinish_column_type_change`` (this op's ``reverse()``).
     """
 
     _: KW_ONLY
     settings: RunSettings | None = None
     timeout: float = DEFAULT_FINISH_TIMEOUT
+
+    def reverse(self) -> UnfinishColumnTypeChangeOp:
+        return self.like(UnfinishColumnTypeChangeOp)
 
 
 @operation("cleanup_column_type_change")
@@ -765,8 +772,25 @@ class CleanupColumnTypeChangeOp(_TypeChangeOp):
 
     :param table: the table, optionally ``schema.table``.
     :param column: the column.
+    :param old_type: the column's type before the change; only ``reverse()`` reads it (the old column and the
+        change's record are gone, so nothing else tells what to add back).
     :return: a :class:`backfill.TypeChangeResult`; None offline.
+
+    Downgrade: ``op.restore_column_type_change(table, column, old_type)`` (this op's ``reverse()`` when it was
+    given ``old_type``).
     """
+
+    _: KW_ONLY
+    old_type: TypeText | None = None
+
+    def reverse(self) -> RestoreColumnTypeChangeOp:
+        if self.old_type is None:
+            raise ValueError(
+                f"op.cleanup_column_type_change({self.table!r}, {self.column!r}) cannot be reversed without "
+                "old_type=, the column's type before the change (pass it, or write op.restore_column_type_change "
+                "in the downgrade)"
+            )
+        return self.like(RestoreColumnTypeChangeOp)
 
 
 @operation("cancel_column_type_change")
@@ -785,3 +809,59 @@ class CancelColumnTypeChangeOp(_TypeChangeOp):
 
     _: KW_ONLY
     name: str | None = None
+
+
+@operation("unfinish_column_type_change")
+@dataclass(eq=False)
+class UnfinishColumnTypeChangeOp(_TypeChangeOp):
+    """The downgrade of ``op.finish_column_type_change``, online: ``column`` gets its old type back, with its
+    indexes, constraints, foreign keys and default, sequence or identity, and ``<column>_new`` is the shadow column
+    again, kept in sync by the change's trigger (as right after ``op.start_column_type_change``, whose downgrade
+    ``op.cancel_column_type_change`` then drops it).
+
+    A type change back, by finish's own steps, outside the migration's transaction: a trigger mirrors every write
+    of the column into ``<column>_old`` (CREATE TRIGGER: SHARE ROW EXCLUSIVE for an instant, at most
+    ``lock_timeout`` per attempt, retried); a resumable backfill ``type_change_undo:<schema>.<table>.<column>``
+    copies the rows changed since the swap (every row after ``op.restore_column_type_change``); NOT NULL proven,
+    indexes copied ``CONCURRENTLY``, foreign keys ``NOT VALID`` then validated; then the swap back (ACCESS
+    EXCLUSIVE on the table and the tables referencing it for milliseconds, under ``lock_timeout`` with retries),
+    which puts an integer sequence back ``AS`` the old type and installs the change's trigger again.
+
+    Refused before anything is written when a row or the sequence holds a value beyond the old integer type (the
+    message names the row or the sequence). Idempotent from the catalog. Online only: ``--sql`` fails naming it.
+
+    :param table: the table, optionally ``schema.table``.
+    :param column: the column given to ``op.finish_column_type_change``.
+    :param using: one SQL expression over the row giving the old type's value (default ``column::old_type``).
+    :param settings: a :class:`backfill.RunSettings` for the copy back.
+    :return: a :class:`backfill.TypeChangeResult`.
+    """
+
+    _: KW_ONLY
+    using: SQLText | None = None
+    settings: RunSettings | None = None
+
+    def reverse(self) -> FinishColumnTypeChangeOp:
+        return self.like(FinishColumnTypeChangeOp)
+
+
+@operation("restore_column_type_change")
+@dataclass(eq=False)
+class RestoreColumnTypeChangeOp(_TypeChangeOp):
+    """The downgrade of ``op.cleanup_column_type_change``: add ``<column>_old`` of ``old_type`` back, nullable and
+    empty (``ADD COLUMN``: ACCESS EXCLUSIVE for an instant, no rewrite, at most ``lock_timeout`` per attempt,
+    retried with backoff), so that ``op.unfinish_column_type_change`` can copy the column back into it. Idempotent:
+    nothing to do while ``<column>_old`` exists. Fails, changing nothing, if the change is not finished.
+
+    :param table: the table, optionally ``schema.table``.
+    :param column: the column.
+    :param old_type: the column's type before the change: SQL text or a SQLAlchemy type.
+    :return: a :class:`backfill.TypeChangeResult`; None offline.
+
+    Offline (``--sql``): the ``ADD COLUMN IF NOT EXISTS`` under its lock_timeout.
+    """
+
+    old_type: TypeText
+
+    def reverse(self) -> CleanupColumnTypeChangeOp:
+        return self.like(CleanupColumnTypeChangeOp)

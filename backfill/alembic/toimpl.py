@@ -694,3 +694,34 @@ def cancel_column_type_change(
         ]
 
     return _type_change(operations, operation, render, api.cancel_column_type_change, name=operation.name)
+
+
+@Operations.implementation_for(ops.UnfinishColumnTypeChangeOp)
+def unfinish_column_type_change(
+    operations: Operations, operation: ops.UnfinishColumnTypeChangeOp
+) -> type_change.TypeChangeResult | None:
+    def render() -> list[str]:
+        raise MigrationContextError(
+            f"op.unfinish_column_type_change({operation.table!r}, {operation.column!r}) cannot run offline (--sql): "
+            "it runs online only (it copies rows back and plans its steps from the catalog)"
+        )
+
+    using = _sql_text(operation.using) if operation.using is not None else None
+    change = api.unfinish_column_type_change
+    return _type_change(operations, operation, render, change, using=using, settings=operation.settings)
+
+
+@Operations.implementation_for(ops.RestoreColumnTypeChangeOp)
+def restore_column_type_change(
+    operations: Operations, operation: ops.RestoreColumnTypeChangeOp
+) -> type_change.TypeChangeResult | None:
+    old_type = _type_text(operation.old_type)
+
+    def render() -> list[str]:
+        state = type_change.undo_state(_offline_type_change(operation, type_change.shadow_name(operation.column)))
+        return [
+            f"-- restore_column_type_change {state.qualified}.{state.column}: {state.shadow} added back, empty",
+            *constraints.render_steps([type_change.add_shadow_column(state, old_type)], operation.lock_timeout),
+        ]
+
+    return _type_change(operations, operation, render, api.restore_column_type_change, old_type)

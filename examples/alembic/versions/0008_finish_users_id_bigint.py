@@ -21,11 +21,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # The way back is a type change of its own (while every id still fits an integer): the old columns go first,
-    # so that the names they keep are free for the next change.
-    for table, column in (("events", "user_id"), ("users", "id")):
-        op.cleanup_column_type_change(table, column)
-        op.start_column_type_change(table, column, "integer")
-    for table, column in (("users", "id"), ("events", "user_id")):
-        op.finish_column_type_change(table, column)
-        op.cleanup_column_type_change(table, column)
+    # finish run the other way round, online: the ids written since the swap are copied back into the integer
+    # columns (refused, changing nothing, once an id no longer fits an integer), then one short swap back.
+    op.unfinish_column_type_change("events", "user_id")
+    op.unfinish_column_type_change("users", "id")

@@ -6,6 +6,7 @@ Revises: 0008
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
@@ -15,9 +16,12 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.cleanup_column_type_change("users", "id")
-    op.cleanup_column_type_change("events", "user_id")
+    # old_type: what the downgrade adds back (the ops' reverse() needs it too: nothing else remembers it).
+    op.cleanup_column_type_change("users", "id", old_type=sa.Integer())
+    op.cleanup_column_type_change("events", "user_id", old_type=sa.Integer())
 
 
 def downgrade() -> None:
-    pass  # the old columns are gone; 0008's downgrade changes the types back
+    # The old columns back, empty: 0008's downgrade copies every id into them.
+    op.restore_column_type_change("events", "user_id", sa.Integer())
+    op.restore_column_type_change("users", "id", sa.Integer())
