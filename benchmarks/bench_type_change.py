@@ -5,11 +5,14 @@ foreign key copies, the swap), each under the same simulated application.
     uv run python benchmarks/bench_type_change.py                          # 1,000,000 accounts, as many payments
     uv run python benchmarks/bench_type_change.py --rows 200000 --pg-bin /usr/lib/postgresql/15/bin
     uv run python benchmarks/bench_type_change.py --url postgresql://...   # an existing server (tables bench_tc_*)
+    uv run python benchmarks/bench_type_change.py --back                   # and the way back (alembic downgrade)
 
 The application inserts accounts and payments for them, and updates payments, from ``--writers`` threads throughout.
 For each way it prints the application's failed writes, writes/s and longest stall (its longest single write), the
 change's own seconds and, online, how long the swap transaction took. Target: zero failed writes and a longest stall
 of the order of one ordinary write online, where the plain ALTER stalls every writer for its whole rewrite.
+``--back`` then measures the way back to ``integer`` the same way: restore, unfinish and cancel (the downgrades of
+cleanup, finish and start, every id copied back) next to a plain ``ALTER COLUMN id TYPE integer``.
 """
 
 from __future__ import annotations
@@ -82,6 +85,19 @@ def online(url: str) -> list[backfill.TypeChangeResult]:
     ]
 
 
+def back(url: str) -> list[backfill.TypeChangeResult]:
+    return [
+        backfill.restore_column_type_change(url, ACCOUNTS, "id", "integer"),
+        backfill.unfinish_column_type_change(url, ACCOUNTS, "id"),
+        backfill.cancel_column_type_change(url, ACCOUNTS, "id"),
+    ]
+
+
+def report_swap(results: list[backfill.TypeChangeResult]) -> None:
+    swap = next(step for result in results for step in result.steps if step.action == "swap")
+    print(f"{'':<31} the swap transaction: {swap.seconds * 1000:.0f} ms, {swap.attempts} attempt(s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="accounts (and payments)")
@@ -89,6 +105,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="rounds of plain then online")
     parser.add_argument("--url", help="an existing database (default: a throwaway embedded server)")
     parser.add_argument("--pg-bin", help="server binaries for the throwaway server")
+    parser.add_argument("--back", action="store_true", help="then the way back to integer, online and plain")
     args = parser.parse_args()
     quiet_logs()
 
@@ -107,9 +124,17 @@ def main() -> None:
                 fill(conn, args.rows)
             stats, seconds, results = measure(url, args.rows, args.writers, lambda: online(url))
             report("integer -> bigint", "online", seconds, stats)
-            swap = next(step for result in results for step in result.steps if step.action == "swap")
-            print(f"{'':<31} the swap transaction: {swap.seconds * 1000:.0f} ms, {swap.attempts} attempt(s)")
+            report_swap(results)
             backfill.cleanup_column_type_change(url, ACCOUNTS, "id")
+            if args.back:
+                stats, seconds, results = measure(url, args.rows, args.writers, lambda: back(url))
+                report("bigint -> integer", "online", seconds, stats)
+                report_swap(results)
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(f"ALTER TABLE {ACCOUNTS} ALTER COLUMN id TYPE bigint")  # to go back from again
+                statement = f"ALTER TABLE {ACCOUNTS} ALTER COLUMN id TYPE integer"
+                stats, seconds, _ = measure(url, args.rows, args.writers, plain(url, statement))
+                report("bigint -> integer", "plain", seconds, stats)
 
 
 if __name__ == "__main__":
