@@ -265,6 +265,12 @@ def test_every_op_of_the_family_has_a_reverse() -> None:
     back = restore.reverse()
     assert isinstance(back, ops.CleanupColumnTypeChangeOp) and back.old_type == "integer"
     assert "\n" not in str(raised.value)
+    start = ops.StartColumnTypeChangeOp("events", "payload", "jsonb", using="payload::jsonb", name="doc")
+    again = start.reverse().reverse()
+    assert isinstance(again, ops.StartColumnTypeChangeOp)
+    assert (again.new_type, again.using, again.name) == ("jsonb", "payload::jsonb", "doc")
+    with pytest.raises(ValueError, match=r"cancel_column_type_change\('events', 'payload'\) cannot be reversed"):
+        ops.CancelColumnTypeChangeOp("events", "payload").reverse()
 
 
 def test_offline_restore_renders_its_add_column_and_unfinish_says_it_runs_online_only() -> None:

@@ -664,6 +664,14 @@ class _TypeChangeOp(Op[TypeChangeResult | None]):
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return (type(self).__name__, self.schema, self.table, self.column)
 
+    def reversible_with(self, value: object, argument: str, meaning: str) -> None:
+        """Raise ``ValueError`` naming ``argument`` when ``value``, which ``reverse()`` needs, was not given (as
+        Alembic's own ``reverse()`` does when it lacks what it needs)."""
+        if value is None:
+            raise ValueError(
+                f"op.{self.op_name}({self.table!r}, {self.column!r}) cannot be reversed without {argument}=, {meaning}"
+            )
+
 
 @operation("start_column_type_change")
 @dataclass(eq=False)
@@ -784,12 +792,9 @@ class CleanupColumnTypeChangeOp(_TypeChangeOp):
     old_type: TypeText | None = None
 
     def reverse(self) -> RestoreColumnTypeChangeOp:
-        if self.old_type is None:
-            raise ValueError(
-                f"op.cleanup_column_type_change({self.table!r}, {self.column!r}) cannot be reversed without "
-                "old_type=, the column's type before the change (pass it, or write op.restore_column_type_change "
-                "in the downgrade)"
-            )
+        self.reversible_with(
+            self.old_type, "old_type", "the column's type before the change (or write op.restore_column_type_change)"
+        )
         return self.like(RestoreColumnTypeChangeOp)
 
 
@@ -804,11 +809,22 @@ class CancelColumnTypeChangeOp(_TypeChangeOp):
     :param table: the table, optionally ``schema.table``.
     :param column: the column.
     :param name: the shadow column's name, if ``start`` was given one and its record is gone.
+    :param new_type: the type ``start`` was given; only ``reverse()`` reads it (with ``using``).
+    :param using: the ``using`` ``start`` was given, for ``reverse()``.
     :return: a :class:`backfill.TypeChangeResult`; None offline.
+
+    Its ``reverse()`` is ``op.start_column_type_change`` when it was given ``new_type`` (``reverse()`` of start
+    gives it), a ``ValueError`` naming it otherwise.
     """
 
     _: KW_ONLY
     name: str | None = None
+    new_type: TypeText | None = None
+    using: SQLText | None = None
+
+    def reverse(self) -> StartColumnTypeChangeOp:
+        self.reversible_with(self.new_type, "new_type", "the type start_column_type_change was given")
+        return self.like(StartColumnTypeChangeOp, new_type=self.new_type)
 
 
 @operation("unfinish_column_type_change")
