@@ -18,6 +18,8 @@ KEY_TABLES = {
     "text": ("id text PRIMARY KEY", "CASE WHEN mod(g, 2) = 0 THEN 'Row-' ELSE 'row-' END || g"),
     "timestamptz": ("id timestamptz PRIMARY KEY", "'2020-01-01'::timestamptz + g * interval '1.5 seconds'"),
     "numeric": ("id numeric PRIMARY KEY", "g / 7.0"),
+    # The INCLUDE column is neither unique nor NOT NULL: only id is the key.
+    "include": ("id integer, note text, PRIMARY KEY (id) INCLUDE (note)", "g"),
 }
 
 

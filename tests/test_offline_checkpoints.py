@@ -131,6 +131,21 @@ def test_a_composite_primary_key_without_key_is_a_clear_error_and_writes_nothing
     assert scalar(conn, "SELECT to_regclass('backfills') IS NULL")
 
 
+def test_the_script_leaves_the_include_columns_of_the_primary_key_out_of_the_key(
+    tmp_path: Path, conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    conn.execute(
+        "CREATE TABLE items (id integer, note text, n integer NOT NULL DEFAULT 0, PRIMARY KEY (id) INCLUDE (note))"
+    )
+    conn.execute("INSERT INTO items (id) SELECT g FROM generate_series(1, 120) g")
+
+    ran = psql(db_url, render(tmp_path))
+
+    assert ran.returncode == 0, ran.stderr
+    assert counts(conn) == {1: 120}
+    assert backfill.get_backfill(db_url, "items_inc").spec.key == ("id",)
+
+
 def test_the_script_paces_itself_with_the_sleep_and_the_rate_cap() -> None:
     op, buffer = offline()
     settings = backfill.RunSettings(sleep_between=0.2, max_rows_per_second=500, lock_timeout=1, statement_timeout=9)

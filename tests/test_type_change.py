@@ -296,3 +296,22 @@ def test_a_record_left_by_an_earlier_change_of_a_recreated_table_does_not_stand_
 
     assert started.copy is not None and started.copy.rows_updated == 300
     assert scalar(conn, "SELECT count(*) FROM tags WHERE id_new IS NULL") == 0
+
+
+def test_a_primary_key_with_include_columns_changes_its_key_and_its_include_column(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    """The INCLUDE column is not part of the key (it may be NULL): start used to refuse the table naming it."""
+    conn.execute("CREATE TABLE notes (id integer, note text, PRIMARY KEY (id) INCLUDE (note))")
+    conn.execute("INSERT INTO notes SELECT g, CASE WHEN g % 7 > 0 THEN 'n' || g END FROM generate_series(1, 500) g")
+    for column, new_type in (("id", "bigint"), ("note", "varchar(20)")):
+        backfill.start_column_type_change(db_url, "notes", column, new_type)
+        backfill.finish_column_type_change(db_url, "notes", column)
+        backfill.cleanup_column_type_change(db_url, "notes", column)
+
+    assert (column_type(conn, "notes", "id"), column_type(conn, "notes", "note")) == ("bigint", "character varying(20)")
+    assert scalar(conn, "SELECT pg_get_indexdef('notes_pkey'::regclass)") == (
+        "CREATE UNIQUE INDEX notes_pkey ON public.notes USING btree (id) INCLUDE (note)"
+    )
+    assert scalar(conn, "SELECT count(*) FROM notes WHERE note IS NULL") == 71
+    assert scalar(conn, "SELECT sum(id) FROM notes") == 500 * 501 // 2

@@ -135,7 +135,7 @@ def batched_script(
     FROM pg_catalog.pg_index i
     CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
     JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-   WHERE i.indrelid = pg_catalog.to_regclass({rel}) AND i.indisprimary;
+   WHERE i.indrelid = pg_catalog.to_regclass({rel}) AND i.indisprimary AND k.ord <= i.indnkeyatts;
   IF pk IS NULL THEN
     RAISE EXCEPTION 'backfill %: % has no primary key: pass key= to op.backfill', {bf}, {rel};
   ELSIF pg_catalog.cardinality(pk) <> 1 THEN

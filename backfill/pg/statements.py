@@ -160,14 +160,14 @@ TABLE_COLUMNS = sql.SQL(
     """
 ).format(signature=sql.SQL(_SIGNATURE))
 
-#: The primary key's columns, in index order.
+#: The primary key's columns, in index order (not its INCLUDE columns: they are neither unique nor NOT NULL).
 PRIMARY_KEY = sql.SQL(
     """
     SELECT a.attname
       FROM pg_catalog.pg_index i
       CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
       JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-     WHERE i.indrelid = %s AND i.indisprimary
+     WHERE i.indrelid = %s AND i.indisprimary AND k.ord <= i.indnkeyatts
      ORDER BY k.ord
     """
 )

@@ -419,13 +419,13 @@ def undo_state(state: TypeChangeState) -> TypeChangeState:
     )
 
 
-#: (relation oid): the primary key's columns, in order (none: no primary key).
+#: (relation oid): the primary key's columns, in order, without its INCLUDE columns (none: no primary key).
 _PRIMARY_KEY = sql.SQL(
     """
     SELECT a.attname::text
       FROM pg_catalog.pg_index i, pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
       JOIN pg_catalog.pg_attribute a ON a.attnum = k.attnum
-     WHERE i.indrelid = %s AND i.indisprimary AND a.attrelid = i.indrelid
+     WHERE i.indrelid = %s AND i.indisprimary AND a.attrelid = i.indrelid AND k.ord <= i.indnkeyatts
      ORDER BY k.ord
     """
 )
