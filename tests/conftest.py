@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -108,3 +108,20 @@ def server_version(conn: psycopg.Connection[Any]) -> int:
     row = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()
     assert row is not None
     return int(row[0])
+
+
+@pytest.fixture
+def roles(conn: psycopg.Connection[Any], db_url: str) -> Iterator[Callable[[str], str]]:
+    """Makes login roles without privileges (names unique to the test, dropped after); returns their URLs."""
+    made: list[str] = []
+
+    def make(prefix: str) -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+        made.append(name)
+        return make_url(db_url).set(username=name).render_as_string(hide_password=False)
+
+    yield make
+    for name in made:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))

@@ -4,7 +4,6 @@ up to PostgreSQL 14."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,23 +21,6 @@ from backfill.cli import EXIT_OK, EXIT_USAGE, cli
 
 SPEC = BackfillSpec("fill", "items", {"n": "id * 2"})
 CONTROL_TABLES = ("backfills", "backfill_slices", "backfill_meta", "backfill_batches")
-
-
-@pytest.fixture
-def roles(conn: psycopg.Connection[Any], db_url: str) -> Iterator[Callable[[str], str]]:
-    """Makes login roles without privileges (names unique to the test, dropped after); returns their URLs."""
-    made: list[str] = []
-
-    def make(prefix: str) -> str:
-        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
-        made.append(name)
-        return make_url(db_url).set(username=name).render_as_string(hide_password=False)
-
-    yield make
-    for name in made:
-        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
 
 
 @pytest.fixture

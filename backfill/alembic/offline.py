@@ -670,7 +670,8 @@ BEGIN
       || (SELECT pg_catalog.string_agg(pg_catalog.replace({nowait}, '__relation__', t), ' ')
             FROM pg_catalog.unnest(others) AS t)
       || ' EXCEPTION WHEN lock_not_available THEN '
-      || pg_catalog.format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE; ', others[1])
+      || pg_catalog.format('BEGIN LOCK TABLE %s IN ACCESS EXCLUSIVE MODE; '
+                           'EXCEPTION WHEN insufficient_privilege THEN NULL; END; ', others[1])
       || coalesce((SELECT pg_catalog.string_agg(pg_catalog.replace({nowait}, '__relation__', t), ' ')
                      FROM pg_catalog.unnest(others[2:]) AS t) || ' ', '')
       || pg_catalog.replace({nowait}, '__relation__', rel_text) || ' END; ';

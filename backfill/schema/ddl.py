@@ -281,13 +281,17 @@ def lock_without_waiting(relation: str, mode: str = ACCESS_EXCLUSIVE, *, dynamic
     return (
         f"FOR attempt IN 1..{_NOWAIT_TRIES} LOOP BEGIN {lock} EXIT; "
         f"EXCEPTION WHEN lock_not_available THEN IF attempt = {_NOWAIT_TRIES} THEN RAISE; END IF; "
-        "PERFORM pg_catalog.pg_sleep(0.001); END; END LOOP;"
+        "PERFORM pg_catalog.pg_sleep(0.001); WHEN insufficient_privilege THEN EXIT; END; END LOOP;"
     )
 
 
-def _lock(relation: str, mode: str, *, dynamic: bool = False, nowait: bool = False) -> str:
+def _lock(relation: str, mode: str, *, dynamic: bool = False, nowait: bool = False, other: bool = False) -> str:
     tail = f" IN {mode} MODE{' NOWAIT' if nowait else ''}"
-    return f"EXECUTE 'LOCK TABLE ' || {relation} || '{tail}';" if dynamic else f"LOCK TABLE {relation}{tail};"
+    lock = f"EXECUTE 'LOCK TABLE ' || {relation} || '{tail}';" if dynamic else f"LOCK TABLE {relation}{tail};"
+    # Another table than the one the statement alters: the role may be allowed the statement but not LOCK TABLE
+    # (a foreign key needs REFERENCES on the table it references, LOCK TABLE needs UPDATE, DELETE or TRUNCATE).
+    # That table is then left to the statement, which takes its lock itself, as it did before these locks.
+    return f"BEGIN {lock} EXCEPTION WHEN insufficient_privilege THEN NULL; END;" if other else lock
 
 
 def lock_in_either_order(main: str, others: Sequence[str], mode: str = ACCESS_EXCLUSIVE) -> str:
@@ -301,7 +305,7 @@ def lock_in_either_order(main: str, others: Sequence[str], mode: str = ACCESS_EX
     if not others:
         return first
     then = " ".join(lock_without_waiting(other, mode) for other in others)
-    second = _lock(others[0], mode)
+    second = _lock(others[0], mode, other=True)
     rest = " ".join(lock_without_waiting(other, mode) for other in [*others[1:], main])
     return f"BEGIN {first} {then} EXCEPTION WHEN lock_not_available THEN {second} {rest} END;"
 
@@ -348,7 +352,7 @@ def locked_with_related(
         main=sql.Literal(relation.as_string(None)),
         related=related,
         lock_main=sql.SQL(_lock("main", mode, dynamic=True)),
-        lock_first=sql.SQL(_lock("others[1]", mode, dynamic=True)),
+        lock_first=sql.SQL(_lock("others[1]", mode, dynamic=True, other=True)),
         nowait=nowait,
         statement=statement,
     )
