@@ -276,7 +276,8 @@ def lock_without_waiting(relation: str, mode: str = ACCESS_EXCLUSIVE, *, dynamic
 
     The caller holds another table's lock by then: queueing for this one could close a cycle with an application
     transaction that holds this table and waits for the other, and the deadlock detector may pick the
-    application's transaction as the victim. Never waiting leaves no cycle."""
+    application's transaction as the victim. Never waiting leaves no cycle. A table the role may not lock is
+    skipped (see :func:`_lock`)."""
     lock = _lock(relation, mode, dynamic=dynamic, nowait=True)
     return (
         f"FOR attempt IN 1..{_NOWAIT_TRIES} LOOP BEGIN {lock} EXIT; "
