@@ -35,6 +35,7 @@ from psycopg import sql
 from backfill.errors import describe
 from backfill.executor import RunReport
 from backfill.fragments import fragment_problem
+from backfill.pg import statements
 from backfill.plan import Target
 from backfill.schema import ddl, sync
 from backfill.schema.carry_over import Carried, read_carried, refuse_problems
@@ -419,18 +420,6 @@ def undo_state(state: TypeChangeState) -> TypeChangeState:
     )
 
 
-#: (relation oid): the primary key's columns, in order, without its INCLUDE columns (none: no primary key).
-_PRIMARY_KEY = sql.SQL(
-    """
-    SELECT a.attname::text
-      FROM pg_catalog.pg_index i, pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-      JOIN pg_catalog.pg_attribute a ON a.attnum = k.attnum
-     WHERE i.indrelid = %s AND i.indisprimary AND a.attrelid = i.indrelid AND k.ord <= i.indnkeyatts
-     ORDER BY k.ord
-    """
-)
-
-
 def out_of_range(session: DDLSession, state: TypeChangeState, new_type: str) -> str | None:
     """What keeps the column of ``state`` from becoming the smaller integer type ``new_type`` (its sequence, or a
     row and its key, beyond that type's range), or None. Reads the sequence and at most one row; writes nothing."""
@@ -444,7 +433,7 @@ def out_of_range(session: DDLSession, state: TypeChangeState, new_type: str) -> 
         (last,), *_ = session.fetchall(sql.SQL("SELECT last_value FROM {}").format(sql.SQL(sequence)))
         if int(last) > highest:
             return f"the sequence {sequence} of {where} is at {last}, beyond {new_type}'s {highest}"
-    key = [str(name) for (name,) in session.fetchall(_PRIMARY_KEY, (state.oid,))] or [state.column]
+    key = [str(name) for (name,) in session.fetchall(statements.PRIMARY_KEY, (state.oid,))] or [state.column]
     column = sql.Identifier(state.column)
     row = session.fetchall(
         sql.SQL(
@@ -614,14 +603,9 @@ def foreign_key_copies(session: DDLSession, state: TypeChangeState) -> list[Fore
 
 def _lock_tables(state: TypeChangeState, keys: Sequence[ForeignKeyCopy]) -> list[sql.Composable]:
     # Both ends of every key: dropping a foreign key takes ACCESS EXCLUSIVE on the table it references too.
-    others: dict[str, str] = {}
     main = state.relation.as_string(None)
-    for key in keys:
-        for end in (key.relation, key.referent):
-            text = end.as_string(None)
-            if text != main:
-                others.setdefault(text, text)
-    return [sql.SQL(ddl.lock_in_either_order(state.relation.as_string(None), list(others.values())))]
+    ends = dict.fromkeys(end.as_string(None) for key in keys for end in (key.relation, key.referent))
+    return [sql.SQL(ddl.lock_in_either_order(main, [end for end in ends if end != main]))]
 
 
 def swap_statement(
